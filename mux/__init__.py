@@ -1,0 +1,1 @@
+"""lora-mux: one resident base model serving many LoRA adapters in mixed batches."""

@@ -1,0 +1,64 @@
+"""Frozen configuration dataclasses, one per concern; each component receives only its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str | None = None  # a local HF directory; None = the embedded SmolLM2 default
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (auto: fp32 on CPU, fp16 on CUDA)
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"unknown device {self.device!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    max_loras: int = 16  # device slots: distinct adapters in one forward pass
+    max_lora_rank: int = 16
+
+    def __post_init__(self) -> None:
+        _positive(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 1 << 30  # fixed KV budget; blocks are carved out of it once
+
+    def __post_init__(self) -> None:
+        _positive(block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
+    max_waiting: int = 4096  # admission queue bound
+    starvation_steps: int = 64  # after this many skipped steps the queue head blocks new adapters
+
+    def __post_init__(self) -> None:
+        _positive(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                  max_waiting=self.max_waiting, starvation_steps=self.starvation_steps)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

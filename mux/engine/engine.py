@@ -1,0 +1,217 @@
+"""The engine: owns the model, KV cache and adapter slots; runs schedule -> load -> run -> postprocess.
+
+Callers on any thread use `submit` (returns a RequestStream), `cancel` and `generate`. With `start()`
+the loop runs on its own thread; without it, reading a stream drives the steps inline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import torch
+
+from mux.config import EngineConfig
+from mux.engine.block_manager import BlockManager
+from mux.engine.detokenizer import Detokenizer
+from mux.engine.kv_cache import KVCache
+from mux.engine.runner import ModelRunner
+from mux.engine.sampler import Sampler
+from mux.engine.scheduler import Scheduler, SchedulerOutput
+from mux.engine.sequence import SamplingParams, Sequence
+from mux.engine.stream import Completion, RequestStream, TokenEvent
+from mux.errors import InvalidRequest, Overloaded
+from mux.lora.adapter import LoRAWeights, adapter_key, load_adapter
+from mux.lora.layers import MultiLoRAModel
+from mux.lora.slots import SlotTable
+from mux.model.loader import BaseModel, load_base_model
+
+log = logging.getLogger(__name__)
+_request_ids = itertools.count()
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, base: BaseModel | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.base = base or load_base_model(config.model)
+        model = self.base.model
+        self.tokenizer = self.base.tokenizer
+        self.eos_ids = frozenset(self.base.eos_token_ids)
+        self.lora = MultiLoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank)
+        self.cache = KVCache.for_model(model.config, config.cache, model.dtype, next(model.parameters()).device)
+        self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
+        self.slots = SlotTable(config.lora.max_loras)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
+        self.runner = ModelRunner(model, self.lora, self.cache)
+        self.sampler = Sampler()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("cancel", request_id)
+        self._seqs: dict[str, Sequence] = {}  # request_id -> live sequence (engine thread only)
+        self._adapters: dict[Path, LoRAWeights] = {}  # host copies, by directory
+        self._adapters_lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.num_steps = 0
+
+    # ---- public API -------------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               adapter: str | Path | LoRAWeights | None = None, request_id: str | None = None) -> RequestStream:
+        """Queue one generation. Raises InvalidRequest/InvalidAdapter/Overloaded before anything is queued."""
+        params = params or SamplingParams()
+        prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        self._check_request(prompt_ids, params)
+        weights = self.load_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
+        request_id = request_id or f"req-{next(_request_ids)}"
+        seq = Sequence(prompt_ids, params, weights, request_id)
+        seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
+        seq.stream = RequestStream(request_id, prompt_ids, weights and str(weights.path), self.cancel, self._pump)
+        self._inbox.put(("add", seq))
+        self._wake.set()
+        return seq.stream
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list | None = None) -> list[Completion]:
+        """Run a batch to completion; the prompts share forward passes whatever their adapters."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        streams = [self.submit(p, sp, a) for p, sp, a in zip(prompts, params_list, adapters, strict=True)]
+        return [s.result() for s in streams]
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    def load_adapter(self, path: str | Path) -> LoRAWeights:
+        """Read + validate an adapter into host memory (cached; a rewritten directory is read again)."""
+        path = Path(path)
+        with self._adapters_lock:
+            cached = self._adapters.get(path)
+        if cached is not None and cached.key == adapter_key(path):
+            return cached
+        weights = load_adapter(path, self.lora.shapes, self.config.lora.max_lora_rank, self.base.model.dtype)
+        with self._adapters_lock:
+            self._adapters[path] = weights
+        return weights
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="mux-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One engine iteration. Returns False when there was nothing to do."""
+        with self._step_lock:
+            self._drain_inbox()
+            out = self.scheduler.schedule()
+            for seq in out.loads:
+                self.lora.load(seq.slot, seq.adapter)
+            if not out.scheduled:
+                return bool(out.preempted)
+            try:
+                logits = self.runner.run(out.scheduled)
+            except Exception as e:  # a failed step fails its sequences, never the engine
+                log.exception("engine step failed")
+                for s in out.scheduled:
+                    self._finish(s.seq, "error", error=f"engine step failed: {e}")
+                return True
+            self._postprocess(out, logits)
+            self.num_steps += 1
+            return True
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.step():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "cancelled", error="engine stopped")
+
+    def _pump(self) -> bool:
+        return self._thread is None and self.step()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._seqs[item.request_id] = item
+                self.scheduler.add(item)
+            elif (seq := self._seqs.get(item)) is not None:
+                self._finish(seq, "cancelled")
+
+    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
+        sampled = [s.seq for s in out.scheduled if s.sample]
+        tokens, logprobs = self.sampler.sample(logits, [(seq.seq_id, seq.params) for seq in sampled])
+        for s in out.scheduled:
+            s.seq.num_computed += s.num_tokens
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            self._append(seq, token, logprob)
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.output_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        p = seq.params
+        if token in self.eos_ids and not p.ignore_eos:
+            seq.stream.push(TokenEvent(token, seq.detok.flush(), logprob, "eos"))
+            return self._finish(seq, "eos", notify=False)
+        if token in p.stop_token_ids:
+            seq.stream.push(TokenEvent(token, seq.detok.flush(), logprob, "stop"))
+            return self._finish(seq, "stop", notify=False)
+        text, stopped = seq.detok.add(token)
+        if stopped:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.base.max_model_len:
+            reason, text = "length", text + seq.detok.flush()
+        else:
+            return seq.stream.push(TokenEvent(token, text, logprob))
+        seq.stream.push(TokenEvent(token, text, logprob, reason))
+        self._finish(seq, reason, notify=False)
+
+    def _finish(self, seq: Sequence, reason: str, notify: bool = True, error: str | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.forget(seq.seq_id)
+        self._seqs.pop(seq.request_id, None)
+        if notify:
+            seq.stream.push(TokenEvent(None, "", None, reason, error))
+
+    def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.base.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        limit = self.base.max_model_len
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context length ({limit})"
+            )
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if len(prompt_ids) + params.max_tokens > capacity:
+            raise InvalidRequest(f"prompt + max_tokens exceeds the KV cache capacity ({capacity} tokens)")
+        if self.num_waiting + self._inbox.qsize() >= self.config.scheduler.max_waiting:
+            raise Overloaded("the admission queue is full; retry later")
+

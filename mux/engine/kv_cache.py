@@ -1,0 +1,113 @@
+"""Paged KV storage and the attention function plugged into transformers' attention interface.
+
+The cache is carved once out of a fixed byte budget into blocks of `block_size` tokens; a sequence
+owns only the blocks its tokens fill, so nothing is padded to the longest sequence. Each step the
+runner publishes an `AttentionMetadata`; the model's attention modules call `mux_attention`, which
+writes the step's new K/V into the cache and attends over each sequence's own blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from mux.config import CacheConfig
+
+ATTN_IMPLEMENTATION = "mux"
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # zeros, not empty: padded positions are masked, but 0·NaN from stale garbage would still be NaN
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks*bs, Hkv, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, hf_config, config: CacheConfig, dtype: torch.dtype, device) -> KVCache:
+        layers = hf_config.num_hidden_layers
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        per_block = 2 * layers * config.block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        num_blocks = config.kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
+        return cls(layers, num_blocks, config.block_size, kv_heads, head_dim, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSpan:
+    start: int  # first row of this sequence's tokens in the flat batch
+    num_tokens: int  # query length
+    context_len: int  # tokens attended to (cached prefix + these)
+    block_table: torch.Tensor | None  # [nb] blocks to read; None when there is no cached prefix
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """One step's attention layout. Rows [0, num_decode) are single-token sequences; prefill spans follow."""
+
+    cache: KVCache
+    slot_mapping: torch.Tensor  # [T] cache row of each new token
+    num_decode: int
+    decode_tables: torch.Tensor | None  # [B, nb] block tables, padded with block 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb*bs] True where a position belongs to the sequence
+    prefills: tuple[PrefillSpan, ...]
+
+
+def mux_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mux_attn=None, **kwargs):
+    """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
+    meta: AttentionMetadata = mux_attn
+    cache = meta.cache
+    layer = module.layer_idx
+    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [rows, Hkv, D]
+    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
+    v_new = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, meta.slot_mapping, k_new)
+    v_cache.index_copy_(0, meta.slot_mapping, v_new)
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = q.new_empty(q.shape)  # [T, H, D]
+    bs = cache.block_size
+
+    if meta.num_decode:
+        b = meta.num_decode
+        tables = meta.decode_tables  # [B, nb]
+        shape = (b, tables.shape[1] * bs, k_cache.shape[1], k_cache.shape[2])
+        kd = k_cache.view(-1, bs, *k_cache.shape[1:])[tables].view(shape).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache.view(-1, bs, *v_cache.shape[1:])[tables].view(shape).transpose(1, 2)
+        qd = q[:b].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
+        out[:b] = o.squeeze(2)
+
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_tokens)
+        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if span.block_table is None:
+            kp = k_new[rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
+            vp = v_new[rows].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            ctx = span.context_len
+            kp = k_cache.view(-1, bs, *k_cache.shape[1:])[span.block_table].flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+            vp = v_cache.view(-1, bs, *v_cache.shape[1:])[span.block_table].flatten(0, 1)[:ctx]
+            q_pos = torch.arange(ctx - span.num_tokens, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
+            o = F.scaled_dot_product_attention(
+                qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=scaling, enable_gqa=True,
+            )
+        out[rows] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, mux_attention)

@@ -1,0 +1,49 @@
+"""Turning logits into tokens: greedy rows in one argmax, sampled rows with their own (seeded) generators."""
+
+from __future__ import annotations
+
+import torch
+
+from mux.engine.sequence import SamplingParams
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self._generators: dict[int, torch.Generator] = {}  # seq_id -> per-request seeded generator
+        self._shared = torch.Generator()
+        self._shared.seed()
+
+    def forget(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[tuple[int, SamplingParams]]) -> tuple[list[int], list[float]]:
+        """logits [B, V] float32; seqs[i] = (seq_id, params) of row i. Returns token ids and their logprobs."""
+        tokens = logits.argmax(dim=-1)  # [B]
+        for i, (seq_id, params) in enumerate(seqs):
+            if not params.greedy:
+                tokens[i] = self._sample_row(logits[i], params, self._generator(seq_id, params))
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]  # [B]
+        return tokens.tolist(), logprobs.tolist()
+
+    def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:
+        if params.seed is None:
+            return self._shared
+        gen = self._generators.get(seq_id)
+        if gen is None:
+            gen = self._generators[seq_id] = torch.Generator().manual_seed(params.seed)
+        return gen
+
+    @staticmethod
+    def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+        scores = logits / params.temperature  # [V]
+        if params.top_k > 0 and params.top_k < scores.numel():
+            kth = torch.topk(scores, params.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+            drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keeps the token crossing top_p
+            scores = scores.scatter(0, order[drop], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))

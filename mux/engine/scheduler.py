@@ -1,0 +1,125 @@
+"""Continuous batching (no torch): each step runs every running sequence's next tokens and admits waiting ones.
+
+Iteration-level: sequences join between steps and leave when done. A step's token budget is shared by
+decodes (1 token each) and prefill chunks; KV blocks are allocated as tokens arrive, and when the cache
+is full the newest running sequence is preempted (its KV freed, recomputed later). Every running sequence
+holds a pinned LoRA slot, so one step never carries more distinct adapters than there are slots.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mux.config import SchedulerConfig
+from mux.engine.block_manager import BlockManager
+from mux.engine.sequence import Sequence, Status
+from mux.lora.slots import SlotTable
+
+
+@dataclass(slots=True)
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step
+    sample: bool  # this chunk reaches the end of the sequence: sample its next token
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[Scheduled] = field(default_factory=list)
+    loads: list[Sequence] = field(default_factory=list)  # sequences whose adapter must be copied into seq.slot
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, slots: SlotTable) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. Running sequences, oldest first: a decode token or the next prefill chunk each.
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_pending, budget)
+            while not self.blocks.can_allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.allocate(seq, n)
+            out.scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+            budget -= n
+
+        # 2. Admit waiting sequences (not in a step that had to preempt: the cache is full).
+        if out.preempted:
+            return out
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            key = seq.adapter_key
+            if key is not None and not self.slots.can_acquire(key):
+                # Every slot is pinned: skip to requests whose adapter is resident, unless this one has
+                # waited too long, in which case admission stops until running sequences free a slot.
+                seq.waited_steps += 1
+                if seq.waited_steps > self.config.starvation_steps:
+                    break
+                continue
+            n = min(seq.num_pending, budget)
+            if not self.blocks.can_allocate(seq, n):
+                break  # FCFS on KV space so long prompts are not starved by short ones
+            self.waiting.remove(seq)
+            if key is not None:
+                acquired = self.slots.acquire(key)
+                seq.slot = acquired.slot
+                if acquired.needs_load:
+                    out.loads.append(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.blocks.allocate(seq, n)
+            out.scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the scheduler for good: free its KV blocks and its adapter pin."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq.adapter_key is not None and seq.slot >= 0:
+            self.slots.release(seq.adapter_key)
+        seq.slot = -1

@@ -1,0 +1,103 @@
+"""Per-request state and options (no torch)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mux.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from mux.engine.detokenizer import Detokenizer
+    from mux.engine.stream import RequestStream
+    from mux.lora.adapter import LoRAWeights
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
+        if self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be ≥ 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequest(f"temperature must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be ≥ 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One generation. Token ids grow; `num_computed` counts tokens whose KV is in the cache."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoRAWeights | None = None
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    slot: int = -1  # device LoRA slot while running; -1 = base model
+    finish_reason: str | None = None  # length | stop | eos | cancelled | error
+    waited_steps: int = 0
+    stream: RequestStream | None = None
+    detok: Detokenizer | None = None
+
+    @property
+    def adapter_key(self) -> str | None:
+        return self.adapter.key if self.adapter is not None else None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next sample (prefill chunk or 1 decode token)."""
+        return self.num_tokens - self.num_computed
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

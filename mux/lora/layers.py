@@ -1,0 +1,91 @@
+"""MultiLoRALinear and the wrapping of a base model's linear layers into slot-stacked LoRA layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mux.lora.adapter import LoRAWeights, ModuleShape
+from mux.lora.ops import LoRABatch, lora_delta_blocked
+
+
+class LoRAContext:
+    """The one mutable object the layers share: this step's LoRA metadata (None = no adapter rows)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self) -> None:
+        self.batch: LoRABatch | None = None
+
+
+class MultiLoRALinear(nn.Module):
+    """y = base(x) + (x A_slot) B_slot for each token's slot; A and B·scale live in preallocated slot stacks."""
+
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, ctx: LoRAContext) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        w = base.weight
+        self.register_buffer("lora_a", w.new_zeros(num_slots, self.in_features, max_rank), persistent=False)
+        self.register_buffer("lora_b", w.new_zeros(num_slots, max_rank, self.out_features), persistent=False)
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.ctx.batch
+        if batch is None:
+            return y
+        delta = lora_delta_blocked(x.reshape(-1, self.in_features), self.lora_a, self.lora_b, batch)
+        y.view(-1, self.out_features).index_add_(0, batch.rows, delta)
+        return y
+
+    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """a [in, r], b [r, out] (scale folded in), or None for "this adapter does not target me"."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if a is not None:
+            r = a.shape[1]
+            self.lora_a[slot, :, :r].copy_(a, non_blocking=True)
+            self.lora_b[slot, :r, :].copy_(b, non_blocking=True)
+
+
+class MultiLoRAModel:
+    """Owns the MultiLoRALinear layers of one base model and fills their slots."""
+
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
+        self.ctx = LoRAContext()
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.layers: dict[str, MultiLoRALinear] = {}
+        self.slot_rank = [0] * num_slots
+        for name, module in list(targetable_linears(model).items()):
+            layer = MultiLoRALinear(module, num_slots, max_rank, self.ctx)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+            self.layers[name] = layer
+        self.shapes = {n: ModuleShape(m.in_features, m.out_features) for n, m in self.layers.items()}
+
+    def load(self, slot: int, weights: LoRAWeights) -> None:
+        for name, layer in self.layers.items():
+            a, b = weights.modules.get(name, (None, None))
+            layer.set_slot(slot, a, b)
+        self.slot_rank[slot] = weights.rank
+
+    def clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.set_slot(slot, None, None)
+        self.slot_rank[slot] = 0
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return sum(layer.lora_a[0].nbytes + layer.lora_b[0].nbytes for layer in self.layers.values())
+
+
+def targetable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder layers, named as PEFT names them (relative to the CausalLM)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}"
+    }

