@@ -52,8 +52,12 @@ class SchedulerConfig:
     starvation_steps: int = 64  # after this many skipped steps the queue head blocks new adapters
 
     def __post_init__(self) -> None:
-        _positive(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                  max_waiting=self.max_waiting, starvation_steps=self.starvation_steps)
+        _positive(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting=self.max_waiting,
+            starvation_steps=self.starvation_steps,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,19 @@ ALL = ATTN + MLP
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152):
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
     return cls(**common)
 
@@ -47,12 +57,22 @@ def tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", smollm2_dir)
 
 
-def make_adapter(base_dir: Path, out: Path, r: int = 8, alpha: float = 16, targets=ALL,
-                 use_rslora: bool = False, seed: int = 0, std: float = 0.1, **extra) -> Path:
+def make_adapter(
+    base_dir: Path,
+    out: Path,
+    r: int = 8,
+    alpha: float = 16,
+    targets=ALL,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.1,
+    **extra,
+) -> Path:
     """A PEFT LoRA adapter with random A and B (PEFT's B=0 init would make it a no-op)."""
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
-                     lora_dropout=0.0, **extra)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, lora_dropout=0.0, **extra
+    )
     peft_model = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -83,3 +103,40 @@ def tiny_adapters(tmp_path_factory, tiny_dir) -> dict[str, Path]:
 def copy_adapter(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def record_logits(engine) -> dict[str, list[torch.Tensor]]:
+    """Wrap the engine's sampler so every sampled row's logits are kept, by request id."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    sample = engine.sampler.sample
+
+    def wrapped(logits, seqs):
+        for row, seq in zip(logits, seqs, strict=True):
+            seen.setdefault(seq.request_id, []).append(row.clone())
+        return sample(logits, seqs)
+
+    engine.sampler.sample = wrapped
+    return seen
+
+
+def peft_logits(base_dir: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:
+    """Reference logits [len(ids), V] of PeftModel(base, adapter) (or the plain base model) run alone."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def make_engine(model_dir: Path, **lora):
+    from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+    from mux.engine.engine import Engine
+
+    return Engine(
+        EngineConfig(
+            model=ModelConfig(model=str(model_dir)), lora=LoRAConfig(**lora), cache=CacheConfig(kv_cache_bytes=64 << 20)
+        )
+    )

@@ -58,8 +58,13 @@ class Engine:
         self.num_steps = 0
 
     # ---- public API -------------------------------------------------------------------------
-    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               adapter: str | Path | LoRAWeights | None = None, request_id: str | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | Path | LoRAWeights | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
         """Queue one generation. Raises InvalidRequest/InvalidAdapter/Overloaded before anything is queued."""
         params = params or SamplingParams()
         prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
@@ -73,8 +78,12 @@ class Engine:
         self._wake.set()
         return seq.stream
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 adapters: list | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        adapters: list | None = None,
+    ) -> list[Completion]:
         """Run a batch to completion; the prompts share forward passes whatever their adapters."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)
@@ -164,7 +173,7 @@ class Engine:
 
     def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         sampled = [s.seq for s in out.scheduled if s.sample]
-        tokens, logprobs = self.sampler.sample(logits, [(seq.seq_id, seq.params) for seq in sampled])
+        tokens, logprobs = self.sampler.sample(logits, sampled)
         for s in out.scheduled:
             s.seq.num_computed += s.num_tokens
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
@@ -214,4 +223,3 @@ class Engine:
             raise InvalidRequest(f"prompt + max_tokens exceeds the KV cache capacity ({capacity} tokens)")
         if self.num_waiting + self._inbox.qsize() >= self.config.scheduler.max_waiting:
             raise Overloaded("the admission queue is full; retry later")
-

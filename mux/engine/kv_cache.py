@@ -20,8 +20,16 @@ ATTN_IMPLEMENTATION = "mux"
 
 
 class KVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
@@ -103,8 +111,12 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
             q_pos = torch.arange(ctx - span.num_tokens, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
             o = F.scaled_dot_product_attention(
-                qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=scaling, enable_gqa=True,
+                qp,
+                kp.transpose(0, 1).unsqueeze(0),
+                vp.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                scale=scaling,
+                enable_gqa=True,
             )
         out[rows] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None

@@ -55,15 +55,20 @@ class ModelRunner:
                 prefills.append(PrefillSpan(start, n, ctx, prefix))
 
         meta = AttentionMetadata(
-            self.cache, self._tensor(slot_mapping), len(decode_lens),
-            *self._decode_layout(decode_tables, decode_lens), tuple(prefills),
+            self.cache,
+            self._tensor(slot_mapping),
+            len(decode_lens),
+            *self._decode_layout(decode_tables, decode_lens),
+            tuple(prefills),
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
         self.lora.ctx.batch = build_lora_batch(groups, rank, self.device)
         try:
             hidden = self.model.model(
-                input_ids=self._tensor(ids)[None], position_ids=self._tensor(positions)[None],
-                use_cache=False, mux_attn=meta,
+                input_ids=self._tensor(ids)[None],
+                position_ids=self._tensor(positions)[None],
+                use_cache=False,
+                mux_attn=meta,
             ).last_hidden_state[0]  # [T, hidden]
         finally:
             self.lora.ctx.batch = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mux.engine.sequence import SamplingParams
+from mux.engine.sequence import SamplingParams, Sequence
 
 
 class Sampler:
@@ -17,12 +17,12 @@ class Sampler:
         self._generators.pop(seq_id, None)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[tuple[int, SamplingParams]]) -> tuple[list[int], list[float]]:
-        """logits [B, V] float32; seqs[i] = (seq_id, params) of row i. Returns token ids and their logprobs."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+        """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs."""
         tokens = logits.argmax(dim=-1)  # [B]
-        for i, (seq_id, params) in enumerate(seqs):
-            if not params.greedy:
-                tokens[i] = self._sample_row(logits[i], params, self._generator(seq_id, params))
+        for i, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]  # [B]
         return tokens.tolist(), logprobs.tolist()
 

@@ -36,8 +36,14 @@ class Completion:
 
 
 class RequestStream:
-    def __init__(self, request_id: str, prompt_ids: list[int], adapter: str | None,
-                 cancel: Callable[[str], None], pump: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: str | None,
+        cancel: Callable[[str], None],
+        pump: Callable[[], bool],
+    ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.adapter = adapter

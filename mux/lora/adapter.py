@@ -142,7 +142,7 @@ def adapter_key(path: Path) -> str | None:
         stat = (path / WEIGHTS_FILE).stat()
     except OSError:
         return None
-    return f"{path.resolve()}#{stat.st_mtime_ns}:{stat.st_size}"
+    return f"{path.resolve()}#{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
 def _read_pairs(weights: Path) -> dict[str, dict[str, torch.Tensor]]:

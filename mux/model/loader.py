@@ -131,5 +131,12 @@ def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:
 
 def describe(base: BaseModel) -> str:
     cfg = base.model.config
-    return json.dumps({"name": base.name, "type": cfg.model_type, "layers": cfg.num_hidden_layers,
-                       "hidden": cfg.hidden_size, "dtype": str(base.model.dtype)})
+    return json.dumps(
+        {
+            "name": base.name,
+            "type": cfg.model_type,
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+            "dtype": str(base.model.dtype),
+        }
+    )

@@ -1,0 +1,163 @@
+"""Engine API: streaming (threads and asyncio), sampling options, stop conditions, cancellation, bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import make_engine
+
+from mux.engine.sequence import SamplingParams
+from mux.errors import InvalidRequest, Overloaded
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
+
+
+def idle(engine) -> bool:
+    return (
+        engine.blocks.num_free == engine.blocks.num_blocks
+        and engine.slots.num_pinned == 0
+        and not engine.scheduler.has_work()
+    )
+
+
+def test_stream_events_concatenate_to_result(engine, tiny_adapters):
+    events = list(engine.submit("Hello world", GREEDY, tiny_adapters["r4-attn"]))
+    assert len([e for e in events if e.token_id is not None]) == 10
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+    again = engine.submit("Hello world", GREEDY, tiny_adapters["r4-attn"]).result()
+    assert "".join(e.text for e in events) == again.text
+    assert again.text == engine.tokenizer.decode(again.token_ids, skip_special_tokens=True)
+    assert all(lp <= 0 for lp in again.logprobs)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    a, b = engine.generate(["Once upon a time"] * 2, p)
+    assert a.token_ids == b.token_ids
+    c = engine.generate(["Once upon a time"], SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True))[
+        0
+    ]
+    assert c.token_ids != a.token_ids
+
+
+def test_top_k_one_equals_greedy(engine):
+    greedy = engine.generate(["Once upon a time"], GREEDY)[0]
+    topk1 = engine.generate(
+        ["Once upon a time"], SamplingParams(max_tokens=10, temperature=0.8, top_k=1, ignore_eos=True)
+    )[0]
+    assert greedy.token_ids == topk1.token_ids
+
+
+def test_stop_string_truncates_and_is_not_emitted(engine):
+    full = engine.generate(["Hello world"], GREEDY)[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert stop.strip()
+    out = engine.submit("Hello world", SamplingParams(max_tokens=10, temperature=0, stop=(stop,), ignore_eos=True))
+    events = list(out)
+    text = "".join(e.text for e in events)
+    assert events[-1].finish_reason == "stop"
+    assert text == full.text[: full.text.index(stop)] and stop not in text
+
+
+def test_eos_and_stop_token_ids(engine):
+    full = engine.generate(["Hello world"], GREEDY)[0]
+    token = full.token_ids[3]
+    out = engine.generate(
+        ["Hello world"], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(token,), ignore_eos=True)
+    )[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[: full.token_ids.index(token) + 1]
+    engine.eos_ids = frozenset({token})
+    try:
+        out = engine.generate(["Hello world"], SamplingParams(max_tokens=10, temperature=0))[0]
+    finally:
+        engine.eos_ids = frozenset(engine.base.eos_token_ids)
+    assert out.finish_reason == "eos" and out.token_ids[-1] == token
+
+
+def test_cancel_frees_kv_and_adapter_pin(engine, tiny_adapters):
+    stream = engine.submit(
+        "Hello world", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), tiny_adapters["r8-mlp"]
+    )
+    for _ in range(3):
+        engine.step()
+    assert engine.slots.num_pinned == 1 and engine.blocks.num_free < engine.blocks.num_blocks
+    stream.cancel()
+    engine.step()
+    assert idle(engine)
+    assert stream.result().finish_reason == "cancelled"
+
+
+def test_background_thread_and_asyncio_streams(tiny_dir, tiny_adapters):
+    engine = make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
+    expected = engine.generate(["Hi", "Hello world"], GREEDY, [None, tiny_adapters["r4-all"]])
+    engine.start()
+    try:
+
+        async def run():
+            streams = [engine.submit("Hi", GREEDY), engine.submit("Hello world", GREEDY, tiny_adapters["r4-all"])]
+            return await asyncio.gather(*(s.aresult() for s in streams))
+
+        got = asyncio.run(run())
+        assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+        threaded = engine.submit("Hi", GREEDY).result()
+        assert threaded.token_ids == expected[0].token_ids
+        # cancelling from another thread while the engine thread runs
+        s = engine.submit("Hi", SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+        next(iter(s))
+        s.cancel()
+        assert s.result().finish_reason == "cancelled"
+        deadline = time.time() + 10
+        while not idle(engine) and time.time() < deadline:
+            time.sleep(0.01)
+        assert idle(engine)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "match"),
+    [
+        ("", GREEDY, "empty"),
+        ([10**9], GREEDY, "token ids"),
+        ("Hi", SamplingParams(max_tokens=600, temperature=0), "context length"),
+    ],
+)
+def test_bad_requests_are_refused_before_queueing(engine, prompt, params, match):
+    with pytest.raises(InvalidRequest, match=match):
+        engine.submit(prompt, params)
+    assert idle(engine)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(max_tokens=0),
+        dict(temperature=float("nan")),
+        dict(top_k=-2),
+        dict(stop=("",)),
+    ],
+)
+def test_bad_sampling_values(kwargs):
+    with pytest.raises(InvalidRequest):
+        SamplingParams(**kwargs)
+
+
+def test_admission_queue_is_bounded(tiny_dir):
+    from mux.config import EngineConfig, ModelConfig, SchedulerConfig
+    from mux.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model=ModelConfig(model=str(tiny_dir)), scheduler=SchedulerConfig(max_waiting=2)))
+    engine.submit("a", GREEDY)
+    engine.submit("b", GREEDY)
+    with pytest.raises(Overloaded):
+        engine.submit("c", GREEDY)

@@ -1,0 +1,128 @@
+"""Continuous batching policy, in milliseconds: no model, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mux.config import SchedulerConfig
+from mux.engine.block_manager import BlockManager
+from mux.engine.scheduler import Scheduler
+from mux.engine.sequence import SamplingParams, Sequence, Status
+from mux.lora.slots import SlotTable
+
+
+@dataclass
+class FakeAdapter:
+    key: str
+
+
+def make(num_blocks=64, block_size=4, slots=2, **cfg):
+    blocks = BlockManager(num_blocks, block_size)
+    table = SlotTable(slots)
+    return Scheduler(SchedulerConfig(**cfg), blocks, table), blocks, table
+
+
+def seq(n_prompt=5, adapter=None, max_tokens=4):
+    return Sequence(
+        list(range(n_prompt)), SamplingParams(max_tokens=max_tokens), FakeAdapter(adapter) if adapter else None
+    )
+
+
+def run_step(sched):
+    """Pretend the model ran: advance computed tokens and append a sampled token."""
+    out = sched.schedule()
+    for s in out.scheduled:
+        s.seq.num_computed += s.num_tokens
+        if s.sample:
+            s.seq.output_ids.append(0)
+    return out
+
+
+def test_prefill_then_decodes_join_and_leave():
+    sched, blocks, _ = make()
+    a = seq()
+    sched.add(a)
+    out = run_step(sched)
+    assert [(s.seq, s.num_tokens, s.sample) for s in out.scheduled] == [(a, 5, True)]
+    b = seq(3)
+    sched.add(b)
+    out = run_step(sched)  # a decodes while b prefills in the same step
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (b, 3)]
+    sched.finish(a, "length")
+    out = run_step(sched)
+    assert [s.seq for s in out.scheduled] == [b]
+    sched.finish(b, "length")
+    assert blocks.num_free == blocks.num_blocks and not sched.has_work()
+
+
+def test_chunked_prefill_within_token_budget():
+    sched, _, _ = make(max_num_batched_tokens=4)
+    a = seq(10)
+    sched.add(a)
+    chunks = [(s.num_tokens, s.sample) for _ in range(3) for s in run_step(sched).scheduled]
+    assert chunks == [(4, False), (4, False), (2, True)]
+
+
+def test_blocks_grow_with_tokens_not_max_length():
+    sched, _, _ = make(block_size=4)
+    a = seq(5, max_tokens=1000)
+    sched.add(a)
+    run_step(sched)
+    assert len(a.block_table) == 2  # 5 tokens -> 2 blocks of 4, not 1005 tokens' worth
+    for _ in range(4):
+        run_step(sched)
+    assert len(a.block_table) == 3
+
+
+def test_preemption_when_kv_is_full_frees_and_requeues_newest():
+    sched, blocks, _ = make(num_blocks=4, block_size=4)
+    a, b = seq(7), seq(7)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # both prefilled: 2 blocks each, cache full
+    assert blocks.num_free == 0
+    run_step(sched)  # a's 8th token fits its block; b too
+    out = run_step(sched)  # a needs a 3rd block: b (newest) is preempted
+    assert out.preempted == [b] and b.status is Status.WAITING and b.num_computed == 0
+    assert sched.waiting[0] is b and b.block_table == []
+
+
+def test_distinct_adapters_never_exceed_slots_and_resident_ones_skip_ahead():
+    sched, _, table = make(slots=2, starvation_steps=100)
+    seqs = [seq(adapter="x"), seq(adapter="y"), seq(adapter="z"), seq(adapter="x")]
+    for s in seqs:
+        sched.add(s)
+    out = run_step(sched)
+    admitted = [s.seq for s in out.scheduled]
+    assert admitted == [seqs[0], seqs[1], seqs[3]]  # z waits; the second x request does not wait behind it
+    assert len({s.adapter_key for s in admitted}) <= 2 and seqs[2].status is Status.WAITING
+    sched.finish(seqs[1], "length")
+    out = run_step(sched)
+    assert seqs[2] in [s.seq for s in out.scheduled] and table.slot_of["z"] == 1
+
+
+def test_starved_request_blocks_admission_until_a_slot_frees():
+    sched, _, _ = make(slots=1, starvation_steps=2)
+    hot = [seq(adapter="hot", max_tokens=100) for _ in range(2)]
+    cold = seq(adapter="cold")
+    sched.add(hot[0])
+    sched.add(cold)
+    for _ in range(3):
+        run_step(sched)
+    sched.add(hot[1])  # resident adapter, but the starved cold request is now ahead of everything
+    run_step(sched)
+    assert hot[1].status is Status.WAITING
+    sched.finish(hot[0], "length")
+    out = run_step(sched)
+    assert cold in [s.seq for s in out.scheduled]
+
+
+def test_finish_waiting_and_running_frees_everything():
+    sched, blocks, table = make()
+    a, b = seq(adapter="x"), seq(adapter="x")
+    sched.add(a)
+    run_step(sched)
+    sched.add(b)
+    sched.finish(b, "cancelled")
+    sched.finish(a, "cancelled")
+    assert blocks.num_free == blocks.num_blocks and table.num_pinned == 0 and not sched.has_work()
