@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
+from bench.common import ALL, ATTN, MLP, make_adapter
 from mux.model.loader import default_model_dir
-
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP = ["gate_proj", "up_proj", "down_proj"]
-ALL = ATTN + MLP
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152):
@@ -55,32 +51,6 @@ def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", smollm2_dir)
-
-
-def make_adapter(
-    base_dir: Path,
-    out: Path,
-    r: int = 8,
-    alpha: float = 16,
-    targets=ALL,
-    use_rslora: bool = False,
-    seed: int = 0,
-    std: float = 0.1,
-    **extra,
-) -> Path:
-    """A PEFT LoRA adapter with random A and B (PEFT's B=0 init would make it a no-op)."""
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, lora_dropout=0.0, **extra
-    )
-    peft_model = get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ class LoRAWeights:
     key: str  # identity of these exact weights: path + file stamp (a rewrite is a new key)
     rank: int  # the largest module rank
     target_modules: tuple[str, ...]  # short names, sorted: ("k_proj", "q_proj", ...)
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [in, r], B·s [r, out])
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B·s [r, out])
     nbytes: int
 
 
@@ -127,7 +127,7 @@ def load_adapter(
         r = a.shape[0]
         m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
         scale = m_alpha / math.sqrt(r) if use_rslora else m_alpha / r
-        a_t = a.to(torch.float32).t().contiguous().to(dtype)  # [in, r]
+        a_t = a.to(dtype).contiguous()  # [r, in]
         b_t = (b.to(torch.float32) * scale).t().contiguous().to(dtype)  # [r, out]
         modules[module] = (a_t, b_t)
         max_r = max(max_r, r)

@@ -19,7 +19,10 @@ class LoRAContext:
 
 
 class MultiLoRALinear(nn.Module):
-    """y = base(x) + (x A_slot) B_slot for each token's slot; A and B·scale live in preallocated slot stacks."""
+    """y = base(x) + (x A_slotᵀ) B_slot for each token's slot; A and B·scale live in preallocated slot stacks.
+
+    lora_a [S, R, in] and lora_b [S, R, out]: rank-major, zero-padded past each adapter's rank.
+    """
 
     def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, ctx: LoRAContext) -> None:
         super().__init__()
@@ -27,7 +30,7 @@ class MultiLoRALinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         w = base.weight
-        self.register_buffer("lora_a", w.new_zeros(num_slots, self.in_features, max_rank), persistent=False)
+        self.register_buffer("lora_a", w.new_zeros(num_slots, max_rank, self.in_features), persistent=False)
         self.register_buffer("lora_b", w.new_zeros(num_slots, max_rank, self.out_features), persistent=False)
         self.ctx = ctx
 
@@ -41,12 +44,12 @@ class MultiLoRALinear(nn.Module):
         return y
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """a [in, r], b [r, out] (scale folded in), or None for "this adapter does not target me"."""
+        """a [r, in], b [r, out] (scale folded in), or None for "this adapter does not target me"."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         if a is not None:
-            r = a.shape[1]
-            self.lora_a[slot, :, :r].copy_(a, non_blocking=True)
+            r = a.shape[0]
+            self.lora_a[slot, :r, :].copy_(a, non_blocking=True)
             self.lora_b[slot, :r, :].copy_(b, non_blocking=True)
 
 

@@ -62,13 +62,16 @@ def build_lora_batch(groups: dict[int, list[int]], rank: int, device: torch.devi
 
 
 def lora_delta_blocked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """x [T, in]; a [S, in, R]; b [S, R, out] -> delta [M, out] for the rows in batch.rows."""
+    """x [T, in]; a [S, R, in]; b [S, R, out] -> delta [M, out] for the rows in batch.rows.
+
+    Rank-major slots keep each slot's first r rows contiguous, so trimming the rank padding gathers fast.
+    """
     r = batch.rank
     n = batch.block_slot.numel()
     xs = x.index_select(0, batch.gather).view(n, batch.block_size, -1)  # [N, blk, in]
-    a_blk = a[:, :, :r].index_select(0, batch.block_slot)  # [N, in, r]
+    a_blk = a[:, :r, :].index_select(0, batch.block_slot)  # [N, r, in]
     b_blk = b[:, :r, :].index_select(0, batch.block_slot)  # [N, r, out]
-    y = torch.bmm(torch.bmm(xs, a_blk), b_blk)  # [N, blk, out]
+    y = torch.bmm(torch.bmm(xs, a_blk.transpose(1, 2)), b_blk)  # [N, blk, out]
     return y.view(n * batch.block_size, -1).index_select(0, batch.scatter)  # [M, out]
 
 
@@ -77,5 +80,5 @@ def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot
     out = x.new_zeros(x.shape[0], b.shape[-1])
     for t, slot in enumerate(slots):
         if slot >= 0:
-            out[t] = (x[t] @ a[slot]) @ b[slot]
+            out[t] = (a[slot] @ x[t]) @ b[slot]
     return out

@@ -14,7 +14,7 @@ def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, o
     rnd = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, in_f, generator=g)
-    a = torch.randn(slots, in_f, rank, generator=g)
+    a = torch.randn(slots, rank, in_f, generator=g)
     b = torch.randn(slots, rank, out_f, generator=g)
     token_slots = [rnd.choice([-1, *range(slots)]) for _ in range(tokens)]
     return x, a, b, token_slots
@@ -42,7 +42,7 @@ def test_blocked_equals_reference(seed, tokens):
 
 def test_rank_trim_is_exact_when_padding_is_zero():
     x, a, b, slots = random_case(0, 50, slots=3, rank=16)
-    a[:, :, 6:] = 0
+    a[:, 6:, :] = 0
     b[:, 6:, :] = 0
     assert torch.allclose(blocked_full(x, a, b, slots, 6), lora_delta_reference(x, a, b, slots), atol=1e-4)
 
@@ -54,9 +54,9 @@ def test_matches_dense_w_plus_scaled_ba():
     lora_b = torch.randn(40, 4, generator=g)  # [out, r]
     scale = 16 / 4
     x = torch.randn(7, 24, generator=g)
-    a = torch.zeros(2, 24, 8)
+    a = torch.zeros(2, 8, 24)
     b = torch.zeros(2, 8, 40)
-    a[1, :, :4] = lora_a.t()
+    a[1, :4, :] = lora_a
     b[1, :4, :] = (lora_b * scale).t()
     y = x @ w.t() + blocked_full(x, a, b, [1] * 7, 8)
     assert torch.allclose(y, x @ (w + scale * lora_b @ lora_a).t(), atol=1e-3)

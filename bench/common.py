@@ -1,0 +1,84 @@
+"""Shared by benchmarks and tests: random PEFT adapters, prompts, machine description, result files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+ALL = ATTN + MLP
+RESULTS = Path(__file__).parent / "results"
+
+_WORDS = (
+    "the model serves many adapters at once while each tenant sends requests about weather history music "
+    "cooking travel science football poetry markets gardens rivers trains and distant stars"
+).split()
+
+
+def make_adapter(
+    base_dir: Path,
+    out: Path,
+    r: int = 8,
+    alpha: float = 16,
+    targets=ALL,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.1,
+    base=None,
+    **extra,
+) -> Path:
+    """A PEFT LoRA adapter with random A and B (PEFT's B=0 init would make it a no-op), saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = base or AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, lora_dropout=0.0, **extra
+    )
+    peft_model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    peft_model.save_pretrained(out)
+    peft_model.unload()  # give the base model back untouched
+    return out
+
+
+def prompts(n: int, words: int = 24, seed: int = 0) -> list[str]:
+    """n distinct prompts of about `words` words (≈30 tokens for SmolLM2)."""
+    import random
+
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(_WORDS) for _ in range(words)).capitalize() + "." for _ in range(n)]
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+    }
+
+
+def save(name: str, data: dict, table: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d')}-{name}-{platform.node() or 'host'}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    return RESULTS / f"{stem}.json"

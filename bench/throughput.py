@@ -1,0 +1,111 @@
+"""Throughput side by side, one process, one run: HF generate (base), PEFT mixed batch, mux base-only, mux + adapters.
+
+Workload (issue 2): 64 prompts of ≈30 tokens, 64 new greedy tokens, 16 distinct rank-8 adapters on all seven
+targets, SmolLM2-135M fp32. Run: python -m bench.throughput [--requests 64 --new-tokens 64 --adapters 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from bench.common import machine, make_adapter, prompts, save
+from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+from mux.engine.engine import Engine
+from mux.engine.sequence import SamplingParams
+from mux.model.loader import default_model_dir
+
+
+def hf_generate(model, tok, texts, new_tokens, adapter_names=None) -> float:
+    batch = tok(texts, return_tensors="pt", padding=True)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+    kwargs = {"adapter_names": adapter_names} if adapter_names else {}
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=cfg, **kwargs)
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] - batch.input_ids.shape[1] == new_tokens
+    return elapsed
+
+
+def mux_generate(engine, texts, new_tokens, adapters) -> float:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
+    outs = engine.generate(texts, params, adapters)
+    elapsed = time.perf_counter() - t
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    n, new = args.requests, args.new_tokens
+    model_dir = default_model_dir()
+    texts = prompts(n)
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tmp = Path(tempfile.mkdtemp(prefix="mux-bench-"))
+    names = [f"a{i}" for i in range(args.adapters)]
+    paths = [make_adapter(model_dir, tmp / name, r=args.rank, alpha=16, seed=i, std=0.02, base=base)
+             for i, name in enumerate(names)]
+    per_request = [paths[i % len(paths)] for i in range(n)]
+    tokens = n * new
+    results: dict[str, float] = {}
+
+    def record(label, seconds):
+        results[label] = tokens / seconds
+        print(f"{label:34s} {tokens / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
+
+    hf_generate(base, tok, texts[:4], 4)  # warm-up
+    record("hf_generate_base", hf_generate(base, tok, texts, new))
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        peft = PeftModel.from_pretrained(base, paths[0], adapter_name=names[0])
+        for name, path in zip(names[1:], paths[1:], strict=True):
+            peft.load_adapter(path, adapter_name=name)
+        peft.eval()
+        mixed = [names[i % len(names)] for i in range(n)]
+        hf_generate(peft, tok, texts[:4], 4, mixed[:4])
+        record("peft_mixed_batch", hf_generate(peft, tok, texts, new, mixed))
+        base = peft.unload()
+    del base
+
+    engine = Engine(EngineConfig(model=ModelConfig(model=str(model_dir)),
+                                 lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank)),
+                                 cache=CacheConfig(kv_cache_bytes=1 << 30)))
+    mux_generate(engine, texts[:4], 4, per_request[:4])  # warm-up (and loads adapters into slots)
+    record("mux_base_only", mux_generate(engine, texts, new, [None] * n))
+    record(f"mux_{args.adapters}_adapters", mux_generate(engine, texts, new, per_request))
+
+    adapters_key = f"mux_{args.adapters}_adapters"
+    ratios = {
+        "mux_adapters_vs_peft_mixed": results[adapters_key] / results["peft_mixed_batch"] if not args.skip_peft else None,
+        "mux_adapters_vs_mux_base": results[adapters_key] / results["mux_base_only"],
+        "mux_adapters_vs_hf_base": results[adapters_key] / results["hf_generate_base"],
+        "mux_base_vs_hf_base": results["mux_base_only"] / results["hf_generate_base"],
+    }
+    data = {"workload": vars(args), "machine": machine(), "tokens_per_s": results, "ratios": ratios}
+    print(json.dumps(ratios, indent=2))
+    rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in results.items())
+    ratio_rows = "\n".join(f"| {k} | {v:.2f}× |" for k, v in ratios.items() if v is not None)
+    table = (f"# Throughput ({n} requests × {new} new tokens, {args.adapters} rank-{args.rank} adapters)\n\n"
+             f"Machine: {json.dumps(data['machine'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
+             f"| ratio | value |\n|---|---|\n{ratio_rows}\n")
+    print("wrote", save("throughput", data, table))
+
+
+if __name__ == "__main__":
+    main()
