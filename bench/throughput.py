@@ -58,8 +58,10 @@ def main() -> None:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tmp = Path(tempfile.mkdtemp(prefix="mux-bench-"))
     names = [f"a{i}" for i in range(args.adapters)]
-    paths = [make_adapter(model_dir, tmp / name, r=args.rank, alpha=16, seed=i, std=0.02, base=base)
-             for i, name in enumerate(names)]
+    paths = [
+        make_adapter(model_dir, tmp / name, r=args.rank, alpha=16, seed=i, std=0.02, base=base)
+        for i, name in enumerate(names)
+    ]
     per_request = [paths[i % len(paths)] for i in range(n)]
     tokens = n * new
     results: dict[str, float] = {}
@@ -83,16 +85,20 @@ def main() -> None:
         base = peft.unload()
     del base
 
-    engine = Engine(EngineConfig(model=ModelConfig(model=str(model_dir)),
-                                 lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank)),
-                                 cache=CacheConfig(kv_cache_bytes=1 << 30)))
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(model=str(model_dir)),
+            lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank)),
+            cache=CacheConfig(kv_cache_bytes=1 << 30),
+        )
+    )
     mux_generate(engine, texts[:4], 4, per_request[:4])  # warm-up (and loads adapters into slots)
     record("mux_base_only", mux_generate(engine, texts, new, [None] * n))
     record(f"mux_{args.adapters}_adapters", mux_generate(engine, texts, new, per_request))
 
     adapters_key = f"mux_{args.adapters}_adapters"
     ratios = {
-        "mux_adapters_vs_peft_mixed": results[adapters_key] / results["peft_mixed_batch"] if not args.skip_peft else None,
+        "mux_adapters_vs_peft_mixed": None if args.skip_peft else results[adapters_key] / results["peft_mixed_batch"],
         "mux_adapters_vs_mux_base": results[adapters_key] / results["mux_base_only"],
         "mux_adapters_vs_hf_base": results[adapters_key] / results["hf_generate_base"],
         "mux_base_vs_hf_base": results["mux_base_only"] / results["hf_generate_base"],
@@ -101,9 +107,11 @@ def main() -> None:
     print(json.dumps(ratios, indent=2))
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in results.items())
     ratio_rows = "\n".join(f"| {k} | {v:.2f}× |" for k, v in ratios.items() if v is not None)
-    table = (f"# Throughput ({n} requests × {new} new tokens, {args.adapters} rank-{args.rank} adapters)\n\n"
-             f"Machine: {json.dumps(data['machine'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
-             f"| ratio | value |\n|---|---|\n{ratio_rows}\n")
+    table = (
+        f"# Throughput ({n} requests × {new} new tokens, {args.adapters} rank-{args.rank} adapters)\n\n"
+        f"Machine: {json.dumps(data['machine'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
+        f"| ratio | value |\n|---|---|\n{ratio_rows}\n"
+    )
     print("wrote", save("throughput", data, table))
 
 

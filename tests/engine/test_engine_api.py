@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import pytest
-from conftest import make_engine
 
+from conftest import make_engine
 from mux.engine.sequence import SamplingParams
 from mux.errors import InvalidRequest, Overloaded
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_engine, peft_logits, record_logits
 
+from conftest import make_engine, peft_logits, record_logits
 from mux.engine.sequence import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

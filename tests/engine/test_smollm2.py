@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL, ATTN, MLP, make_adapter, record_logits
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from conftest import ALL, ATTN, MLP, make_adapter, record_logits
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams

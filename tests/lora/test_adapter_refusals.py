@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_adapter, make_adapter, make_engine
 from safetensors.torch import load_file, save_file
 
+from conftest import copy_adapter, make_adapter, make_engine
 from mux.engine.sequence import SamplingParams
 from mux.errors import InvalidAdapter
 

@@ -1,0 +1,71 @@
+"""Command line: `mux serve ...`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from pathlib import Path
+
+REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+    from mux.engine.engine import Engine
+    from mux.server.app import ServerState, create_app
+
+    if not _is_loopback(args.host) and not args.insecure:
+        print(
+            f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly", file=sys.stderr
+        )
+        return 2
+    config = EngineConfig(
+        model=ModelConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype),
+        lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+        cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
+    )
+    state = ServerState(lambda: Engine(config), Path(args.adapter_dir))
+    print(
+        f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
+        f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "
+        f"(ready at /ready)",
+        flush=True,
+    )
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mux", description="one base model, many LoRA adapters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the HTTP server")
+    s.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--adapter-dir", default=str(REPO_ADAPTERS))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-loras", type=int, default=16)
+    s.add_argument("--max-lora-rank", type=int, default=16)
+    s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
+    s.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper() if args.command == "serve" else "INFO")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""App factory: the engine loads in the background (so /health answers at once), routes mount on top."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mux.engine.engine import Engine
+from mux.lora.repository import AdapterRepository
+from mux.server.openai import OpenAIRoutes
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes share. `engine` is None until the model has loaded."""
+
+    def __init__(self, make_engine: Callable[[], Engine], adapter_dir: Path) -> None:
+        self.make_engine = make_engine
+        self.repository = AdapterRepository(adapter_dir)
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+
+    @property
+    def base_name(self) -> str:
+        return self.engine.base.name
+
+    def load(self) -> None:
+        try:
+            self.engine = self.make_engine()
+            self.engine.start()
+            log.info(
+                "ready: %s with %d adapters in %s", self.base_name, len(self.repository.ids()), self.repository.root
+            )
+        except Exception as e:  # reported by /ready; the process stays up to say why
+            log.exception("model load failed")
+            self.load_error = str(e)
+        finally:
+            self.ready.set()
+
+
+def create_app(state: ServerState) -> Starlette:
+    openai = OpenAIRoutes(state)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> JSONResponse:
+        if state.engine is not None:
+            return JSONResponse({"status": "ready", "model": state.base_name})
+        return JSONResponse(
+            {"status": "error" if state.load_error else "loading", "error": state.load_error}, status_code=503
+        )
+
+    def needs_engine(handler):
+        async def guarded(request: Request):
+            if state.engine is None:
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "the model is still loading",
+                            "type": "ServiceUnavailable",
+                            "param": None,
+                            "code": 503,
+                        }
+                    },
+                    status_code=503,
+                    headers={"Retry-After": "5"},
+                )
+            return await handler(request)
+
+        return guarded
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=state.load, name="mux-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    routes = [Route("/health", health), Route("/ready", ready)]
+    routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in openai.routes()]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,279 @@
+"""OpenAI-compatible routes as vLLM serves them: /v1/models, /v1/completions, /v1/chat/completions (+ SSE)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mux.engine.sequence import SamplingParams
+from mux.engine.stream import RequestStream
+from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+
+MAX_N = 16
+FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "abort", "error": "abort"}
+_STATUS = [
+    (AdapterNotFound, 404, "NotFoundError"),
+    (InvalidAdapter, 400, "BadRequestError"),
+    (InvalidRequest, 400, "BadRequestError"),
+    (Overloaded, 429, "RateLimitError"),
+]
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """The one place MuxError maps to OpenAI-style status codes and bodies."""
+    status, kind = next(((s, k) for cls, s, k in _STATUS if isinstance(exc, cls)), (500, "InternalServerError"))
+    param = "model" if isinstance(exc, AdapterNotFound) else None
+    body = {"error": {"message": str(exc), "type": kind, "param": param, "code": status}}
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise InvalidRequest(f"`{key}` must be {'an integer' if kind is int else 'a number'}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"`{key}` must be finite")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InvalidRequest(f"`{key}` must be in [{lo}, {hi}], got {value}")
+    return kind(value)
+
+
+def sampling_params(body: dict, max_tokens_key: str = "max_tokens") -> SamplingParams:
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise InvalidRequest("`stop` must be a non-empty string or a list of at most 16 non-empty strings")
+    max_tokens = body.get("max_completion_tokens") if max_tokens_key == "chat" else None
+    max_tokens = _number(body, "max_tokens", 16, int, lo=1) if max_tokens is None else max_tokens
+    return SamplingParams(
+        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 16, int, lo=1),
+        temperature=_number(body, "temperature", 1.0, lo=0, hi=2),
+        top_p=_number(body, "top_p", 1.0, lo=1e-9, hi=1),
+        top_k=max(0, _number(body, "top_k", 0, int, lo=-1)),  # vLLM: -1 = off
+        seed=_number(body, "seed", None, int),
+        stop=tuple(stop),
+        stop_token_ids=tuple(_token_list(body.get("stop_token_ids") or [], "stop_token_ids")),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+    )
+
+
+def _token_list(value, key: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidRequest(f"`{key}` must be a list of token ids")
+    return value
+
+
+class OpenAIRoutes:
+    def __init__(self, state) -> None:
+        self.state = state  # ServerState: engine, repository, base name
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+        ]
+
+    async def models(self, request: Request) -> Response:
+        now = int(time.time())
+        base = self.state.base_name
+        data = [
+            {
+                "id": base,
+                "object": "model",
+                "created": now,
+                "owned_by": "mux",
+                "root": base,
+                "parent": None,
+                "max_model_len": self.state.engine.base.max_model_len,
+            }
+        ]
+        data += [
+            {
+                "id": a,
+                "object": "model",
+                "created": now,
+                "owned_by": "mux",
+                "root": a,
+                "parent": base,
+                "max_model_len": None,
+            }
+            for a in self.state.repository.ids()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def completions(self, request: Request) -> Response:
+        try:
+            body = await read_json(request)
+            prompts = self._prompts(body.get("prompt"))
+            if body.get("suffix") or body.get("echo"):
+                raise InvalidRequest("`suffix` and `echo` are not supported")
+            return await self._run(body, prompts, chat=False)
+        except MuxError as e:
+            return error_response(e)
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            body = await read_json(request)
+            messages = body.get("messages")
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+            ):
+                raise InvalidRequest("`messages` must be a non-empty list of {role, content} objects")
+            for m in messages:
+                if not isinstance(m.get("content", ""), str):
+                    raise InvalidRequest("only text message content is supported")
+            tok = self.state.engine.tokenizer
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return await self._run(body, [tok(text, add_special_tokens=False).input_ids], chat=True)
+        except MuxError as e:
+            return error_response(e)
+
+    @staticmethod
+    def _prompts(prompt) -> list:
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            return [_token_list(p, "prompt") for p in prompt]
+        raise InvalidRequest("`prompt` must be a string, a list of strings, or token ids")
+
+    async def _run(self, body: dict, prompts: list, chat: bool) -> Response:
+        model = body.get("model") or self.state.base_name
+        if not isinstance(model, str):
+            raise InvalidRequest("`model` must be a string")
+        params = sampling_params(body, "chat" if chat else "max_tokens")
+        n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
+        if len(prompts) * n > MAX_N * 4:
+            raise InvalidRequest(f"at most {MAX_N * 4} choices per request")
+        adapter = None
+        if model != self.state.base_name:
+            path = self.state.repository.path(model)
+            adapter = await run_in_threadpool(self.state.engine.load_adapter, path)
+        streams = []
+        try:
+            for prompt in prompts:
+                for i in range(n):
+                    p = params if params.seed is None else _with_seed(params, params.seed + i)
+                    streams.append(self.state.engine.submit(prompt, p, adapter))
+        except MuxError:
+            for s in streams:
+                s.cancel()
+            raise
+        meta = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model,
+        }
+        stream_options = body.get("stream_options") or {}
+        if body.get("stream"):
+            usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
+            return StreamingResponse(self._sse(streams, meta, chat, usage, n), media_type="text/event-stream")
+        return await self._collect(streams, meta, chat, n)
+
+    async def _collect(self, streams: list[RequestStream], meta: dict, chat: bool, n: int) -> Response:
+        try:
+            results = [await s.aresult() for s in streams]
+        finally:
+            for s in streams:
+                if not s.finished:
+                    s.cancel()
+        choices = []
+        for i, r in enumerate(results):
+            choice = {"index": i, "logprobs": None, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": r.text}
+            else:
+                choice["text"] = r.text
+            choices.append(choice)
+        usage = _usage(streams[::n], sum(len(r.token_ids) for r in results))
+        obj = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
+
+    async def _sse(self, streams, meta, chat, include_usage, n) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        counts = [0] * len(streams)
+        try:
+            if chat:
+                for i in range(len(streams)):
+                    yield _event(
+                        {
+                            **meta,
+                            "object": obj,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+            for i, stream in enumerate(streams):  # choices stream one after another; all run concurrently
+                async for ev in stream:
+                    if ev.token_id is not None:
+                        counts[i] += 1
+                    finish = FINISH[ev.finish_reason] if ev.finish_reason else None
+                    if not ev.text and finish is None:
+                        continue
+                    part = {"delta": {"content": ev.text}} if chat else {"text": ev.text}
+                    yield _event(
+                        {
+                            **meta,
+                            "object": obj,
+                            "choices": [{"index": i, **part, "logprobs": None, "finish_reason": finish}],
+                            "usage": None,
+                        }
+                    )
+            if include_usage:
+                yield _event({**meta, "object": obj, "choices": [], "usage": _usage(streams[::n], sum(counts))})
+            yield "data: [DONE]\n\n"
+        except MuxError as e:
+            yield _event({"error": {"message": str(e), "type": "InternalServerError", "param": None, "code": 500}})
+            yield "data: [DONE]\n\n"
+        finally:  # client gone or done: cancel whatever still runs (frees KV and adapter pins)
+            for s in streams:
+                if not s.finished:
+                    s.cancel()
+
+
+def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:
+    prompt = sum(len(s.prompt_ids) for s in first_of_each_prompt)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return replace(params, seed=seed)
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,174 @@
+"""A real `mux serve` (uvicorn on loopback) driven by the real openai SDK; outputs equal the engine's."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import make_engine
+from mux.engine.sequence import SamplingParams
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_adapters):
+    root = tmp_path_factory.mktemp("adapters")
+    for tenant, name, src in [("acme", "attn", "r4-attn"), ("acme", "all", "r16-all"), ("beta", "mlp", "r8-mlp")]:
+        shutil.copytree(tiny_adapters[src], root / tenant / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, repo):
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mux.cli",
+        "serve",
+        "--model",
+        str(tiny_dir),
+        "--served-model-name",
+        "tiny",
+        "--adapter-dir",
+        str(repo),
+        "--port",
+        str(port),
+        "--max-loras",
+        "2",
+        "--kv-cache-bytes",
+        str(64 << 20),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not become ready: {proc.stdout.read()}")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
+
+
+def expected(engine, repo, prompt, adapter, max_tokens=8):
+    path = repo / adapter if adapter else None
+    return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0), [path])[0]
+
+
+def test_models_lists_base_and_adapters(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"tiny", "acme/attn", "acme/all", "beta/mlp"}
+    assert models["acme/attn"].model_extra["parent"] == "tiny"
+
+
+def test_completion_equals_engine(client, engine, repo):
+    for model, adapter in [("tiny", None), ("acme/attn", "acme/attn"), ("beta/mlp", "beta/mlp")]:
+        r = client.completions.create(model=model, prompt="Hello world", max_tokens=8, temperature=0)
+        ref = expected(engine, repo, "Hello world", adapter)
+        assert r.choices[0].text == ref.text and r.model == model
+        assert r.usage.completion_tokens == len(ref.token_ids)
+        assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+def test_streaming_completion(client, engine, repo):
+    chunks = list(
+        client.completions.create(
+            model="acme/all",
+            prompt="Hello world",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == expected(engine, repo, "Hello world", "acme/all").text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_and_chat_stream(client, engine, repo):
+    messages = [{"role": "user", "content": "Say hi"}]
+    r = client.chat.completions.create(model="acme/attn", messages=messages, max_tokens=6, temperature=0)
+    tok = engine.tokenizer
+    ids = tok(
+        tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    ).input_ids
+    ref = expected(engine, repo, ids, "acme/attn", max_tokens=6)
+    assert r.choices[0].message.content == ref.text and r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="acme/attn", messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.text
+
+
+def test_unknown_model_is_404_never_base(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="acme/nope", prompt="Hi", max_tokens=2)
+    assert "does not exist" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="../../etc", prompt="Hi", max_tokens=2)
+
+
+def test_bad_requests_are_400(client, server):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=100000)
+    req = urllib.request.Request(f"{server}/v1/completions", data=b"{nope", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())
+
+
+def test_several_adapters_concurrently(client, engine, repo):
+    jobs = [
+        ("acme/attn", "Hello world"),
+        ("beta/mlp", "Hello world"),
+        ("acme/all", "Hello world"),
+        ("tiny", "Hello world"),
+    ] * 3  # more adapters than the server's 2 slots
+
+    def call(job):
+        model, prompt = job
+        return client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(call, jobs))
+    for (model, prompt), text in zip(jobs, texts, strict=True):
+        assert text == expected(engine, repo, prompt, None if model == "tiny" else model).text
