@@ -30,9 +30,18 @@ class ModelConfig:
 class LoRAConfig:
     max_loras: int = 16  # device slots: distinct adapters in one forward pass
     max_lora_rank: int = 16
+    max_cpu_loras: int = 1024  # host tier, count bound
+    max_cpu_adapter_bytes: int = 2 << 30  # host tier, byte bound
+    eviction_policy: str = "lru"  # lru | lfu | cost (mux/lora/policies/)
+    async_loading: bool = True  # disk→host→device copies on a loader thread while the engine steps
 
     def __post_init__(self) -> None:
-        _positive(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
+        _positive(
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
+            max_cpu_adapter_bytes=self.max_cpu_adapter_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)

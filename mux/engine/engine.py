@@ -24,9 +24,8 @@ from mux.engine.scheduler import Scheduler, SchedulerOutput
 from mux.engine.sequence import SamplingParams, Sequence
 from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.errors import InvalidRequest, Overloaded
-from mux.lora.adapter import LoRAWeights, adapter_key, load_adapter
 from mux.lora.layers import MultiLoRAModel
-from mux.lora.slots import SlotTable
+from mux.lora.manager import AdapterManager, AdapterRef
 from mux.model.loader import BaseModel, load_base_model
 
 log = logging.getLogger(__name__)
@@ -43,14 +42,12 @@ class Engine:
         self.lora = MultiLoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank)
         self.cache = KVCache.for_model(model.config, config.cache, model.dtype, next(model.parameters()).device)
         self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
-        self.slots = SlotTable(config.lora.max_loras)
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.slots)
+        self.adapters = AdapterManager(self.lora, config.lora)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         self.runner = ModelRunner(model, self.lora, self.cache)
         self.sampler = Sampler()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("cancel", request_id)
         self._seqs: dict[str, Sequence] = {}  # request_id -> live sequence (engine thread only)
-        self._adapters: dict[Path, LoRAWeights] = {}  # host copies, by directory
-        self._adapters_lock = threading.Lock()
         self._step_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,18 +59,21 @@ class Engine:
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
-        adapter: str | Path | LoRAWeights | None = None,
+        adapter: str | Path | AdapterRef | None = None,
         request_id: str | None = None,
     ) -> RequestStream:
-        """Queue one generation. Raises InvalidRequest/InvalidAdapter/Overloaded before anything is queued."""
+        """Queue one generation. Raises InvalidRequest/InvalidAdapter/Overloaded before anything is queued.
+
+        `adapter` is a PEFT adapter directory (validated now, on the caller's thread) or a prepared AdapterRef.
+        """
         params = params or SamplingParams()
         prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         self._check_request(prompt_ids, params)
-        weights = self.load_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
+        ref = self.adapters.prepare(adapter) if isinstance(adapter, (str, Path)) else adapter
         request_id = request_id or f"req-{next(_request_ids)}"
-        seq = Sequence(prompt_ids, params, weights, request_id)
+        seq = Sequence(prompt_ids, params, ref, request_id)
         seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
-        seq.stream = RequestStream(request_id, prompt_ids, weights and str(weights.path), self.cancel, self._pump)
+        seq.stream = RequestStream(request_id, prompt_ids, ref and str(ref.path), self.cancel, self._pump)
         self._inbox.put(("add", seq))
         self._wake.set()
         return seq.stream
@@ -94,17 +94,9 @@ class Engine:
         self._inbox.put(("cancel", request_id))
         self._wake.set()
 
-    def load_adapter(self, path: str | Path) -> LoRAWeights:
-        """Read + validate an adapter into host memory (cached; a rewritten directory is read again)."""
-        path = Path(path)
-        with self._adapters_lock:
-            cached = self._adapters.get(path)
-        if cached is not None and cached.key == adapter_key(path):
-            return cached
-        weights = load_adapter(path, self.lora.shapes, self.config.lora.max_lora_rank, self.base.model.dtype)
-        with self._adapters_lock:
-            self._adapters[path] = weights
-        return weights
+    def prepare_adapter(self, path: str | Path) -> AdapterRef:
+        """Validate an adapter directory (reading it into the host tier); blocking, so call it off the loop."""
+        return self.adapters.prepare(path)
 
     def start(self) -> None:
         if self._thread is None:
@@ -132,11 +124,10 @@ class Engine:
         """One engine iteration. Returns False when there was nothing to do."""
         with self._step_lock:
             self._drain_inbox()
+            self._fail_broken_adapters()
             out = self.scheduler.schedule()
-            for seq in out.loads:
-                self.lora.load(seq.slot, seq.adapter)
-            if not out.scheduled:
-                return bool(out.preempted)
+            if not out.scheduled:  # idle, or waiting on adapter loads: give the loader a moment
+                return self.adapters.wait_for_load(0.01) or bool(out.preempted)
             try:
                 logits = self.runner.run(out.scheduled)
             except Exception as e:  # a failed step fails its sequences, never the engine
@@ -147,6 +138,14 @@ class Engine:
             self._postprocess(out, logits)
             self.num_steps += 1
             return True
+
+    def _fail_broken_adapters(self) -> None:
+        if not self.adapters.failures:
+            return
+        failures, self.adapters.failures = self.adapters.failures, {}
+        for seq in list(self.scheduler.waiting):
+            if seq.adapter is not None and seq.adapter.key in failures:
+                self._finish(seq, "error", error=failures[seq.adapter.key])
 
     def _loop(self) -> None:
         while not self._stopping:

@@ -3,18 +3,31 @@
 Iteration-level: sequences join between steps and leave when done. A step's token budget is shared by
 decodes (1 token each) and prefill chunks; KV blocks are allocated as tokens arrive, and when the cache
 is full the newest running sequence is preempted (its KV freed, recomputed later). Every running sequence
-holds a pinned LoRA slot, so one step never carries more distinct adapters than there are slots.
+holds a pinned LoRA slot, so one step never carries more distinct adapters than there are slots. A waiting
+sequence reserves (pins) its slot when it gets one; the manager loads the adapter meanwhile and the sequence
+is admitted once it is ready, while sequences whose adapters are resident go ahead.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from mux.config import SchedulerConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.sequence import Sequence, Status
-from mux.lora.slots import SlotTable
+
+if TYPE_CHECKING:
+    from mux.lora.manager import AdapterRef
+
+
+class Adapters(Protocol):
+    """What the scheduler needs of the adapter manager."""
+
+    def acquire(self, ref: AdapterRef) -> int | None: ...
+    def is_ready(self, key: str) -> bool: ...
+    def release(self, key: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -27,7 +40,6 @@ class Scheduled:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[Scheduled] = field(default_factory=list)
-    loads: list[Sequence] = field(default_factory=list)  # sequences whose adapter must be copied into seq.slot
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -36,10 +48,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, slots: SlotTable) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: Adapters) -> None:
         self.config = config
         self.blocks = blocks
-        self.slots = slots
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -78,23 +90,22 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            key = seq.adapter_key
-            if key is not None and not self.slots.can_acquire(key):
-                # Every slot is pinned: skip to requests whose adapter is resident, unless this one has
-                # waited too long, in which case admission stops until running sequences free a slot.
-                seq.waited_steps += 1
-                if seq.waited_steps > self.config.starvation_steps:
-                    break
-                continue
+            if seq.adapter is not None:
+                if seq.slot < 0 and (slot := self.adapters.acquire(seq.adapter)) is not None:
+                    seq.slot = slot
+                if seq.slot < 0:
+                    # Every slot is pinned: skip to requests whose adapter is resident, unless this one has
+                    # waited too long, in which case admission stops until running sequences free a slot.
+                    seq.waited_steps += 1
+                    if seq.waited_steps > self.config.starvation_steps:
+                        break
+                    continue
+                if not self.adapters.is_ready(seq.adapter.key):
+                    continue  # its slot is loading; others go ahead
             n = min(seq.num_pending, budget)
             if not self.blocks.can_allocate(seq, n):
                 break  # FCFS on KV space so long prompts are not starved by short ones
             self.waiting.remove(seq)
-            if key is not None:
-                acquired = self.slots.acquire(key)
-                seq.slot = acquired.slot
-                if acquired.needs_load:
-                    out.loads.append(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.blocks.allocate(seq, n)
@@ -106,9 +117,9 @@ class Scheduler:
         """Take `seq` out of the scheduler for good: free its KV blocks and its adapter pin."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self._release(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        self._release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -120,6 +131,6 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq)
-        if seq.adapter_key is not None and seq.slot >= 0:
-            self.slots.release(seq.adapter_key)
+        if seq.adapter is not None and seq.slot >= 0:
+            self.adapters.release(seq.adapter.key)
         seq.slot = -1

@@ -13,7 +13,7 @@ from mux.errors import InvalidRequest
 if TYPE_CHECKING:
     from mux.engine.detokenizer import Detokenizer
     from mux.engine.stream import RequestStream
-    from mux.lora.adapter import LoRAWeights
+    from mux.lora.manager import AdapterRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,7 @@ class Sequence:
 
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: LoRAWeights | None = None
+    adapter: AdapterRef | None = None
     request_id: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
@@ -73,15 +73,11 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
-    slot: int = -1  # device LoRA slot while running; -1 = base model
+    slot: int = -1  # device LoRA slot, pinned from reservation until finish/preemption; -1 = none
     finish_reason: str | None = None  # length | stop | eos | cancelled | error
     waited_steps: int = 0
     stream: RequestStream | None = None
     detok: Detokenizer | None = None
-
-    @property
-    def adapter_key(self) -> str | None:
-        return self.adapter.key if self.adapter is not None else None
 
     @property
     def num_tokens(self) -> int:

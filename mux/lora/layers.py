@@ -68,6 +68,8 @@ class MultiLoRAModel:
             setattr(model.get_submodule(parent_name), child, layer)
             self.layers[name] = layer
         self.shapes = {n: ModuleShape(m.in_features, m.out_features) for n, m in self.layers.items()}
+        weight = next(iter(self.layers.values())).base.weight
+        self.dtype, self.device = weight.dtype, weight.device
 
     def load(self, slot: int, weights: LoRAWeights) -> None:
         for name, layer in self.layers.items():

@@ -177,7 +177,7 @@ class OpenAIRoutes:
         adapter = None
         if model != self.state.base_name:
             path = self.state.repository.path(model)
-            adapter = await run_in_threadpool(self.state.engine.load_adapter, path)
+            adapter = await run_in_threadpool(self.state.engine.prepare_adapter, path)
         streams = []
         try:
             for prompt in prompts:

@@ -22,7 +22,7 @@ def engine(tiny_dir):
 def idle(engine) -> bool:
     return (
         engine.blocks.num_free == engine.blocks.num_blocks
-        and engine.slots.num_pinned == 0
+        and engine.adapters.num_pinned == 0
         and not engine.scheduler.has_work()
     )
 
@@ -87,7 +87,7 @@ def test_cancel_frees_kv_and_adapter_pin(engine, tiny_adapters):
     )
     for _ in range(3):
         engine.step()
-    assert engine.slots.num_pinned == 1 and engine.blocks.num_free < engine.blocks.num_blocks
+    assert engine.adapters.num_pinned == 1 and engine.blocks.num_free < engine.blocks.num_blocks
     stream.cancel()
     engine.step()
     assert idle(engine)

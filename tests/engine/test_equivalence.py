@@ -58,7 +58,7 @@ def test_mixed_batch_matches_peft_per_request(tiny_dir, tiny_adapters):
     outs = engine.generate(prompts, GREEDY, adapters)
     for out, adapter in zip(outs, adapters, strict=True):
         check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
-    assert engine.slots.num_pinned == 0 and engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.adapters.num_pinned == 0 and engine.blocks.num_free == engine.blocks.num_blocks
 
 
 def test_batch_invariance_alone_batched_and_mid_flight(tiny_dir, tiny_adapters):
@@ -110,7 +110,7 @@ def test_slot_reuse_leaves_no_trace(tiny_dir, tiny_adapters):
     x, y = tiny_adapters["r4-attn"], tiny_adapters["r16-all"]
     fresh = make_engine(tiny_dir, max_loras=1, max_lora_rank=16).generate([PROMPTS[0]], GREEDY, [x])[0]
     engine.generate([PROMPTS[0]], GREEDY, [y])
-    assert engine.slots.slot_of  # y resident
+    assert engine.adapters.resident()  # y resident
     seen = record_logits(engine)
     reused = engine.generate([PROMPTS[0]], GREEDY, [x])[0]
     assert reused.token_ids == fresh.token_ids

@@ -8,7 +8,6 @@ from mux.config import SchedulerConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.scheduler import Scheduler
 from mux.engine.sequence import SamplingParams, Sequence, Status
-from mux.lora.slots import SlotTable
 
 
 @dataclass
@@ -16,9 +15,46 @@ class FakeAdapter:
     key: str
 
 
+class FakeAdapters:
+    """Slots with pins and LRU reuse, loads finishing at once unless `loading` names the key."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.slot_of: dict[str, int] = {}
+        self.refs: dict[str, int] = {}
+        self.loading: set[str] = set()
+
+    def acquire(self, ref) -> int | None:
+        if ref.key not in self.slot_of:
+            used = set(self.slot_of.values())
+            free = [s for s in range(self.num_slots) if s not in used]
+            idle = [k for k, n in self.refs.items() if n == 0]
+            if free:
+                slot = free[0]
+            elif idle:
+                slot = self.slot_of.pop(idle[0])
+                del self.refs[idle[0]]
+            else:
+                return None
+            self.slot_of[ref.key] = slot
+            self.refs[ref.key] = 0
+        self.refs[ref.key] += 1
+        return self.slot_of[ref.key]
+
+    def is_ready(self, key: str) -> bool:
+        return key not in self.loading
+
+    def release(self, key: str) -> None:
+        self.refs[key] -= 1
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for n in self.refs.values() if n)
+
+
 def make(num_blocks=64, block_size=4, slots=2, **cfg):
     blocks = BlockManager(num_blocks, block_size)
-    table = SlotTable(slots)
+    table = FakeAdapters(slots)
     return Scheduler(SchedulerConfig(**cfg), blocks, table), blocks, table
 
 
@@ -95,7 +131,7 @@ def test_distinct_adapters_never_exceed_slots_and_resident_ones_skip_ahead():
     out = run_step(sched)
     admitted = [s.seq for s in out.scheduled]
     assert admitted == [seqs[0], seqs[1], seqs[3]]  # z waits; the second x request does not wait behind it
-    assert len({s.adapter_key for s in admitted}) <= 2 and seqs[2].status is Status.WAITING
+    assert len({s.adapter.key for s in admitted}) <= 2 and seqs[2].status is Status.WAITING
     sched.finish(seqs[1], "length")
     out = run_step(sched)
     assert seqs[2] in [s.seq for s in out.scheduled] and table.slot_of["z"] == 1
@@ -115,6 +151,31 @@ def test_starved_request_blocks_admission_until_a_slot_frees():
     sched.finish(hot[0], "length")
     out = run_step(sched)
     assert cold in [s.seq for s in out.scheduled]
+
+
+def test_loading_adapter_waits_while_others_go_ahead():
+    sched, _, table = make(slots=2)
+    cold, warm = seq(adapter="cold"), seq(adapter="warm")
+    table.loading.add("cold")
+    sched.add(cold)
+    sched.add(warm)
+    out = run_step(sched)
+    assert [s.seq for s in out.scheduled] == [warm]
+    assert cold.slot >= 0 and table.refs["cold"] == 1  # its slot is reserved (pinned) while it loads
+    table.loading.clear()
+    out = run_step(sched)
+    assert cold in [s.seq for s in out.scheduled]
+
+
+def test_cancel_while_waiting_releases_the_reserved_slot():
+    sched, _, table = make(slots=1)
+    a = seq(adapter="x")
+    table.loading.add("x")
+    sched.add(a)
+    run_step(sched)
+    assert table.num_pinned == 1
+    sched.finish(a, "cancelled")
+    assert table.num_pinned == 0
 
 
 def test_finish_waiting_and_running_frees_everything():

@@ -158,10 +158,10 @@ CASES = {
 def test_refused_with_reason_and_engine_still_serves(engine, good, case):
     breaker, reason = CASES[case]
     bad = breaker(good)
-    before = (dict(engine.slots.slot_of), engine.blocks.num_free)
+    before = (engine.adapters.resident(), engine.blocks.num_free)
     with pytest.raises(InvalidAdapter, match=reason):
         engine.submit("Hello", GREEDY, bad)
-    assert (dict(engine.slots.slot_of), engine.blocks.num_free) == before  # nothing touched
+    assert (engine.adapters.resident(), engine.blocks.num_free) == before  # nothing touched
     assert engine.generate(["Hello"], GREEDY)[0].finish_reason == "length"
 
 
