@@ -82,3 +82,70 @@ def save(name: str, data: dict, table: str) -> Path:
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     return RESULTS / f"{stem}.json"
+
+
+def write_random_adapter(
+    base_dir: Path,
+    out: Path,
+    r: int = 8,
+    alpha: float = 16,
+    targets=ALL,
+    seed: int = 0,
+    std: float = 0.1,
+    dtype=torch.float32,
+    use_rslora: bool = False,
+) -> Path:
+    """A PEFT-format LoRA adapter written directly (no model load): milliseconds, for hundreds of adapters."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_dir)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = {
+        "q_proj": (h, cfg.num_attention_heads * head_dim),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (cfg.num_attention_heads * head_dim, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+    parent = {
+        "q_proj": "self_attn",
+        "k_proj": "self_attn",
+        "v_proj": "self_attn",
+        "o_proj": "self_attn",
+        "gate_proj": "mlp",
+        "up_proj": "mlp",
+        "down_proj": "mlp",
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_hidden_layers):
+        for t in targets:
+            fan_in, fan_out = shapes[t]
+            prefix = f"base_model.model.model.layers.{layer}.{parent[t]}.{t}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(r, fan_in, generator=gen) * std).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, r, generator=gen) * std).to(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_dir),
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

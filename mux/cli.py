@@ -22,8 +22,10 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+    from mux.config import CacheConfig, EngineConfig, ModelConfig
     from mux.engine.engine import Engine
+    from mux.errors import MuxError
+    from mux.policy import load_policy
     from mux.server.app import ServerState, create_app
 
     if not _is_loopback(args.host) and not args.insecure:
@@ -31,12 +33,23 @@ def serve(args: argparse.Namespace) -> int:
             f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly", file=sys.stderr
         )
         return 2
+    try:
+        policy = load_policy(
+            args.policy,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_adapter_bytes=args.max_cpu_adapter_bytes,
+        )
+    except MuxError as e:
+        print(f"mux: {e}", file=sys.stderr)
+        return 2
     config = EngineConfig(
         model=ModelConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype),
-        lora=LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+        lora=policy.lora,
         cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
+        scheduler=policy.scheduler,
     )
-    state = ServerState(lambda: Engine(config), Path(args.adapter_dir))
+    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned)
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "
@@ -56,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--adapter-dir", default=str(REPO_ADAPTERS))
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-loras", type=int, default=16)
-    s.add_argument("--max-lora-rank", type=int, default=16)
+    s.add_argument("--policy", default=None, help="policy file (TOML; default policies/default.toml)")
+    s.add_argument("--max-loras", type=int, default=None, help="device slots (overrides the policy)")
+    s.add_argument("--max-lora-rank", type=int, default=None)
+    s.add_argument("--max-cpu-adapter-bytes", type=int, default=None, help="host tier byte bound")
     s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     s.add_argument("--dtype", default="auto")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")

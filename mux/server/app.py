@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class ServerState:
     """What the routes share. `engine` is None until the model has loaded."""
 
-    def __init__(self, make_engine: Callable[[], Engine], adapter_dir: Path) -> None:
+    def __init__(self, make_engine: Callable[[], Engine], adapter_dir: Path, pinned: tuple[str, ...] = ()) -> None:
         self.make_engine = make_engine
+        self.pinned = pinned
         self.repository = AdapterRepository(adapter_dir)
         self.engine: Engine | None = None
         self.load_error: str | None = None
@@ -36,8 +37,11 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            self.engine = self.make_engine()
-            self.engine.start()
+            engine = self.make_engine()
+            for adapter_id in self.pinned:  # policy file: keep these in device slots
+                engine.adapters.pin(self.repository.path(adapter_id))
+            engine.start()
+            self.engine = engine
             log.info(
                 "ready: %s with %d adapters in %s", self.base_name, len(self.repository.ids()), self.repository.root
             )

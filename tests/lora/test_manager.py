@@ -1,0 +1,166 @@
+"""Adapter memory manager: a stateful property test over more adapters than slots, and async loading."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from transformers import AutoModelForCausalLM
+
+from mux.config import LoRAConfig
+from mux.lora.adapter import load_adapter
+from mux.lora.layers import MultiLoRAModel
+from mux.lora.manager import AdapterManager
+
+SLOTS = 3
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_dir):
+    return MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), SLOTS, 16)
+
+
+@pytest.fixture(scope="module")
+def reference_weights(lora_model, tiny_adapters):
+    return {n: load_adapter(p, lora_model.shapes, 16) for n, p in tiny_adapters.items()}
+
+
+def make_manager(lora_model, host_bytes, policy="lru", async_loading=False, host_count=1024):
+    cfg = LoRAConfig(
+        max_loras=SLOTS,
+        max_lora_rank=16,
+        max_cpu_adapter_bytes=host_bytes,
+        max_cpu_loras=host_count,
+        eviction_policy=policy,
+        async_loading=async_loading,
+    )
+    return AdapterManager(lora_model, cfg)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cost"])
+def test_random_use_keeps_invariants(lora_model, tiny_adapters, reference_weights, policy):
+    names = sorted(tiny_adapters)
+    sizes = sorted(w.nbytes for w in reference_weights.values())
+
+    class Machine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.m = make_manager(lora_model, host_bytes=sizes[-1] + sizes[-2], policy=policy, host_count=3)
+            self.refs = {}
+            self.pins = {}  # name -> count of our acquires
+            self.pinned_slot = {}  # name -> slot it had when first pinned
+            self.permanent = set()
+
+        def ref(self, name):
+            if name not in self.refs:
+                self.refs[name] = self.m.prepare(tiny_adapters[name])
+            return self.refs[name]
+
+        @rule(i=st.integers(0, len(names) - 1))
+        def acquire(self, i):
+            name = names[i]
+            slot = self.m.acquire(self.ref(name))
+            if slot is None:  # only when every slot is pinned
+                assert self.m.num_pinned == SLOTS
+                return
+            if name in self.pinned_slot:
+                assert self.pinned_slot[name] == slot
+            self.pinned_slot.setdefault(name, slot)
+            self.pins[name] = self.pins.get(name, 0) + 1
+
+        @precondition(lambda self: any(self.pins.values()))
+        @rule(data=st.data())
+        def release(self, data):
+            name = data.draw(st.sampled_from(sorted(n for n, c in self.pins.items() if c)))
+            self.m.release(self.ref(name).key)
+            self.pins[name] -= 1
+            if not self.pins[name] and name not in self.permanent:
+                del self.pinned_slot[name]
+
+        @rule(i=st.integers(0, len(names) - 1))
+        def evict(self, i):
+            name = names[i]
+            key = self.ref(name).key
+            pinned = self.pins.get(name) or name in self.permanent
+            resident = key in self.m.resident()
+            assert self.m.evict(key) == (resident and not pinned)
+
+        @rule(i=st.integers(0, len(names) - 1))
+        def pin_permanently(self, i):
+            name = names[i]
+            if name in self.permanent or (self.m.num_pinned == SLOTS and self.ref(name).key not in self.m.resident()):
+                return
+            self.m.pin(tiny_adapters[name])
+            self.permanent.add(name)
+            self.pinned_slot.setdefault(name, self.m.resident()[self.ref(name).key])
+
+        @precondition(lambda self: self.permanent)
+        @rule(data=st.data())
+        def unpin(self, data):
+            name = data.draw(st.sampled_from(sorted(self.permanent)))
+            assert self.m.unpin(self.ref(name).key)
+            self.permanent.discard(name)
+            if not self.pins.get(name):
+                del self.pinned_slot[name]
+
+        @invariant()
+        def consistent(self):
+            resident = self.m.resident()
+            assert len(set(resident.values())) == len(resident) <= SLOTS  # no slot holds two adapters
+            assert all(0 <= s < SLOTS for s in resident.values())
+            for name, slot in self.pinned_slot.items():  # pinned: never evicted, never moved
+                assert resident[self.refs[name].key] == slot
+            for name, ref in self.refs.items():  # what a slot holds is exactly its adapter
+                if ref.key in resident:
+                    slot = resident[ref.key]
+                    for module, (a, b) in list(reference_weights[name].modules.items())[:2]:
+                        layer = lora_model.layers[module]
+                        assert torch.equal(layer.lora_a[slot, : a.shape[0]], a)
+                        assert torch.equal(layer.lora_b[slot, : b.shape[0]], b)
+            host = self.m.host
+            assert host.currsize == sum(w.nbytes for w in host.values()) <= host.maxsize and len(host) <= 3
+            stats = self.m.stats()
+            assert stats["tiers"]["device"]["used"] == len(resident)
+            assert len(self.m.free_slots) + len(resident) == SLOTS
+            c = stats["counters"]  # every slot fill is either still resident or was evicted
+            assert c["loads"]["host_to_device"] == len(resident) + c["evictions"]["device_to_host"]
+            assert c["loads"]["disk_to_host"] == c["misses"]
+
+        def teardown(self):
+            for name in list(self.permanent):
+                self.m.unpin(self.refs[name].key)
+            for name, count in self.pins.items():
+                for _ in range(count):
+                    self.m.release(self.refs[name].key)
+            assert self.m.num_pinned == 0  # no leaked pins
+
+    Machine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+    Machine.TestCase().runTest()
+
+
+def test_async_loading_does_not_block_and_becomes_ready(lora_model, tiny_adapters):
+    m = make_manager(lora_model, host_bytes=1 << 30, async_loading=True)
+    refs = [m.prepare(p) for p in list(tiny_adapters.values())[:SLOTS]]
+    t = time.perf_counter()
+    slots = [m.acquire(r) for r in refs]
+    assert time.perf_counter() - t < 0.5 and None not in slots
+    deadline = time.time() + 10
+    while not all(m.is_ready(r.key) for r in refs) and time.time() < deadline:
+        m.wait_for_load(0.05)
+    assert all(m.is_ready(r.key) for r in refs)
+    assert m.stats()["counters"]["loads"]["host_to_device"] == SLOTS
+
+
+def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, tmp_path):
+    import shutil
+
+    path = shutil.copytree(tiny_adapters["r4-attn"], tmp_path / "a")
+    m = make_manager(lora_model, host_bytes=1, async_loading=False)  # host tier too small: load reads disk
+    ref = m.prepare(path)
+    (path / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert m.acquire(ref) is not None
+    assert ref.key not in m.resident() and ref.key in m.failures and len(m.free_slots) == SLOTS

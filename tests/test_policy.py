@@ -1,0 +1,48 @@
+"""The policy file: defaults, overrides, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import pytest
+
+from mux.errors import MuxError
+from mux.policy import DEFAULT_POLICY, load_policy
+
+
+def test_default_policy_file_loads():
+    p = load_policy()
+    assert DEFAULT_POLICY.is_file()
+    assert p.lora.eviction_policy == "lru" and p.lora.max_loras == 16 and p.pinned == ()
+
+
+def test_values_and_overrides(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text(
+        '[eviction]\npolicy = "cost"\n[tiers]\nmax_loras = 4\nmax_cpu_adapter_bytes = 1000\n'
+        '[scheduler]\nmax_num_seqs = 8\n[pinned]\nadapters = ["acme/a"]\n'
+    )
+    p = load_policy(f, max_loras=None, max_cpu_adapter_bytes=5000)
+    assert (p.lora.eviction_policy, p.lora.max_loras, p.lora.max_cpu_adapter_bytes) == ("cost", 4, 5000)
+    assert p.scheduler.max_num_seqs == 8 and p.pinned == ("acme/a",)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('[eviction]\npolicy = "fifo"\n', "unknown eviction policy"),
+        ("[tiers]\nmax_slots = 3\n", "max_slots"),
+        ("[tiers]\nmax_loras = 0\n", "max_loras"),
+        ("[admin]\nkeys = []\n", "admin"),
+        ("not toml [", "policy file"),
+        ('[pinned]\nadapters = "x"\n', "list"),
+    ],
+)
+def test_bad_policy_files_are_refused(tmp_path, text, match):
+    f = tmp_path / "p.toml"
+    f.write_text(text)
+    with pytest.raises(MuxError, match=match):
+        load_policy(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MuxError, match="does not exist"):
+        load_policy(tmp_path / "nope.toml")
