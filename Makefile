@@ -31,7 +31,9 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: install
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.adapter_scaling
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

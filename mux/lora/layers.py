@@ -45,12 +45,13 @@ class MultiLoRALinear(nn.Module):
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """a [r, in], b [r, out] (scale folded in), or None for "this adapter does not target me"."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if a is not None:
-            r = a.shape[0]
-            self.lora_a[slot, :r, :].copy_(a, non_blocking=True)
-            self.lora_b[slot, :r, :].copy_(b, non_blocking=True)
+        r = 0 if a is None else a.shape[0]
+        if r:
+            self.lora_a[slot, :r].copy_(a, non_blocking=True)
+            self.lora_b[slot, :r].copy_(b, non_blocking=True)
+        if r < self.lora_a.shape[1]:  # rank padding (and untargeted modules) must be exact zeros
+            self.lora_a[slot, r:].zero_()
+            self.lora_b[slot, r:].zero_()
 
 
 class MultiLoRAModel:

@@ -86,3 +86,33 @@ def test_200_adapters_4_slots_concurrent(tiny_dir, many):
     assert engine.adapters.num_pinned == 0 and engine.blocks.num_free == engine.blocks.num_blocks
     assert {a["tier"] for a in stats["adapters"]} <= {"device", "host", "disk"}
     assert sum(a["uses"] for a in stats["adapters"]) == len(jobs) - len(PROMPTS)
+
+
+def test_cold_adapter_is_admitted_within_bounded_steps_under_a_hot_flood(tiny_dir, many):
+    """A hot set larger than the slot pool keeps every slot busy; a cold request still gets in, boundedly."""
+    from mux.config import SchedulerConfig
+
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(model=str(tiny_dir)),
+            lora=LoRAConfig(max_loras=2, max_lora_rank=8, async_loading=False),
+            scheduler=SchedulerConfig(starvation_steps=8),
+            cache=CacheConfig(kv_cache_bytes=16 << 20),
+        )
+    )
+    hot = many[:3]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    flood = [engine.submit("Hello", params, hot[i % 3]) for i in range(6)]
+    engine.step()
+    cold = engine.submit("Hello", params, many[100])
+    steps = 0
+    while not cold.finished:
+        flood += [engine.submit("Hello", params, hot[steps % 3])]  # one more hot request every step
+        engine.step()
+        steps += 1
+        assert steps < 60, "cold request starved"
+    for s in flood:
+        s.cancel()
+    while engine.step():
+        pass
+    assert engine.adapters.num_pinned == 0

@@ -1,0 +1,264 @@
+"""Adapter scaling on SmolLM2: throughput and TTFT as the number of distinct adapters in the traffic grows.
+
+One process, one run: for populations of 1..1000 rank-8 adapters (Zipf α=1 and uniform traffic, 16 device
+slots) it measures tokens/s and TTFT p50/p99; cold loads (disk→host, host→device) next to the raw cost of the
+same bytes (safetensors read, memcpy); and each eviction policy's hit rates on the same traces.
+Run: python -m bench.adapter_scaling [--requests 192 --new-tokens 8 --quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from bench.common import RESULTS, machine, prompts, save, write_random_adapter
+from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+from mux.engine.engine import Engine
+from mux.engine.sequence import SamplingParams
+from mux.lora.adapter import load_adapter
+from mux.lora.policies import POLICIES, make_policy
+from mux.model.loader import default_model_dir
+
+POPULATIONS = (1, 8, 32, 128, 512, 1000)
+SLOTS = 16
+HOST_COUNT = 64
+
+
+def trace(n_requests: int, population: int, dist: str, seed: int = 0) -> list[int]:
+    rnd = random.Random(seed)
+    if dist == "uniform":
+        return [rnd.randrange(population) for _ in range(n_requests)]
+    weights = [1 / (i + 1) for i in range(population)]  # Zipf, α = 1
+    return rnd.choices(range(population), weights=weights, k=n_requests)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def run_traffic(engine, texts, adapter_paths, new_tokens, concurrency) -> dict:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    sem = asyncio.Semaphore(concurrency)
+    ttft: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def one(text, path):
+        async with sem:
+            ref = await loop.run_in_executor(None, engine.prepare_adapter, path) if path else None
+            t0 = time.perf_counter()
+            first = None
+            async for ev in engine.submit(text, params, ref):
+                if first is None and ev.token_id is not None:
+                    first = time.perf_counter() - t0
+            ttft.append(first)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(x, p) for x, p in zip(texts, adapter_paths, strict=True)))
+    elapsed = time.perf_counter() - t
+    return {
+        "tokens_per_s": len(texts) * new_tokens / elapsed,
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "seconds": elapsed,
+    }
+
+
+def simulate_hit_rates(ids: list[int], sizes: dict[int, int]) -> dict:
+    """Replay one trace through a device tier (SLOTS) over a host tier (HOST_COUNT), unpinned, per policy."""
+    out = {}
+    for name in POLICIES:
+        device, host = make_policy(name, "device"), make_policy(name, "host")
+        in_device: set[int] = set()
+        in_host: set[int] = set()
+        hits = {"device": 0, "host": 0, "disk": 0}
+        for i in ids:
+            key = str(i)
+            tier = "device" if i in in_device else "host" if i in in_host else "disk"
+            hits[tier] += 1
+            if tier != "device":
+                if len(in_device) >= SLOTS:
+                    in_device.discard(int(device.victim(str(k) for k in in_device)))
+                in_device.add(i)
+                if tier == "disk":
+                    if len(in_host) >= HOST_COUNT:
+                        in_host.discard(int(host.victim(str(k) for k in in_host)))
+                    in_host.add(i)
+            device.record_use(key, sizes[i])
+            host.record_use(key, sizes[i])
+        out[name] = {t: n / len(ids) for t, n in hits.items()}
+    return out
+
+
+def cold_loads(engine, paths: list[Path]) -> dict:
+    """Per adapter: disk→host and host→device through the manager, next to a raw read and a raw memcpy."""
+    rows = []
+    lora = engine.lora
+    for path in paths:
+        t = time.perf_counter()
+        weights = load_adapter(path, lora.shapes, engine.config.lora.max_lora_rank, lora.dtype)
+        disk_to_host = time.perf_counter() - t
+        t = time.perf_counter()
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+            raw = [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+        raw_read = time.perf_counter() - t
+        t = time.perf_counter()
+        lora.load(SLOTS - 1, weights)
+        host_to_device = time.perf_counter() - t
+        src = [a for a, _ in weights.modules.values()] + [b for _, b in weights.modules.values()]
+        dst = [torch.empty_like(x) for x in src]
+        t = time.perf_counter()
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+        memcpy = time.perf_counter() - t
+        rows.append(
+            {
+                "bytes": weights.nbytes,
+                "disk_to_host_s": disk_to_host,
+                "raw_read_s": raw_read,
+                "host_to_device_s": host_to_device,
+                "memcpy_s": memcpy,
+            }
+        )
+        del raw
+    lora.clear(SLOTS - 1)
+    med = {k: percentile([r[k] for r in rows], 0.5) for k in rows[0]}
+    med["host_to_device_vs_memcpy"] = med["host_to_device_s"] / med["memcpy_s"]
+    med["disk_to_host_vs_raw_read"] = med["disk_to_host_s"] / med["raw_read_s"]
+    return med
+
+
+def plot(results: dict, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for dist, runs in results["traffic"].items():
+        pops = [r["population"] for r in runs]
+        ax1.plot(pops, [r["tokens_per_s"] for r in runs], marker="o", label=dist)
+        ax2.plot(pops, [r["ttft_p50_s"] for r in runs], marker="o", label=f"{dist} p50")
+        ax2.plot(pops, [r["ttft_p99_s"] for r in runs], marker="x", linestyle="--", label=f"{dist} p99")
+    for ax, title, unit in [(ax1, "throughput", "tokens/s"), (ax2, "time to first token", "s")]:
+        ax.set_xscale("log")
+        ax.set_xlabel(f"distinct adapters in the traffic ({SLOTS} device slots)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    files.append(RESULTS / f"{stem}-scaling.png")
+    fig.savefig(files[-1], dpi=110)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    c = results["cold_load"]
+    labels = ["raw read", "disk→host", "memcpy", "host→device"]
+    ax.bar(labels, [c["raw_read_s"] * 1e3, c["disk_to_host_s"] * 1e3, c["memcpy_s"] * 1e3, c["host_to_device_s"] * 1e3])
+    ax.set_ylabel(f"ms per adapter ({c['bytes'] / 1e6:.1f} MB)")
+    ax.set_title("cold load vs raw I/O")
+    fig.tight_layout()
+    files.append(RESULTS / f"{stem}-cold-load.png")
+    fig.savefig(files[-1], dpi=110)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=192)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=48)
+    ap.add_argument("--quick", action="store_true", help="populations 1, 8, 128 only")
+    args = ap.parse_args()
+    pops = (1, 8, 128) if args.quick else POPULATIONS
+    model_dir = default_model_dir()
+    root = Path(tempfile.mkdtemp(prefix="mux-scaling-"))
+    texts = prompts(args.requests, seed=1)
+    traces = {d: {p: trace(args.requests, p, d) for p in pops} for d in ("zipf", "uniform")}
+    needed = sorted({i for by_pop in traces.values() for ids in by_pop.values() for i in ids})
+    print(f"writing {len(needed)} fp16 rank-8 adapters ...", flush=True)
+    paths = {
+        i: write_random_adapter(model_dir, root / f"a{i:04d}", r=8, seed=i, std=0.02, dtype=torch.float16)
+        for i in needed
+    }
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(model=str(model_dir)),
+            lora=LoRAConfig(max_loras=SLOTS, max_lora_rank=8, max_cpu_loras=HOST_COUNT),
+            cache=CacheConfig(kv_cache_bytes=1 << 30),
+        )
+    )
+    engine.start()
+    asyncio.run(run_traffic(engine, texts[:8], [None] * 8, 2, 8))  # warm-up
+    results: dict = {
+        "machine": machine(),
+        "workload": vars(args),
+        "slots": SLOTS,
+        "host_count": HOST_COUNT,
+        "traffic": {},
+        "hit_rates": {},
+    }
+    for dist, by_pop in traces.items():
+        results["traffic"][dist] = []
+        for pop, ids in by_pop.items():
+            engine.adapters.host.clear()
+            r = asyncio.run(run_traffic(engine, texts, [paths[i] for i in ids], args.new_tokens, args.concurrency))
+            r.update(population=pop, distinct=len(set(ids)), counters=engine.adapters.stats()["counters"])
+            results["traffic"][dist].append(r)
+            print(
+                f"{dist:8s} adapters={pop:5d} distinct={r['distinct']:4d} {r['tokens_per_s']:7.1f} tok/s "
+                f"TTFT p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s",
+                flush=True,
+            )
+            sizes = {i: 1 for i in ids}
+            results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(ids, sizes)
+    engine.stop()
+    results["cold_load"] = cold_loads(engine, [paths[i] for i in needed[:16]])
+    print("cold load (median):", json.dumps(results["cold_load"]), flush=True)
+    zipf = {r["population"]: r["tokens_per_s"] for r in results["traffic"]["zipf"]}
+    if 8 in zipf and 1000 in zipf:
+        results["zipf_1000_vs_8"] = zipf[1000] / zipf[8]
+    lines = [
+        f"# Adapter scaling ({args.requests} requests × {args.new_tokens} tokens, {SLOTS} slots)",
+        "",
+        f"Machine: {json.dumps(results['machine'])}",
+        "",
+        "| traffic | adapters | distinct | tok/s | TTFT p50 s | TTFT p99 s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dist, runs in results["traffic"].items():
+        lines += [
+            f"| {dist} | {r['population']} | {r['distinct']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} |"
+            for r in runs
+        ]
+    c = results["cold_load"]
+    lines += [
+        "",
+        f"Cold load per adapter ({c['bytes'] / 1e6:.1f} MB): disk→host {c['disk_to_host_s'] * 1e3:.1f} ms "
+        f"(raw safetensors read {c['raw_read_s'] * 1e3:.1f} ms, {c['disk_to_host_vs_raw_read']:.2f}×), "
+        f"host→device {c['host_to_device_s'] * 1e3:.2f} ms (memcpy {c['memcpy_s'] * 1e3:.2f} ms, "
+        f"{c['host_to_device_vs_memcpy']:.2f}×)",
+        "",
+        "Hit rates (device/host/disk) per policy on the same traces:",
+        "",
+    ]
+    for dist, by_pop in results["hit_rates"].items():
+        for pop, rates in by_pop.items():
+            cells = ", ".join(f"{p}: {r['device']:.2f}/{r['host']:.2f}/{r['disk']:.2f}" for p, r in rates.items())
+            lines.append(f"- {dist}, {pop} adapters: {cells}")
+    if "zipf_1000_vs_8" in results:
+        lines += ["", f"Throughput at 1000 Zipf adapters vs 8: {results['zipf_1000_vs_8']:.2f}×"]
+    path = save("adapter-scaling", results, "\n".join(lines))
+    print("wrote", path, *plot(results, path.stem))
+
+
+if __name__ == "__main__":
+    main()
