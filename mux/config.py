@@ -18,6 +18,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (auto: fp32 on CPU, fp16 on CUDA)
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
+    cpu_tuning: bool = True  # CPU fp32: prepacked linears + allocator settings (mux/model/cpu.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

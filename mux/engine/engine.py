@@ -26,6 +26,7 @@ from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
+from mux.model.cpu import can_pack, keep_freed_memory, pack_linears
 from mux.model.loader import BaseModel, load_base_model
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class Engine:
         self.tokenizer = self.base.tokenizer
         self.eos_ids = frozenset(self.base.eos_token_ids)
         self.lora = MultiLoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank)
+        if config.model.cpu_tuning and can_pack(model):
+            pack_linears(model)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
+            keep_freed_memory()
         self.cache = KVCache.for_model(model.config, config.cache, model.dtype, next(model.parameters()).device)
         self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
         self.adapters = AdapterManager(self.lora, config.lora)

@@ -1,0 +1,62 @@
+"""CPU tuning, applied to a plain model afterwards (gpt-fast style): prepacked linears, allocator settings.
+
+- PackedLinear: fp32 weights reordered once into oneDNN's blocked layout. Measured on this 2-core machine
+  (M=64 decode rows): 576→1536 went from 130 to 190 GFLOP/s, the 49152-wide lm_head from 66 to 182 GFLOP/s;
+  prefill shapes gain ≈1.5×.
+- keep_freed_memory: glibc returns large freed blocks to the OS and page-faults them back on the next step;
+  keeping them cut a 1920-token SmolLM2 prefill from 3.8 s to 2.5 s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+import torch
+from torch import nn
+
+_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _BATCH_HINT)  # opaque
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(model: nn.Module) -> bool:
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every nn.Linear in `model` (including ones wrapped by LoRA layers) by a PackedLinear."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, PackedLinear(getattr(owner, child)))
+    return len(names)
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed activation buffers instead of unmapping them (process-wide; Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # all three are needed (measured): big blocks from the heap, never trimmed, grown in large steps
+        settings = ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 1 << 36), (_M_TOP_PAD, 1 << 30))
+        return all(libc.mallopt(option, value) == 1 for option, value in settings)
+    except (OSError, AttributeError):
+        return False
