@@ -2,8 +2,9 @@
 
 - Device tier: the fixed pool of `max_loras` slots inside the MultiLoRA layers. An adapter a sequence uses
   (running, or waiting with its slot reserved) is pinned and never evicted or overwritten.
-- Host tier: validated adapter tensors in RAM, bounded in bytes and count (a cachetools cache whose
-  `popitem` asks the policy for the victim). Evicting from the device keeps (or puts back) a host copy.
+- Host tier: validated adapter tensors in RAM (pinned on CUDA, copied on a side stream), bounded in bytes
+  and count (a cachetools cache whose `popitem` asks the policy for the victim). Evicting from the device
+  keeps (or puts back) a host copy.
 - Disk tier: the adapter directories, read lazily with safetensors and validated on every read.
 
 The engine thread calls `acquire`/`is_ready`/`release`; the loader thread copies disk→host→device while
@@ -16,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cachetools
@@ -119,6 +120,7 @@ class AdapterManager:
         self._loaded = threading.Condition(self._lock)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._loader: threading.Thread | None = None
+        self._stream = torch.cuda.Stream(lora.device) if lora.device.type == "cuda" else None
         if config.async_loading:
             self._loader = threading.Thread(target=self._load_loop, name="mux-adapter-loader", daemon=True)
             self._loader.start()
@@ -271,9 +273,7 @@ class AdapterManager:
                 if weights.key != key:
                     raise InvalidAdapter(f"adapter {entry.ref.path} changed on disk while queued")
             t = time.perf_counter()
-            self.lora.load(entry.slot, weights)
-            if weights.modules and next(iter(weights.modules.values()))[0].is_cuda:
-                torch.cuda.synchronize()
+            self._copy_to_slot(entry.slot, weights)
             self.latency["host_to_device"].append(time.perf_counter() - t)
             with self._lock:
                 self.counters["loads"]["host_to_device"] += 1
@@ -288,9 +288,20 @@ class AdapterManager:
                     self.free_slots.append(entry.slot)
                 self._loaded.notify_all()
 
+    def _copy_to_slot(self, slot: int, weights: LoRAWeights) -> None:
+        if self._stream is None:
+            self.lora.load(slot, weights)
+            return
+        with torch.cuda.stream(self._stream):  # overlaps the engine's forward on the default stream
+            self.lora.load(slot, weights)
+        self._stream.synchronize()
+
     def _read_disk(self, path: Path) -> LoRAWeights:
         t = time.perf_counter()
         weights = load_adapter(path, self.lora.shapes, self.config.max_lora_rank, self.lora.dtype)
+        if self._stream is not None:  # pinned host memory: asynchronous host→device copies
+            pinned = {m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in weights.modules.items()}
+            weights = replace(weights, modules=pinned)
         elapsed = time.perf_counter() - t
         with self._lock:
             self.counters["misses"] += 1
