@@ -27,12 +27,8 @@ def serve(args: argparse.Namespace) -> int:
     from mux.errors import MuxError
     from mux.policy import load_policy
     from mux.server.app import ServerState, create_app
+    from mux.server.auth import Auth
 
-    if not _is_loopback(args.host) and not args.insecure:
-        print(
-            f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly", file=sys.stderr
-        )
-        return 2
     try:
         policy = load_policy(
             args.policy,
@@ -43,13 +39,19 @@ def serve(args: argparse.Namespace) -> int:
     except MuxError as e:
         print(f"mux: {e}", file=sys.stderr)
         return 2
+    auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
+    if not auth.enabled and not _is_loopback(args.host) and not args.insecure:
+        print(
+            f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly", file=sys.stderr
+        )
+        return 2
     config = EngineConfig(
         model=ModelConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype),
         lora=policy.lora,
         cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
         scheduler=policy.scheduler,
     )
-    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned)
+    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned, auth)
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "
@@ -77,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
     s.add_argument("--log-level", default="info")
+    h = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for the policy file")
+    h.add_argument("key")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper() if args.command == "serve" else "INFO")
+    if args.command == "hash-key":
+        from mux.server.auth import hash_key
+
+        print(hash_key(args.key))
+        return 0
+    logging.basicConfig(level=args.log_level.upper())
     return serve(args)
 
 

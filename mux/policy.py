@@ -1,7 +1,8 @@
-"""The server's policy file (TOML): eviction policy, tier sizes, scheduling, pinned adapters."""
+"""The server's policy file (TOML): eviction policy, tier sizes, scheduling, pinned adapters, keys and tenants."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -12,6 +13,8 @@ from mux.lora.policies import POLICIES
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.toml"
 _TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +22,9 @@ class Policy:
     lora: LoRAConfig
     scheduler: SchedulerConfig
     pinned: tuple[str, ...]
+    admin_keys: tuple[str, ...] = ()  # "sha256:<hex>" each
+    tenant_keys: dict[str, tuple[str, ...]] | None = None  # tenant -> its key hashes
+    public: tuple[str, ...] = ()  # adapter id patterns any caller may use, e.g. "demo/*"
 
 
 def load_policy(path: str | Path | None = None, **overrides) -> Policy:
@@ -30,7 +36,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
         raise MuxError(f"policy file {path}: {e}") from None
     if path != DEFAULT_POLICY and not path.is_file():
         raise MuxError(f"policy file {path} does not exist")
-    _only(data, {"eviction", "tiers", "scheduler", "pinned"}, "top level")
+    _only(data, {"eviction", "tiers", "scheduler", "pinned", "admin", "tenants", "public"}, "top level")
     eviction, tiers = data.get("eviction", {}), data.get("tiers", {})
     _only(eviction, {"policy"}, "[eviction]")
     _only(tiers, _TIERS, "[tiers]")
@@ -38,13 +44,24 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     lora_values.update({k: v for k, v in overrides.items() if k in _TIERS and v is not None})
     scheduler = data.get("scheduler", {})
     _only(scheduler, {f.name for f in fields(SchedulerConfig)}, "[scheduler]")
-    pinned = data.get("pinned", {}).get("adapters", [])
-    if not isinstance(pinned, list) or not all(isinstance(a, str) for a in pinned):
-        raise MuxError(f"policy file {path}: [pinned] adapters must be a list of adapter ids")
+    pinned = _strings(data.get("pinned", {}), "adapters", "[pinned]", path)
+    public = _strings(data.get("public", {}), "adapters", "[public]", path)
+    admin_keys = _key_hashes(data.get("admin", {}), "[admin]", path)
+    tenants = data.get("tenants", {})
+    if not isinstance(tenants, dict) or not all(_TENANT.match(t) for t in tenants):
+        raise MuxError(f"policy file {path}: [tenants.<name>] names must be simple identifiers")
+    tenant_keys = {t: _key_hashes(v, f"[tenants.{t}]", path) for t, v in tenants.items()}
     try:
         if lora_values.get("eviction_policy", "lru") not in POLICIES:
             raise ValueError(f"unknown eviction policy {lora_values['eviction_policy']!r}")
-        return Policy(replace(LoRAConfig(), **lora_values), replace(SchedulerConfig(), **scheduler), tuple(pinned))
+        return Policy(
+            replace(LoRAConfig(), **lora_values),
+            replace(SchedulerConfig(), **scheduler),
+            pinned,
+            admin_keys,
+            tenant_keys,
+            public,
+        )
     except (TypeError, ValueError) as e:
         raise MuxError(f"policy file {path}: {e}") from None
 
@@ -53,3 +70,20 @@ def _only(section: dict, allowed: set[str], where: str) -> None:
     unknown = set(section) - allowed
     if unknown:
         raise MuxError(f"unknown key(s) in {where} of the policy file: {', '.join(sorted(unknown))}")
+
+
+def _strings(section: dict, key: str, where: str, path: Path) -> tuple[str, ...]:
+    values = section.get(key, []) if isinstance(section, dict) else None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise MuxError(f"policy file {path}: {where} {key} must be a list of strings")
+    return tuple(values)
+
+
+def _key_hashes(section: dict, where: str, path: Path) -> tuple[str, ...]:
+    _only(section if isinstance(section, dict) else {}, {"keys"}, where)
+    keys = _strings(section, "keys", where, path)
+    if not all(_KEY_HASH.match(k) for k in keys):  # the offending value is not echoed: it may be a secret
+        raise MuxError(
+            f"policy file {path}: {where} keys must be stored hashed as sha256:<64 hex> (`mux hash-key KEY` prints one)"
+        )
+    return keys

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -110,3 +117,53 @@ def make_engine(model_dir: Path, **lora):
             model=ModelConfig(model=str(model_dir)), lora=LoRAConfig(**lora), cache=CacheConfig(kv_cache_bytes=64 << 20)
         )
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_server(model_dir: Path, adapter_dir: Path, *extra: str):
+    """A real `mux serve` process on a free loopback port; yields its base URL once /ready answers."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mux.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "tiny",
+        "--adapter-dir",
+        str(adapter_dir),
+        "--port",
+        str(port),
+        "--kv-cache-bytes",
+        str(64 << 20),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"server did not become ready: {proc.stdout.read()}") from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -10,6 +10,8 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -57,6 +59,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
+        self.num_generated = 0
+        self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
 
     # ---- public API -------------------------------------------------------------------------
     def submit(
@@ -119,6 +123,19 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def stats(self) -> dict:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._rate) if now - t <= 10.0]
+        span = now - recent[0][0] if recent else 0.0
+        return {
+            "running": self.num_running,
+            "waiting": self.num_waiting,
+            "steps": self.num_steps,
+            "generated_tokens": self.num_generated,
+            "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
+            "kv_blocks": {"total": self.blocks.num_blocks, "free": self.blocks.num_free},
+        }
+
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
@@ -141,6 +158,8 @@ class Engine:
                 return True
             self._postprocess(out, logits)
             self.num_steps += 1
+            self._rate.append((time.monotonic(), len(logits)))
+            self.num_generated += len(logits)
             return True
 
     def _fail_broken_adapters(self) -> None:

@@ -15,6 +15,8 @@ from starlette.routing import Route
 
 from mux.engine.engine import Engine
 from mux.lora.repository import AdapterRepository
+from mux.server.admin import AdminRoutes
+from mux.server.auth import Auth
 from mux.server.openai import OpenAIRoutes
 
 log = logging.getLogger(__name__)
@@ -23,9 +25,16 @@ log = logging.getLogger(__name__)
 class ServerState:
     """What the routes share. `engine` is None until the model has loaded."""
 
-    def __init__(self, make_engine: Callable[[], Engine], adapter_dir: Path, pinned: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        make_engine: Callable[[], Engine],
+        adapter_dir: Path,
+        pinned: tuple[str, ...] = (),
+        auth: Auth | None = None,
+    ) -> None:
         self.make_engine = make_engine
         self.pinned = pinned
+        self.auth = auth or Auth()
         self.repository = AdapterRepository(adapter_dir)
         self.engine: Engine | None = None
         self.load_error: str | None = None
@@ -54,6 +63,7 @@ class ServerState:
 
 def create_app(state: ServerState) -> Starlette:
     openai = OpenAIRoutes(state)
+    admin = AdminRoutes(state)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -92,5 +102,5 @@ def create_app(state: ServerState) -> Starlette:
             state.engine.stop()
 
     routes = [Route("/health", health), Route("/ready", ready)]
-    routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in openai.routes()]
+    routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in openai.routes() + admin.routes()]
     return Starlette(routes=routes, lifespan=lifespan)

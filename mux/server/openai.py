@@ -17,10 +17,13 @@ from starlette.routing import Route
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.server.auth import Forbidden, Unauthorized
 
 MAX_N = 16
 FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "abort", "error": "abort"}
 _STATUS = [
+    (Unauthorized, 401, "AuthenticationError"),
+    (Forbidden, 403, "PermissionDeniedError"),
     (AdapterNotFound, 404, "NotFoundError"),
     (InvalidAdapter, 400, "BadRequestError"),
     (InvalidRequest, 400, "BadRequestError"),
@@ -97,7 +100,14 @@ class OpenAIRoutes:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
         ]
 
+    def _caller(self, request: Request):
+        return self.state.auth.identify(request.headers.get("authorization"))
+
     async def models(self, request: Request) -> Response:
+        try:
+            caller = self._caller(request)
+        except MuxError as e:
+            return error_response(e)
         now = int(time.time())
         base = self.state.base_name
         data = [
@@ -122,21 +132,24 @@ class OpenAIRoutes:
                 "max_model_len": None,
             }
             for a in self.state.repository.ids()
+            if self.state.auth.can_use(caller, a)
         ]
         return JSONResponse({"object": "list", "data": data})
 
     async def completions(self, request: Request) -> Response:
         try:
+            caller = self._caller(request)
             body = await read_json(request)
             prompts = self._prompts(body.get("prompt"))
             if body.get("suffix") or body.get("echo"):
                 raise InvalidRequest("`suffix` and `echo` are not supported")
-            return await self._run(body, prompts, chat=False)
+            return await self._run(caller, body, prompts, chat=False)
         except MuxError as e:
             return error_response(e)
 
     async def chat(self, request: Request) -> Response:
         try:
+            caller = self._caller(request)
             body = await read_json(request)
             messages = body.get("messages")
             if (
@@ -150,7 +163,7 @@ class OpenAIRoutes:
                     raise InvalidRequest("only text message content is supported")
             tok = self.state.engine.tokenizer
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return await self._run(body, [tok(text, add_special_tokens=False).input_ids], chat=True)
+            return await self._run(caller, body, [tok(text, add_special_tokens=False).input_ids], chat=True)
         except MuxError as e:
             return error_response(e)
 
@@ -166,7 +179,7 @@ class OpenAIRoutes:
             return [_token_list(p, "prompt") for p in prompt]
         raise InvalidRequest("`prompt` must be a string, a list of strings, or token ids")
 
-    async def _run(self, body: dict, prompts: list, chat: bool) -> Response:
+    async def _run(self, caller, body: dict, prompts: list, chat: bool) -> Response:
         model = body.get("model") or self.state.base_name
         if not isinstance(model, str):
             raise InvalidRequest("`model` must be a string")
@@ -176,7 +189,9 @@ class OpenAIRoutes:
             raise InvalidRequest(f"at most {MAX_N * 4} choices per request")
         adapter = None
         if model != self.state.base_name:
-            path = self.state.repository.path(model)
+            adapter_id = self.state.auth.adapter_id(caller, model)
+            self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
+            path = self.state.repository.path(adapter_id)
             adapter = await run_in_threadpool(self.state.engine.prepare_adapter, path)
         streams = []
         try:

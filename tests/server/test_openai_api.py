@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import openai
 import pytest
 
-from conftest import make_engine
+from conftest import make_engine, run_server
 from mux.engine.sequence import SamplingParams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,45 +24,8 @@ def repo(tmp_path_factory, tiny_adapters):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, repo):
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mux.cli",
-        "serve",
-        "--model",
-        str(tiny_dir),
-        "--served-model-name",
-        "tiny",
-        "--adapter-dir",
-        str(repo),
-        "--port",
-        str(port),
-        "--max-loras",
-        "2",
-        "--kv-cache-bytes",
-        str(64 << 20),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become ready: {proc.stdout.read()}")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with run_server(tiny_dir, repo, "--max-loras", "2") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

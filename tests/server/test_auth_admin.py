@@ -1,0 +1,120 @@
+"""Keys, tenants and admin routes on a real server: tenant A never sees or uses tenant B's adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import run_server
+from mux.server.auth import hash_key
+
+KEYS = {"admin": "admin-secret", "acme": "acme-secret", "beta": "beta-secret"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir, tiny_adapters):
+    root = tmp_path_factory.mktemp("repo")
+    layout = [
+        ("acme", "attn", "r4-attn"),
+        ("acme", "all", "r16-all"),
+        ("beta", "mlp", "r8-mlp"),
+        ("beta", "qv", "r8-qv"),
+        ("demo", "pub", "r4-all"),
+    ]
+    for tenant, name, src in layout:
+        shutil.copytree(tiny_adapters[src], root / tenant / name)
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text(
+        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
+        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
+        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\n'
+        '[public]\nadapters = ["demo/*"]\n'
+    )
+    with run_server(tiny_dir, root, "--policy", str(policy), "--max-loras", "2") as base:
+        yield base
+
+
+def client(server, who):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEYS.get(who, "wrong"), max_retries=0)
+
+
+def call(server, path, key=None, method="GET"):
+    req = urllib.request.Request(f"{server}{path}", method=method, data=b"" if method == "POST" else None)
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_no_key_or_bad_key_is_401(server):
+    assert call(server, "/v1/models")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "nobody").models.list()
+    assert call(server, "/health")[0] == 200  # liveness needs no key
+
+
+def test_tenants_see_only_their_own_and_public_adapters(server):
+    acme = {m.id for m in client(server, "acme").models.list().data}
+    beta = {m.id for m in client(server, "beta").models.list().data}
+    assert acme == {"tiny", "acme/attn", "acme/all", "demo/pub"}
+    assert beta == {"tiny", "beta/mlp", "beta/qv", "demo/pub"}
+    assert len({m.id for m in client(server, "admin").models.list().data}) == 6
+
+
+def test_tenant_cannot_use_another_tenants_adapter(server):
+    acme = client(server, "acme")
+    for model in ("beta/mlp", "beta/qv", "mlp"):  # plain "mlp" means acme/mlp, which does not exist
+        with pytest.raises(openai.NotFoundError):
+            acme.completions.create(model=model, prompt="Hi", max_tokens=2)
+    full = acme.completions.create(model="acme/attn", prompt="Hi", max_tokens=3, temperature=0)
+    plain = acme.completions.create(model="attn", prompt="Hi", max_tokens=3, temperature=0)
+    assert full.choices[0].text == plain.choices[0].text
+    assert acme.completions.create(model="demo/pub", prompt="Hi", max_tokens=2).choices
+
+
+def test_admin_routes_refuse_tenant_keys(server):
+    assert call(server, "/admin/stats", KEYS["acme"])[0] == 403
+    assert call(server, "/admin/stats")[0] == 401
+    assert call(server, "/admin/adapters/acme/attn/evict", KEYS["beta"], "POST")[0] == 403
+
+
+def test_stats_after_traffic_over_more_adapters_than_slots(server):
+    admin = client(server, "admin")
+    used = ["acme/attn", "acme/all", "beta/mlp", "beta/qv", "demo/pub", "acme/attn"]
+    for model in used:
+        admin.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
+    status, stats = call(server, "/admin/stats", KEYS["admin"])
+    assert status == 200
+    assert stats["tiers"]["device"]["capacity"] == 2 and stats["tiers"]["device"]["used"] <= 2
+    assert stats["tiers"]["disk"]["count"] == 5 and stats["tiers"]["host"]["used_bytes"] > 0
+    assert stats["counters"]["evictions"]["device_to_host"] >= 3
+    assert {"running", "waiting", "tokens_per_s"} <= set(stats["engine"])
+    by_id = {a["id"]: a for a in stats["adapters"]}
+    assert set(by_id) >= set(used)
+    on_device = [a for a in by_id.values() if a["tier"] == "device"]
+    assert len(on_device) <= 2 and by_id["acme/attn"]["tier"] == "device"  # the most recent stays
+    assert by_id["acme/attn"]["uses"] >= 2 and all(a["in_flight"] == 0 for a in by_id.values())
+    assert set(stats["load_latency_s"]) == {"disk_to_host", "host_to_device"}
+
+
+def test_admin_pin_evict_unpin(server):
+    key = KEYS["admin"]
+    assert call(server, "/admin/adapters/beta/qv/pin", key, "POST") == (
+        200,
+        {"id": "beta/qv", "action": "pin", "done": True},
+    )
+    assert call(server, "/admin/adapters/beta/qv/evict", key, "POST")[1]["done"] is False  # pinned
+    stats = call(server, "/admin/stats", key)[1]
+    assert {a["id"]: a for a in stats["adapters"]}["beta/qv"]["pinned"] is True
+    assert call(server, "/admin/adapters/beta/qv/unpin", key, "POST")[1]["done"] is True
+    assert call(server, "/admin/adapters/beta/qv/evict", key, "POST")[1]["done"] is True
+    assert call(server, "/admin/adapters/beta/nope/pin", key, "POST")[0] == 404
+    assert call(server, "/admin/adapters/beta/qv/explode", key, "POST")[0] == 404
