@@ -212,13 +212,17 @@ class AdapterManager:
             return True
 
     def forget(self, path: Path) -> None:
-        """Drop every unpinned copy of the adapters stored at `path` (deleted or replaced on disk)."""
-        prefix = f"{Path(path).resolve()}#"
+        """Drop every unpinned copy of the adapters stored at or below `path` (deleted or replaced on disk)."""
         with self._lock:
-            for key in [k for k in self.host if k.startswith(prefix)]:
+            for key in [k for k in self.host if _under(k, path)]:
                 del self.host[key]
-            for key in [k for k, e in self.entries.items() if k.startswith(prefix) and not e.refs]:
+            for key in [k for k, e in self.entries.items() if _under(k, path) and not e.refs]:
                 self.free_slots.append(self.entries.pop(key).slot)
+
+    def in_use(self, path: Path) -> bool:
+        """Does a request (or an operator pin) hold an adapter stored at or below `path`?"""
+        with self._lock:
+            return any(e.refs for k, e in self.entries.items() if _under(k, path))
 
     # ---- internals --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:
@@ -359,3 +363,10 @@ def _percentiles(values) -> dict:
         return {"count": 0, "p50": None, "p95": None, "max": None}
     s = sorted(values)
     return {"count": len(s), "p50": s[len(s) // 2], "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1]}
+
+
+def _under(key: str, path: Path) -> bool:
+    """Keys are "<resolved dir>#<stamp>": is that directory `path` or inside it?"""
+    where = Path(path).resolve()
+    adapter_dir = key.rsplit("#", 1)[0]
+    return adapter_dir == str(where) or adapter_dir.startswith(f"{where}/")

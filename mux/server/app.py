@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from mux.engine.engine import Engine
 from mux.lora.repository import AdapterRepository
+from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
 from mux.server.openai import OpenAIRoutes
@@ -46,6 +47,7 @@ class ServerState:
 
     def load(self) -> None:
         try:
+            self.repository.clean_staging()  # an upload interrupted by a crash never lands
             engine = self.make_engine()
             for adapter_id in self.pinned:  # policy file: keep these in device slots
                 engine.adapters.pin(self.repository.path(adapter_id))
@@ -64,6 +66,7 @@ class ServerState:
 def create_app(state: ServerState) -> Starlette:
     openai = OpenAIRoutes(state)
     admin = AdminRoutes(state)
+    adapters = AdapterRoutes(state)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -102,5 +105,6 @@ def create_app(state: ServerState) -> Starlette:
             state.engine.stop()
 
     routes = [Route("/health", health), Route("/ready", ready)]
-    routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in openai.routes() + admin.routes()]
+    served = openai.routes() + admin.routes() + adapters.routes()
+    routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in served]
     return Starlette(routes=routes, lifespan=lifespan)

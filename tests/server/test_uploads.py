@@ -1,0 +1,173 @@
+"""Adapter uploads through real multipart requests: good ones serve at once, bad ones leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_engine, run_server
+from mux.engine.sequence import SamplingParams
+from mux.server.auth import hash_key
+
+KEYS = {"admin": "admin-k", "acme": "acme-k", "beta": "beta-k"}
+GREEDY = {"max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_adapters):
+    root = tmp_path_factory.mktemp("upload-repo")
+    shutil.copytree(tiny_adapters["r8-mlp"], root / "beta" / "mlp")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir, repo):
+    policy = tmp_path_factory.mktemp("p") / "policy.toml"
+    policy.write_text(
+        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
+        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
+        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\n'
+    )
+    with run_server(tiny_dir, repo, "--policy", str(policy), "--max-loras", "2") as base:
+        yield base
+
+
+def upload(server, who, name, files):
+    fields = {"name": (None, name)} if name is not None else {}
+    return httpx.post(
+        f"{server}/v1/adapters", files={**fields, **files}, headers={"Authorization": f"Bearer {KEYS[who]}"}, timeout=60
+    )
+
+
+def adapter_files(path):
+    return {f: (f, (path / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def complete(server, who, model, prompt="Hello world"):
+    r = httpx.post(
+        f"{server}/v1/completions",
+        json={"model": model, "prompt": prompt, **GREEDY},
+        headers={"Authorization": f"Bearer {KEYS[who]}"},
+        timeout=60,
+    )
+    return r
+
+
+def snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".staging" not in p.parts)
+
+
+def test_good_upload_is_usable_at_once_and_matches_the_engine(server, tiny_dir, tiny_adapters):
+    src = tiny_adapters["r4-attn"]
+    r = upload(server, "acme", "bot", adapter_files(src))
+    assert r.status_code == 201, r.text
+    meta = r.json()
+    assert meta["id"] == "acme/bot" and meta["version"] == 1 and meta["rank"] == 4 and len(meta["sha256"]) == 64
+    assert set(meta["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    text = complete(server, "acme", "bot").json()["choices"][0]["text"]
+    engine = make_engine(tiny_dir, max_loras=1, max_lora_rank=16)
+    expected = engine.generate(["Hello world"], SamplingParams(**GREEDY), [src])[0].text
+    assert text == expected
+
+
+def test_reupload_makes_a_new_version_used_at_once(server, tiny_dir, tiny_adapters):
+    assert upload(server, "acme", "swap", adapter_files(tiny_adapters["r4-attn"])).status_code == 201
+    first = complete(server, "acme", "swap").json()["choices"][0]["text"]
+    r = upload(server, "acme", "swap", adapter_files(tiny_adapters["r16-all"]))
+    assert r.status_code == 201 and r.json()["version"] == 2
+    second = complete(server, "acme", "swap").json()["choices"][0]["text"]
+    engine = make_engine(tiny_dir, max_loras=1, max_lora_rank=16)
+    expected = engine.generate(["Hello world"], SamplingParams(**GREEDY), [tiny_adapters["r16-all"]])[0].text
+    assert second == expected != first
+
+
+def _edited_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    return ("adapter_config.json", json.dumps(cfg).encode())
+
+
+def _wrong_shape(path, tmp):
+    t = load_file(path / "adapter_model.safetensors")
+    k = next(k for k in sorted(t) if "lora_A" in k)
+    t[k] = torch.zeros(t[k].shape[0], 65)
+    save_file(t, tmp / "w.safetensors")
+    return ("adapter_model.safetensors", (tmp / "w.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "reason"),
+    [
+        ("pickle", 400, "pickle"),
+        ("wrong_shape", 400, "do not match"),
+        ("missing_file", 400, "missing file"),
+        ("bad_json", 400, "not valid JSON"),
+        ("dora", 400, "DoRA"),
+        ("traversal_name", 400, "adapter names"),
+        ("slash_traversal", 400, "adapter names"),
+        ("oversize_config", 413, "too large"),
+        ("no_name", 400, "name"),
+        ("garbage_weights", 400, "safetensors"),
+    ],
+)
+def test_bad_uploads_are_refused_and_leave_nothing(server, repo, tiny_adapters, tmp_path, case, status, reason):
+    src = tiny_adapters["r4-attn"]
+    files, name = adapter_files(src), "bad"
+    if case == "pickle":
+        files = {
+            "adapter_config.json": files["adapter_config.json"],
+            "adapter_model.bin": ("adapter_model.bin", pickle.dumps({"a": 1})),
+        }
+    elif case == "wrong_shape":
+        files["adapter_model.safetensors"] = _wrong_shape(src, tmp_path)
+    elif case == "missing_file":
+        del files["adapter_model.safetensors"]
+    elif case == "bad_json":
+        files["adapter_config.json"] = ("adapter_config.json", b"{nope")
+    elif case == "dora":
+        files["adapter_config.json"] = _edited_config(src, use_dora=True)
+    elif case == "traversal_name":
+        name = "../../etc"
+    elif case == "slash_traversal":
+        name = "acme/../../x"
+    elif case == "oversize_config":
+        files["adapter_config.json"] = ("adapter_config.json", b" " * (2 << 20))
+    elif case == "no_name":
+        name = None
+    elif case == "garbage_weights":
+        files["adapter_model.safetensors"] = ("adapter_model.safetensors", b"\x00" * 100)
+    before = snapshot(repo)
+    r = upload(server, "acme", name, files)
+    assert r.status_code == status and reason in r.json()["error"]["message"], r.text
+    assert snapshot(repo) == before
+    assert not any((repo / ".staging").glob("*")) if (repo / ".staging").exists() else True
+    assert complete(server, "acme", "tiny").status_code == 200  # still serving
+
+
+def test_tenants_cannot_overwrite_or_delete_each_other(server, tiny_adapters):
+    assert upload(server, "acme", "beta/mlp", adapter_files(tiny_adapters["r4-attn"])).status_code == 404
+    headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+    assert httpx.delete(f"{server}/v1/adapters/beta/mlp", headers=headers).status_code == 404
+    assert httpx.get(f"{server}/v1/adapters/beta/mlp", headers=headers).status_code == 404
+    listed = {a["id"] for a in httpx.get(f"{server}/v1/adapters", headers=headers).json()["data"]}
+    assert "beta/mlp" not in listed
+    beta = {"Authorization": f"Bearer {KEYS['beta']}"}
+    assert httpx.get(f"{server}/v1/adapters/beta/mlp", headers=beta).json()["id"] == "beta/mlp"
+
+
+def test_delete_refused_while_pinned_then_allowed(server, repo, tiny_adapters):
+    assert upload(server, "acme", "gone", adapter_files(tiny_adapters["r2-down"])).status_code == 201
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    assert httpx.post(f"{server}/admin/adapters/acme/gone/pin", headers=admin).status_code == 200
+    acme = {"Authorization": f"Bearer {KEYS['acme']}"}
+    assert httpx.delete(f"{server}/v1/adapters/acme/gone", headers=acme).status_code == 409
+    assert httpx.post(f"{server}/admin/adapters/acme/gone/unpin", headers=admin).status_code == 200
+    assert httpx.delete(f"{server}/v1/adapters/acme/gone", headers=acme).status_code == 200
+    assert not (repo / "acme" / "gone").exists()
+    assert complete(server, "acme", "gone").status_code == 404
