@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,13 +58,25 @@ class RequestStream:
         except RuntimeError:
             self._loop = None
         self.finished = False
+        # timings (time.monotonic) and counts, for metrics
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
 
     # -- engine side --
     def push(self, event: TokenEvent) -> None:
         with self._cond:
             self._events.append(event)
+            if event.token_id is not None:
+                self.num_tokens += 1
+                if self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
             if event.finish_reason is not None:
                 self.finished = True
+                self.finish_reason = event.finish_reason
+                self.finished_at = time.monotonic()
             self._cond.notify_all()
         if self._loop is not None:
             # RuntimeError: the consumer's loop is closed, nobody is listening any more

@@ -14,11 +14,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mux.engine.engine import Engine
+from mux.errors import MuxError
 from mux.lora.repository import AdapterRepository
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
-from mux.server.openai import OpenAIRoutes
+from mux.server.metrics import Metrics
+from mux.server.openai import OpenAIRoutes, error_response
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class ServerState:
         self.make_engine = make_engine
         self.pinned = pinned
         self.auth = auth or Auth()
+        self.metrics = Metrics(self)
         self.repository = AdapterRepository(adapter_dir)
         self.engine: Engine | None = None
         self.load_error: str | None = None
@@ -67,6 +70,13 @@ def create_app(state: ServerState) -> Starlette:
     openai = OpenAIRoutes(state)
     admin = AdminRoutes(state)
     adapters = AdapterRoutes(state)
+
+    async def metrics(request: Request):
+        try:  # every tenant's adapter ids are in here: admin key when keys are configured
+            state.auth.require_admin(state.auth.identify(request.headers.get("authorization")))
+        except MuxError as e:
+            return error_response(e)
+        return await state.metrics.endpoint(request)
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -105,6 +115,6 @@ def create_app(state: ServerState) -> Starlette:
             state.engine.stop()
 
     routes = [Route("/health", health), Route("/ready", ready)]
-    served = openai.routes() + admin.routes() + adapters.routes()
+    served = openai.routes() + admin.routes() + adapters.routes() + [Route("/metrics", metrics)]
     routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in served]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -221,6 +221,7 @@ class OpenAIRoutes:
             for s in streams:
                 if not s.finished:
                     s.cancel()
+            self.state.metrics.observe(meta["model"], streams)
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "logprobs": None, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
@@ -279,6 +280,7 @@ class OpenAIRoutes:
             for s in streams:
                 if not s.finished:
                     s.cancel()
+            self.state.metrics.observe(meta["model"], streams)
 
 
 def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:

@@ -118,3 +118,19 @@ def test_admin_pin_evict_unpin(server):
     assert call(server, "/admin/adapters/beta/qv/evict", key, "POST")[1]["done"] is True
     assert call(server, "/admin/adapters/beta/nope/pin", key, "POST")[0] == 404
     assert call(server, "/admin/adapters/beta/qv/explode", key, "POST")[0] == 404
+
+
+def test_metrics_prometheus_format(server):
+    admin = client(server, "admin")
+    admin.completions.create(model="acme/attn", prompt="Hello", max_tokens=3, temperature=0)
+    list(admin.completions.create(model="demo/pub", prompt="Hello", max_tokens=3, stream=True))
+    req = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"})
+    with urllib.request.urlopen(req) as r:
+        text = r.read().decode()
+    assert 'mux_requests_total{adapter="acme/attn",finish_reason="length"}' in text
+    assert 'mux_time_to_first_token_seconds_count{adapter="demo/pub"}' in text
+    assert 'mux_generated_tokens_total{adapter="acme/attn"}' in text
+    assert "mux_device_slots_capacity 2.0" in text and "mux_waiting_requests" in text
+    assert 'mux_adapter_evictions_total{path="device_to_host"}' in text
+    assert 'mux_adapter_loads_total{path="host_to_device"}' in text
+    assert call(server, "/metrics", KEYS["acme"])[0] == 403

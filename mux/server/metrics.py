@@ -1,0 +1,91 @@
+"""GET /metrics in Prometheus format: requests, latency and TTFT by adapter, tokens, queue, tiers, loads, evictions.
+
+Request metrics are observed when a response ends; engine and tier figures are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mux.engine.stream import RequestStream
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, state) -> None:
+        self.state = state
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mux_requests", "Finished generations", ["adapter", "finish_reason"], registry=r)
+        self.latency = Histogram(
+            "mux_request_latency_seconds", "Submit to last token", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "mux_time_to_first_token_seconds",
+            "Submit to first token",
+            ["adapter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("mux_generated_tokens", "Generated tokens", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("mux_prompt_tokens", "Prompt tokens", ["adapter"], registry=r)
+        r.register(_EngineCollector(state))
+
+    def observe(self, model: str, streams: list[RequestStream]) -> None:
+        for s in streams:
+            reason = s.finish_reason or "disconnected"
+            self.requests.labels(model, reason).inc()
+            self.prompt_tokens.labels(model).inc(len(s.prompt_ids))
+            self.tokens.labels(model).inc(s.num_tokens)
+            if s.first_token_at is not None:
+                self.ttft.labels(model).observe(s.first_token_at - s.submitted_at)
+            if s.finished_at is not None:
+                self.latency.labels(model).observe(s.finished_at - s.submitted_at)
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _EngineCollector:
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def collect(self):
+        engine = self.state.engine
+        if engine is None:
+            return
+        e, a = engine.stats(), engine.adapters.stats()
+        yield _gauge("mux_running_requests", "Sequences in the running batch", e["running"])
+        yield _gauge("mux_waiting_requests", "Admission queue depth", e["waiting"])
+        yield _gauge("mux_kv_blocks_free", "Free KV cache blocks", e["kv_blocks"]["free"])
+        yield _gauge("mux_kv_blocks_total", "KV cache blocks", e["kv_blocks"]["total"])
+        dev, host = a["tiers"]["device"], a["tiers"]["host"]
+        yield _gauge("mux_device_slots_used", "Device LoRA slots holding an adapter", dev["used"])
+        yield _gauge("mux_device_slots_pinned", "Device LoRA slots pinned by requests or operators", dev["pinned"])
+        yield _gauge("mux_device_slots_capacity", "Device LoRA slots", dev["capacity"])
+        yield _gauge("mux_host_adapter_bytes", "Bytes of adapters in the host tier", host["used_bytes"])
+        yield _gauge("mux_host_adapter_bytes_capacity", "Host tier byte bound", host["capacity_bytes"])
+        yield _gauge("mux_host_adapters", "Adapters in the host tier", host["count"])
+        c = a["counters"]
+        yield _counter("mux_adapter_loads", "Adapter loads by path", "path", c["loads"])
+        yield _counter("mux_adapter_evictions", "Adapter evictions by path", "path", c["evictions"])
+        yield _counter("mux_adapter_hits", "Adapter lookups served from a tier", "tier", c["hits"])
+        yield _counter("mux_adapter_misses", "Adapter lookups that read the disk", None, c["misses"])
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, label: str | None, values) -> CounterMetricFamily:
+    if label is None:
+        return CounterMetricFamily(name, doc, value=values)
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
