@@ -51,7 +51,8 @@ def serve(args: argparse.Namespace) -> int:
         cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
         scheduler=policy.scheduler,
     )
-    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned, auth)
+    allowed = tuple(Path(p) for p in args.allowed_lora_dir)
+    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned, auth, allowed)
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-cpu-adapter-bytes", type=int, default=None, help="host tier byte bound")
     s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     s.add_argument("--dtype", default="auto")
+    s.add_argument(
+        "--allowed-lora-dir",
+        action="append",
+        default=[],
+        help="directory /v1/load_lora_adapter may read from (repeatable; the adapter dir always is)",
+    )
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
     s.add_argument("--log-level", default="info")
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for the policy file")

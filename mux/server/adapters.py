@@ -12,13 +12,14 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError
 from mux.lora.adapter import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
 from mux.lora.repository import valid_part
-from mux.server.openai import error_response
+from mux.server.auth import DEFAULT_TENANT, Forbidden
+from mux.server.openai import error_response, read_json
 
 MAX_WEIGHTS_BYTES = 1 << 30  # one adapter's safetensors
 MAX_BODY_BYTES = MAX_WEIGHTS_BYTES + (4 << 20)
@@ -38,6 +39,8 @@ class AdapterRoutes:
             Route("/v1/adapters", self.list, methods=["GET"]),
             Route("/v1/adapters/{tenant}/{name}", self.show, methods=["GET"]),
             Route("/v1/adapters/{tenant}/{name}", self.delete, methods=["DELETE"]),
+            Route("/v1/load_lora_adapter", self.vllm_load, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.vllm_unload, methods=["POST"]),
         ]
 
     def _caller(self, request: Request):
@@ -76,14 +79,8 @@ class AdapterRoutes:
                 staged = self.state.repository.staging_dir()
                 for field, upload in files.items():
                     await run_in_threadpool(_save, upload, staged / field)
-            engine = self.state.engine
-            ref = await run_in_threadpool(engine.prepare_adapter, staged)  # the engine's own validation
-            weights = engine.adapters.host.get(ref.key)
-            info = {"rank": ref.rank, "target_modules": list(weights.target_modules) if weights else None}
-            tenant, name = adapter_id.split("/", 1)
-            meta = await run_in_threadpool(self.state.repository.install, tenant, name, staged, info)
+            meta = await self._publish(adapter_id, staged)
             staged = None
-            engine.adapters.forget(ref.path)  # the host copy was keyed by the staging path
             return JSONResponse(meta, status_code=201)
         except MuxError as e:
             return error_response(e)
@@ -91,14 +88,78 @@ class AdapterRoutes:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
 
+    async def _publish(self, adapter_id: str, staged: Path) -> dict:
+        """Validate a staged adapter with the engine's own reader, then install it as the next version."""
+        engine = self.state.engine
+        ref = await run_in_threadpool(engine.prepare_adapter, staged)
+        weights = engine.adapters.host.get(ref.key)
+        info = {"rank": ref.rank, "target_modules": list(weights.target_modules) if weights else None}
+        tenant, name = adapter_id.split("/", 1)
+        meta = await run_in_threadpool(self.state.repository.install, tenant, name, staged, info)
+        engine.adapters.forget(ref.path)  # the host copy was keyed by the staging path
+        return meta
+
+    # ---- vLLM drop-in: /v1/load_lora_adapter, /v1/unload_lora_adapter (admin) ------------------
+    async def vllm_load(self, request: Request) -> Response:
+        staged: Path | None = None
+        try:
+            caller = self._caller(request)
+            self.state.auth.require_admin(caller)
+            body = await read_json(request)
+            lora_name, lora_path = body.get("lora_name"), body.get("lora_path")
+            if not (isinstance(lora_name, str) and lora_name and isinstance(lora_path, str) and lora_path):
+                raise InvalidRequest("Both 'lora_name' and 'lora_path' must be provided.")
+            adapter_id = self._adapter_id(caller, lora_name)
+            if adapter_id in self.state.repository.ids():
+                raise InvalidRequest(f"The lora adapter '{lora_name}' has already been loaded.")
+            source = self._allowed(Path(lora_path))
+            if not (source / CONFIG_FILE).is_file():
+                raise AdapterNotFound(f"Loading lora {lora_name} failed: No adapter found for {lora_path}")
+            staged = self.state.repository.staging_dir()
+            for name in (CONFIG_FILE, WEIGHTS_FILE):  # a pickle-only adapter fails validation, never unpickled
+                if (source / name).is_file():
+                    await run_in_threadpool(shutil.copyfile, source / name, staged / name)
+            await self._publish(adapter_id, staged)
+            staged = None
+            return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' added successfully.")
+        except MuxError as e:
+            return error_response(e)
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+
+    async def vllm_unload(self, request: Request) -> Response:
+        try:
+            caller = self._caller(request)
+            self.state.auth.require_admin(caller)
+            body = await read_json(request)
+            lora_name = body.get("lora_name")
+            if not isinstance(lora_name, str) or not lora_name:
+                raise InvalidRequest("'lora_name' must be provided.")
+            adapter_id = self.state.auth.adapter_id(caller, lora_name)
+            if adapter_id not in self.state.repository.ids():
+                raise AdapterNotFound(f"The lora adapter '{lora_name}' cannot be found.")
+            await self._remove(adapter_id)
+            return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' removed successfully.")
+        except InUse as e:
+            return _conflict(e)
+        except MuxError as e:
+            return error_response(e)
+
+    def _allowed(self, path: Path) -> Path:
+        """Server-side paths must resolve inside an allowed directory (symlinks and `..` included)."""
+        resolved = path.resolve()
+        for root in self.state.allowed_lora_dirs:
+            if resolved.is_relative_to(Path(root).resolve()):
+                return resolved
+        raise Forbidden(f"lora_path {path} is outside the allowed directories")
+
     @staticmethod
     def _adapter_id(caller, name) -> str:
         if not isinstance(name, str) or not name:
             raise InvalidRequest("field `name` is required (`name`, or `tenant/name` with the admin key)")
         tenant, _, short = name.rpartition("/")
-        tenant = tenant or caller.tenant
-        if tenant is None:
-            raise InvalidRequest("without a tenant key, `name` must be `tenant/name`")
+        tenant = tenant or caller.tenant or DEFAULT_TENANT
         if not (valid_part(tenant) and valid_part(short)):
             raise InvalidRequest(
                 "adapter names are 1-64 characters of letters, digits, '.', '_' and '-', "
@@ -129,25 +190,31 @@ class AdapterRoutes:
         try:
             caller = self._caller(request)
             adapter_id = self._own(caller, f"{request.path_params['tenant']}/{request.path_params['name']}")
-            repo, manager = self.state.repository, self.state.engine.adapters
-            adapter_dir = repo.directory(adapter_id)
-            if manager.in_use(adapter_dir):
-                raise InUse(f"adapter {adapter_id} is serving requests or pinned; retry when idle")
-            repo.delete(adapter_id)
-            manager.forget(adapter_dir)
+            await self._remove(adapter_id)
             return JSONResponse({"id": adapter_id, "deleted": True})
         except InUse as e:
-            return JSONResponse(
-                {"error": {"message": str(e), "type": "ConflictError", "param": None, "code": 409}}, status_code=409
-            )
+            return _conflict(e)
         except MuxError as e:
             return error_response(e)
+
+    async def _remove(self, adapter_id: str) -> None:
+        repo, manager = self.state.repository, self.state.engine.adapters
+        adapter_dir = repo.directory(adapter_id)
+        if manager.in_use(adapter_dir):
+            raise InUse(f"adapter {adapter_id} is serving requests or pinned; retry when idle")
+        await run_in_threadpool(repo.delete, adapter_id)
+        manager.forget(adapter_dir)
 
 
 def _save(upload: UploadFile, dst: Path) -> None:
     upload.file.seek(0)
     with open(dst, "wb") as out:
         shutil.copyfileobj(upload.file, out, 1 << 20)
+
+
+def _conflict(e: InUse) -> JSONResponse:
+    body = {"error": {"message": str(e), "type": "ConflictError", "param": None, "code": 409}}
+    return JSONResponse(body, status_code=409)
 
 
 def _too_large() -> JSONResponse:

@@ -34,10 +34,12 @@ class ServerState:
         adapter_dir: Path,
         pinned: tuple[str, ...] = (),
         auth: Auth | None = None,
+        allowed_lora_dirs: tuple[Path, ...] = (),
     ) -> None:
         self.make_engine = make_engine
         self.pinned = pinned
         self.auth = auth or Auth()
+        self.allowed_lora_dirs = (Path(adapter_dir), *allowed_lora_dirs)  # for /v1/load_lora_adapter
         self.metrics = Metrics(self)
         self.repository = AdapterRepository(adapter_dir)
         self.engine: Engine | None = None

@@ -33,6 +33,7 @@ class Caller:
 
 
 OPEN = Caller(tenant=None, admin=True)
+DEFAULT_TENANT = "default"
 
 
 class Auth:
@@ -70,8 +71,8 @@ class Auth:
 
     def adapter_id(self, caller: Caller, model: str) -> str:
         """The full `<tenant>/<name>` a caller means: tenants may say plain `name` for their own adapters."""
-        if "/" not in model and caller.tenant is not None:
-            return f"{caller.tenant}/{model}"
+        if "/" not in model:  # without a tenant key, plain names live under `default/`
+            return f"{caller.tenant or DEFAULT_TENANT}/{model}"
         return model
 
     def can_use(self, caller: Caller, adapter_id: str) -> bool:

@@ -84,6 +84,7 @@ def test_admin_routes_refuse_tenant_keys(server):
     assert call(server, "/admin/stats", KEYS["acme"])[0] == 403
     assert call(server, "/admin/stats")[0] == 401
     assert call(server, "/admin/adapters/acme/attn/evict", KEYS["beta"], "POST")[0] == 403
+    assert call(server, "/v1/load_lora_adapter", KEYS["acme"], "POST")[0] == 403  # server-side paths: admin only
 
 
 def test_stats_after_traffic_over_more_adapters_than_slots(server):

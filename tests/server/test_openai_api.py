@@ -23,8 +23,9 @@ def repo(tmp_path_factory, tiny_adapters):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, repo):
-    with run_server(tiny_dir, repo, "--max-loras", "2") as base:
+def server(tiny_dir, repo, tiny_adapters):
+    allowed = next(iter(tiny_adapters.values())).parent
+    with run_server(tiny_dir, repo, "--max-loras", "2", "--allowed-lora-dir", str(allowed)) as base:
         yield base
 
 
@@ -124,3 +125,33 @@ def test_several_adapters_concurrently(client, engine, repo):
         texts = list(pool.map(call, jobs))
     for (model, prompt), text in zip(jobs, texts, strict=True):
         assert text == expected(engine, repo, prompt, None if model == "tiny" else model).text
+
+
+def test_vllm_load_and_unload_lora_adapter(server, client, engine, tiny_adapters, tmp_path):
+    import httpx
+
+    src = tiny_adapters["r4-all"]
+    r = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "sql-lora", "lora_path": str(src)})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql-lora' added successfully."
+    out = client.completions.create(model="sql-lora", prompt="Hello world", max_tokens=8, temperature=0)
+    ref = engine.generate(["Hello world"], SamplingParams(max_tokens=8, temperature=0), [src])[0]
+    assert out.choices[0].text == ref.text
+    assert "default/sql-lora" in {m.id for m in client.models.list().data}
+    again = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "sql-lora", "lora_path": str(src)})
+    assert again.status_code == 400 and "already been loaded" in again.text
+    outside = shutil.copytree(src, tmp_path / "outside")
+    r = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(outside)})
+    assert r.status_code == 403 and "outside the allowed" in r.text
+    sneaky = str(src.parent / ".." / outside.parent.name / "outside")
+    assert httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": sneaky}).status_code in (
+        403,
+        404,
+    )
+    assert httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "z"}).status_code == 400
+    r = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": str(src.parent)})
+    assert r.status_code == 404 and "No adapter found" in r.text
+    r = httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "sql-lora"})
+    assert r.status_code == 200 and "removed successfully" in r.text
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "sql-lora"}).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="sql-lora", prompt="Hi", max_tokens=2)
