@@ -206,11 +206,9 @@ class Engine:
         seq.output_logprobs.append(logprob)
         p = seq.params
         if token in self.eos_ids and not p.ignore_eos:
-            seq.stream.push(TokenEvent(token, seq.detok.flush(), logprob, "eos"))
-            return self._finish(seq, "eos", notify=False)
+            return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos"))
         if token in p.stop_token_ids:
-            seq.stream.push(TokenEvent(token, seq.detok.flush(), logprob, "stop"))
-            return self._finish(seq, "stop", notify=False)
+            return self._finish(seq, "stop", TokenEvent(token, seq.detok.flush(), logprob, "stop"))
         text, stopped = seq.detok.add(token)
         if stopped:
             reason = "stop"
@@ -218,15 +216,15 @@ class Engine:
             reason, text = "length", text + seq.detok.flush()
         else:
             return seq.stream.push(TokenEvent(token, text, logprob))
-        seq.stream.push(TokenEvent(token, text, logprob, reason))
-        self._finish(seq, reason, notify=False)
+        self._finish(seq, reason, TokenEvent(token, text, logprob, reason))
 
-    def _finish(self, seq: Sequence, reason: str, notify: bool = True, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, last: TokenEvent | None = None, error: str | None = None) -> None:
+        """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
+        answer never sees the resources still held)."""
         self.scheduler.finish(seq, reason)
         self.sampler.forget(seq.seq_id)
         self._seqs.pop(seq.request_id, None)
-        if notify:
-            seq.stream.push(TokenEvent(None, "", None, reason, error))
+        seq.stream.push(last or TokenEvent(None, "", None, reason, error))
 
     def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
