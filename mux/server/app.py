@@ -21,6 +21,7 @@ from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
 from mux.server.metrics import Metrics
 from mux.server.openai import OpenAIRoutes, error_response
+from mux.server.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,10 @@ def create_app(state: ServerState) -> Starlette:
         if state.engine is not None:
             state.engine.stop()
 
-    routes = [Route("/health", health), Route("/ready", ready)]
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(openapi_document())
+
+    routes = [Route("/health", health), Route("/ready", ready), Route("/openapi.json", openapi)]
     served = openai.routes() + admin.routes() + adapters.routes() + [Route("/metrics", metrics)]
     routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in served]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,105 @@
+"""The OpenAPI document of the HTTP routes, served at /openapi.json (hand-written: small, and exact)."""
+
+from __future__ import annotations
+
+_ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_JSON = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
+_SAMPLING = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number"},
+    "top_k": {"type": "integer"},
+    "n": {"type": "integer", "minimum": 1, "maximum": 16},
+    "seed": {"type": "integer"},
+    "stream": {"type": "boolean"},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+}
+
+
+def _op(summary: str, body: dict | None = None, ok: dict = _JSON, params: tuple[str, ...] = ()) -> dict:
+    op: dict = {"summary": summary, "responses": {"200": ok, "4XX": _ERROR}}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": body}
+    if params:
+        op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+    return op
+
+
+def _json_body(properties: dict, required: list[str]) -> dict:
+    return {"application/json": {"schema": {"type": "object", "properties": properties, "required": required}}}
+
+
+def openapi_document() -> dict:
+    adapter = ("tenant", "name")
+    upload = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "adapter_config.json": {"type": "string", "format": "binary"},
+                    "adapter_model.safetensors": {"type": "string", "format": "binary"},
+                },
+            }
+        }
+    }
+    messages = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+            "required": ["role"],
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "lora-mux",
+            "version": "0.1.0",
+            "description": "One base model, many tenants' LoRA adapters (OpenAI-compatible).",
+        },
+        "components": {
+            "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object"}}}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/health": {"get": _op("liveness")},
+            "/openapi.json": {"get": _op("this document")},
+            "/ready": {"get": _op("model loaded")},
+            "/v1/models": {"get": _op("base model and the caller's adapters")},
+            "/v1/completions": {
+                "post": _op(
+                    "text completion",
+                    _json_body({**_SAMPLING, "prompt": {"oneOf": [{"type": "string"}, {"type": "array"}]}}, ["prompt"]),
+                )
+            },
+            "/v1/chat/completions": {
+                "post": _op("chat completion", _json_body({**_SAMPLING, "messages": messages}, ["messages"]))
+            },
+            "/v1/adapters": {"get": _op("list adapters"), "post": _op("upload an adapter (new version)", upload)},
+            "/v1/adapters/{tenant}/{name}": {
+                "get": _op("adapter metadata", params=adapter),
+                "delete": _op("delete an adapter (409 while in use)", params=adapter),
+            },
+            "/v1/load_lora_adapter": {
+                "post": _op(
+                    "vLLM: install an adapter from an allowed server path",
+                    _json_body(
+                        {"lora_name": {"type": "string"}, "lora_path": {"type": "string"}}, ["lora_name", "lora_path"]
+                    ),
+                )
+            },
+            "/v1/unload_lora_adapter": {
+                "post": _op("vLLM: remove an adapter", _json_body({"lora_name": {"type": "string"}}, ["lora_name"]))
+            },
+            "/admin/stats": {"get": _op("tiers, counters, latency, engine, adapters (admin)")},
+            "/admin/adapters/{tenant}/{name}/{action}": {
+                "post": _op("evict | pin | unpin (admin)", params=(*adapter, "action"))
+            },
+            "/metrics": {"get": _op("Prometheus metrics (admin)", ok={"description": "text exposition"})},
+        },
+    }
