@@ -19,6 +19,7 @@ from mux.errors import InvalidAdapter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+PICKLE_REFUSED = "pickle weights (adapter_model.bin) are never loaded; provide adapter_model.safetensors"
 # PEFT keys: base_model.model.<module path>.lora_A.weight (older saves keep the adapter name: .lora_A.default.weight)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_FLAGS = {  # config key -> why it is refused when truthy
@@ -108,9 +109,7 @@ def load_adapter(
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         if (path / "adapter_model.bin").exists():
-            raise InvalidAdapter(
-                "pickle weights (adapter_model.bin) are never loaded; provide adapter_model.safetensors"
-            )
+            raise InvalidAdapter(PICKLE_REFUSED)
         raise InvalidAdapter(f"missing {WEIGHTS_FILE} in {path.name}")
     pairs = _read_pairs(weights)
     if not pairs:

@@ -16,8 +16,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError
-from mux.lora.adapter import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
+from mux.lora.adapter import CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_REFUSED, WEIGHTS_FILE
 from mux.lora.repository import valid_part
+from mux.server.archive import extract_adapter
 from mux.server.auth import DEFAULT_TENANT, Forbidden
 from mux.server.openai import error_response, read_json
 
@@ -27,6 +28,10 @@ MAX_BODY_BYTES = MAX_WEIGHTS_BYTES + (4 << 20)
 
 class InUse(MuxError):
     """The adapter is serving requests (409)."""
+
+
+class TooLarge(MuxError):
+    """An uploaded file over its size limit (413)."""
 
 
 class AdapterRoutes:
@@ -61,32 +66,37 @@ class AdapterRoutes:
                 return _too_large()
             async with request.form(max_files=4, max_fields=8) as form:
                 adapter_id = self._own(caller, self._adapter_id(caller, form.get("name")))
-                if "archive" in form:
-                    raise InvalidAdapter(
-                        "archive uploads are not supported yet: send adapter_config.json and "
-                        "adapter_model.safetensors as two files"
-                    )
-                if "adapter_model.bin" in form:
-                    raise InvalidAdapter(
-                        "pickle weights (adapter_model.bin) are never loaded; upload adapter_model.safetensors"
-                    )
-                files = {f: form.get(f) for f in (CONFIG_FILE, WEIGHTS_FILE)}
-                for field, value in files.items():
-                    if not isinstance(value, UploadFile):
-                        raise InvalidAdapter(f"missing file field `{field}`")
-                if files[CONFIG_FILE].size > MAX_CONFIG_BYTES or files[WEIGHTS_FILE].size > MAX_WEIGHTS_BYTES:
-                    return _too_large()
                 staged = self.state.repository.staging_dir()
-                for field, upload in files.items():
-                    await run_in_threadpool(_save, upload, staged / field)
+                archive = form.get("archive")
+                if isinstance(archive, UploadFile):
+                    await run_in_threadpool(
+                        extract_adapter, archive.file, archive.filename or "archive", staged, MAX_WEIGHTS_BYTES
+                    )
+                else:
+                    await self._save_files(form, staged)
             meta = await self._publish(adapter_id, staged)
             staged = None
             return JSONResponse(meta, status_code=201)
+        except TooLarge:
+            return _too_large()
         except MuxError as e:
             return error_response(e)
         finally:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
+
+    @staticmethod
+    async def _save_files(form, staged: Path) -> None:
+        if "adapter_model.bin" in form:
+            raise InvalidAdapter(PICKLE_REFUSED)
+        files = {f: form.get(f) for f in (CONFIG_FILE, WEIGHTS_FILE)}
+        for field, value in files.items():
+            if not isinstance(value, UploadFile):
+                raise InvalidAdapter(f"missing file field `{field}` (or send one `archive` .tar.gz/.zip)")
+        if files[CONFIG_FILE].size > MAX_CONFIG_BYTES or files[WEIGHTS_FILE].size > MAX_WEIGHTS_BYTES:
+            raise TooLarge()
+        for field, upload in files.items():
+            await run_in_threadpool(_save, upload, staged / field)
 
     async def _publish(self, adapter_id: str, staged: Path) -> dict:
         """Validate a staged adapter with the engine's own reader, then install it as the next version."""

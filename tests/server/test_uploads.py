@@ -171,3 +171,95 @@ def test_delete_refused_while_pinned_then_allowed(server, repo, tiny_adapters):
     assert httpx.delete(f"{server}/v1/adapters/acme/gone", headers=acme).status_code == 200
     assert not (repo / "acme" / "gone").exists()
     assert complete(server, "acme", "gone").status_code == 404
+
+
+def _tar(members, path):
+    """members: (name, bytes) for files, or (name, ("symlink", target))."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _zip(members, path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def _two(src, prefix=""):
+    return [(prefix + f, (src / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")]
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archive_upload(server, tiny_adapters, tmp_path, kind):
+    src = tiny_adapters["r8-qv"]
+    make = _tar if kind == "tar" else _zip
+    archive = make([*_two(src, "my-lora/"), ("my-lora/README.md", b"hi")], tmp_path / f"a.{kind}")
+    r = upload(server, "acme", f"arch-{kind}", {"archive": (archive.name, archive.read_bytes())})
+    assert r.status_code == 201, r.text
+    assert complete(server, "acme", f"arch-{kind}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        ("dotdot", "unsafe path"),
+        ("absolute", "unsafe path"),
+        ("symlink", "not a regular file"),
+        ("bomb", "too large"),
+        ("pickle", "pickle"),
+        ("missing", "lacks"),
+        ("deep", "nested too deep"),
+    ],
+)
+def test_hostile_archives_are_refused_and_leave_nothing(server, repo, tiny_adapters, tmp_path, members, reason):
+    src = tiny_adapters["r8-qv"]
+    two = _two(src)
+    cases = {
+        "dotdot": [*two, ("../../evil.txt", b"x")],
+        "absolute": [*two, ("/tmp/evil.txt", b"x")],
+        "symlink": [two[0], ("adapter_model.safetensors", ("symlink", "/etc/passwd"))],
+        "bomb": [(two[0][0], b" " * (8 << 20)), two[1]],  # 8 MB of spaces: ~8 KB compressed
+        "pickle": [two[0], ("adapter_model.bin", b"\x80\x04K\x01.")],
+        "missing": [two[0]],
+        "deep": [(f"a/b/{n}", d) for n, d in two],
+    }
+    archive = _tar(cases[members], tmp_path / "bad.tar.gz")
+    before = snapshot(repo)
+    r = upload(server, "acme", "hostile", {"archive": (archive.name, archive.read_bytes())})
+    assert r.status_code == 400 and reason in r.json()["error"]["message"], r.text
+    assert snapshot(repo) == before and not (tmp_path.parent / "evil.txt").exists()
+    assert not any((repo / ".staging").glob("*")) if (repo / ".staging").exists() else True
+
+
+def test_garbage_archive(server, tmp_path):
+    r = upload(server, "acme", "junk", {"archive": ("x.tar.gz", b"this is not an archive")})
+    assert r.status_code == 400 and "archive" in r.json()["error"]["message"]
+
+
+def test_zip_symlink_member_is_refused(server, tiny_adapters, tmp_path):
+    import stat
+    import zipfile
+
+    src = tiny_adapters["r8-qv"]
+    path = tmp_path / "link.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("adapter_config.json", (src / "adapter_config.json").read_bytes())
+        link = zipfile.ZipInfo("adapter_model.safetensors")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    r = upload(server, "acme", "ziplink", {"archive": (path.name, path.read_bytes())})
+    assert r.status_code == 400 and "not a regular file" in r.json()["error"]["message"]
