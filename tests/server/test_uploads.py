@@ -263,3 +263,37 @@ def test_zip_symlink_member_is_refused(server, tiny_adapters, tmp_path):
         zf.writestr(link, "/etc/passwd")
     r = upload(server, "acme", "ziplink", {"archive": (path.name, path.read_bytes())})
     assert r.status_code == 400 and "not a regular file" in r.json()["error"]["message"]
+
+
+def test_inflight_request_finishes_on_the_old_version(server, tiny_dir, tiny_adapters):
+    """Invariant 6 across a re-upload: a stream started on v1 ends on v1; requests after v2 lands get v2."""
+    v1, v2 = tiny_adapters["r4-all"], tiny_adapters["r16-attn-rslora"]
+    assert upload(server, "acme", "live", adapter_files(v1)).status_code == 201
+    headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+    body = {
+        "model": "live",
+        "prompt": "Hello world",
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    text = ""
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        for line in lines:  # wait until generation is under way, then publish v2
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+                break
+        assert upload(server, "acme", "live", adapter_files(v2)).json()["version"] == 2
+        admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+        rows = httpx.get(f"{server}/admin/stats", headers=admin).json()["adapters"]
+        assert any(a["id"] == "acme/live" and a["version"] == 1 and a["in_flight"] == 1 for a in rows)  # overlap
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    engine = make_engine(tiny_dir, max_loras=1, max_lora_rank=16)
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    assert text == engine.generate(["Hello world"], params, [v1])[0].text
+    after = complete(server, "acme", "live").json()["choices"][0]["text"]
+    assert after == engine.generate(["Hello world"], SamplingParams(**GREEDY), [v2])[0].text

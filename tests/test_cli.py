@@ -1,0 +1,29 @@
+"""`mux` command line: key hashing, and refusing an open non-loopback bind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mux.server.auth import hash_key
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mux.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_hash_key():
+    out = run("hash-key", "s3cret")
+    assert out.returncode == 0 and out.stdout.strip() == hash_key("s3cret")
+
+
+def test_open_server_refuses_a_public_bind():
+    out = run("serve", "--host", "0.0.0.0", "--port", "1")
+    assert out.returncode == 2 and "no API keys are configured" in out.stderr and "--insecure" in out.stderr
+
+
+def test_bad_policy_file_is_reported(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[tiers]\nmax_slots = 3\n")
+    out = run("serve", "--policy", str(f))
+    assert out.returncode == 2 and "max_slots" in out.stderr
