@@ -19,10 +19,19 @@ from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 
+
+class BodyTooLarge(InvalidRequest):
+    """A JSON body over MAX_JSON_BYTES (413)."""
+
+
+MAX_JSON_BYTES = 4 << 20  # prompts of a whole context fit many times over
+
+
 MAX_N = 16
 FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "abort", "error": "abort"}
 _STATUS = [
     (Unauthorized, 401, "AuthenticationError"),
+    (BodyTooLarge, 413, "BadRequestError"),
     (Forbidden, 403, "PermissionDeniedError"),
     (AdapterNotFound, 404, "NotFoundError"),
     (InvalidAdapter, 400, "BadRequestError"),
@@ -41,8 +50,17 @@ def error_response(exc: Exception) -> JSONResponse:
 
 
 async def read_json(request: Request) -> dict:
+    """The body as a JSON object, read through a byte limit (a missing Content-Length does not bypass it)."""
+    if int(request.headers.get("content-length") or 0) > MAX_JSON_BYTES:
+        raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BYTES:
+            raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
+        chunks.append(chunk)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

@@ -103,6 +103,18 @@ def test_bad_requests_are_400(client, server):
         client.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=-1)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="Hi", max_tokens=100000)
+    # a body declared larger than the limit is refused before it is read (the client sends only a little)
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(1 << 30))
+    conn.endheaders(b"{}")
+    resp = conn.getresponse()
+    assert resp.status == 413 and "request body over" in json.loads(resp.read())["error"]["message"]
+    conn.close()
     req = urllib.request.Request(f"{server}/v1/completions", data=b"{nope", method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
