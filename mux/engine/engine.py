@@ -203,7 +203,6 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)
-        seq.output_logprobs.append(logprob)
         p = seq.params
         if token in self.eos_ids and not p.ignore_eos:
             return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos"))

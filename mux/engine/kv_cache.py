@@ -48,10 +48,6 @@ class KVCache:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
         return cls(layers, num_blocks, config.block_size, kv_heads, head_dim, dtype, device)
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 @dataclass(frozen=True, slots=True)
 class PrefillSpan:

@@ -69,7 +69,6 @@ class Sequence:
     request_id: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -92,8 +91,6 @@ class Sequence:
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
+        if start >= n:  # decode steps: no copy of the prompt
+            return self.output_ids[start - n : end - n]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]

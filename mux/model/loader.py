@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -127,16 +126,3 @@ def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:
         elif isinstance(value, list):
             ids.update(value)
     return tuple(sorted(ids))
-
-
-def describe(base: BaseModel) -> str:
-    cfg = base.model.config
-    return json.dumps(
-        {
-            "name": base.name,
-            "type": cfg.model_type,
-            "layers": cfg.num_hidden_layers,
-            "hidden": cfg.hidden_size,
-            "dtype": str(base.model.dtype),
-        }
-    )

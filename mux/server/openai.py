@@ -81,16 +81,16 @@ def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
     return kind(value)
 
 
-def sampling_params(body: dict, max_tokens_key: str = "max_tokens") -> SamplingParams:
+def sampling_params(body: dict, chat: bool = False) -> SamplingParams:
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
         raise InvalidRequest("`stop` must be a non-empty string or a list of at most 16 non-empty strings")
-    max_tokens = body.get("max_completion_tokens") if max_tokens_key == "chat" else None
-    max_tokens = _number(body, "max_tokens", 16, int, lo=1) if max_tokens is None else max_tokens
+    # chat accepts OpenAI's newer `max_completion_tokens` in place of the deprecated `max_tokens`
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     return SamplingParams(
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 16, int, lo=1),
+        max_tokens=_number(body, key, 16, int, lo=1),
         temperature=_number(body, "temperature", 1.0, lo=0, hi=2),
         top_p=_number(body, "top_p", 1.0, lo=1e-9, hi=1),
         top_k=max(0, _number(body, "top_k", 0, int, lo=-1)),  # vLLM: -1 = off
@@ -201,7 +201,7 @@ class OpenAIRoutes:
         model = body.get("model") or self.state.base_name
         if not isinstance(model, str):
             raise InvalidRequest("`model` must be a string")
-        params = sampling_params(body, "chat" if chat else "max_tokens")
+        params = sampling_params(body, chat)
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
         if len(prompts) * n > MAX_N * 4:
             raise InvalidRequest(f"at most {MAX_N * 4} choices per request")

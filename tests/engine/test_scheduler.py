@@ -187,3 +187,12 @@ def test_finish_waiting_and_running_frees_everything():
     sched.finish(b, "cancelled")
     sched.finish(a, "cancelled")
     assert blocks.num_free == blocks.num_blocks and table.num_pinned == 0 and not sched.has_work()
+
+
+def test_token_ids_across_prompt_and_output():
+    s = seq(3)
+    s.output_ids = [10, 11]
+    whole = [0, 1, 2, 10, 11]
+    for start in range(5):
+        for end in range(start, 6):
+            assert s.token_ids(start, end) == whole[start:end]

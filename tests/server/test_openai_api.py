@@ -167,3 +167,11 @@ def test_vllm_load_and_unload_lora_adapter(server, client, engine, tiny_adapters
     assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "sql-lora"}).status_code == 404
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="sql-lora", prompt="Hi", max_tokens=2)
+
+
+def test_chat_max_completion_tokens(client):
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=3, temperature=0
+    )
+    assert r.usage.completion_tokens <= 3
+    assert r.choices[0].finish_reason in ("length", "stop")
