@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from mux.errors import AdapterNotFound
-from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_key
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^v(\d+)$")
@@ -39,6 +39,7 @@ class AdapterRepository:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+        self._sha: dict[str, str] = {}  # adapter_key stamp -> sha256 of a hand-placed adapter's weights
 
     def ids(self) -> list[str]:
         """Every adapter id (`tenant/name`) present on disk, sorted."""
@@ -84,11 +85,14 @@ class AdapterRepository:
         if meta_file.is_file():
             return json.loads(meta_file.read_text())
         weights = path / WEIGHTS_FILE
+        stamp = adapter_key(path)  # None: no weights file (e.g. pickle only), which requests will refuse
+        if stamp is not None and stamp not in self._sha:  # hashed once per version of the file, not per listing
+            self._sha[stamp] = _sha256(weights)
         return {
             "id": adapter_id,
             "version": 0,
-            "sha256": _sha256(weights),
-            "bytes": weights.stat().st_size if weights.is_file() else 0,
+            "sha256": self._sha.get(stamp),
+            "bytes": weights.stat().st_size if stamp else 0,
         }
 
     # ---- uploads ----------------------------------------------------------------------------

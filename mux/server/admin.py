@@ -35,7 +35,7 @@ class AdminRoutes:
         engine, repo = self.state.engine, self.state.repository
         s = engine.adapters.stats()
         ids = repo.ids()
-        s["tiers"]["disk"] = {"count": len(ids), "bytes": sum(_size(repo.root / i) for i in ids)}
+        s["tiers"]["disk"] = {"count": len(ids), "bytes": sum(_size(repo.path(i)) for i in ids)}
         s["adapters"] = [
             {
                 **_identify(repo.root, a["path"]),

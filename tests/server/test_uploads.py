@@ -297,3 +297,26 @@ def test_inflight_request_finishes_on_the_old_version(server, tiny_dir, tiny_ada
     assert text == engine.generate(["Hello world"], params, [v1])[0].text
     after = complete(server, "acme", "live").json()["choices"][0]["text"]
     assert after == engine.generate(["Hello world"], SamplingParams(**GREEDY), [v2])[0].text
+
+
+def test_listing_survives_a_hand_placed_adapter_without_weights(server, repo, tiny_adapters):
+    broken = repo / "acme" / "pickled"
+    broken.mkdir(parents=True)
+    (broken / "adapter_config.json").write_bytes((tiny_adapters["r4-attn"] / "adapter_config.json").read_bytes())
+    (broken / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    try:
+        headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+        rows = {a["id"]: a for a in httpx.get(f"{server}/v1/adapters", headers=headers).json()["data"]}
+        assert rows["acme/pickled"]["sha256"] is None and rows["acme/pickled"]["bytes"] == 0
+        r = complete(server, "acme", "pickled")
+        assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_disk_tier_counts_uploaded_versions(server, tiny_adapters):
+    assert upload(server, "acme", "sized", adapter_files(tiny_adapters["r8-qv"])).status_code == 201
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    listed = httpx.get(f"{server}/v1/adapters", headers=admin).json()["data"]
+    disk = httpx.get(f"{server}/admin/stats", headers=admin).json()["tiers"]["disk"]
+    assert disk["count"] == len(listed) and disk["bytes"] >= sum(a["bytes"] for a in listed) > 0
