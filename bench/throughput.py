@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--levers", action="store_true", help="also run the engine without prepacked linears")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
     n, new = args.requests, args.new_tokens
@@ -78,16 +79,24 @@ def main() -> None:
         mixed = [names[i % len(names)] for i in range(n)]
         hf_generate(peft, tok, texts[:4], 4, mixed[:4])
         runs["peft_mixed_batch"] = lambda: hf_generate(peft, tok, texts, new, mixed)
-    engine = Engine(
-        EngineConfig(
-            model=ModelConfig(model=str(model_dir)),
-            lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank)),
-            cache=CacheConfig(kv_cache_bytes=1 << 30),
+
+    def make_engine(cpu_tuning: bool) -> Engine:
+        engine = Engine(
+            EngineConfig(
+                model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning),
+                lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank)),
+                cache=CacheConfig(kv_cache_bytes=1 << 30),
+            )
         )
-    )
-    mux_generate(engine, texts[: len(paths)], 2, paths)  # warm-up; adapters resident, as PEFT's are preloaded
+        mux_generate(engine, texts[: len(paths)], 2, paths)  # warm-up; adapters resident, as PEFT's are preloaded
+        return engine
+
+    engine = make_engine(cpu_tuning=True)
     runs["mux_base_only"] = lambda: mux_generate(engine, texts, new, [None] * n)
     runs[f"mux_{args.adapters}_adapters"] = lambda: mux_generate(engine, texts, new, per_request)
+    if args.levers:  # prepacked linears off (the glibc heap setting is process-wide, so it stays on here)
+        unpacked = make_engine(cpu_tuning=False)
+        runs[f"mux_{args.adapters}_adapters_unpacked"] = lambda: mux_generate(unpacked, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -104,6 +113,8 @@ def main() -> None:
         "mux_adapters_vs_hf_base": results[adapters_key] / results["hf_generate_base"],
         "mux_base_vs_hf_base": results["mux_base_only"] / results["hf_generate_base"],
     }
+    if args.levers:
+        ratios["packed_vs_unpacked_linears"] = results[adapters_key] / results[f"{adapters_key}_unpacked"]
     data = {"workload": vars(args), "machine": machine(), "tokens_per_s": results, "samples": samples, "ratios": ratios}
     print(json.dumps(ratios, indent=2))
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in results.items())
