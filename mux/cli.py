@@ -28,6 +28,7 @@ def serve(args: argparse.Namespace) -> int:
     from mux.policy import load_policy
     from mux.server.app import ServerState, create_app
     from mux.server.auth import Auth
+    from mux.server.limits import Limits
 
     try:
         policy = load_policy(
@@ -52,7 +53,8 @@ def serve(args: argparse.Namespace) -> int:
         scheduler=policy.scheduler,
     )
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
-    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned, auth, allowed)
+    limits = Limits(policy.limits, policy.tenant_limits)
+    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned, auth, allowed, limits)
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "

@@ -20,4 +20,8 @@ class InvalidRequest(MuxError):
 
 
 class Overloaded(MuxError):
-    """The admission queue is full; retry later."""
+    """The admission queue or a tenant's limit is full; retry after `retry_after` seconds (429)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from mux.config import LoRAConfig, SchedulerConfig
 from mux.errors import MuxError
 from mux.lora.policies import POLICIES
+from mux.server.limits import TenantLimit
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.toml"
 _TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
@@ -25,6 +26,8 @@ class Policy:
     admin_keys: tuple[str, ...] = ()  # "sha256:<hex>" each
     tenant_keys: dict[str, tuple[str, ...]] | None = None  # tenant -> its key hashes
     public: tuple[str, ...] = ()  # adapter id patterns any caller may use, e.g. "demo/*"
+    limits: TenantLimit = field(default_factory=TenantLimit)  # [limits]: each tenant unless its section says
+    tenant_limits: dict[str, TenantLimit] | None = None
 
 
 def load_policy(path: str | Path | None = None, **overrides) -> Policy:
@@ -36,7 +39,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
         raise MuxError(f"policy file {path}: {e}") from None
     if path != DEFAULT_POLICY and not path.is_file():
         raise MuxError(f"policy file {path} does not exist")
-    _only(data, {"eviction", "tiers", "scheduler", "pinned", "admin", "tenants", "public"}, "top level")
+    _only(data, {"eviction", "tiers", "scheduler", "pinned", "admin", "tenants", "public", "limits"}, "top level")
     eviction, tiers = data.get("eviction", {}), data.get("tiers", {})
     _only(eviction, {"policy"}, "[eviction]")
     _only(tiers, _TIERS, "[tiers]")
@@ -51,6 +54,9 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     if not isinstance(tenants, dict) or not all(_TENANT.match(t) for t in tenants):
         raise MuxError(f"policy file {path}: [tenants.<name>] names must be simple identifiers")
     tenant_keys = {t: _key_hashes(v, f"[tenants.{t}]", path) for t, v in tenants.items()}
+    _only(data.get("limits", {}), {f.name for f in fields(TenantLimit)}, "[limits]")
+    limits = _limit(data.get("limits", {}), TenantLimit(), "[limits]", path)
+    tenant_limits = {t: _limit(v, limits, f"[tenants.{t}]", path) for t, v in tenants.items()}
     try:
         if lora_values.get("eviction_policy", "lru") not in POLICIES:
             raise ValueError(f"unknown eviction policy {lora_values['eviction_policy']!r}")
@@ -61,6 +67,8 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
             admin_keys,
             tenant_keys,
             public,
+            limits,
+            tenant_limits,
         )
     except (TypeError, ValueError) as e:
         raise MuxError(f"policy file {path}: {e}") from None
@@ -79,8 +87,17 @@ def _strings(section: dict, key: str, where: str, path: Path) -> tuple[str, ...]
     return tuple(values)
 
 
+def _limit(section: dict, default: TenantLimit, where: str, path: Path) -> TenantLimit:
+    values = {k: v for k, v in section.items() if k in {f.name for f in fields(TenantLimit)}}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MuxError(f"policy file {path}: {where} {key} must be a positive integer")
+    return replace(default, **values)
+
+
 def _key_hashes(section: dict, where: str, path: Path) -> tuple[str, ...]:
-    _only(section if isinstance(section, dict) else {}, {"keys"}, where)
+    limit_keys = {f.name for f in fields(TenantLimit)}
+    _only(section if isinstance(section, dict) else {}, {"keys"} | (limit_keys if where != "[admin]" else set()), where)
     keys = _strings(section, "keys", where, path)
     if not all(_KEY_HASH.match(k) for k in keys):  # the offending value is not echoed: it may be a secret
         raise MuxError(

@@ -69,6 +69,7 @@ class Engine:
         params: SamplingParams | None = None,
         adapter: str | Path | AdapterRef | None = None,
         request_id: str | None = None,
+        tenant: str | None = None,
     ) -> RequestStream:
         """Queue one generation. Raises InvalidRequest/InvalidAdapter/Overloaded before anything is queued.
 
@@ -79,7 +80,7 @@ class Engine:
         self._check_request(prompt_ids, params)
         ref = self.adapters.prepare(adapter) if isinstance(adapter, (str, Path)) else adapter
         request_id = request_id or f"req-{next(_request_ids)}"
-        seq = Sequence(prompt_ids, params, ref, request_id)
+        seq = Sequence(prompt_ids, params, ref, request_id, tenant)
         seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         seq.stream = RequestStream(request_id, prompt_ids, ref and str(ref.path), self.cancel, self._pump)
         self._inbox.put(("add", seq))

@@ -67,6 +67,7 @@ class Sequence:
     params: SamplingParams
     adapter: AdapterRef | None = None
     request_id: str = ""
+    tenant: str | None = None  # for fair admission across tenants
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

@@ -19,9 +19,11 @@ from mux.lora.repository import AdapterRepository
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
+from mux.server.limits import Limits
 from mux.server.metrics import Metrics
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
+from mux.server.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,14 @@ class ServerState:
         pinned: tuple[str, ...] = (),
         auth: Auth | None = None,
         allowed_lora_dirs: tuple[Path, ...] = (),
+        limits: Limits | None = None,
     ) -> None:
         self.make_engine = make_engine
         self.pinned = pinned
         self.auth = auth or Auth()
         self.allowed_lora_dirs = (Path(adapter_dir), *allowed_lora_dirs)  # for /v1/load_lora_adapter
+        self.limits = limits or Limits()
+        self.serving = Serving(self)
         self.metrics = Metrics(self)
         self.repository = AdapterRepository(adapter_dir)
         self.engine: Engine | None = None

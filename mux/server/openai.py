@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -45,7 +44,7 @@ def error_response(exc: Exception) -> JSONResponse:
     status, kind = next(((s, k) for cls, s, k in _STATUS if isinstance(exc, cls)), (500, "InternalServerError"))
     param = "model" if isinstance(exc, AdapterNotFound) else None
     body = {"error": {"message": str(exc), "type": kind, "param": param, "code": status}}
-    headers = {"Retry-After": "1"} if status == 429 else None
+    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 429 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -205,22 +204,10 @@ class OpenAIRoutes:
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
         if len(prompts) * n > MAX_N * 4:
             raise InvalidRequest(f"at most {MAX_N * 4} choices per request")
-        adapter = None
-        if model != self.state.base_name:
-            adapter_id = self.state.auth.adapter_id(caller, model)
-            self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
-            path = self.state.repository.path(adapter_id)
-            adapter = await run_in_threadpool(self.state.engine.prepare_adapter, path)
-        streams = []
-        try:
-            for prompt in prompts:
-                for i in range(n):
-                    p = params if params.seed is None else _with_seed(params, params.seed + i)
-                    streams.append(self.state.engine.submit(prompt, p, adapter))
-        except MuxError:
-            for s in streams:
-                s.cancel()
-            raise
+        prompts = [p for p in prompts for _ in range(n)]
+        seeded = params.seed is not None  # choice i of each prompt samples with seed + i
+        params_list = [_with_seed(params, params.seed + i % n) if seeded else params for i in range(len(prompts))]
+        streams = await self.state.serving.submit(caller, model, prompts, params_list)
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -236,10 +223,7 @@ class OpenAIRoutes:
         try:
             results = [await s.aresult() for s in streams]
         finally:
-            for s in streams:
-                if not s.finished:
-                    s.cancel()
-            self.state.metrics.observe(meta["model"], streams)
+            self.state.serving.done(meta["model"], streams)
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "logprobs": None, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
@@ -295,10 +279,7 @@ class OpenAIRoutes:
             yield _event({"error": {"message": str(e), "type": "InternalServerError", "param": None, "code": 500}})
             yield "data: [DONE]\n\n"
         finally:  # client gone or done: cancel whatever still runs (frees KV and adapter pins)
-            for s in streams:
-                if not s.finished:
-                    s.cancel()
-            self.state.metrics.observe(meta["model"], streams)
+            self.state.serving.done(meta["model"], streams)
 
 
 def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:

@@ -1,0 +1,66 @@
+"""The one request path every protocol shares: caller + model name -> adapter -> tenant limits -> engine.
+
+OpenAI, KServe v2 and LoRAX routes parse their own wire format, then call `submit` and, when the response
+ends (finished, failed or the client went away), `done`. One adapter, one name, one set of checks everywhere.
+"""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+
+from mux.engine.sequence import SamplingParams
+from mux.engine.stream import RequestStream
+from mux.errors import InvalidRequest, MuxError
+from mux.server.auth import Caller
+
+
+class Serving:
+    def __init__(self, state) -> None:
+        self.state = state  # ServerState: engine, auth, repository, limits, metrics
+
+    def is_base(self, model: str | None) -> bool:
+        return not model or model == self.state.base_name
+
+    async def submit(
+        self,
+        caller: Caller,
+        model: str | None,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams],
+    ) -> list[RequestStream]:
+        """Queue one generation per prompt (params: one for all, or one each). Raises MuxError, queueing nothing.
+
+        `model` is the base model's name (or None/"") or an adapter id: `<tenant>/<name>`, or a plain
+        `<name>` meaning the caller's own tenant.
+        """
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("the model name must be a string")
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        engine = self.state.engine
+        adapter = None
+        if not self.is_base(model):
+            adapter_id = self.state.auth.adapter_id(caller, model)
+            self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
+            path = self.state.repository.path(adapter_id)
+            adapter = await run_in_threadpool(engine.prepare_adapter, path)
+        limits = self.state.limits
+        key = limits.admit(caller.tenant, len(prompts))  # 429 past the tenant's limits
+        streams: list[RequestStream] = []
+        try:
+            for prompt, p in zip(prompts, params_list, strict=True):
+                streams.append(engine.submit(prompt, p, adapter, tenant=key))
+        except MuxError:
+            for s in streams:
+                s.cancel()
+            limits.track(key, [], len(prompts))
+            raise
+        limits.track(key, streams, len(prompts))
+        return streams
+
+    def done(self, model: str | None, streams: list[RequestStream]) -> None:
+        """The response is over: cancel what still runs (frees KV and the adapter pin), count, release limits."""
+        for s in streams:
+            if not s.finished:
+                s.cancel()
+        self.state.metrics.observe(model or self.state.base_name, streams)
+        self.state.limits.finish(streams)
