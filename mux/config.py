@@ -60,6 +60,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
     max_waiting: int = 4096  # admission queue bound
     starvation_steps: int = 64  # after this many skipped steps the queue head blocks new adapters
+    request_timeout_s: float = 600.0  # a generation still unfinished this long after submit ends with an error
 
     def __post_init__(self) -> None:
         _positive(
@@ -68,6 +69,8 @@ class SchedulerConfig:
             max_waiting=self.max_waiting,
             starvation_steps=self.starvation_steps,
         )
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,3 +25,7 @@ class Overloaded(MuxError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeadlineExceeded(MuxError):
+    """A generation ran past the request deadline (`request_timeout_s`) and was ended (504)."""

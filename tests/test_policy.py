@@ -35,6 +35,9 @@ def test_values_and_overrides(tmp_path):
         ('[tenants."a b"]\nkeys = []\n', "tenants"),
         ("not toml [", "policy file"),
         ('[pinned]\nadapters = "x"\n', "list"),
+        ("[limits]\nmax_concurrent = 0\n", "positive integer"),
+        ("[limits]\nrequests_per_day = 5\n", "requests_per_day"),
+        ("[scheduler]\nrequest_timeout_s = 0\n", "request_timeout_s"),
     ],
 )
 def test_bad_policy_files_are_refused(tmp_path, text, match):
@@ -42,6 +45,19 @@ def test_bad_policy_files_are_refused(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(MuxError, match=match):
         load_policy(f)
+
+
+def test_tenant_limits_inherit_the_default(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text(
+        "[limits]\nmax_concurrent = 4\ntokens_per_minute = 1000\n"
+        "[tenants.acme]\nkeys = []\nmax_concurrent = 16\n[tenants.small]\nkeys = []\n"
+        "[scheduler]\nrequest_timeout_s = 30\n"
+    )
+    p = load_policy(f)
+    assert (p.limits.max_concurrent, p.limits.tokens_per_minute) == (4, 1000)
+    assert (p.tenant_limits["acme"].max_concurrent, p.tenant_limits["acme"].tokens_per_minute) == (16, 1000)
+    assert p.tenant_limits["small"] == p.limits and p.scheduler.request_timeout_s == 30
 
 
 def test_missing_file(tmp_path):

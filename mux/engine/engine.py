@@ -59,6 +59,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
+        self._next_expiry_check = 0.0
         self.num_generated = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
 
@@ -81,6 +82,7 @@ class Engine:
         ref = self.adapters.prepare(adapter) if isinstance(adapter, (str, Path)) else adapter
         request_id = request_id or f"req-{next(_request_ids)}"
         seq = Sequence(prompt_ids, params, ref, request_id, tenant)
+        seq.deadline = time.monotonic() + self.config.scheduler.request_timeout_s
         seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         seq.stream = RequestStream(request_id, prompt_ids, ref and str(ref.path), self.cancel, self._pump)
         self._inbox.put(("add", seq))
@@ -147,6 +149,7 @@ class Engine:
         with self._step_lock:
             self._drain_inbox()
             self._fail_broken_adapters()
+            self._expire()
             out = self.scheduler.schedule()
             if not out.scheduled:  # idle, or waiting on adapter loads: give the loader a moment
                 return self.adapters.wait_for_load(0.01) or bool(out.preempted)
@@ -170,6 +173,16 @@ class Engine:
         for seq in list(self.scheduler.waiting):
             if seq.adapter is not None and seq.adapter.key in failures:
                 self._finish(seq, "error", error=failures[seq.adapter.key])
+
+    def _expire(self) -> None:
+        """End sequences past their deadline (checked at most twice a second: it walks every live sequence)."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + 0.5
+        for seq in [s for s in self._seqs.values() if s.deadline <= now]:
+            timeout = self.config.scheduler.request_timeout_s
+            self._finish(seq, "timeout", error=f"the request did not finish within its {timeout:g} s deadline")
 
     def _loop(self) -> None:
         while not self._stopping:

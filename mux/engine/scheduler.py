@@ -5,12 +5,14 @@ decodes (1 token each) and prefill chunks; KV blocks are allocated as tokens arr
 is full the newest running sequence is preempted (its KV freed, recomputed later). Every running sequence
 holds a pinned LoRA slot, so one step never carries more distinct adapters than there are slots. A waiting
 sequence reserves (pins) its slot when it gets one; the manager loads the adapter meanwhile and the sequence
-is admitted once it is ready, while sequences whose adapters are resident go ahead.
+is admitted once it is ready, while sequences whose adapters are resident go ahead. Across tenants admission
+is fair: the tenant with the fewest running sequences goes next.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -83,7 +85,7 @@ class Scheduler:
         # 2. Admit waiting sequences (not in a step that had to preempt: the cache is full).
         if out.preempted:
             return out
-        for seq in list(self.waiting):
+        for seq in self._fair_waiting():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if seq.adapter is not None:
@@ -108,6 +110,25 @@ class Scheduler:
             out.scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
         return out
+
+    def _fair_waiting(self) -> Iterator[Sequence]:
+        """Waiting sequences in admission order: FIFO within a tenant; across tenants, the next one always comes
+        from the tenant with the fewest sequences running (ties: the tenant that queued first), so a tenant
+        flooding the queue cannot starve a light one."""
+        queues: dict[str | None, deque[Sequence]] = {}
+        for seq in self.waiting:
+            queues.setdefault(seq.tenant, deque()).append(seq)
+        if len(queues) <= 1:
+            yield from list(self.waiting)
+            return
+        load = Counter(s.tenant for s in self.running)
+        while queues:
+            tenant = min(queues, key=load.__getitem__)
+            queue = queues[tenant]
+            yield queue.popleft()
+            load[tenant] += 1
+            if not queue:
+                del queues[tenant]
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take `seq` out of the scheduler for good: free its KV blocks and its adapter pin."""

@@ -74,8 +74,9 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     slot: int = -1  # device LoRA slot, pinned from reservation until finish/preemption; -1 = none
-    finish_reason: str | None = None  # length | stop | eos | cancelled | error
+    finish_reason: str | None = None  # length | stop | eos | cancelled | timeout | error
     waited_steps: int = 0
+    deadline: float = math.inf  # time.monotonic() past which the engine ends it ("timeout")
     stream: RequestStream | None = None
     detok: Detokenizer | None = None
 

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from mux.errors import MuxError
+from mux.errors import DeadlineExceeded, MuxError
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +21,7 @@ class TokenEvent:
     token_id: int | None  # None for a final event that carries only text or an error
     text: str  # new text since the previous event
     logprob: float | None = None
-    finish_reason: str | None = None  # set on the last event: length | stop | eos | cancelled | error
+    finish_reason: str | None = None  # set on the last event: length | stop | eos | cancelled | timeout | error
     error: str | None = None
 
 
@@ -136,6 +136,8 @@ class RequestStream:
 
     @staticmethod
     def _check(event: TokenEvent):
+        if event.finish_reason == "timeout":
+            raise DeadlineExceeded(event.error)
         if event.error is not None:
             raise MuxError(event.error)
         yield event

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream
-from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 
 
@@ -27,7 +27,7 @@ MAX_JSON_BYTES = 4 << 20  # prompts of a whole context fit many times over
 
 
 MAX_N = 16
-FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "abort", "error": "abort"}
+FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "abort", "timeout": "abort", "error": "abort"}
 _STATUS = [
     (Unauthorized, 401, "AuthenticationError"),
     (BodyTooLarge, 413, "BadRequestError"),
@@ -36,14 +36,19 @@ _STATUS = [
     (InvalidAdapter, 400, "BadRequestError"),
     (InvalidRequest, 400, "BadRequestError"),
     (Overloaded, 429, "RateLimitError"),
+    (DeadlineExceeded, 504, "TimeoutError"),
 ]
 
 
-def error_response(exc: Exception) -> JSONResponse:
+def error_body(exc: Exception) -> tuple[int, dict]:
     """The one place MuxError maps to OpenAI-style status codes and bodies."""
     status, kind = next(((s, k) for cls, s, k in _STATUS if isinstance(exc, cls)), (500, "InternalServerError"))
     param = "model" if isinstance(exc, AdapterNotFound) else None
-    body = {"error": {"message": str(exc), "type": kind, "param": param, "code": status}}
+    return status, {"error": {"message": str(exc), "type": kind, "param": param, "code": status}}
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    status, body = error_body(exc)
     headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 429 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -275,8 +280,8 @@ class OpenAIRoutes:
             if include_usage:
                 yield _event({**meta, "object": obj, "choices": [], "usage": _usage(streams[::n], sum(counts))})
             yield "data: [DONE]\n\n"
-        except MuxError as e:
-            yield _event({"error": {"message": str(e), "type": "InternalServerError", "param": None, "code": 500}})
+        except MuxError as e:  # the stream already said 200: the error travels as an event
+            yield _event(error_body(e)[1])
             yield "data: [DONE]\n\n"
         finally:  # client gone or done: cancel whatever still runs (frees KV and adapter pins)
             self.state.serving.done(meta["model"], streams)

@@ -161,3 +161,22 @@ def test_admission_queue_is_bounded(tiny_dir):
     engine.submit("b", GREEDY)
     with pytest.raises(Overloaded):
         engine.submit("c", GREEDY)
+
+
+def test_request_deadline_ends_stuck_work(tiny_dir):
+    from mux.config import EngineConfig, ModelConfig, SchedulerConfig
+    from mux.engine.engine import Engine
+    from mux.errors import DeadlineExceeded
+
+    config = EngineConfig(model=ModelConfig(model=str(tiny_dir)), scheduler=SchedulerConfig(request_timeout_s=0.3))
+    engine = Engine(config)
+    engine.start()
+    try:
+        stream = engine.submit("a", SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            stream.result()
+        assert stream.finish_reason == "timeout"
+        time.sleep(0.1)
+        assert engine.num_running == 0 and engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()

@@ -196,3 +196,25 @@ def test_token_ids_across_prompt_and_output():
     for start in range(5):
         for end in range(start, 6):
             assert s.token_ids(start, end) == whole[start:end]
+
+
+def test_a_flooding_tenant_does_not_starve_a_light_one():
+    sched, _, _ = make(num_blocks=256, max_num_seqs=4)
+    flood = [Sequence([1, 2, 3], SamplingParams(max_tokens=4), tenant="flood") for _ in range(20)]
+    for seq in flood:
+        sched.add(seq)
+    light = Sequence([1, 2, 3], SamplingParams(max_tokens=4), tenant="light")
+    sched.add(light)  # queued behind 20 of the flood's
+    out = sched.schedule()
+    admitted = [s.seq for s in out.scheduled]
+    assert light in admitted  # fewest running goes next: the light tenant gets the second place
+    assert [s.tenant for s in admitted] == ["flood", "light", "flood", "flood"]
+    assert admitted[0] is flood[0] and admitted[2] is flood[1]  # FIFO within a tenant
+
+
+def test_one_tenant_keeps_plain_fifo():
+    sched, _, _ = make(num_blocks=256, max_num_seqs=3)
+    seqs = [Sequence([1, 2], SamplingParams(), tenant="a") for _ in range(5)]
+    for seq in seqs:
+        sched.add(seq)
+    assert [s.seq for s in sched.schedule().scheduled] == seqs[:3]
