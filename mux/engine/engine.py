@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class Engine:
         self.num_steps = 0
         self._next_expiry_check = 0.0
         self.num_generated = 0
+        self.finished: Counter[str] = Counter()  # finish reason -> sequences (cancelled = client went away, ...)
         self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
 
     # ---- public API -------------------------------------------------------------------------
@@ -137,6 +138,7 @@ class Engine:
             "generated_tokens": self.num_generated,
             "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
             "kv_blocks": {"total": self.blocks.num_blocks, "free": self.blocks.num_free},
+            "finished": dict(self.finished),
         }
 
     @property
@@ -235,6 +237,7 @@ class Engine:
         """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
         answer never sees the resources still held)."""
         self.scheduler.finish(seq, reason)
+        self.finished[reason] += 1
         self.sampler.forget(seq.seq_id)
         self._seqs.pop(seq.request_id, None)
         seq.stream.push(last or TokenEvent(None, "", None, reason, error))

@@ -1,0 +1,103 @@
+"""Overload and disconnects on a real server: per-tenant limits answer 429 with Retry-After, other tenants keep
+being served, and a client that goes away mid-stream frees its KV blocks and adapter pin at once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import httpx
+import pytest
+
+from conftest import run_server
+from mux.server.auth import hash_key
+
+KEYS = {"admin": "admin-secret", "acme": "acme-secret", "beta": "beta-secret"}
+LONG = {"max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir, tiny_adapters):
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copytree(tiny_adapters["r4-attn"], root / "acme" / "a")
+    shutil.copytree(tiny_adapters["r8-mlp"], root / "beta" / "b")
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text(
+        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
+        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\nmax_concurrent = 2\n'
+        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\n'
+    )
+    with run_server(tiny_dir, root, "--policy", str(policy)) as base:
+        yield base
+
+
+def _headers(who: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[who]}"}
+
+
+def _stats(base: str) -> dict:
+    return httpx.get(f"{base}/admin/stats", headers=_headers("admin")).json()
+
+
+def _wait_idle(base: str, timeout: float = 10.0) -> dict:
+    """Poll until no sequence runs, every KV block is free and no slot is pinned by a request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = _stats(base)
+        e = s["engine"]
+        idle = e["running"] == 0 and e["waiting"] == 0 and e["kv_blocks"]["free"] == e["kv_blocks"]["total"]
+        if idle and s["tiers"]["device"]["pinned"] == 0:
+            return s
+        assert time.monotonic() < deadline, f"not idle: {s}"
+        time.sleep(0.05)
+
+
+def _first_chunks(client: httpx.Client, base: str, who: str, model: str, n: int = 3) -> None:
+    """Open a stream, read `n` events, then drop the connection (closing the response)."""
+    body = {"model": model, "prompt": "hello", **LONG}
+    with client.stream("POST", f"{base}/v1/completions", json=body, headers=_headers(who)) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= n:
+                break
+
+
+def test_disconnect_mid_stream_frees_kv_and_pin(server):
+    before = _wait_idle(server)["engine"]["finished"].get("cancelled", 0)
+    for _ in range(3):
+        with httpx.Client(timeout=30) as client:  # a fresh connection each time, closed mid-stream
+            _first_chunks(client, server, "acme", "a")
+    s = _wait_idle(server)
+    assert s["engine"]["finished"].get("cancelled", 0) - before == 3  # counted: each one cancelled, not finished
+
+
+def test_tenant_over_its_limit_gets_429_and_others_are_served(server):
+    _wait_idle(server)
+    body = {"model": "a", "prompt": "hello", **LONG}
+    with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2, httpx.Client(timeout=30) as c3:
+        with (
+            c1.stream("POST", f"{server}/v1/completions", json=body, headers=_headers("acme")) as r1,
+            c2.stream("POST", f"{server}/v1/completions", json=body, headers=_headers("acme")) as r2,
+        ):
+            assert r1.status_code == r2.status_code == 200
+            third = c3.post(f"{server}/v1/completions", json={**body, "stream": False}, headers=_headers("acme"))
+            assert third.status_code == 429
+            assert int(third.headers["retry-after"]) >= 1
+            assert "acme" in third.json()["error"]["message"] and third.json()["error"]["code"] == 429
+            other = c3.post(
+                f"{server}/v1/completions",
+                json={"model": "b", "prompt": "hi", "max_tokens": 4, "temperature": 0},
+                headers=_headers("beta"),
+            )
+            assert other.status_code == 200, other.text  # beta has its own limit
+            n = json.loads(next(line for line in r1.iter_lines() if line.startswith("data:"))[5:])
+            assert n["choices"]
+    _wait_idle(server)  # the two streams were dropped: their places come back
+    ok = httpx.post(
+        f"{server}/v1/completions",
+        json={"model": "a", "prompt": "hi", "max_tokens": 2, "temperature": 0},
+        headers=_headers("acme"),
+        timeout=30,
+    )
+    assert ok.status_code == 200
