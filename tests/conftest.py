@@ -125,10 +125,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def run_server(model_dir: Path, adapter_dir: Path, *extra: str):
-    """A real `mux serve` process on a free loopback port; yields its base URL once /ready answers."""
-    port = free_port()
+def start_server(model_dir: Path, adapter_dir: Path, *extra: str, port: int | None = None):
+    """Start a real `mux serve` process on a loopback port; returns (process, base URL) once /ready answers."""
+    port = port or free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -152,17 +151,24 @@ def run_server(model_dir: Path, adapter_dir: Path, *extra: str):
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc, base
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not become ready: {proc.communicate()[0]}") from None
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def run_server(model_dir: Path, adapter_dir: Path, *extra: str):
+    """A real `mux serve` process on a free loopback port; yields its base URL once /ready answers."""
+    proc, base = start_server(model_dir, adapter_dir, *extra)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"server did not become ready: {proc.stdout.read()}") from None
-                time.sleep(0.2)
         yield base
     finally:
         proc.terminate()

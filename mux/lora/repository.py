@@ -138,9 +138,48 @@ class AdapterRepository:
             shutil.rmtree(trash, ignore_errors=True)
         return adapter_dir
 
-    def clean_staging(self) -> None:
-        """Leftovers of interrupted uploads (a crash mid-upload) are never served; remove them at start."""
+    def recover(self) -> list[str]:
+        """At start, remove what a crash (kill -9) can leave behind; returns what was removed.
+
+        - `.staging/`: uploads that were still arriving or being validated;
+        - `v<N>` directories newer than `current` (moved in, never published: the upload was not acknowledged);
+        - `.current-*` links made for a publish that did not happen.
+        Published versions are never touched: they were fsynced before `current` pointed at them.
+        """
+        removed = [str(self.root / STAGING)] if (self.root / STAGING).exists() else []
         shutil.rmtree(self.root / STAGING, ignore_errors=True)
+        if not self.root.is_dir():
+            return removed
+        for tenant in self.root.iterdir():
+            if not (valid_part(tenant.name) and tenant.is_dir()):
+                continue
+            for adapter_dir in tenant.iterdir():
+                if adapter_dir.is_dir() and not adapter_dir.is_symlink():
+                    removed += self._recover_adapter(adapter_dir)
+        return removed
+
+    @staticmethod
+    def _recover_adapter(adapter_dir: Path) -> list[str]:
+        current = adapter_dir / CURRENT
+        published = _VERSION.match(os.readlink(current)) if current.is_symlink() else None
+        newest = int(published[1]) if published else 0
+        removed = []
+        for entry in adapter_dir.iterdir():
+            m = _VERSION.match(entry.name)
+            if (m and int(m[1]) > newest) or (entry.name.startswith(f".{CURRENT}-") and entry.is_symlink()):
+                if entry.is_symlink():
+                    entry.unlink()
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+        if removed and not any(adapter_dir.iterdir()):
+            adapter_dir.rmdir()  # a first upload that never published leaves nothing
+        return removed
+
+    def verify(self, adapter_id: str) -> bool:
+        """Whether the version new requests use has the weights its meta.json promises (sha256)."""
+        meta = self.meta(adapter_id)
+        return meta.get("sha256") == _sha256(self.path(adapter_id) / WEIGHTS_FILE)
 
 
 def _sha256(path: Path) -> str:

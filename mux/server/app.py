@@ -58,7 +58,8 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            self.repository.clean_staging()  # an upload interrupted by a crash never lands
+            for leftover in self.repository.recover():  # an upload interrupted by a crash never lands
+                log.warning("removed a leftover of an interrupted upload: %s", leftover)
             engine = self.make_engine()
             for adapter_id in self.pinned:  # policy file: keep these in device slots
                 engine.adapters.pin(self.repository.path(adapter_id))
