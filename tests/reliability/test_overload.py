@@ -75,24 +75,26 @@ def test_disconnect_mid_stream_frees_kv_and_pin(server):
 def test_tenant_over_its_limit_gets_429_and_others_are_served(server):
     _wait_idle(server)
     body = {"model": "a", "prompt": "hello", **LONG}
-    with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2, httpx.Client(timeout=30) as c3:
-        with (
-            c1.stream("POST", f"{server}/v1/completions", json=body, headers=_headers("acme")) as r1,
-            c2.stream("POST", f"{server}/v1/completions", json=body, headers=_headers("acme")) as r2,
-        ):
-            assert r1.status_code == r2.status_code == 200
-            third = c3.post(f"{server}/v1/completions", json={**body, "stream": False}, headers=_headers("acme"))
-            assert third.status_code == 429
-            assert int(third.headers["retry-after"]) >= 1
-            assert "acme" in third.json()["error"]["message"] and third.json()["error"]["code"] == 429
-            other = c3.post(
-                f"{server}/v1/completions",
-                json={"model": "b", "prompt": "hi", "max_tokens": 4, "temperature": 0},
-                headers=_headers("beta"),
-            )
-            assert other.status_code == 200, other.text  # beta has its own limit
-            n = json.loads(next(line for line in r1.iter_lines() if line.startswith("data:"))[5:])
-            assert n["choices"]
+    with (
+        httpx.Client(timeout=30) as c1,
+        httpx.Client(timeout=30) as c2,
+        httpx.Client(timeout=30) as c3,
+        c1.stream("POST", f"{server}/v1/completions", json=body, headers=_headers("acme")) as r1,
+        c2.stream("POST", f"{server}/v1/completions", json=body, headers=_headers("acme")) as r2,
+    ):
+        assert r1.status_code == r2.status_code == 200
+        third = c3.post(f"{server}/v1/completions", json={**body, "stream": False}, headers=_headers("acme"))
+        assert third.status_code == 429
+        assert int(third.headers["retry-after"]) >= 1
+        assert "acme" in third.json()["error"]["message"] and third.json()["error"]["code"] == 429
+        other = c3.post(
+            f"{server}/v1/completions",
+            json={"model": "b", "prompt": "hi", "max_tokens": 4, "temperature": 0},
+            headers=_headers("beta"),
+        )
+        assert other.status_code == 200, other.text  # beta has its own limit
+        n = json.loads(next(line for line in r1.iter_lines() if line.startswith("data:"))[5:])
+        assert n["choices"]
     _wait_idle(server)  # the two streams were dropped: their places come back
     ok = httpx.post(
         f"{server}/v1/completions",
