@@ -19,7 +19,9 @@ from mux.lora.repository import AdapterRepository
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
+from mux.server.kserve import KServeRoutes
 from mux.server.limits import Limits
+from mux.server.lorax import LoraxRoutes
 from mux.server.metrics import Metrics
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
@@ -79,6 +81,8 @@ def create_app(state: ServerState) -> Starlette:
     openai = OpenAIRoutes(state)
     admin = AdminRoutes(state)
     adapters = AdapterRoutes(state)
+    kserve = KServeRoutes(state)
+    lorax = LoraxRoutes(state)
 
     async def metrics(request: Request):
         try:  # every tenant's adapter ids are in here: admin key when keys are configured
@@ -127,6 +131,8 @@ def create_app(state: ServerState) -> Starlette:
         return JSONResponse(openapi_document())
 
     routes = [Route("/health", health), Route("/ready", ready), Route("/openapi.json", openapi)]
+    routes += kserve.health_routes()  # Triton answers health while loading (not ready: 400)
     served = openai.routes() + admin.routes() + adapters.routes() + [Route("/metrics", metrics)]
+    served += kserve.routes() + lorax.routes()
     routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in served]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -31,8 +31,40 @@ def _json_body(properties: dict, required: list[str]) -> dict:
     return {"application/json": {"schema": {"type": "object", "properties": properties, "required": required}}}
 
 
+def _lorax_body() -> dict:
+    parameters = {
+        "adapter_id": {"type": "string", "nullable": True, "description": "<tenant>/<name>; null or empty: base"},
+        "adapter_source": {"type": "string", "nullable": True, "enum": ["local", None]},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "nullable": True},
+        "do_sample": {"type": "boolean"},
+        "temperature": {"type": "number", "nullable": True},
+        "top_p": {"type": "number", "nullable": True},
+        "top_k": {"type": "integer", "nullable": True},
+        "seed": {"type": "integer", "nullable": True},
+        "stop": {"type": "array", "items": {"type": "string"}},
+        "ignore_eos_token": {"type": "boolean"},
+        "return_full_text": {"type": "boolean"},
+        "details": {"type": "boolean"},
+    }
+    properties = {
+        "inputs": {"type": "string"},
+        "parameters": {"type": "object", "properties": parameters},
+        "stream": {"type": "boolean"},
+    }
+    return _json_body(properties, ["inputs"])
+
+
 def openapi_document() -> dict:
     adapter = ("tenant", "name")
+    model = ("model",)  # KServe v2: the base model or an adapter id, slash included
+    tensors = {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+        "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "JSON header (Inference-Header-Content-Length bytes), then binary tensor data",
+        },
+    }
+    sse = {"description": "text/event-stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     upload = {
         "multipart/form-data": {
             "schema": {
@@ -59,7 +91,7 @@ def openapi_document() -> dict:
         "info": {
             "title": "lora-mux",
             "version": "0.1.0",
-            "description": "One base model, many tenants' LoRA adapters (OpenAI-compatible).",
+            "description": "One base model, many tenants' LoRA adapters (OpenAI, KServe v2 and LoRAX protocols).",
         },
         "components": {
             "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "object"}}}},
@@ -101,5 +133,32 @@ def openapi_document() -> dict:
                 "post": _op("evict | pin | unpin (admin)", params=(*adapter, "action"))
             },
             "/metrics": {"get": _op("Prometheus metrics (admin)", ok={"description": "text exposition"})},
+            "/v2": {"get": _op("KServe v2: server metadata")},
+            "/v2/health/live": {"get": _op("KServe v2: live (200, empty body)")},
+            "/v2/health/ready": {"get": _op("KServe v2: ready (200) or loading (400)")},
+            "/v2/models/{model}": {"get": _op("KServe v2: model metadata", params=model)},
+            "/v2/models/{model}/ready": {"get": _op("KServe v2: model ready", params=model)},
+            "/v2/models/{model}/config": {"get": _op("KServe v2: Triton model configuration", params=model)},
+            "/v2/models/{model}/infer": {
+                "post": _op("KServe v2: infer (text_input -> text_output, BYTES)", tensors, params=model)
+            },
+            "/v2/models/{model}/generate": {
+                "post": _op(
+                    "KServe v2 generate extension",
+                    _json_body({"text_input": {"type": "string"}, "parameters": {"type": "object"}}, ["text_input"]),
+                    params=model,
+                )
+            },
+            "/v2/models/{model}/generate_stream": {
+                "post": _op(
+                    "KServe v2 generate extension, SSE",
+                    _json_body({"text_input": {"type": "string"}, "parameters": {"type": "object"}}, ["text_input"]),
+                    ok=sse,
+                    params=model,
+                )
+            },
+            "/": {"post": _op("LoRAX (lorax-client): a one-element list, or SSE with `stream`", _lorax_body())},
+            "/generate": {"post": _op("LoRAX: generate", _lorax_body())},
+            "/generate_stream": {"post": _op("LoRAX: generate, SSE", _lorax_body(), ok=sse)},
         },
     }

@@ -1,0 +1,356 @@
+"""KServe v2 / Open Inference Protocol as Triton serves it, so an unmodified `tritonclient.http` works.
+
+Every model (the base model, each adapter `<tenant>/<name>`) has one BYTES input `text_input` and one BYTES
+output `text_output` of the same shape: each element is a prompt, all of them run as one batch. Generation
+settings come from the request `parameters` (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`).
+Tensors travel as JSON `data` or in the binary extension (`Inference-Header-Content-Length`; BYTES elements
+are `<uint32 LE length><bytes>`). Adapter ids contain a slash, so model routes match `{model:path}` and the
+suffix decides: a GET ending in `/ready` or `/config` is that endpoint (`.../versions/1` reaches the metadata
+of an adapter literally named `ready`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.server.auth import Caller, Forbidden, Unauthorized
+from mux.server.openai import MAX_JSON_BYTES, BodyTooLarge, read_json, sampling_params
+
+INPUT, OUTPUT = "text_input", "text_output"
+VERSION = "1"  # every model has one version
+SERVER_VERSION = "0.1.0"
+MAX_PROMPTS = 64  # elements of one infer request
+_VERSIONED = re.compile(r"(.+)/versions/([^/]+)")
+_STATUS = [  # Triton: INVALID_ARG (and unknown model) 400, UNAVAILABLE 503
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (BodyTooLarge, 413),
+    (AdapterNotFound, 400),
+    (InvalidAdapter, 400),
+    (InvalidRequest, 400),
+    (Overloaded, 503),
+]
+
+
+def kserve_error(exc: Exception, model: str | None = None) -> JSONResponse:
+    """MuxError -> Triton's `{"error": "..."}` with its status code."""
+    status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+    message = f"Request for unknown model: '{model}' is not found" if isinstance(exc, AdapterNotFound) else str(exc)
+    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def encode_bytes(items: list[bytes]) -> bytes:
+    """BYTES tensor, binary form: each element as <uint32 little-endian length><bytes>."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def decode_bytes(raw: bytes) -> list[bytes]:
+    items, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidRequest("binary BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + n > len(raw):
+            raise InvalidRequest(f"binary BYTES element of {n} bytes runs past the end of the data")
+        items.append(raw[i + 4 : i + 4 + n])
+        i += 4 + n
+    return items
+
+
+class KServeRoutes:
+    def __init__(self, state) -> None:
+        self.state = state  # ServerState: engine, auth, repository, serving
+
+    def health_routes(self) -> list[Route]:
+        """Answer while the model loads (not ready yet: 400, as Triton)."""
+        return [
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.server_ready, methods=["GET"]),
+        ]
+
+    def routes(self) -> list[Route]:
+        m = "/v2/models/{model:path}"
+        return [  # suffix routes before the bare metadata route, which would match anything
+            Route(f"{m}/ready", self.model_ready, methods=["GET"]),
+            Route(f"{m}/config", self.model_config, methods=["GET"]),
+            Route(f"{m}/infer", self.infer, methods=["POST"]),
+            Route(f"{m}/generate", self.generate, methods=["POST"]),
+            Route(f"{m}/generate_stream", self.generate_stream, methods=["POST"]),
+            Route(m, self.model_metadata, methods=["GET"]),
+        ]
+
+    # -- server --
+    async def server_metadata(self, request: Request) -> Response:
+        extensions = ["binary_tensor_data", "model_configuration", "parameters", "generate"]
+        return JSONResponse({"name": "mux", "version": SERVER_VERSION, "extensions": extensions})
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def server_ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self.state.engine is not None else 400)
+
+    # -- models --
+    def _model(self, request: Request) -> tuple[Caller, str]:
+        """The caller and the model named in the path, checked: it exists and the caller may use it."""
+        model, version = _path_model(request)
+        if version != VERSION:
+            raise InvalidRequest(f"Request for unknown model: '{model}' version {version} is not found")
+        if not model:
+            raise AdapterNotFound(model)
+        caller = self.state.auth.identify(request.headers.get("authorization"))
+        if not self.state.serving.is_base(model):
+            adapter_id = self.state.auth.adapter_id(caller, model)
+            self.state.auth.check(caller, adapter_id)
+            self.state.repository.path(adapter_id)  # AdapterNotFound if absent
+        return caller, model
+
+    async def model_ready(self, request: Request) -> Response:
+        try:
+            self._model(request)
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        return Response(status_code=200)
+
+    async def model_metadata(self, request: Request) -> Response:
+        try:
+            _, model = self._model(request)
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        return JSONResponse(
+            {
+                "name": model,
+                "versions": [VERSION],
+                "platform": "mux",
+                "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": OUTPUT, "datatype": "BYTES", "shape": [-1]}],
+            }
+        )
+
+    async def model_config(self, request: Request) -> Response:
+        try:
+            _, model = self._model(request)
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        return JSONResponse(
+            {
+                "name": model,
+                "platform": "mux",
+                "backend": "mux",
+                "max_batch_size": 0,  # no batch dimension: any shape, every element is a prompt
+                "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+                "output": [{"name": OUTPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+                "model_transaction_policy": {"decoupled": False},
+            }
+        )
+
+    # -- inference --
+    async def infer(self, request: Request) -> Response:
+        try:
+            caller, model = self._model(request)
+            body, binary = await _read_infer_body(request)
+            prompts, shape = _input_prompts(body.get("inputs"), binary)
+            params = _parameters(body.get("parameters"))
+            binary_outputs = _requested_outputs(body.get("outputs"), bool(params.get("binary_data_output", False)))
+            texts = await self._run(caller, model, prompts, params)
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        outputs, blobs = [], []
+        for binary_out in binary_outputs:
+            tensor: dict = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
+            if binary_out:
+                raw = encode_bytes([t.encode() for t in texts])
+                tensor["parameters"] = {"binary_data_size": len(raw)}
+                blobs.append(raw)
+            else:
+                tensor["data"] = texts
+            outputs.append(tensor)
+        result: dict = {"model_name": model, "model_version": VERSION, "outputs": outputs}
+        if isinstance(body.get("id"), str):
+            result["id"] = body["id"]
+        header = json.dumps(result).encode()
+        if not blobs:
+            return Response(header, media_type="application/json")
+        return Response(
+            header + b"".join(blobs),
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+
+    async def generate(self, request: Request) -> Response:
+        try:
+            caller, model = self._model(request)
+            prompts, params = _generate_body(await read_json(request))
+            texts = await self._run(caller, model, prompts, params)
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        output = texts[0] if len(texts) == 1 else texts  # Triton unwraps one-element outputs
+        return JSONResponse({"model_name": model, "model_version": VERSION, OUTPUT: output})
+
+    async def generate_stream(self, request: Request) -> Response:
+        try:
+            caller, model = self._model(request)
+            prompts, params = _generate_body(await read_json(request))
+            if len(prompts) != 1:
+                raise InvalidRequest("generate_stream takes one `text_input`")
+            streams = await self.state.serving.submit(caller, model, prompts, sampling_params(params))
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        return StreamingResponse(self._sse(model, streams), media_type="text/event-stream")
+
+    async def _run(self, caller: Caller, model: str, prompts: list[str], params: dict) -> list[str]:
+        """Generate every prompt as one batch; the texts in prompt order."""
+        streams = await self.state.serving.submit(caller, model, prompts, sampling_params(params))
+        try:
+            return [(await s.aresult()).text for s in streams]
+        finally:
+            self.state.serving.done(model, streams)
+
+    async def _sse(self, model: str, streams) -> AsyncIterator[str]:
+        """One `data: {...}` event per text delta; no [DONE] (the stream just ends); errors as `{"error"}`."""
+        try:
+            async for ev in streams[0]:
+                if ev.text:
+                    yield _event({"model_name": model, "model_version": VERSION, OUTPUT: ev.text})
+        except MuxError as e:
+            yield _event({"error": str(e)})
+        finally:  # client gone or done: cancel whatever still runs
+            self.state.serving.done(model, streams)
+
+
+def _path_model(request: Request) -> tuple[str, str]:
+    """(model, version) from `{model}` or `{model}/versions/{version}`."""
+    model = request.path_params["model"]
+    match = _VERSIONED.fullmatch(model)
+    return (match[1], match[2]) if match else (model, VERSION)
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
+    """(JSON header, binary tensor data): split at Inference-Header-Content-Length when it is present."""
+    if int(request.headers.get("content-length") or 0) > MAX_JSON_BYTES:
+        raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise InvalidRequest("compressed request bodies are not supported")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BYTES:
+            raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    declared = request.headers.get("inference-header-content-length")
+    split = len(raw)
+    if declared is not None:
+        if not re.fullmatch(r"[0-9]{1,12}", declared) or int(declared) > len(raw):
+            raise InvalidRequest(f"Inference-Header-Content-Length {declared!r} is not a length within the body")
+        split = int(declared)
+    try:
+        body = json.loads(raw[:split])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidRequest(f"the inference request header is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the inference request must be a JSON object")
+    return body, raw[split:]
+
+
+def _input_prompts(inputs, binary: bytes) -> tuple[list[str], list[int]]:
+    """The `text_input` tensor's elements (row-major) as prompts, and its shape."""
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidRequest(f"expected exactly one input tensor, '{INPUT}'")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT:
+        raise InvalidRequest(f"unexpected inference input '{tensor.get('name')}', the model's input is '{INPUT}'")
+    if tensor.get("datatype") != "BYTES":
+        raise InvalidRequest(f"input '{INPUT}' has datatype {tensor.get('datatype')!r}, expected 'BYTES'")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidRequest(f"input '{INPUT}' needs a `shape` of non-negative integers")
+    params = tensor.get("parameters") or {}
+    if not isinstance(params, dict) or any(k.startswith("shared_memory") for k in params):
+        raise InvalidRequest("input parameters must be an object; shared memory is not supported")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+            raise InvalidRequest(f"binary_data_size {size!r} does not match the {len(binary)} bytes after the header")
+        elements = decode_bytes(binary)
+    else:
+        if binary:
+            raise InvalidRequest("binary data after the header, but no input has a binary_data_size")
+        if "data" not in tensor:
+            raise InvalidRequest(f"input '{INPUT}' has neither `data` nor a binary_data_size")
+        elements = _flatten(tensor["data"])
+    count = math.prod(shape)
+    if len(elements) != count:
+        raise InvalidRequest(f"input '{INPUT}' has {len(elements)} elements, its shape {shape} needs {count}")
+    if not 1 <= count <= MAX_PROMPTS:
+        raise InvalidRequest(f"input '{INPUT}' must hold 1 to {MAX_PROMPTS} prompts, got {count}")
+    try:
+        return [e if isinstance(e, str) else e.decode("utf-8") for e in elements], shape
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input '{INPUT}' holds bytes that are not UTF-8 text") from None
+
+
+def _flatten(data) -> list[str]:
+    """JSON tensor data, flat or nested lists, row-major; BYTES elements are strings."""
+    out, todo = [], [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, list):
+            todo.extend(reversed(item))
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise InvalidRequest(f"input '{INPUT}' data must be strings, got {type(item).__name__}")
+    return out
+
+
+def _parameters(params) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidRequest("`parameters` must be an object")
+    return params
+
+
+def _requested_outputs(outputs, default_binary: bool) -> list[bool]:
+    """For each output to return (all of them when none are named): binary or JSON."""
+    if outputs is None:
+        return [default_binary]
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InvalidRequest("`outputs` must be a list of objects")
+    flags = []
+    for o in outputs:
+        if o.get("name") != OUTPUT:
+            raise InvalidRequest(f"unexpected inference output '{o.get('name')}', the model's output is '{OUTPUT}'")
+        params = _parameters(o.get("parameters"))
+        if params.get("classification") or any(k.startswith("shared_memory") for k in params):
+            raise InvalidRequest("classification and shared memory outputs are not supported")
+        flags.append(bool(params.get("binary_data", default_binary)))
+    return flags
+
+
+def _generate_body(body: dict) -> tuple[list[str], dict]:
+    """Generate extension: `text_input` is the input; every other key (and `parameters`'s) a parameter."""
+    text = body.get(INPUT)
+    prompts = [text] if isinstance(text, str) else text
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest(f"`{INPUT}` must be a string or a list of strings")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request")
+    params = {k: v for k, v in body.items() if k not in (INPUT, "parameters")}
+    return prompts, {**params, **_parameters(body.get("parameters"))}
