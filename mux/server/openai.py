@@ -173,18 +173,12 @@ class OpenAIRoutes:
         try:
             caller = self._caller(request)
             body = await read_json(request)
-            messages = body.get("messages")
-            if (
-                not isinstance(messages, list)
-                or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
-            ):
-                raise InvalidRequest("`messages` must be a non-empty list of {role, content} objects")
-            for m in messages:
-                if not isinstance(m.get("content", ""), str):
-                    raise InvalidRequest("only text message content is supported")
+            messages = _messages(body.get("messages"))
             tok = self.state.engine.tokenizer
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # the model's own Jinja template refused these messages
+                raise InvalidRequest(f"the chat template cannot render these messages: {e}") from None
             return await self._run(caller, body, [tok(text, add_special_tokens=False).input_ids], chat=True)
         except MuxError as e:
             return error_response(e)
@@ -285,6 +279,26 @@ class OpenAIRoutes:
             yield "data: [DONE]\n\n"
         finally:  # client gone or done: cancel whatever still runs (frees KV and adapter pins)
             self.state.serving.done(meta["model"], streams)
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _messages(messages) -> list[dict]:
+    """OpenAI chat messages as the chat template expects them: a role it knows and text content."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequest("`messages` must be a non-empty list of {role, content} objects")
+    out = []
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise InvalidRequest(f"each message needs a `role` in {', '.join(ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            content = "".join(str(p.get("text", "")) for p in content)  # text parts, as the SDK may send
+        if not isinstance(content, (str, type(None))):
+            raise InvalidRequest("only text message content is supported")
+        out.append({"role": m["role"], "content": content or ""})
+    return out
 
 
 def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:
