@@ -1,0 +1,172 @@
+"""KServe v2 / Triton on a real `mux serve`, driven by Triton's own `tritonclient.http`: outputs equal the
+OpenAI route's for the same greedy request; the same keys and adapter names apply."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from conftest import run_server
+from mux.server.auth import hash_key
+
+KEYS = {"admin": "admin-secret", "acme": "acme-secret"}
+
+
+def acme() -> dict:
+    """A fresh header dict each call: tritonclient adds its own headers to the dict it is given."""
+    return {"Authorization": f"Bearer {KEYS['acme']}"}
+
+
+GREEDY = {"max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir, tiny_adapters):
+    root = tmp_path_factory.mktemp("repo")
+    for tenant, name, src in [("acme", "attn", "r4-attn"), ("acme", "ready", "r8-mlp"), ("beta", "mlp", "r8-mlp")]:
+        shutil.copytree(tiny_adapters[src], root / tenant / name)
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text(
+        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
+    )
+    with run_server(tiny_dir, root, "--policy", str(policy), "--max-loras", "2") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return triton.InferenceServerClient(url=server.removeprefix("http://"))
+
+
+def post(server, path, body, headers=None) -> tuple[int, dict, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"{server}{path}", data=data, method="POST", headers=headers or acme())
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def openai_texts(server, model, prompts) -> list[str]:
+    """The OpenAI route's answers for the same greedy request, in prompt order."""
+    status, _, raw = post(server, "/v1/completions", {"model": model, "prompt": prompts, **GREEDY})
+    assert status == 200, raw
+    return [c["text"] for c in sorted(json.loads(raw)["choices"], key=lambda c: c["index"])]
+
+
+def text_input(prompts, binary=True, shape=None) -> triton.InferInput:
+    arr = np.array([p.encode() for p in prompts], dtype=np.object_).reshape(shape or [len(prompts)])
+    tensor = triton.InferInput("text_input", list(arr.shape), "BYTES")
+    tensor.set_data_from_numpy(arr, binary_data=binary)
+    return tensor
+
+
+def test_health_metadata_config(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    for model in ("tiny", "acme/attn", "attn"):  # a tenant may say its own adapters' plain names
+        assert client.is_model_ready(model, headers=acme())
+    meta = client.get_model_metadata("acme/attn", headers=acme())
+    assert meta["name"] == "acme/attn" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+    assert client.get_model_config("acme/attn", headers=acme())["input"][0]["data_type"] == "TYPE_STRING"
+    # `.../ready` is the readiness endpoint; the adapter named `ready` is reached through its version
+    assert client.get_model_metadata("acme/ready", "1", headers=acme())["name"] == "acme/ready"
+    assert client.is_model_ready("acme/attn", "1", headers=acme())
+    assert not client.is_model_ready("acme/attn", "2", headers=acme())
+
+
+def test_infer_binary_equals_openai(client, server):
+    for model in ("tiny", "acme/attn"):  # an adapter id with its slash, straight in the URL
+        result = client.infer(model, [text_input(["Hello world"])], parameters=GREEDY, headers=acme())
+        out = result.as_numpy("text_output")  # binary output (the client's default): bytes elements
+        assert out.shape == (1,) and isinstance(out[0], bytes)
+        assert out[0].decode() == openai_texts(server, model, ["Hello world"])[0] != ""
+        assert result.get_response()["model_name"] == model
+
+
+def test_infer_json_only(client, server):
+    outputs = [triton.InferRequestedOutput("text_output", binary_data=False)]
+    result = client.infer(
+        "acme/attn", [text_input(["Hello world"], binary=False)], outputs=outputs, parameters=GREEDY, headers=acme()
+    )
+    response = result.get_response()
+    assert response["outputs"][0]["data"] == openai_texts(server, "acme/attn", ["Hello world"])
+    assert "binary_data_size" not in response["outputs"][0].get("parameters", {})
+
+
+def test_multi_prompt_batch(client, server):
+    prompts = ["Hello world", "The sky is", "Once upon", "1 2 3"]
+    result = client.infer("acme/attn", [text_input(prompts, shape=[2, 2])], parameters=GREEDY, headers=acme())
+    out = result.as_numpy("text_output")
+    assert out.shape == (2, 2)
+    assert [b.decode() for b in out.reshape(-1)] == openai_texts(server, "acme/attn", prompts)
+
+
+def test_unknown_model_and_other_tenants_adapter(client):
+    for model in ("acme/nope", "beta/mlp"):  # another tenant's adapter looks exactly like a missing one
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(model, [text_input(["Hi"])], parameters=GREEDY, headers=acme())
+        assert e.value.status() == "400"
+        assert e.value.message() == f"Request for unknown model: '{model}' is not found"
+        assert not client.is_model_ready(model, headers=acme())
+    with pytest.raises(InferenceServerException) as e:  # no key: the same 401 as the OpenAI routes
+        client.infer("tiny", [text_input(["Hi"])])
+    assert e.value.status() == "401"
+
+
+def binary_body(header: dict, raw: bytes, declared: int | None = None) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    length = len(head) if declared is None else declared
+    return head + raw, {**acme(), "Inference-Header-Content-Length": str(length)}
+
+
+def test_bad_input_is_400_with_a_message(server):
+    url = "/v2/models/tiny/infer"
+    good = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Hi"]}
+    one = struct.pack("<I", 2) + b"Hi"
+    cases = [
+        {"inputs": [{**good, "datatype": "INT32"}]},  # wrong datatype
+        {"inputs": [{**good, "shape": [2]}]},  # shape does not match the elements
+        {"inputs": [{**good, "name": "prompt"}]},  # not the model's input
+        {"inputs": []},  # missing input
+        {"inputs": [{**good, "data": [1]}]},  # not a string
+        {"inputs": [good], "outputs": [{"name": "logits"}]},  # not the model's output
+        {"inputs": [good], "parameters": {"max_tokens": 0}},  # bad generation setting
+        binary_body({"inputs": [{**good, "data": None, "parameters": {"binary_data_size": 6}}]}, one, 10_000),
+        binary_body({"inputs": [{**good, "parameters": {"binary_data_size": 5}}]}, one[:5]),  # truncated
+        binary_body({"inputs": [{**good, "parameters": {"binary_data_size": 6}}]}, struct.pack("<I", 2) + b"\xff\xfe"),
+        b"{not json",
+    ]
+    for case in cases:
+        body, headers = case if isinstance(case, tuple) else (case, acme())
+        status, _, raw = post(server, url, body, headers)
+        assert status == 400 and json.loads(raw)["error"], (case, raw)
+
+
+def test_generate_and_generate_stream(server):
+    expected = openai_texts(server, "acme/attn", ["Hello world"])[0]
+    body = {"text_input": "Hello world", "parameters": GREEDY}
+    status, _, raw = post(server, "/v2/models/acme/attn/generate", body)
+    assert status == 200 and json.loads(raw) == {
+        "model_name": "acme/attn",
+        "model_version": "1",
+        "text_output": expected,
+    }
+    status, headers, raw = post(server, "/v2/models/acme/attn/generate_stream", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in raw.decode().split("\n\n") if line]
+    assert all(e.startswith("{") for e in events)  # every event is JSON: no [DONE]
+    assert "".join(json.loads(e)["text_output"] for e in events) == expected
+    status, _, raw = post(server, "/v2/models/acme/nope/generate_stream", body)
+    assert status == 400 and json.loads(raw) == {"error": "Request for unknown model: 'acme/nope' is not found"}
