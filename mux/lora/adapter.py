@@ -85,11 +85,23 @@ def check_config(config: dict) -> None:
         raise InvalidAdapter(f"embedding/lm_head targets are not supported: {', '.join(bad)}")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or math.isnan(value):
+        if not _positive_number(value):
             raise InvalidAdapter(f"{key} must be a positive number, got {value!r}")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise InvalidAdapter(f"{key} must be an object")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise InvalidAdapter(f"{key}: {pattern!r} is not a valid module pattern ({e})") from None
+            if not _positive_number(value):
+                raise InvalidAdapter(f"{key}[{pattern!r}] must be a positive number, got {value!r}")
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
