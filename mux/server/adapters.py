@@ -164,8 +164,7 @@ class AdapterRoutes:
                 return resolved
         raise Forbidden(f"lora_path {path} is outside the allowed directories")
 
-    @staticmethod
-    def _adapter_id(caller, name) -> str:
+    def _adapter_id(self, caller, name) -> str:
         if not isinstance(name, str) or not name:
             raise InvalidRequest("field `name` is required (`name`, or `tenant/name` with the admin key)")
         tenant, _, short = name.rpartition("/")
@@ -175,6 +174,9 @@ class AdapterRoutes:
                 "adapter names are 1-64 characters of letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit"
             )
+        base = self.state.base_name
+        if base in (name, short, f"{tenant}/{short}"):  # requests naming it would reach the base model instead
+            raise InvalidRequest(f"the adapter name `{name}` collides with the base model's name `{base}`")
         return f"{tenant}/{short}"
 
     async def list(self, request: Request) -> Response:

@@ -101,6 +101,13 @@ def _wrong_shape(path, tmp):
     return ("adapter_model.safetensors", (tmp / "w.safetensors").read_bytes())
 
 
+def _edited_weights(path, tmp, a=lambda t: t, b=lambda t: t):
+    t = load_file(path / "adapter_model.safetensors")
+    t = {k: (a(v) if "lora_A" in k else b(v)).contiguous() for k, v in t.items()}
+    save_file(t, tmp / "w.safetensors")
+    return ("adapter_model.safetensors", (tmp / "w.safetensors").read_bytes())
+
+
 @pytest.mark.parametrize(
     ("case", "status", "reason"),
     [
@@ -114,6 +121,11 @@ def _wrong_shape(path, tmp):
         ("oversize_config", 413, "too large"),
         ("no_name", 400, "name"),
         ("garbage_weights", 400, "safetensors"),
+        ("base_model_name", 400, "collides with the base model"),
+        ("non_utf8_name", 400, "adapter names"),
+        ("huge_rank", 400, "exceeds max_lora_rank"),
+        ("nan_weights", 400, "NaN"),
+        ("other_base_model", 400, "do not match"),
     ],
 )
 def test_bad_uploads_are_refused_and_leave_nothing(server, repo, tiny_adapters, tmp_path, case, status, reason):
@@ -142,6 +154,17 @@ def test_bad_uploads_are_refused_and_leave_nothing(server, repo, tiny_adapters, 
         name = None
     elif case == "garbage_weights":
         files["adapter_model.safetensors"] = ("adapter_model.safetensors", b"\x00" * 100)
+    elif case == "base_model_name":
+        name = "tiny"
+    elif case == "non_utf8_name":
+        name = b"caf\xe9"  # Latin-1 bytes, not UTF-8
+    elif case == "huge_rank":
+        rank_x64 = (lambda a: torch.cat([a] * 64), lambda b: torch.cat([b] * 64, dim=1))  # A [r, in], B [out, r]
+        files["adapter_model.safetensors"] = _edited_weights(src, tmp_path, *rank_x64)
+    elif case == "nan_weights":
+        files["adapter_model.safetensors"] = _edited_weights(src, tmp_path, lambda a: a * float("nan"))
+    elif case == "other_base_model":  # an adapter made for a wider model: its shapes name another base
+        files["adapter_model.safetensors"] = _edited_weights(src, tmp_path, lambda a: torch.cat([a, a], dim=1))
     before = snapshot(repo)
     r = upload(server, "acme", name, files)
     assert r.status_code == status and reason in r.json()["error"]["message"], r.text
