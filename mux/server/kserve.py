@@ -329,7 +329,7 @@ def _parameters(params) -> dict:
 
 def _requested_outputs(outputs, default_binary: bool) -> list[bool]:
     """For each output to return (all of them when none are named): binary or JSON."""
-    if outputs is None:
+    if outputs is None or outputs == []:
         return [default_binary]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidRequest("`outputs` must be a list of objects")
