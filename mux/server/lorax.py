@@ -3,8 +3,8 @@
 `parameters.adapter_id` names the adapter (`<tenant>/<name>`; null or "" = the base model). Only adapters in
 mux's own repository are served: `adapter_source` must be null or "local". Unsupported features (merged adapters,
 penalties, watermark, best_of > 1, ...) are refused with 422 rather than ignored; `api_token` (a hub token) is
-ignored: mux keys go in the Authorization header. Streams are `data:<json>`
-events, one per token, with no `[DONE]` (lorax-client would fail to parse it).
+ignored: mux keys go in the Authorization header. Streams are `data:<json>` events, one per token, with no
+`[DONE]` (lorax-client would fail to parse it).
 """
 
 from __future__ import annotations
