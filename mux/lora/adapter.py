@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 
 from mux.errors import InvalidAdapter
 
@@ -158,22 +159,23 @@ def adapter_key(path: Path) -> str | None:
 
 
 def _read_pairs(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    # The bytes are read and parsed in one go: safe_open + get_tensor keeps ~7 KB per file it opened
+    # (safetensors 0.8, measured), which a server reloading cold adapters all day cannot afford.
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                pairs_key = _KEY.match(key)
-                if "lora_embedding" in key:
-                    raise InvalidAdapter(f"embedding LoRA is not supported ({key})")
-                if "lora_magnitude_vector" in key:
-                    raise InvalidAdapter("DoRA adapters (lora_magnitude_vector) are not supported")
-                if pairs_key is None:
-                    raise InvalidAdapter(f"unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
-                pairs.setdefault(pairs_key["module"], {})[pairs_key["ab"]] = f.get_tensor(key)
+        tensors = safetensors_load(weights.read_bytes())
     except SafetensorError as e:
         raise InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
-    except (OSError, ValueError, RuntimeError) as e:  # truncated data, bad offsets, unknown dtypes
+    except (OSError, ValueError, RuntimeError, TypeError) as e:  # truncated data, bad offsets, unknown dtypes
         raise InvalidAdapter(f"{WEIGHTS_FILE} could not be read: {e}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if "lora_embedding" in key:
+            raise InvalidAdapter(f"embedding LoRA is not supported ({key})")
+        if "lora_magnitude_vector" in key:
+            raise InvalidAdapter("DoRA adapters (lora_magnitude_vector) are not supported")
+        if (pairs_key := _KEY.match(key)) is None:
+            raise InvalidAdapter(f"unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
+        pairs.setdefault(pairs_key["module"], {})[pairs_key["ab"]] = tensor
     return pairs
 
 

@@ -254,6 +254,19 @@ class AdapterManager:
 
     def _host_evicted(self, key: str) -> None:
         self.counters["evictions"]["host_to_disk"] += 1
+        self._prune_bookkeeping()
+
+    def _prune_bookkeeping(self) -> None:
+        """Per-key statistics of adapters in no tier (old versions, cold adapters) are bounded: past twice the
+        tiers' capacity in keys, the least recently used disk-only keys are forgotten."""
+        limit = 2 * (self.config.max_cpu_loras + self.config.max_loras)
+        if len(self.usage) <= limit:
+            return
+        idle = sorted((u.last_used, k) for k, u in self.usage.items() if k not in self.entries and k not in self.host)
+        for _, key in idle[: len(self.usage) - limit]:
+            del self.usage[key]
+            self.device_policy.forget(key)
+            self.host.policy.forget(key)
 
     def _start_load(self, entry: DeviceEntry) -> None:
         if self._loader is None:

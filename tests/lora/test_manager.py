@@ -164,3 +164,19 @@ def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, t
     (path / "adapter_model.safetensors").write_bytes(b"garbage")
     assert m.acquire(ref) is not None
     assert ref.key not in m.resident() and ref.key in m.failures and len(m.free_slots) == SLOTS
+
+
+
+def test_bookkeeping_of_cold_keys_stays_bounded(lora_model, tiny_adapters, tmp_path):
+    """Many distinct adapters passing through (re-uploads, cold tenants) do not grow per-key statistics past
+    twice the tiers' capacity; keys still in a tier keep theirs."""
+    import shutil
+
+    m = make_manager(lora_model, host_bytes=1 << 30, host_count=2)
+    for i in range(30):
+        ref = m.prepare(shutil.copytree(tiny_adapters["r4-attn"], tmp_path / f"a{i}"))
+        assert m.acquire(ref) is not None
+        m.release(ref.key)
+    assert len(m.usage) <= 2 * (2 + SLOTS) + 1
+    assert all(k in m.usage for k in [*m.host, *m.entries])
+    assert len(m.device_policy.stats) <= 2 * (2 + SLOTS) + 1
