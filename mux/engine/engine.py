@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from mux.engine.sampler import Sampler
 from mux.engine.scheduler import Scheduler, SchedulerOutput
 from mux.engine.sequence import SamplingParams, Sequence
 from mux.engine.stream import Completion, RequestStream, TokenEvent
+from mux.engine.torch_thread import TorchThread
 from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
@@ -37,7 +39,11 @@ _request_ids = itertools.count()
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, base: BaseModel | None = None) -> None:
-        self.config = config = config or EngineConfig()
+        self.torch = TorchThread("mux-engine")  # builds the model and runs every step (one OpenMP team)
+        self.torch.call(self._build, config or EngineConfig(), base)
+
+    def _build(self, config: EngineConfig, base: BaseModel | None) -> None:
+        self.config = config
         self.base = base or load_base_model(config.model)
         model = self.base.model
         self.tokenizer = self.base.tokenizer
@@ -56,7 +62,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}  # request_id -> live sequence (engine thread only)
         self._step_lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._running: Future | None = None  # the serving loop, while started
         self._stopping = False
         self.num_steps = 0
         self._next_expiry_check = 0.0
@@ -111,17 +117,17 @@ class Engine:
         return self.adapters.prepare(path)
 
     def start(self) -> None:
-        if self._thread is None:
+        """Run the loop on the engine's torch thread; callers only submit and read streams."""
+        if self._running is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="mux-engine", daemon=True)
-            self._thread.start()
+            self._running = self.torch.submit(self._loop)
 
     def stop(self) -> None:
-        if self._thread is not None:
+        if self._running is not None:
             self._stopping = True
             self._wake.set()
-            self._thread.join()
-            self._thread = None
+            self._running.result()
+            self._running = None
 
     @property
     def num_running(self) -> int:
@@ -195,7 +201,8 @@ class Engine:
             self._finish(seq, "cancelled", error="engine stopped")
 
     def _pump(self) -> bool:
-        return self._thread is None and self.step()
+        """Without a started loop, a reader drives the steps (still on the torch thread)."""
+        return self._running is None and self.torch.call(self.step)
 
     def _drain_inbox(self) -> None:
         while True:

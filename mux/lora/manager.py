@@ -28,6 +28,7 @@ from mux.errors import InvalidAdapter
 from mux.lora.adapter import LoRAWeights, adapter_key, load_adapter
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.policies import EvictionPolicy, make_policy
+from mux.model.cpu import serial_torch_here
 
 LOADING, READY = "loading", "ready"
 
@@ -128,6 +129,7 @@ class AdapterManager:
     # ---- request threads --------------------------------------------------------------------
     def prepare(self, path: str | Path) -> AdapterRef:
         """Validate the adapter at `path` (reading it into the host tier unless it is already there)."""
+        serial_torch_here()  # a request thread: never a second OpenMP team beside the engine's
         path = Path(path)
         key = adapter_key(path)
         with self._lock:
@@ -149,7 +151,10 @@ class AdapterManager:
             elif entry.state == READY:
                 self.counters["hits"]["device"] += 1
             entry.refs += 1
-            u = self.usage.setdefault(ref.key, Usage(ref.path))
+            if ref.key not in self.usage:
+                self.usage[ref.key] = Usage(ref.path)
+                self._prune_bookkeeping()
+            u = self.usage[ref.key]
             u.uses += 1
             u.last_used = time.time()
             self.device_policy.record_use(ref.key, ref.nbytes)
@@ -275,6 +280,7 @@ class AdapterManager:
             self._jobs.put(entry)
 
     def _load_loop(self) -> None:
+        serial_torch_here()
         while True:
             self._load(self._jobs.get())
 

@@ -85,7 +85,8 @@ def test_200_adapters_4_slots_concurrent(tiny_dir, many):
     assert stats["tiers"]["host"]["used_bytes"] <= stats["tiers"]["host"]["capacity_bytes"]
     assert engine.adapters.num_pinned == 0 and engine.blocks.num_free == engine.blocks.num_blocks
     assert {a["tier"] for a in stats["adapters"]} <= {"device", "host", "disk"}
-    assert sum(a["uses"] for a in stats["adapters"]) == len(jobs) - len(PROMPTS)
+    assert len(stats["adapters"]) <= 2 * (16 + 4) + 1  # per-key statistics of cold adapters stay bounded
+    assert 0 < sum(a["uses"] for a in stats["adapters"]) <= len(jobs) - len(PROMPTS)
 
 
 def test_cold_adapter_is_admitted_within_bounded_steps_under_a_hot_flood(tiny_dir, many):
