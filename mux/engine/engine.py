@@ -38,8 +38,11 @@ _request_ids = itertools.count()
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, base: BaseModel | None = None) -> None:
-        self.torch = TorchThread("mux-engine")  # builds the model and runs every step (one OpenMP team)
+    def __init__(
+        self, config: EngineConfig | None = None, base: BaseModel | None = None, torch_thread: TorchThread | None = None
+    ) -> None:
+        # builds the model and runs every step: one OpenMP team (a benchmark may share one with its baselines)
+        self.torch = torch_thread or TorchThread("mux-engine")
         self.torch.call(self._build, config or EngineConfig(), base)
 
     def _build(self, config: EngineConfig, base: BaseModel | None) -> None:

@@ -166,7 +166,6 @@ def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, t
     assert ref.key not in m.resident() and ref.key in m.failures and len(m.free_slots) == SLOTS
 
 
-
 def test_bookkeeping_of_cold_keys_stays_bounded(lora_model, tiny_adapters, tmp_path):
     """Many distinct adapters passing through (re-uploads, cold tenants) do not grow per-key statistics past
     twice the tiers' capacity; keys still in a tier keep theirs."""
