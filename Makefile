@@ -32,8 +32,7 @@ lint: install
 
 bench: install
 	$(BIN)/pip install -q -e '.[test,bench]'
-	$(BIN)/python -m bench.throughput
-	$(BIN)/python -m bench.adapter_scaling
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -237,6 +237,11 @@ def setup_repository(root: Path, model_dir: Path, n_adapters: int, n_sources: in
     return ids, sources
 
 
+def _growth(samples: list[tuple[float, float]], since_s: float) -> float:
+    later = [mb for t, mb in samples if t >= since_s]
+    return later[-1] - later[0] if len(later) > 1 else 0.0
+
+
 def write_markdown(report: Report, config: dict, machine: dict, path: Path) -> None:
     total = sum(report.sent.values())
     lines = [
@@ -265,6 +270,7 @@ def write_markdown(report: Report, config: dict, machine: dict, path: Path) -> N
         f"- resident memory of the server after warm-up (a quarter into the run): {report.rss_start_mb:.0f} MB; "
         f"at the end: {report.rss_end_mb:.0f} MB ({report.rss_end_mb - report.rss_start_mb:+.0f} MB); samples "
         f"(s: MB): {', '.join(f'{t:.0f}: {mb:.0f}' for t, mb in report.rss_mb)}",
+        f"- over the last half of the run: {_growth(report.rss_mb, report.duration_s / 2):+.0f} MB",
         f"- state at the end: {report.idle_at_end}",
         "",
     ]

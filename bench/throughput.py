@@ -133,7 +133,7 @@ def run(thread: TorchThread) -> None:
         f"Machine: {json.dumps(data['machine'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
         f"| ratio | value |\n|---|---|\n{ratio_rows}\n"
     )
-    print("wrote", save("throughput", data, table))
+    print("wrote", save(f"throughput-{args.adapters}-adapters", data, table))
 
 
 if __name__ == "__main__":

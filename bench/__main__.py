@@ -1,0 +1,59 @@
+"""`python -m bench`: the benchmark suite, one process per workload, then one summary of their tables.
+
+Each workload writes its own JSON + markdown (+ PNG) into bench/results/ with the machine description; the
+summary (`<date>-summary-<host>.md`) puts the tables of this run together. `--quick` runs smaller sizes.
+Not yet here (issue 6): HTTP streaming vs the engine direct (C), Poisson-arrival TTFT/ITL at 1/8/32 streams
+(D), mixed ranks 4/8/16/32 (B), the GPU script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+
+from bench.common import RESULTS
+
+SUITE = [  # (title, module and arguments, arguments added with --quick)
+    ("A: throughput, 16 adapters vs HF and PEFT", ["bench.throughput", "--levers"], ["--repeat", "1"]),
+    (
+        "B: throughput, 64 distinct adapters",
+        ["bench.throughput", "--adapters", "64", "--skip-peft"],
+        ["--repeat", "1"],
+    ),
+    ("Roofline: batch-64 decode vs a large GEMM", ["bench.roofline"], ["--new-tokens", "16"]),
+    ("Fairness: a light tenant's TTFT under a flood", ["bench.fairness"], ["--requests", "10", "--flood", "16"]),
+    ("E: adapter scaling and cold loads", ["bench.adapter_scaling"], ["--quick"]),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated title prefixes, e.g. A,Roofline")
+    args = ap.parse_args()
+    chosen = [w for w in SUITE if not args.only or any(w[0].startswith(p) for p in args.only.split(","))]
+    start = time.time()
+    parts, failed = [], []
+    for i, (title, command, quick) in enumerate(chosen, 1):
+        print(f"[{i}/{len(chosen)}] {title} ({time.time() - start:.0f} s so far)", flush=True)
+        began = time.time()
+        result = subprocess.run([sys.executable, "-m", *command, *(quick if args.quick else [])], check=False)
+        if result.returncode != 0:
+            failed.append(title)
+            continue
+        fresh = [p for p in RESULTS.glob("*.md") if p.stat().st_mtime >= began and "summary" not in p.name]
+        parts += [f"## {title}\n\n" + p.read_text() for p in sorted(fresh)]
+    stem = f"{time.strftime('%Y-%m-%d')}-summary-{platform.node() or 'host'}"
+    text = "\n\n".join([f"# Benchmark suite ({'quick' if args.quick else 'full'})", *parts])
+    if failed:
+        text += "\n\nFailed: " + ", ".join(failed) + "\n"
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    print(f"wrote {RESULTS / stem}.md in {time.time() - start:.0f} s")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
