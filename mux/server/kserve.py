@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
 from mux.server.openai import MAX_JSON_BYTES, BodyTooLarge, read_json, sampling_params
 
@@ -38,6 +38,7 @@ _STATUS = [  # Triton: INVALID_ARG (and unknown model) 400, UNAVAILABLE 503
     (InvalidAdapter, 400),
     (InvalidRequest, 400),
     (Overloaded, 503),
+    (DeadlineExceeded, 504),
 ]
 
 

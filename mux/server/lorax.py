@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
-from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 from mux.server.openai import BodyTooLarge, read_json
 
@@ -34,6 +34,7 @@ _STATUS = [
     (InvalidAdapter, 424, "generation", "Request failed during generation: "),
     (InvalidRequest, 422, "validation", "Input validation error: "),
     (Overloaded, 429, "overloaded", "Model is overloaded: "),
+    (DeadlineExceeded, 504, "incomplete_generation", "Request failed during generation: "),
 ]
 # keys lorax-client always sends; refused unless null/false or neutral
 _UNSUPPORTED = ("merged_adapters", "response_format", "return_k_alternatives", "truncate")
