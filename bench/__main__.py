@@ -2,8 +2,8 @@
 
 Each workload writes its own JSON + markdown (+ PNG) into bench/results/ with the machine description; the
 summary (`<date>-summary-<host>.md`) puts the tables of this run together. `--quick` runs smaller sizes.
-Not yet here (issue 6): HTTP streaming vs the engine direct (C), Poisson-arrival TTFT/ITL at 1/8/32 streams
-(D), mixed ranks 4/8/16/32 (B), the GPU script.
+Not yet here (issue 6): mixed ranks 4/8/16/32 (B), PEFT `set_adapter` per request (A), a progress bar inside
+long workloads, plots of latency percentiles, the GPU script.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ),
     ("Roofline: batch-64 decode vs a large GEMM", ["bench.roofline"], ["--new-tokens", "16"]),
     ("Fairness: a light tenant's TTFT under a flood", ["bench.fairness"], ["--requests", "10", "--flood", "16"]),
+    ("C+D: HTTP streaming vs the engine; TTFT and ITL under Poisson load", ["bench.serving"], ["--quick"]),
     ("E: adapter scaling and cold loads", ["bench.adapter_scaling"], ["--quick"]),
 ]
 
