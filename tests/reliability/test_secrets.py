@@ -1,0 +1,29 @@
+"""No secret reaches the logs: a server at debug log level sees good, wrong and malformed keys, and its whole
+output holds none of them (keys are only ever hashed)."""
+
+from __future__ import annotations
+
+import httpx
+
+from conftest import start_server
+from mux.server.auth import hash_key
+
+
+def test_keys_never_appear_in_the_server_output(tmp_path, tiny_dir):
+    admin, tenant, wrong = "admin-SECRET-1f2e", "tenant-SECRET-9a8b", "wrong-SECRET-7c6d"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[admin]\nkeys = ["{hash_key(admin)}"]\n[tenants.acme]\nkeys = ["{hash_key(tenant)}"]\n')
+    (tmp_path / "repo").mkdir()
+    proc, base = start_server(tiny_dir, tmp_path / "repo", "--policy", str(policy), "--log-level", "debug")
+    try:
+        body = {"prompt": "hi", "max_tokens": 2}
+        for key in (admin, tenant, wrong, f"{wrong}-extra", "x"):
+            headers = {"Authorization": f"Bearer {key}"}
+            httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=30)
+            httpx.get(f"{base}/admin/stats", headers=headers, timeout=30)
+        assert httpx.get(f"{base}/admin/stats", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert "SECRET" not in output
+    assert "POST /v1/completions" in output  # the access log was on: the test looked at real log lines
