@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 
 from bench.common import RESULTS, machine, prompts, save, write_random_adapter
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
@@ -98,7 +98,7 @@ def simulate_hit_rates(ids: list[int], sizes: dict[int, int]) -> dict:
     return out
 
 
-def cold_loads(engine, paths: list[Path]) -> dict:
+def cold_loads(engine, paths: list[Path], slots: int) -> dict:
     """Per adapter: disk→host and host→device through the manager, next to a raw read and a raw memcpy."""
     rows = []
     lora = engine.lora
@@ -107,11 +107,10 @@ def cold_loads(engine, paths: list[Path]) -> dict:
         weights = load_adapter(path, lora.shapes, engine.config.lora.max_lora_rank, lora.dtype)
         disk_to_host = time.perf_counter() - t
         t = time.perf_counter()
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-            raw = [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118
+        raw = safetensors_load((path / "adapter_model.safetensors").read_bytes())  # how mux reads the bytes
         raw_read = time.perf_counter() - t
         t = time.perf_counter()
-        lora.load(SLOTS - 1, weights)
+        lora.load(slots - 1, weights)
         host_to_device = time.perf_counter() - t
         src = [a for a, _ in weights.modules.values()] + [b for _, b in weights.modules.values()]
         dst = [torch.empty_like(x) for x in src]
@@ -129,7 +128,7 @@ def cold_loads(engine, paths: list[Path]) -> dict:
             }
         )
         del raw
-    lora.clear(SLOTS - 1)
+    lora.clear(slots - 1)
     med = {k: percentile([r[k] for r in rows], 0.5) for k in rows[0]}
     med["host_to_device_vs_memcpy"] = med["host_to_device_s"] / med["memcpy_s"]
     med["disk_to_host_vs_raw_read"] = med["disk_to_host_s"] / med["raw_read_s"]
@@ -151,7 +150,7 @@ def plot(results: dict, stem: str) -> list[Path]:
         ax2.plot(pops, [r["ttft_p99_s"] for r in runs], marker="x", linestyle="--", label=f"{dist} p99")
     for ax, title, unit in [(ax1, "throughput", "tokens/s"), (ax2, "time to first token", "s")]:
         ax.set_xscale("log")
-        ax.set_xlabel(f"distinct adapters in the traffic ({SLOTS} device slots)")
+        ax.set_xlabel(f"distinct adapters in the traffic ({results['slots']} device slots)")
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.legend()
@@ -176,12 +175,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="populations 1, 8, 128 only")
+    ap.add_argument("--populations", default="", help="comma-separated, e.g. 8,1000 (default: all)")
+    ap.add_argument("--dists", default="zipf,uniform")
+    ap.add_argument("--slots", type=int, default=SLOTS, help="device slots (a lever: on CPU a slot costs only RAM)")
     args = ap.parse_args()
     pops = (1, 8, 128) if args.quick else POPULATIONS
+    if args.populations:
+        pops = tuple(int(p) for p in args.populations.split(","))
+    slots = args.slots
     model_dir = default_model_dir()
     root = Path(tempfile.mkdtemp(prefix="mux-scaling-"))
     texts = prompts(args.requests, seed=1)
-    traces = {d: {p: trace(args.requests, p, d) for p in pops} for d in ("zipf", "uniform")}
+    traces = {d: {p: trace(args.requests, p, d) for p in pops} for d in args.dists.split(",")}
     needed = sorted({i for by_pop in traces.values() for ids in by_pop.values() for i in ids})
     print(f"writing {len(needed)} fp16 rank-8 adapters ...", flush=True)
     paths = {
@@ -191,7 +196,7 @@ def main() -> None:
     engine = Engine(
         EngineConfig(
             model=ModelConfig(model=str(model_dir)),
-            lora=LoRAConfig(max_loras=SLOTS, max_lora_rank=8, max_cpu_loras=HOST_COUNT),
+            lora=LoRAConfig(max_loras=slots, max_lora_rank=8, max_cpu_loras=HOST_COUNT),
             cache=CacheConfig(kv_cache_bytes=1 << 30),
         )
     )
@@ -200,7 +205,7 @@ def main() -> None:
     results: dict = {
         "machine": machine(),
         "workload": vars(args),
-        "slots": SLOTS,
+        "slots": slots,
         "host_count": HOST_COUNT,
         "traffic": {},
         "hit_rates": {},
@@ -220,13 +225,14 @@ def main() -> None:
             sizes = {i: 1 for i in ids}
             results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(ids, sizes)
     engine.stop()
-    results["cold_load"] = cold_loads(engine, [paths[i] for i in needed[:16]])
+    # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads
+    results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]], slots)
     print("cold load (median):", json.dumps(results["cold_load"]), flush=True)
     zipf = {r["population"]: r["tokens_per_s"] for r in results["traffic"]["zipf"]}
     if 8 in zipf and 1000 in zipf:
         results["zipf_1000_vs_8"] = zipf[1000] / zipf[8]
     lines = [
-        f"# Adapter scaling ({args.requests} requests × {args.new_tokens} tokens, {SLOTS} slots)",
+        f"# Adapter scaling ({args.requests} requests × {args.new_tokens} tokens, {slots} slots)",
         "",
         f"Machine: {json.dumps(results['machine'])}",
         "",
@@ -256,7 +262,9 @@ def main() -> None:
             lines.append(f"- {dist}, {pop} adapters: {cells}")
     if "zipf_1000_vs_8" in results:
         lines += ["", f"Throughput at 1000 Zipf adapters vs 8: {results['zipf_1000_vs_8']:.2f}×"]
-    path = save("adapter-scaling", results, "\n".join(lines))
+    partial = args.populations or args.dists != "zipf,uniform" or slots != SLOTS
+    name = f"adapter-scaling-{slots}-slots-{'-'.join(map(str, pops))}" if partial else "adapter-scaling"
+    path = save(name, results, "\n".join(lines))
     print("wrote", path, *plot(results, path.stem))
 
 
