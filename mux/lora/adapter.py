@@ -131,20 +131,30 @@ def load_adapter(
     use_rslora = bool(config.get("use_rslora", False))
     alpha = float(config.get("lora_alpha", 8))
     alpha_pattern = config.get("alpha_pattern") or {}
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    max_r = 0
-    nbytes = 0
-    for module in sorted(pairs):
-        a, b = _check_pair(module, pairs[module], shapes, max_rank)
-        r = a.shape[0]
-        m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
-        scale = m_alpha / math.sqrt(r) if use_rslora else m_alpha / r
-        a_t = a.to(dtype).contiguous()  # [r, in]
-        b_t = (b.to(torch.float32) * scale).t().contiguous().to(dtype)  # [r, out]
-        modules[module] = (a_t, b_t)
-        max_r = max(max_r, r)
-        nbytes += a_t.nbytes + b_t.nbytes
-    _check_finite(modules)
+    checked = {module: _check_pair(module, pairs[module], shapes, max_rank) for module in sorted(pairs)}
+    # Modules whose A and B share shapes and dtypes are converted together: a 30-layer model has 210 pairs,
+    # and per-tensor ops (≈10 µs each) were most of a load.
+    groups: dict[tuple, list[str]] = {}
+    for module, (a, b) in checked.items():
+        groups.setdefault((a.shape, b.shape, a.dtype, b.dtype), []).append(module)
+    built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for names in groups.values():
+        scales = []
+        for module in names:
+            r = checked[module][0].shape[0]
+            m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
+            scales.append(m_alpha / math.sqrt(r) if use_rslora else m_alpha / r)
+        a = torch.stack([checked[m][0] for m in names]).to(dtype)  # [n, r, in]
+        b = torch.stack([checked[m][1] for m in names]).to(torch.float32)  # [n, out, r]
+        b = (b * torch.tensor(scales)[:, None, None]).transpose(1, 2).contiguous().to(dtype)  # [n, r, out]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            finite = [bool(torch.isfinite(a[i]).all() and torch.isfinite(b[i]).all()) for i in range(len(names))]
+            bad = names[finite.index(False)]
+            raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
+        built.update({m: (a[i], b[i]) for i, m in enumerate(names)})
+    modules = {m: built[m] for m in sorted(built)}  # each (A [r, in], B·scale [r, out]), contiguous views
+    max_r = max(a.shape[0] for a, _ in modules.values())
+    nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
     return LoRAWeights(path, adapter_key(path) or "", max_r, targets, modules, nbytes)
 
@@ -206,11 +216,3 @@ def _check_pair(
             f"(expected A[r, {shape.in_features}], B[{shape.out_features}, r])"
         )
     return a, b
-
-
-def _check_finite(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """One pass over all weights (per-tensor checks cost ≈16 µs each, 420 of them for a 30-layer model)."""
-    flat = torch.cat([t.reshape(-1) for pair in modules.values() for t in pair])
-    if not torch.isfinite(flat).all():
-        bad = next(m for m, (a, b) in modules.items() if not (torch.isfinite(a).all() and torch.isfinite(b).all()))
-        raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
