@@ -2,7 +2,7 @@
 
 Each workload writes its own JSON + markdown (+ PNG) into bench/results/ with the machine description; the
 summary (`<date>-summary-<host>.md`) puts the tables of this run together. `--quick` runs smaller sizes.
-Not yet here (issue 6): mixed ranks 4/8/16/32 (B), PEFT `set_adapter` per request (A), a progress bar inside
+Not yet here (issue 6): PEFT `set_adapter` per request (A), a progress bar inside
 long workloads, plots of latency percentiles, the GPU script.
 """
 
@@ -21,6 +21,11 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     (
         "B: throughput, 64 distinct adapters",
         ["bench.throughput", "--adapters", "64", "--skip-peft"],
+        ["--repeat", "1"],
+    ),
+    (
+        "B: throughput, mixed ranks 4/8/16/32 vs all rank 8",
+        ["bench.throughput", "--skip-peft", "--mixed-ranks", "4,8,16,32"],
         ["--repeat", "1"],
     ),
     ("Roofline: batch-64 decode vs a large GEMM", ["bench.roofline"], ["--new-tokens", "16"]),

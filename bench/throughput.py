@@ -57,6 +57,7 @@ def run(thread: TorchThread) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--mixed-ranks", default="", help="also run adapters of these ranks, cycled, e.g. 4,8,16,32")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--levers", action="store_true", help="also run the engine without prepacked linears")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
@@ -73,6 +74,11 @@ def run(thread: TorchThread) -> None:
         for i, name in enumerate(names)
     ]
     per_request = [paths[i % len(paths)] for i in range(n)]
+    mixed_ranks = [int(r) for r in args.mixed_ranks.split(",") if r]
+    mixed_paths = [
+        make_adapter(model_dir, tmp / f"m{i}", r=mixed_ranks[i % len(mixed_ranks)], seed=100 + i, std=0.02, base=base)
+        for i in range(args.adapters if mixed_ranks else 0)
+    ]
     tokens = n * new
     runs = {"hf_generate_base": lambda: hf_generate(base, tok, texts, new)}
     hf_generate(base, tok, texts[:4], 4)  # warm-up
@@ -92,7 +98,7 @@ def run(thread: TorchThread) -> None:
         engine = Engine(
             EngineConfig(
                 model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning),
-                lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank)),
+                lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank, *mixed_ranks)),
                 cache=CacheConfig(kv_cache_bytes=1 << 30),
             ),
             torch_thread=thread,
@@ -103,6 +109,10 @@ def run(thread: TorchThread) -> None:
     engine = make_engine(cpu_tuning=True)
     runs["mux_base_only"] = lambda: mux_generate(engine, texts, new, [None] * n)
     runs[f"mux_{args.adapters}_adapters"] = lambda: mux_generate(engine, texts, new, per_request)
+    if mixed_paths:  # B: heterogeneous ranks in one batch (slots are padded to the largest rank in use)
+        mixed = [mixed_paths[i % len(mixed_paths)] for i in range(n)]
+        mux_generate(engine, texts[: len(mixed_paths)], 2, mixed_paths)  # resident, like the others
+        runs[f"mux_{args.adapters}_adapters_ranks_{args.mixed_ranks}"] = lambda: mux_generate(engine, texts, new, mixed)
     if args.levers:  # prepacked linears off (the glibc heap setting is process-wide, so it stays on here)
         unpacked = make_engine(cpu_tuning=False)
         runs[f"mux_{args.adapters}_adapters_unpacked"] = lambda: mux_generate(unpacked, texts, new, per_request)
@@ -122,6 +132,8 @@ def run(thread: TorchThread) -> None:
         "mux_adapters_vs_hf_base": results[adapters_key] / results["hf_generate_base"],
         "mux_base_vs_hf_base": results["mux_base_only"] / results["hf_generate_base"],
     }
+    if mixed_paths:
+        ratios["mixed_ranks_vs_same_rank"] = results[f"{adapters_key}_ranks_{args.mixed_ranks}"] / results[adapters_key]
     if args.levers:
         ratios["packed_vs_unpacked_linears"] = results[adapters_key] / results[f"{adapters_key}_unpacked"]
     data = {"workload": vars(args), "machine": machine(), "tokens_per_s": results, "samples": samples, "ratios": ratios}
@@ -133,7 +145,8 @@ def run(thread: TorchThread) -> None:
         f"Machine: {json.dumps(data['machine'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
         f"| ratio | value |\n|---|---|\n{ratio_rows}\n"
     )
-    print("wrote", save(f"throughput-{args.adapters}-adapters", data, table))
+    suffix = f"-ranks-{args.mixed_ranks.replace(',', '-')}" if mixed_paths else ""
+    print("wrote", save(f"throughput-{args.adapters}-adapters{suffix}", data, table))
 
 
 if __name__ == "__main__":
