@@ -14,6 +14,8 @@ from starlette.responses import Response
 from mux.engine.stream import RequestStream
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+MAX_ADAPTER_LABELS = 256  # per-adapter series beyond this many adapters are counted under "_other"
+OTHER = "_other"
 
 
 class Metrics:
@@ -35,8 +37,17 @@ class Metrics:
         self.tokens = Counter("mux_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.prompt_tokens = Counter("mux_prompt_tokens", "Prompt tokens", ["adapter"], registry=r)
         r.register(_EngineCollector(state))
+        self._labels: set[str] = set()
+
+    def label(self, model: str) -> str:
+        """The adapter label for `model`: itself for the first MAX_ADAPTER_LABELS names seen, then "_other"
+        (thousands of adapters must not become thousands of time series per metric)."""
+        if model not in self._labels and len(self._labels) < MAX_ADAPTER_LABELS:
+            self._labels.add(model)
+        return model if model in self._labels else OTHER
 
     def observe(self, model: str, streams: list[RequestStream]) -> None:
+        model = self.label(model)
         for s in streams:
             reason = s.finish_reason or "disconnected"
             self.requests.labels(model, reason).inc()
