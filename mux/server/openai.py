@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
-from mux.engine.stream import RequestStream
+from mux.engine.stream import RequestStream, TokenEvent
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 
@@ -255,22 +256,21 @@ class OpenAIRoutes:
                             ],
                         }
                     )
-            for i, stream in enumerate(streams):  # choices stream one after another; all run concurrently
-                async for ev in stream:
-                    if ev.token_id is not None:
-                        counts[i] += 1
-                    finish = FINISH[ev.finish_reason] if ev.finish_reason else None
-                    if not ev.text and finish is None:
-                        continue
-                    part = {"delta": {"content": ev.text}} if chat else {"text": ev.text}
-                    yield _event(
-                        {
-                            **meta,
-                            "object": obj,
-                            "choices": [{"index": i, **part, "logprobs": None, "finish_reason": finish}],
-                            "usage": None,
-                        }
-                    )
+            async for i, ev in _merged(streams):  # n > 1: choices stream side by side, as they are generated
+                if ev.token_id is not None:
+                    counts[i] += 1
+                finish = FINISH[ev.finish_reason] if ev.finish_reason else None
+                if not ev.text and finish is None:
+                    continue
+                part = {"delta": {"content": ev.text}} if chat else {"text": ev.text}
+                yield _event(
+                    {
+                        **meta,
+                        "object": obj,
+                        "choices": [{"index": i, **part, "logprobs": None, "finish_reason": finish}],
+                        "usage": None,
+                    }
+                )
             if include_usage:
                 yield _event({**meta, "object": obj, "choices": [], "usage": _usage(streams[::n], sum(counts))})
             yield "data: [DONE]\n\n"
@@ -299,6 +299,35 @@ def _messages(messages) -> list[dict]:
             raise InvalidRequest("only text message content is supported")
         out.append({"role": m["role"], "content": content or ""})
     return out
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) from every stream in the order events arrive. A stream's error is raised here;
+    closing the generator (the client went away) stops the readers."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def read(i: int, stream: RequestStream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((i, event, None))
+        except MuxError as e:
+            queue.put_nowait((i, None, e))
+        queue.put_nowait((i, None, None))  # this stream is done
+
+    readers = [asyncio.create_task(read(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                remaining -= 1
+                continue
+            yield i, event
+    finally:
+        for reader in readers:
+            reader.cancel()
 
 
 def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:

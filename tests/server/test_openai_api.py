@@ -175,3 +175,18 @@ def test_chat_max_completion_tokens(client):
     )
     assert r.usage.completion_tokens <= 3
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_n_choices_stream_side_by_side_and_equal_the_non_streamed_ones(client):
+    messages = [{"role": "user", "content": "Tell me something"}]
+    args = dict(model="acme/all", messages=messages, max_tokens=8, temperature=1.0, seed=7, n=3)
+    whole = client.chat.completions.create(**args)
+    assert len({c.message.content for c in whole.choices}) > 1  # seed + i per choice: they differ
+    order, texts = [], ["", "", ""]
+    for chunk in client.chat.completions.create(**args, stream=True):
+        for c in chunk.choices:
+            if c.delta.content:
+                order.append(c.index)
+                texts[c.index] += c.delta.content
+    assert texts == [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert order != sorted(order)  # interleaved as generated, not one choice after another
