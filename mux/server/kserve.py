@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
-from mux.server.openai import MAX_JSON_BYTES, BodyTooLarge, read_json, sampling_params
+from mux.server.openai import BodyTooLarge, read_body, read_json, sampling_params
 
 INPUT, OUTPUT = "text_input", "text_output"
 VERSION = "1"  # every model has one version
@@ -243,17 +243,9 @@ def _event(obj: dict) -> str:
 
 async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
     """(JSON header, binary tensor data): split at Inference-Header-Content-Length when it is present."""
-    if int(request.headers.get("content-length") or 0) > MAX_JSON_BYTES:
-        raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
     if request.headers.get("content-encoding", "identity") != "identity":
         raise InvalidRequest("compressed request bodies are not supported")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_JSON_BYTES:
-            raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_body(request)
     declared = request.headers.get("inference-header-content-length")
     split = len(raw)
     if declared is not None:

@@ -54,8 +54,8 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def read_json(request: Request) -> dict:
-    """The body as a JSON object, read through a byte limit (a missing Content-Length does not bypass it)."""
+async def read_body(request: Request) -> bytes:
+    """The raw body, read through MAX_JSON_BYTES (a missing Content-Length does not bypass it)."""
     if int(request.headers.get("content-length") or 0) > MAX_JSON_BYTES:
         raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
     chunks, size = [], 0
@@ -64,8 +64,14 @@ async def read_json(request: Request) -> dict:
         if size > MAX_JSON_BYTES:
             raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, read through the byte limit."""
+    raw = await read_body(request)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
