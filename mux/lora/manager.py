@@ -263,12 +263,13 @@ class AdapterManager:
 
     def _prune_bookkeeping(self) -> None:
         """Per-key statistics of adapters in no tier (old versions, cold adapters) are bounded: past twice the
-        tiers' capacity in keys, the least recently used disk-only keys are forgotten."""
+        tiers' capacity in keys, the least recently used disk-only keys are forgotten, down to three quarters
+        of that, so the sort runs once per many new keys rather than on every one (acquire is on the step)."""
         limit = 2 * (self.config.max_cpu_loras + self.config.max_loras)
         if len(self.usage) <= limit:
             return
         idle = sorted((u.last_used, k) for k, u in self.usage.items() if k not in self.entries and k not in self.host)
-        for _, key in idle[: len(self.usage) - limit]:
+        for _, key in idle[: len(self.usage) - limit * 3 // 4]:
             del self.usage[key]
             self.device_policy.forget(key)
             self.host.policy.forget(key)
