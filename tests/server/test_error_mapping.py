@@ -1,0 +1,25 @@
+"""Each protocol maps overload and a request deadline to its own status, with Retry-After on overload only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mux.errors import DeadlineExceeded, Overloaded
+from mux.server.kserve import kserve_error
+from mux.server.lorax import lorax_error
+from mux.server.openai import error_response
+
+
+@pytest.mark.parametrize(
+    ("to_response", "overloaded", "deadline"),
+    [(error_response, 429, 504), (kserve_error, 503, 504), (lorax_error, 429, 504)],
+)
+def test_overload_and_deadline(to_response, overloaded, deadline):
+    busy = to_response(Overloaded("tenant `acme` has 4 generations in flight", retry_after=7))
+    assert busy.status_code == overloaded and busy.headers["retry-after"] == "7"
+    assert "acme" in json.dumps(json.loads(busy.body))
+    late = to_response(DeadlineExceeded("the request did not finish within its 30 s deadline"))
+    assert late.status_code == deadline and "retry-after" not in late.headers
+    assert "deadline" in json.dumps(json.loads(late.body))
