@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as safetensors_load
 
-from bench.common import RESULTS, machine, prompts, save, write_random_adapter
+from bench.common import RESULTS, machine, percentile, prompts, save, write_random_adapter
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
@@ -38,11 +38,6 @@ def trace(n_requests: int, population: int, dist: str, seed: int = 0) -> list[in
         return [rnd.randrange(population) for _ in range(n_requests)]
     weights = [1 / (i + 1) for i in range(population)]  # Zipf, α = 1
     return rnd.choices(range(population), weights=weights, k=n_requests)
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 async def run_traffic(engine, texts, adapter_paths, new_tokens, concurrency) -> dict:

@@ -61,6 +61,12 @@ def prompts(n: int, words: int = 24, seed: int = 0) -> list[str]:
     return [" ".join(rnd.choice(_WORDS) for _ in range(words)).capitalize() + "." for _ in range(n)]
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile, q in [0, 1] (NaN for no values): one definition for every benchmark."""
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
+
+
 def machine() -> dict:
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):

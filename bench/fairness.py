@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import machine, prompts, save, write_random_adapter
+from bench.common import machine, percentile, prompts, save, write_random_adapter
 
 KEYS = {"light": "light-key", "flood": "flood-key"}
 
@@ -80,11 +80,6 @@ def flood_process(base: str, texts: list[str], clients: int, stop, out) -> None:
     out.put(counts)
 
 
-def p(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def scenario(model_dir: Path, repo: Path, work: Path, cap: int | None, args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import start_server
@@ -118,10 +113,10 @@ def scenario(model_dir: Path, repo: Path, work: Path, cap: int | None, args) -> 
         "flood_cap": cap,
         "flood_clients": args.flood,
         "unloaded_p50_s": statistics.median(unloaded),
-        "unloaded_p99_s": p(unloaded, 0.99),
+        "unloaded_p99_s": percentile(unloaded, 0.99),
         "flood_p50_s": statistics.median(loaded),
-        "flood_p99_s": p(loaded, 0.99),
-        "p99_ratio": p(loaded, 0.99) / p(unloaded, 0.99),
+        "flood_p99_s": percentile(loaded, 0.99),
+        "p99_ratio": percentile(loaded, 0.99) / percentile(unloaded, 0.99),
         "light_refused": refused,
         "flood_requests": counts,
     }

@@ -20,15 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, prompts, save, write_random_adapter
+from bench.common import machine, percentile, prompts, save, write_random_adapter
 from mux.model.loader import default_model_dir
 
 NEW_TOKENS = 64
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
 
 
 async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
@@ -98,10 +93,10 @@ async def poisson(base: str, models: list[str], texts: list[str], streams: int, 
     return {
         "streams": streams,
         "requests": n,
-        "ttft_p50_s": pct(ttft, 0.5),
-        "ttft_p99_s": pct(ttft, 0.99),
-        "itl_p50_s": pct(gaps, 0.5),
-        "itl_p99_s": pct(gaps, 0.99),
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "itl_p50_s": percentile(gaps, 0.5),
+        "itl_p99_s": percentile(gaps, 0.99),
     }
 
 

@@ -197,25 +197,31 @@ class Soak:
 
     # -- end ----------------------------------------------------------------------------------
     def wait_idle(self, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = httpx.get(f"{self.base}/admin/stats", timeout=30).json()
-            e, dev = s["engine"], s["tiers"]["device"]
-            state = {
-                "running": e["running"],
-                "waiting": e["waiting"],
-                "kv_blocks_free": e["kv_blocks"]["free"],
-                "kv_blocks_total": e["kv_blocks"]["total"],
-                "slots_pinned": dev["pinned"],
-                "finished": e["finished"],
-            }
-            state["idle"] = (
-                e["running"] == 0 and e["waiting"] == 0 and state["kv_blocks_free"] == state["kv_blocks_total"]
-            ) and dev["pinned"] == 0
-            if state["idle"] or time.monotonic() > deadline:
-                self.report.idle_at_end = state
-                return state
-            time.sleep(0.1)
+        self.report.idle_at_end = wait_idle(self.base, timeout=timeout)
+        return self.report.idle_at_end
+
+
+def wait_idle(base: str, headers: dict | None = None, timeout: float = 30.0) -> dict:
+    """Poll /admin/stats until no sequence runs or waits, every KV block is free and no slot is pinned by a
+    request; returns that state (with `idle` False if `timeout` passed first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = httpx.get(f"{base}/admin/stats", headers=headers, timeout=30).json()
+        e, dev = s["engine"], s["tiers"]["device"]
+        state = {
+            "running": e["running"],
+            "waiting": e["waiting"],
+            "kv_blocks_free": e["kv_blocks"]["free"],
+            "kv_blocks_total": e["kv_blocks"]["total"],
+            "slots_pinned": dev["pinned"],
+            "finished": e["finished"],
+        }
+        state["idle"] = (
+            e["running"] == e["waiting"] == dev["pinned"] == 0 and state["kv_blocks_free"] == state["kv_blocks_total"]
+        )
+        if state["idle"] or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
 
 
 def setup_repository(root: Path, model_dir: Path, n_adapters: int, n_sources: int = 2) -> tuple[list[str], list]:

@@ -53,8 +53,9 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     tenants = data.get("tenants", {})
     if not isinstance(tenants, dict) or not all(_TENANT.match(t) for t in tenants):
         raise MuxError(f"policy file {path}: [tenants.<name>] names must be simple identifiers")
-    tenant_keys = {t: _key_hashes(v, f"[tenants.{t}]", path) for t, v in tenants.items()}
-    _only(data.get("limits", {}), {f.name for f in fields(TenantLimit)}, "[limits]")
+    limit_keys = {f.name for f in fields(TenantLimit)}
+    tenant_keys = {t: _key_hashes(v, f"[tenants.{t}]", path, limit_keys) for t, v in tenants.items()}
+    _only(data.get("limits", {}), limit_keys, "[limits]")
     limits = _limit(data.get("limits", {}), TenantLimit(), "[limits]", path)
     tenant_limits = {t: _limit(v, limits, f"[tenants.{t}]", path) for t, v in tenants.items()}
     try:
@@ -88,16 +89,16 @@ def _strings(section: dict, key: str, where: str, path: Path) -> tuple[str, ...]
 
 
 def _limit(section: dict, default: TenantLimit, where: str, path: Path) -> TenantLimit:
-    values = {k: v for k, v in section.items() if k in {f.name for f in fields(TenantLimit)}}
+    values = {f.name: section[f.name] for f in fields(TenantLimit) if f.name in section}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MuxError(f"policy file {path}: {where} {key} must be a positive integer")
     return replace(default, **values)
 
 
-def _key_hashes(section: dict, where: str, path: Path) -> tuple[str, ...]:
-    limit_keys = {f.name for f in fields(TenantLimit)}
-    _only(section if isinstance(section, dict) else {}, {"keys"} | (limit_keys if where != "[admin]" else set()), where)
+def _key_hashes(section: dict, where: str, path: Path, also: set[str] = frozenset()) -> tuple[str, ...]:
+    """The section's `keys` (sha256 hashes); `also` names the other keys the section may hold."""
+    _only(section if isinstance(section, dict) else {}, {"keys"} | also, where)
     keys = _strings(section, "keys", where, path)
     if not all(_KEY_HASH.match(k) for k in keys):  # the offending value is not echoed: it may be a secret
         raise MuxError(

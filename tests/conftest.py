@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 
 from bench.common import ALL, ATTN, MLP, make_adapter
 from mux.model.loader import default_model_dir
+from mux.server.auth import hash_key
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 49152):
@@ -117,6 +118,19 @@ def make_engine(model_dir: Path, **lora):
             model=ModelConfig(model=str(model_dir)), lora=LoRAConfig(**lora), cache=CacheConfig(kv_cache_bytes=64 << 20)
         )
     )
+
+
+def write_policy(path: Path, keys: dict[str, str], extra: dict[str, str] | None = None, tail: str = "") -> Path:
+    """A policy file for a test server: keys["admin"] is the admin key, every other entry names a tenant and its
+    key; extra[section] adds lines to that section; `tail` is appended as is (e.g. a [public] section)."""
+    extra = extra or {}
+    sections = [("admin" if who == "admin" else f"tenants.{who}", who, key) for who, key in keys.items()]
+    text = "".join(
+        f'[{section}]\nkeys = ["{hash_key(key)}"]\n' + (extra[who] + "\n" if who in extra else "")
+        for section, who, key in sections
+    )
+    path.write_text(text + tail)
+    return path
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
-from mux.server.openai import BodyTooLarge, read_body, read_json, sampling_params
+from mux.server.openai import BodyTooLarge, read_body, read_json, retry_after_headers, sampling_params
 
 INPUT, OUTPUT = "text_input", "text_output"
 VERSION = "1"  # every model has one version
@@ -46,7 +46,7 @@ def kserve_error(exc: Exception, model: str | None = None) -> JSONResponse:
     """MuxError -> Triton's `{"error": "..."}` with its status code."""
     status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
     message = f"Request for unknown model: '{model}' is not found" if isinstance(exc, AdapterNotFound) else str(exc)
-    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 503 else None
+    headers = retry_after_headers(exc)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -118,43 +118,21 @@ class KServeRoutes:
         return caller, model
 
     async def model_ready(self, request: Request) -> Response:
-        try:
-            self._model(request)
-        except MuxError as e:
-            return kserve_error(e, _path_model(request)[0])
-        return Response(status_code=200)
+        return self._describe(request, lambda model: Response(status_code=200))
 
     async def model_metadata(self, request: Request) -> Response:
-        try:
-            _, model = self._model(request)
-        except MuxError as e:
-            return kserve_error(e, _path_model(request)[0])
-        return JSONResponse(
-            {
-                "name": model,
-                "versions": [VERSION],
-                "platform": "mux",
-                "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": OUTPUT, "datatype": "BYTES", "shape": [-1]}],
-            }
-        )
+        return self._describe(request, _metadata)
 
     async def model_config(self, request: Request) -> Response:
+        return self._describe(request, _config)
+
+    def _describe(self, request: Request, build) -> Response:
+        """`build(model)` for a model the caller may use; Triton's error otherwise."""
         try:
             _, model = self._model(request)
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
-        return JSONResponse(
-            {
-                "name": model,
-                "platform": "mux",
-                "backend": "mux",
-                "max_batch_size": 0,  # no batch dimension: any shape, every element is a prompt
-                "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
-                "output": [{"name": OUTPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
-                "model_transaction_policy": {"decoupled": False},
-            }
-        )
+        return build(model)
 
     # -- inference --
     async def infer(self, request: Request) -> Response:
@@ -235,6 +213,32 @@ def _path_model(request: Request) -> tuple[str, str]:
     model = request.path_params["model"]
     match = _VERSIONED.fullmatch(model)
     return (match[1], match[2]) if match else (model, VERSION)
+
+
+def _metadata(model: str) -> JSONResponse:
+    return JSONResponse(
+        {
+            "name": model,
+            "versions": [VERSION],
+            "platform": "mux",
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": OUTPUT, "datatype": "BYTES", "shape": [-1]}],
+        }
+    )
+
+
+def _config(model: str) -> JSONResponse:
+    return JSONResponse(
+        {
+            "name": model,
+            "platform": "mux",
+            "backend": "mux",
+            "max_batch_size": 0,  # no batch dimension: any shape, every element is a prompt
+            "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+            "output": [{"name": OUTPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+            "model_transaction_policy": {"decoupled": False},
+        }
+    )
 
 
 def _event(obj: dict) -> str:

@@ -22,7 +22,7 @@ from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
-from mux.server.openai import BodyTooLarge, read_json
+from mux.server.openai import BodyTooLarge, read_json, retry_after_headers
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default when `max_new_tokens` is null
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -47,7 +47,7 @@ def lorax_error(exc: Exception) -> JSONResponse:
     status, kind, prefix = next(
         ((s, k, p) for cls, s, k, p in _STATUS if isinstance(exc, cls)), (500, "incomplete_generation", "")
     )
-    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 429 else None
+    headers = retry_after_headers(exc)
     return JSONResponse({"error": prefix + str(exc), "error_type": kind}, status_code=status, headers=headers)
 
 

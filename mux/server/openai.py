@@ -48,9 +48,14 @@ def error_body(exc: Exception) -> tuple[int, dict]:
     return status, {"error": {"message": str(exc), "type": kind, "param": param, "code": status}}
 
 
+def retry_after_headers(exc: Exception) -> dict | None:
+    """`Retry-After` for an Overloaded error (every protocol's 429/503), else nothing."""
+    return {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+
+
 def error_response(exc: Exception) -> JSONResponse:
     status, body = error_body(exc)
-    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status == 429 else None
+    headers = retry_after_headers(exc)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import httpx
 import pytest
 
-from conftest import run_server
-from mux.server.auth import hash_key
+from bench.soak import wait_idle
+from conftest import run_server, write_policy
 
 KEYS = {"admin": "admin-secret", "acme": "acme-secret", "beta": "beta-secret"}
 LONG = {"max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -23,11 +22,7 @@ def server(tmp_path_factory, tiny_dir, tiny_adapters):
     shutil.copytree(tiny_adapters["r4-attn"], root / "acme" / "a")
     shutil.copytree(tiny_adapters["r8-mlp"], root / "beta" / "b")
     policy = tmp_path_factory.mktemp("policy") / "policy.toml"
-    policy.write_text(
-        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
-        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\nmax_concurrent = 2\n'
-        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\n'
-    )
+    write_policy(policy, KEYS, extra={"acme": "max_concurrent = 2"})
     with run_server(tiny_dir, root, "--policy", str(policy)) as base:
         yield base
 
@@ -36,21 +31,10 @@ def _headers(who: str) -> dict:
     return {"Authorization": f"Bearer {KEYS[who]}"}
 
 
-def _stats(base: str) -> dict:
-    return httpx.get(f"{base}/admin/stats", headers=_headers("admin")).json()
-
-
-def _wait_idle(base: str, timeout: float = 10.0) -> dict:
-    """Poll until no sequence runs, every KV block is free and no slot is pinned by a request."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = _stats(base)
-        e = s["engine"]
-        idle = e["running"] == 0 and e["waiting"] == 0 and e["kv_blocks"]["free"] == e["kv_blocks"]["total"]
-        if idle and s["tiers"]["device"]["pinned"] == 0:
-            return s
-        assert time.monotonic() < deadline, f"not idle: {s}"
-        time.sleep(0.05)
+def _wait_idle(base: str) -> dict:
+    state = wait_idle(base, _headers("admin"), timeout=10)
+    assert state["idle"], f"not idle: {state}"
+    return state
 
 
 def _first_chunks(client: httpx.Client, base: str, who: str, model: str, n: int = 3) -> None:
@@ -64,12 +48,12 @@ def _first_chunks(client: httpx.Client, base: str, who: str, model: str, n: int 
 
 
 def test_disconnect_mid_stream_frees_kv_and_pin(server):
-    before = _wait_idle(server)["engine"]["finished"].get("cancelled", 0)
+    before = _wait_idle(server)["finished"].get("cancelled", 0)
     for _ in range(3):
         with httpx.Client(timeout=30) as client:  # a fresh connection each time, closed mid-stream
             _first_chunks(client, server, "acme", "a")
     s = _wait_idle(server)
-    assert s["engine"]["finished"].get("cancelled", 0) - before == 3  # counted: each one cancelled, not finished
+    assert s["finished"].get("cancelled", 0) - before == 3  # counted: each one cancelled, not finished
 
 
 def test_tenant_over_its_limit_gets_429_and_others_are_served(server):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import start_server
-from mux.server.auth import hash_key
+from conftest import start_server, write_policy
 
 
 def test_keys_never_appear_in_the_server_output(tmp_path, tiny_dir):
     admin, tenant, wrong = "admin-SECRET-1f2e", "tenant-SECRET-9a8b", "wrong-SECRET-7c6d"
     policy = tmp_path / "policy.toml"
-    policy.write_text(f'[admin]\nkeys = ["{hash_key(admin)}"]\n[tenants.acme]\nkeys = ["{hash_key(tenant)}"]\n')
+    write_policy(policy, {"admin": admin, "acme": tenant})
     (tmp_path / "repo").mkdir()
     proc, base = start_server(tiny_dir, tmp_path / "repo", "--policy", str(policy), "--log-level", "debug")
     try:

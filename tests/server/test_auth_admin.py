@@ -10,8 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import run_server
-from mux.server.auth import hash_key
+from conftest import run_server, write_policy
 
 KEYS = {"admin": "admin-secret", "acme": "acme-secret", "beta": "beta-secret"}
 
@@ -29,12 +28,7 @@ def server(tmp_path_factory, tiny_dir, tiny_adapters):
     for tenant, name, src in layout:
         shutil.copytree(tiny_adapters[src], root / tenant / name)
     policy = tmp_path_factory.mktemp("policy") / "policy.toml"
-    policy.write_text(
-        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
-        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
-        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\n'
-        '[public]\nadapters = ["demo/*"]\n'
-    )
+    write_policy(policy, KEYS, tail='[public]\nadapters = ["demo/*"]\n')
     with run_server(tiny_dir, root, "--policy", str(policy), "--max-loras", "2") as base:
         yield base
 

@@ -14,8 +14,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from conftest import run_server
-from mux.server.auth import hash_key
+from conftest import run_server, write_policy
 
 KEYS = {"admin": "admin-secret", "acme": "acme-secret"}
 
@@ -34,9 +33,7 @@ def server(tmp_path_factory, tiny_dir, tiny_adapters):
     for tenant, name, src in [("acme", "attn", "r4-attn"), ("acme", "ready", "r8-mlp"), ("beta", "mlp", "r8-mlp")]:
         shutil.copytree(tiny_adapters[src], root / tenant / name)
     policy = tmp_path_factory.mktemp("policy") / "policy.toml"
-    policy.write_text(
-        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
-    )
+    write_policy(policy, KEYS)
     with run_server(tiny_dir, root, "--policy", str(policy), "--max-loras", "2") as base:
         yield base
 

@@ -15,8 +15,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from conftest import run_server
-from mux.server.auth import hash_key
+from conftest import run_server, write_policy
 
 KEYS = {"admin": "admin-secret", "acme": "acme-secret", "beta": "beta-secret"}
 ACME = {"Authorization": f"Bearer {KEYS['acme']}"}
@@ -137,11 +136,7 @@ def server(tmp_path_factory, tiny_dir, tiny_adapters):
     for tenant, name, src in [("acme", "attn", "r4-attn"), ("beta", "mlp", "r8-mlp")]:
         shutil.copytree(tiny_adapters[src], root / tenant / name)
     policy = tmp_path_factory.mktemp("policy") / "policy.toml"
-    policy.write_text(
-        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
-        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
-        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\ntokens_per_minute = 1\n'
-    )
+    write_policy(policy, KEYS, extra={"beta": "tokens_per_minute = 1"})
     with run_server(tiny_dir, root, "--policy", str(policy), "--max-loras", "2") as base:
         yield base
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_engine, run_server
+from conftest import make_engine, run_server, write_policy
 from mux.engine.sequence import SamplingParams
-from mux.server.auth import hash_key
 
 KEYS = {"admin": "admin-k", "acme": "acme-k", "beta": "beta-k"}
 GREEDY = {"max_tokens": 6, "temperature": 0}
@@ -29,11 +28,7 @@ def repo(tmp_path_factory, tiny_adapters):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir, repo):
     policy = tmp_path_factory.mktemp("p") / "policy.toml"
-    policy.write_text(
-        f'[admin]\nkeys = ["{hash_key(KEYS["admin"])}"]\n'
-        f'[tenants.acme]\nkeys = ["{hash_key(KEYS["acme"])}"]\n'
-        f'[tenants.beta]\nkeys = ["{hash_key(KEYS["beta"])}"]\n'
-    )
+    write_policy(policy, KEYS)
     with run_server(tiny_dir, repo, "--policy", str(policy), "--max-loras", "2") as base:
         yield base
 
