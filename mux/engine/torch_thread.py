@@ -1,8 +1,8 @@
 """One daemon thread that makes every torch call of an engine: model build, steps and the serving loop.
 
 Why: OpenMP keeps a thread team per calling thread. With two teams on a small machine, libgomp stops
-spinning and wakes its workers from sleep for every parallel region; measured on 2 cores, a SmolLM2 request
-ran 2.5× slower when the engine was built on one thread and stepped on another (index_add_ 18× slower).
+spinning and wakes its workers from sleep for every parallel region. `python -m bench.threads` (2 cores,
+SmolLM2): with a second team in the process, requests take 1.9× longer and the first token 2.5× longer.
 """
 
 from __future__ import annotations
