@@ -14,6 +14,7 @@ no running sequence, every KV block free, no slot pinned by a request; resident 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import tempfile
@@ -131,8 +132,6 @@ class Soak:
             self._check((model, prompt), r.json()["choices"][0]["text"], "completion")
 
     def _streams(self, c, rnd, worker) -> None:
-        import json
-
         model, prompt = self._pick(rnd)
         body = {"model": model, "prompt": prompt, "stream": True, **GREEDY}
         with c.stream("POST", f"{self.base}/v1/completions", json=body) as r:

@@ -208,9 +208,7 @@ class OpenAIRoutes:
         raise InvalidRequest("`prompt` must be a string, a list of strings, or token ids")
 
     async def _run(self, caller, body: dict, prompts: list, chat: bool) -> Response:
-        model = body.get("model") or self.state.base_name
-        if not isinstance(model, str):
-            raise InvalidRequest("`model` must be a string")
+        model = body.get("model") or self.state.base_name  # its type is checked by serving.submit
         params = sampling_params(body, chat)
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
         if len(prompts) * n > MAX_N * 4:
