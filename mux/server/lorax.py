@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
-from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 from mux.server.openai import BodyTooLarge, read_json, retry_after_headers
 
@@ -30,8 +30,6 @@ _STATUS = [
     (Unauthorized, 401, "authentication", ""),
     (Forbidden, 403, "authentication", ""),
     (BodyTooLarge, 413, "validation", "Input validation error: "),
-    (AdapterNotFound, 424, "generation", "Request failed during generation: "),  # LoRAX: adapter load failure
-    (InvalidAdapter, 424, "generation", "Request failed during generation: "),
     (InvalidRequest, 422, "validation", "Input validation error: "),
     (Overloaded, 429, "overloaded", "Model is overloaded: "),
     (DeadlineExceeded, 504, "incomplete_generation", "Request failed during generation: "),
@@ -42,13 +40,19 @@ _UNSUPPORTED_FLAGS = ("watermark", "decoder_input_details", "apply_chat_template
 _NEUTRAL = {"repetition_penalty": 1, "frequency_penalty": 0, "presence_penalty": 0, "typical_p": 1, "best_of": 1}
 
 
-def lorax_error(exc: Exception) -> JSONResponse:
-    """MuxError -> LoRAX's `{"error", "error_type"}` with its status code."""
+def lorax_error_body(exc: Exception) -> tuple[int, dict]:
+    """MuxError -> (status, LoRAX's `{"error", "error_type"}`). Anything unlisted — an adapter that cannot be
+    found or loaded, a failure while generating — is LoRAX's 424 "generation"."""
     status, kind, prefix = next(
-        ((s, k, p) for cls, s, k, p in _STATUS if isinstance(exc, cls)), (500, "incomplete_generation", "")
+        ((s, k, p) for cls, s, k, p in _STATUS if isinstance(exc, cls)),
+        (424, "generation", "Request failed during generation: "),
     )
-    headers = retry_after_headers(exc)
-    return JSONResponse({"error": prefix + str(exc), "error_type": kind}, status_code=status, headers=headers)
+    return status, {"error": prefix + str(exc), "error_type": kind}
+
+
+def lorax_error(exc: Exception) -> JSONResponse:
+    status, body = lorax_error_body(exc)
+    return JSONResponse(body, status_code=status, headers=retry_after_headers(exc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +161,8 @@ class LoraxRoutes:
             return StreamingResponse(self._sse(job, streams), media_type="text/event-stream", headers=headers)
         try:
             events = [ev async for ev in streams[0]]
-        except MuxError as e:
-            return JSONResponse(
-                {"error": f"Request failed during generation: {e}", "error_type": "generation"}, status_code=424
-            )
+        except MuxError as e:  # a deadline is 504, any other failure while generating 424
+            return lorax_error(e)
         finally:
             self.state.serving.done(job.adapter, streams)
         last = events[-1]
@@ -192,8 +194,8 @@ class LoraxRoutes:
                     if job.details:
                         obj["details"] = self._stream_details(job, streams[0], ev, len(events))
                 yield _event(obj)
-        except MuxError as e:
-            yield _event({"error": f"Request failed during generation: {e}", "error_type": "generation"})
+        except MuxError as e:  # the stream already said 200: the error travels as an event
+            yield _event(lorax_error_body(e)[1])
         finally:  # client gone or done: cancel whatever still runs
             self.state.serving.done(job.adapter, streams)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mux.errors import DeadlineExceeded, Overloaded
+from mux.errors import AdapterNotFound, DeadlineExceeded, MuxError, Overloaded
 from mux.server.kserve import kserve_error
 from mux.server.lorax import lorax_error
 from mux.server.openai import error_response
@@ -23,3 +23,10 @@ def test_overload_and_deadline(to_response, overloaded, deadline):
     late = to_response(DeadlineExceeded("the request did not finish within its 30 s deadline"))
     assert late.status_code == deadline and "retry-after" not in late.headers
     assert "deadline" in json.dumps(json.loads(late.body))
+
+
+def test_lorax_failures_while_generating_are_424():
+    for exc in (MuxError("engine step failed: boom"), AdapterNotFound("The model `acme/x` does not exist.")):
+        r = lorax_error(exc)
+        body = json.loads(r.body)
+        assert r.status_code == 424 and body["error_type"] == "generation" and str(exc) in body["error"]
