@@ -35,6 +35,7 @@ class Limits:
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = defaultdict(int)
         self._used: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # tenant -> (time, tokens)
+        self._used_total: dict[str, int] = defaultdict(int)  # tenant -> sum of its window, kept as it slides
         self._live: dict[int, str] = {}  # id(stream) -> tenant, until `finish`
 
     def limit(self, tenant: str | None) -> TenantLimit:
@@ -77,7 +78,9 @@ class Limits:
                 if key is None:
                     continue
                 self._in_flight[key] -= 1
-                self._used[key].append((now, len(s.prompt_ids) + s.num_tokens))
+                tokens = len(s.prompt_ids) + s.num_tokens
+                self._used[key].append((now, tokens))
+                self._used_total[key] += tokens
 
     def in_flight(self, tenant: str | None) -> int:
         with self._lock:
@@ -86,5 +89,5 @@ class Limits:
     def _window(self, key: str) -> int:
         used, cutoff = self._used[key], self.clock() - WINDOW_S
         while used and used[0][0] < cutoff:
-            used.popleft()
-        return sum(n for _, n in used)
+            self._used_total[key] -= used.popleft()[1]
+        return self._used_total[key]
