@@ -62,7 +62,7 @@ class ModelRunner:
             tuple(prefills),
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
-        self.lora.ctx.batch = build_lora_batch(groups, rank, self.device)
+        self.lora.ctx.batch = build_lora_batch(groups, rank, self.device, self.lora.dtype)
         try:
             hidden = self.model.model(
                 input_ids=self._tensor(ids)[None],

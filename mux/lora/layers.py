@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mux.lora.adapter import LoRAWeights, ModuleShape
-from mux.lora.ops import LoRABatch, lora_delta_blocked
+from mux.lora.ops import LoRABatch, lora_add_
 
 
 class LoRAContext:
@@ -39,8 +39,7 @@ class MultiLoRALinear(nn.Module):
         batch = self.ctx.batch
         if batch is None:
             return y
-        delta = lora_delta_blocked(x.reshape(-1, self.in_features), self.lora_a, self.lora_b, batch)
-        y.view(-1, self.out_features).index_add_(0, batch.rows, delta)
+        lora_add_(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b, batch)
         return y
 
     def slot_views(self, slot: int, r: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -103,7 +102,6 @@ class MultiLoRAModel:
     def clear(self, slot: int) -> None:
         zero = [t for layer in self.layers.values() for t in layer.slot_views(slot, 0)[1]]
         torch._foreach_zero_(zero)
-        self.slot_rank[slot] = 0
         self.slot_rank[slot] = 0
 
     @property

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from mux.lora.ops import build_lora_batch, choose_block_size, lora_delta_blocked, lora_delta_reference
+from mux.lora.ops import build_lora_batch, choose_block_size, lora_add_, lora_delta_reference
 
 
 def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, out_f: int = 40):
@@ -21,14 +21,10 @@ def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, o
 
 
 def blocked_full(x, a, b, token_slots, rank):
-    groups: dict[int, list[int]] = {}
-    for t, s in enumerate(token_slots):
-        if s >= 0:
-            groups.setdefault(s, []).append(t)
     out = x.new_zeros(x.shape[0], b.shape[-1])
-    batch = build_lora_batch(groups, rank, "cpu")
+    batch = build_lora_batch(groups_of(token_slots), rank, "cpu")
     if batch is not None:
-        out.index_add_(0, batch.rows, lora_delta_blocked(x, a, b, batch))
+        lora_add_(out, x, a, b, batch)
     return out
 
 
@@ -38,6 +34,32 @@ def test_blocked_equals_reference(seed, tokens):
     x, a, b, slots = random_case(seed, tokens, slots=5, rank=8)
     ref = lora_delta_reference(x, a, b, slots)
     assert torch.allclose(blocked_full(x, a, b, slots, 8), ref, atol=1e-4)
+
+
+def groups_of(token_slots):
+    groups: dict[int, list[int]] = {}
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            groups.setdefault(s, []).append(t)
+    return groups
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "wave"),
+    [
+        ([0, 1, 2, 3] * 4, True),  # decode over many adapters, even counts: weights read in place
+        ([4, -1, 2, 4, 2, 3, 4], True),  # uneven counts and an unused slot inside the range: pads are masked
+        ([1] * 300 + [0, 2], False),  # one long prefill: gathered blocks
+        ([0, 7], False),  # two far-apart slots: a wave would read the six between for nothing
+    ],
+)
+def test_both_layouts_equal_reference(token_slots, wave):
+    x, a, b, _ = random_case(1, len(token_slots), slots=8, rank=8)
+    batch = build_lora_batch(groups_of(token_slots), 8, "cpu")
+    assert (batch.wave is not None) == wave
+    out = x.new_zeros(x.shape[0], b.shape[-1])
+    lora_add_(out, x, a, b, batch)
+    assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
 
 
 def test_rank_trim_is_exact_when_padding_is_zero():
