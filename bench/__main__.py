@@ -1,20 +1,20 @@
 """`python -m bench`: the benchmark suite, one process per workload, then one summary of their tables.
 
 Each workload writes its own JSON + markdown (+ PNG) into bench/results/ with the machine description; the
-summary (`<date>-summary-<host>.md`) puts the tables of this run together. `--quick` runs smaller sizes.
-Not yet here (issue 6): PEFT `set_adapter` per request (A), a progress bar inside
-long workloads, plots of latency percentiles, the GPU script.
+summary (`<date>-summary-<host>.md` and `.json`) puts the tables of this run together. `--quick` runs smaller sizes.
+Long workloads show a progress bar (tqdm, on stderr). Not yet here (issue 6): the GPU script.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import sys
 import time
 
-from bench.common import RESULTS
+from bench.common import RESULTS, machine
 
 SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("A: throughput, 16 adapters vs HF and PEFT", ["bench.throughput", "--levers"], ["--repeat", "1"]),
@@ -29,10 +29,16 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
         ["--repeat", "1"],
     ),
     ("Roofline: batch-64 decode vs a large GEMM", ["bench.roofline"], ["--new-tokens", "16"]),
+    ("Lever: LoRA kernel layouts (gathered, wave, segment GEMM)", ["bench.lora_kernel"], []),
     ("Lever: one torch thread vs a second OpenMP team", ["bench.threads"], []),
     ("Fairness: a light tenant's TTFT under a flood", ["bench.fairness"], ["--requests", "10", "--flood", "16"]),
     ("C+D: HTTP streaming vs the engine; TTFT and ITL under Poisson load", ["bench.serving"], ["--quick"]),
     ("E: adapter scaling and cold loads", ["bench.adapter_scaling"], ["--quick"]),
+    (
+        "E: 8 vs 1,000 Zipf adapters with 48 slots (one per concurrent request)",
+        ["bench.adapter_scaling", "--populations", "8,1000", "--dists", "zipf", "--slots", "48"],
+        [],
+    ),
 ]
 
 
@@ -43,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     chosen = [w for w in SUITE if not args.only or any(w[0].startswith(p) for p in args.only.split(","))]
     start = time.time()
-    parts, failed = [], []
+    parts, failed, data = [], [], {}
     for i, (title, command, quick) in enumerate(chosen, 1):
         print(f"[{i}/{len(chosen)}] {title} ({time.time() - start:.0f} s so far)", flush=True)
         began = time.time()
@@ -53,12 +59,15 @@ def main() -> None:
             continue
         fresh = [p for p in RESULTS.glob("*.md") if p.stat().st_mtime >= began and "summary" not in p.name]
         parts += [f"## {title}\n\n" + p.read_text() for p in sorted(fresh)]
+        data[title] = {p.stem: json.loads(p.with_suffix(".json").read_text()) for p in sorted(fresh)}
     stem = f"{time.strftime('%Y-%m-%d')}-summary-{platform.node() or 'host'}"
     text = "\n\n".join([f"# Benchmark suite ({'quick' if args.quick else 'full'})", *parts])
     if failed:
         text += "\n\nFailed: " + ", ".join(failed) + "\n"
     (RESULTS / f"{stem}.md").write_text(text + "\n")
-    print(f"wrote {RESULTS / stem}.md in {time.time() - start:.0f} s")
+    summary = {"machine": machine(), "quick": args.quick, "failed": failed, "workloads": data}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {RESULTS / stem}.md and .json in {time.time() - start:.0f} s")
     sys.exit(1 if failed else 0)
 
 

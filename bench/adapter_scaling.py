@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as safetensors_load
+from tqdm import tqdm
 
 from bench.common import RESULTS, machine, percentile, prompts, save, write_random_adapter
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
@@ -205,6 +206,7 @@ def main() -> None:
         "traffic": {},
         "hit_rates": {},
     }
+    bar = tqdm(total=sum(len(by_pop) for by_pop in traces.values()), desc="traffic runs")
     for dist, by_pop in traces.items():
         results["traffic"][dist] = []
         for pop, ids in by_pop.items():
@@ -212,13 +214,14 @@ def main() -> None:
             r = asyncio.run(run_traffic(engine, texts, [paths[i] for i in ids], args.new_tokens, args.concurrency))
             r.update(population=pop, distinct=len(set(ids)), counters=engine.adapters.stats()["counters"])
             results["traffic"][dist].append(r)
-            print(
+            bar.write(
                 f"{dist:8s} adapters={pop:5d} distinct={r['distinct']:4d} {r['tokens_per_s']:7.1f} tok/s "
-                f"TTFT p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s",
-                flush=True,
+                f"TTFT p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s"
             )
+            bar.update()
             sizes = {i: 1 for i in ids}
             results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(ids, sizes)
+    bar.close()
     engine.stop()
     # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads
     results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]], slots)

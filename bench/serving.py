@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bench.common import machine, percentile, prompts, save, write_random_adapter
 from mux.model.loader import default_model_dir
 
@@ -121,7 +123,10 @@ def main() -> None:
         http = max(asyncio.run(http_throughput(base, models, texts)) for _ in range(2))
         service_s = 32 * 0.05  # rough time of a 32-token stream under load: sets the arrival rate per level
         levels = (1, 8) if args.quick else (1, 8, 32)
-        latency = [asyncio.run(poisson(base, models, texts, s, 8 if args.quick else 24, service_s)) for s in levels]
+        latency = [
+            asyncio.run(poisson(base, models, texts, s, 8 if args.quick else 24, service_s))
+            for s in tqdm(levels, desc="latency levels")
+        ]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -162,7 +167,31 @@ def main() -> None:
         ]
     )
     print(table)
-    save("serving", data, table)
+    path = save("serving", data, table)
+    print("wrote", path, plot_latency(latency, path.with_suffix(".png")))
+
+
+def plot_latency(latency: list[dict], out: Path) -> Path:
+    """TTFT and inter-token latency percentiles per load level, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    streams = [r["streams"] for r in latency]
+    for ax, kind, title in [(axes[0], "ttft", "time to first token"), (axes[1], "itl", "inter-token latency")]:
+        for q, style in (("p50", "o-"), ("p99", "x--")):
+            ax.plot(streams, [r[f"{kind}_{q}_s"] * 1e3 for r in latency], style, label=q)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(streams, [str(s) for s in streams])
+        ax.set_xlabel("concurrent streams (Poisson arrivals)")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
 
 
 if __name__ == "__main__":

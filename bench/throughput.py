@@ -1,4 +1,4 @@
-"""Throughput side by side, one process, one run: HF generate (base), PEFT mixed batch, mux base-only, mux + adapters.
+"""Throughput side by side, one process, one run: HF generate (base), PEFT (mixed batch; set_adapter per request), mux.
 
 Workload (issue 2): 64 prompts of ≈30 tokens, 64 new greedy tokens, 16 distinct rank-8 adapters on all seven
 targets, SmolLM2-135M fp32. Run: python -m bench.throughput [--requests 64 --new-tokens 64 --adapters 16]
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from bench.common import machine, make_adapter, prompts, save
@@ -33,6 +34,15 @@ def hf_generate(model, tok, texts, new_tokens, adapter_names=None) -> float:
     elapsed = time.perf_counter() - t
     assert out.shape[1] - batch.input_ids.shape[1] == new_tokens
     return elapsed
+
+
+def peft_per_request(peft, tok, texts, new_tokens, names) -> float:
+    """The naive way to serve many adapters with PEFT: one request at a time, `set_adapter` before each."""
+    t = time.perf_counter()
+    for text, name in zip(texts, names, strict=True):
+        peft.set_adapter(name)
+        hf_generate(peft, tok, [text], new_tokens)
+    return time.perf_counter() - t
 
 
 def mux_generate(engine, texts, new_tokens, adapters) -> float:
@@ -59,6 +69,7 @@ def run(thread: TorchThread) -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--mixed-ranks", default="", help="also run adapters of these ranks, cycled, e.g. 4,8,16,32")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--set-adapter-requests", type=int, default=8, help="requests timed for PEFT set_adapter")
     ap.add_argument("--levers", action="store_true", help="also run the engine without prepacked linears")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
@@ -93,6 +104,8 @@ def run(thread: TorchThread) -> None:
         mixed = [names[i % len(names)] for i in range(n)]
         hf_generate(peft, tok, texts[:4], 4, mixed[:4])
         runs["peft_mixed_batch"] = lambda: hf_generate(peft, tok, texts, new, mixed)
+        k = args.set_adapter_requests  # sequential, so a few requests give the rate
+        runs["peft_set_adapter_per_request"] = lambda: peft_per_request(peft, tok, texts[:k], new, mixed[:k]) * n / k
 
     def make_engine(cpu_tuning: bool) -> Engine:
         engine = Engine(
@@ -119,15 +132,21 @@ def run(thread: TorchThread) -> None:
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
+    bar = tqdm(total=args.repeat * len(runs), desc="throughput runs")
     for rep in range(args.repeat):
         for label, run in runs.items():
             samples[label].append(tokens / run())
-            print(f"[{rep + 1}/{args.repeat}] {label:26s} {samples[label][-1]:8.1f} tok/s", flush=True)
+            bar.write(f"[{rep + 1}/{args.repeat}] {label:28s} {samples[label][-1]:8.1f} tok/s")
+            bar.update()
+    bar.close()
     results = {label: max(values) for label, values in samples.items()}
 
     adapters_key = f"mux_{args.adapters}_adapters"
     ratios = {
         "mux_adapters_vs_peft_mixed": None if args.skip_peft else results[adapters_key] / results["peft_mixed_batch"],
+        "mux_adapters_vs_peft_set_adapter": None
+        if args.skip_peft
+        else results[adapters_key] / results["peft_set_adapter_per_request"],
         "mux_adapters_vs_mux_base": results[adapters_key] / results["mux_base_only"],
         "mux_adapters_vs_hf_base": results[adapters_key] / results["hf_generate_base"],
         "mux_base_vs_hf_base": results["mux_base_only"] / results["hf_generate_base"],
