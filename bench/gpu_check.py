@@ -1,0 +1,272 @@
+"""GPU check (issue 6): the CUDA path against the CPU reference, then S-LoRA-style scaling on a 7B-shaped model.
+
+1. ops: `lora_add_` in both layouts (wave, gathered) on the device, fp32 and fp16, vs the per-token reference
+   on the CPU.
+2. engine: a tiny random Llama with four PEFT adapters (ranks 4/8/16, one with rsLoRA) in one batch on the
+   device: greedy tokens equal PEFT's on the CPU; the manager keeps host copies in pinned memory and loads
+   slots on its own copy stream.
+3. scaling: a Llama-7B-shaped model with random fp16 weights (no download), rank-8 adapters on q_proj/v_proj
+   (PEFT's default for Llama), one request per adapter round robin: mux throughput with 5 and with 1,000
+   adapters live (target: ≤ 10% loss), and PEFT's mixed batch (`adapter_names=`) on the same GPU with the 5
+   adapters (target: mux ≥ 10×). The 1,000 adapter directories share 8 weight files through hard links (each
+   directory is still its own adapter to mux: its own key, host copy and slot), so the disk holds 8, not 1,000.
+
+Run on a CUDA machine (a few minutes): bash bench/gpu_check.sh. `--small` runs every part at toy sizes on any
+device (the CPU included), to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.common import RESULTS, machine, make_adapter, save, write_random_adapter
+from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from mux.engine.engine import Engine
+from mux.engine.sequence import SamplingParams
+from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference
+from mux.model.loader import BaseModel
+
+
+def check_ops(device: str) -> dict:
+    """Max |error| of the kernel on `device` vs the CPU reference, per layout and dtype."""
+    out = {}
+    cases = {"wave": [0, 1, 2, 3] * 8 + [5, -1], "gathered": [1] * 300 + [0, 7]}
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        for layout, token_slots in cases.items():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(len(token_slots), 256, generator=g)
+            a = torch.randn(8, 16, 256, generator=g) * 0.1
+            b = torch.randn(8, 16, 512, generator=g) * 0.1
+            ref = lora_delta_reference(x, a, b, token_slots)
+            groups: dict[int, list[int]] = {}
+            for t, s in enumerate(token_slots):
+                if s >= 0:
+                    groups.setdefault(s, []).append(t)
+            batch = build_lora_batch(groups, 16, device, dtype)
+            assert (batch.wave is not None) == (layout == "wave"), layout
+            y = torch.zeros(len(token_slots), 512, dtype=dtype, device=device)
+            lora_add_(y, x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch)
+            err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+            out[f"{layout}_{str(dtype).removeprefix('torch.')}"] = {"rel_err": err, "ok": err <= tol}
+    return out
+
+
+def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
+    """Greedy tokens of four adapters in one device batch vs PeftModel run alone on the CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    model_dir = root / "tiny"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    specs = [dict(r=4), dict(r=8, alpha=32), dict(r=16, use_rslora=True), dict(r=8, targets=["q_proj", "v_proj"])]
+    adapters = [make_adapter(model_dir, root / f"tiny-a{i}", seed=i, **s) for i, s in enumerate(specs)]
+    prompts = [[5 + i, 17, 300 + i, 42, 7] for i in range(len(adapters))]
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(model=str(model_dir), device=device, dtype="float32"),
+            lora=LoRAConfig(max_loras=4, max_lora_rank=16),
+            cache=CacheConfig(kv_cache_bytes=64 << 20),
+        )
+    )
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    got = [c.token_ids for c in engine.generate(prompts, params, adapters)]
+    pinned = all(a.is_pinned() and b.is_pinned() for w in engine.adapters.host.values() for a, b in w.modules.values())
+    copy_stream = engine.adapters._stream is not None
+    engine.stop()
+    want = []
+    for ids, path in zip(prompts, adapters, strict=True):
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path).eval()
+        with torch.no_grad():
+            out = peft.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        want.append(out[0, len(ids) :].tolist())
+    on_cuda = device.startswith("cuda")
+    return {
+        "tokens_equal_peft": got == want,
+        "pinned_host_copies": pinned if on_cuda else None,
+        "copy_stream": copy_stream if on_cuda else None,
+    }
+
+
+def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
+    """mux throughput with few and many adapters live, and PEFT mixed batch, on one 7B-shaped random model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dims = (
+        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8)
+        if args.small
+        else dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    )
+    cfg = LlamaConfig(**dims, vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False)
+    model_dir = root / "llama-7b-shaped"
+    cfg.save_pretrained(model_dir)  # adapters are written from the config; the weights stay in memory
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    counts = [int(n) for n in args.adapters.split(",")]
+    distinct = [
+        write_random_adapter(model_dir, root / "w" / f"{i}", r=8, targets=["q_proj", "v_proj"], seed=i, dtype=dtype)
+        for i in range(8)
+    ]
+    paths = []
+    for i in range(max(counts)):
+        d = root / "adapters" / f"a{i:04d}"
+        d.mkdir(parents=True)
+        src = distinct[i % len(distinct)]
+        os.link(src / "adapter_model.safetensors", d / "adapter_model.safetensors")
+        shutil.copy(src / "adapter_config.json", d)
+        paths.append(d)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        with torch.device(device):
+            old = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                return LlamaForCausalLM(copy.deepcopy(cfg)).eval().requires_grad_(False)  # own config
+            finally:
+                torch.set_default_dtype(old)
+
+    rnd = random.Random(0)
+    prompts = [[rnd.randrange(100, len(tokenizer)) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    tokens = args.requests * args.new_tokens
+    base = BaseModel(build(), tokenizer, model_dir, "llama-7b-shaped", (), 4096)
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(device=device, dtype=str(dtype).removeprefix("torch.")),
+            lora=LoRAConfig(
+                max_loras=max(counts), max_lora_rank=8, max_cpu_loras=max(counts), max_cpu_adapter_bytes=64 << 30
+            ),
+            cache=CacheConfig(kv_cache_bytes=(40 << 30) if not args.small else (256 << 20)),
+            scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=8192),
+        ),
+        base=base,
+    )
+    results: dict = {"model": dims, "dtype": str(dtype), "requests": args.requests, "new_tokens": args.new_tokens}
+    for n in counts:
+        refs = [engine.prepare_adapter(p) for p in tqdm(paths[:n], desc=f"{n} adapters into the host tier")]
+        per_request = [refs[i % n] for i in range(args.requests)]
+        engine.generate(prompts[: max(n, 8)], SamplingParams(max_tokens=2, ignore_eos=True), per_request[: max(n, 8)])
+        best = 0.0
+        for _ in range(2):
+            t = time.perf_counter()
+            engine.generate(prompts, params, per_request)
+            best = max(best, tokens / (time.perf_counter() - t))
+        results[f"mux_{n}_adapters_tok_s"] = best
+        print(f"mux, {n} adapters live: {best:.0f} tok/s", flush=True)
+    engine.stop()
+    del engine, base
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    from peft import PeftModel
+
+    n = counts[0]
+    peft = PeftModel.from_pretrained(build(), paths[0], adapter_name="a0")
+    for i in range(1, n):
+        peft.load_adapter(paths[i], adapter_name=f"a{i}")
+    peft.eval()
+    names = [f"a{i % n}" for i in range(args.requests)]
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, args.requests, args.batch):
+            ids = torch.tensor(prompts[s : s + args.batch], device=device)
+            out = peft.generate(
+                input_ids=ids,
+                adapter_names=names[s : s + args.batch],
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            assert out.shape[1] == args.prompt_tokens + args.new_tokens
+    results[f"peft_mixed_batch_{n}_adapters_tok_s"] = tokens / (time.perf_counter() - t)
+    print(f"PEFT mixed batch, {n} adapters: {results[f'peft_mixed_batch_{n}_adapters_tok_s']:.0f} tok/s", flush=True)
+    few, many = counts[0], counts[-1]
+    results["many_vs_few"] = results[f"mux_{many}_adapters_tok_s"] / results[f"mux_{few}_adapters_tok_s"]
+    peft_rate = results[f"peft_mixed_batch_{few}_adapters_tok_s"]
+    results["mux_vs_peft_mixed"] = results[f"mux_{few}_adapters_tok_s"] / peft_rate
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/lora-mux/smollm2-135m-instruct"))
+    ap.add_argument("--small", action="store_true", help="toy sizes on any device: checks the script")
+    ap.add_argument("--adapters", default="5,1000")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=256, help="mux max_num_seqs and PEFT's batch")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default="", help="also copy the result files here (e.g. $OUT on the device machine)")
+    args = ap.parse_args()
+    if args.small:
+        args.adapters, args.requests, args.batch, args.new_tokens = "5,40", 80, 32, 8
+    root = Path(tempfile.mkdtemp(prefix="mux-gpu-check-"))
+    tokenizer_dir = Path(args.tokenizer)
+    data: dict = {"machine": machine(), "device": args.device, "small": args.small}
+    data["ops"] = check_ops(args.device)
+    print("ops:", json.dumps(data["ops"]), flush=True)
+    data["engine"] = check_engine(args.device, tokenizer_dir, root)
+    print("engine:", json.dumps(data["engine"]), flush=True)
+    data["scaling"] = scaling(args.device, tokenizer_dir, root, args)
+    s = data["scaling"]
+    few, many = args.adapters.split(",")[0], args.adapters.split(",")[-1]
+    lines = [
+        f"# GPU check ({'toy sizes' if args.small else 'Llama-7B-shaped, fp16'}, {args.device})",
+        "",
+        f"Machine: {json.dumps(data['machine'])}",
+        "",
+        "Kernel vs CPU reference (relative max error): "
+        + ", ".join(f"{k} {v['rel_err']:.1e} {'ok' if v['ok'] else 'FAIL'}" for k, v in data["ops"].items()),
+        "",
+        f"Engine on {args.device}, 4 adapters in one batch: greedy tokens equal PEFT on the CPU: "
+        f"{data['engine']['tokens_equal_peft']}; pinned host copies: {data['engine']['pinned_host_copies']}; "
+        f"copy stream: {data['engine']['copy_stream']}",
+        "",
+        f"| run ({s['requests']} requests × {s['new_tokens']} tokens) | tok/s |",
+        "|---|---|",
+        *(f"| {k.removesuffix('_tok_s')} | {v:.0f} |" for k, v in s.items() if k.endswith("_tok_s")),
+        "",
+        f"{many} vs {few} adapters live: **{s['many_vs_few']:.2f}×** (target ≥ 0.90×); "
+        f"mux vs PEFT mixed batch ({few} adapters): **{s['mux_vs_peft_mixed']:.1f}×** (target ≥ 10×)",
+    ]
+    path = save("gpu-check-small" if args.small else "gpu-check", data, "\n".join(lines))
+    print("\n".join(lines))
+    if args.out:
+        for p in (path, path.with_suffix(".md")):
+            shutil.copy(p, args.out)
+    shutil.rmtree(root, ignore_errors=True)
+    print("wrote", path, "in", RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6 (bench/gpu_check.py), a few minutes on one CUDA GPU. Writes
+# bench/results/<date>-gpu-check-<host>.{json,md}, and copies them to $OUT when that is set.
+#
+# On the device machine of this workplace (torch, transformers, peft, safetensors and tqdm are there; cachetools
+# is not): once, here, `echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude`,
+# `python3 -m pip download --no-deps --only-binary=:all: -d .whl cachetools` and
+# `mkdir -p .gpu && cp ~/.cache/lora-mux/smollm2-135m-instruct/{tokenizer*,special_tokens_map.json} .gpu/`;
+# then run `bash bench/gpu_check.sh` with carry [".whl", ".gpu"] and a timeout that leaves room for a rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+tokenizer=~/.cache/lora-mux/smollm2-135m-instruct
+[ -d .gpu ] && tokenizer=.gpu
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 -m bench.gpu_check --tokenizer "$tokenizer" ${OUT:+--out "$OUT"} "$@"
