@@ -230,7 +230,8 @@ def main() -> None:
     if 8 in zipf and 1000 in zipf:
         results["zipf_1000_vs_8"] = zipf[1000] / zipf[8]
     lines = [
-        f"# Adapter scaling ({args.requests} requests × {args.new_tokens} tokens, {slots} slots)",
+        f"# Adapter scaling ({args.requests} requests × {args.new_tokens} tokens, {args.concurrency} concurrent, "
+        f"{slots} slots)",
         "",
         f"Machine: {json.dumps(results['machine'])}",
         "",
@@ -262,6 +263,8 @@ def main() -> None:
         lines += ["", f"Throughput at 1000 Zipf adapters vs 8: {results['zipf_1000_vs_8']:.2f}×"]
     partial = args.populations or args.dists != "zipf,uniform" or slots != SLOTS
     name = f"adapter-scaling-{slots}-slots-{'-'.join(map(str, pops))}" if partial else "adapter-scaling"
+    if args.concurrency != 48:
+        name += f"-{args.concurrency}-concurrent"
     path = save(name, results, "\n".join(lines))
     print("wrote", path, *plot(results, path.stem))
 
