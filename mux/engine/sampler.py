@@ -23,7 +23,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
                 tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]  # [B]
+        logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # [B], no [B, V] written
         return tokens.tolist(), logprobs.tolist()
 
     def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:
