@@ -60,12 +60,7 @@ def run() -> dict:
         for t, s in enumerate(token_slots):
             groups.setdefault(s, []).append(t)
         chosen = build_lora_batch(groups, RANK, "cpu")
-        forced = {}
-        for layout in ("gathered", "wave"):
-            batch = chosen
-            while (batch.wave is None) != (layout == "gathered"):  # the other layout: build it by hand
-                batch = _other_layout(groups)
-            forced[layout] = batch
+        forced = {layout: build_lora_batch(groups, RANK, "cpu", layout=layout) for layout in ("gathered", "wave")}
         order = torch.tensor(sorted(range(len(token_slots)), key=lambda t: token_slots[t]))
         offs = torch.bincount(torch.tensor(token_slots), minlength=SLOTS).cumsum(0).to(torch.int32)
         xs = {i: torch.randn(len(token_slots), i) for i in {s[0] for s in SHAPES}}
@@ -76,18 +71,6 @@ def run() -> dict:
         results[name] = {"us_per_decoder_layer": times, "picked": "wave" if chosen.wave else "gathered"}
         print(name, json.dumps(results[name]), flush=True)
     return results
-
-
-def _other_layout(groups):
-    from mux.lora import ops
-
-    old = ops._GATHER_COST, ops._READ_COST
-    try:  # flip the cost model to get the layout it did not pick
-        chosen = ops.build_lora_batch(groups, RANK, "cpu")
-        ops._GATHER_COST, ops._READ_COST = (0, 10**9) if chosen.wave else (10**9, 0)
-        return ops.build_lora_batch(groups, RANK, "cpu")
-    finally:
-        ops._GATHER_COST, ops._READ_COST = old
 
 
 def _layers(stacks):

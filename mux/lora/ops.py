@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-# Costs in padded token rows (python -m bench.lora_kernel calibrates them on this machine's shapes):
+# Costs in padded token rows, orders of magnitude read off `python -m bench.lora_kernel` on this machine:
 _GATHER_COST = 4  # copying one block's A and B out of the slot stacks
 _READ_COST = 1  # reading one slot's A and B in place (a wave block, used or not)
 
@@ -53,16 +53,23 @@ def choose_block_size(counts: list[int]) -> int:
 
 
 def build_lora_batch(
-    groups: dict[int, list[int]], rank: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+    groups: dict[int, list[int]],
+    rank: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    layout: str | None = None,
 ) -> LoRABatch | None:
-    """groups: slot -> token rows using it (base-only rows are left out). None when no row uses an adapter."""
+    """groups: slot -> token rows using it (base-only rows are left out). None when no row uses an adapter.
+
+    layout: "wave" or "gathered" to force one (benchmarks, tests); None lets the cost model choose.
+    """
     groups = {slot: rows for slot, rows in groups.items() if rows}
     if not groups:
         return None
     counts = {slot: len(rows) for slot, rows in groups.items()}
     blk = choose_block_size(list(counts.values()))
     wave = None
-    if wave_cost(counts) < gathered_cost(list(counts.values()), blk):
+    if layout == "wave" or (layout is None and wave_cost(counts) < gathered_cost(list(counts.values()), blk)):
         wave, blk = (min(groups), max(groups) + 1), max(counts.values())
         chunks = [(slot, groups.get(slot, [])) for slot in range(*wave)]
     else:

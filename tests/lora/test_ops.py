@@ -20,9 +20,9 @@ def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, o
     return x, a, b, token_slots
 
 
-def blocked_full(x, a, b, token_slots, rank):
+def blocked_full(x, a, b, token_slots, rank, layout=None):
     out = x.new_zeros(x.shape[0], b.shape[-1])
-    batch = build_lora_batch(groups_of(token_slots), rank, "cpu")
+    batch = build_lora_batch(groups_of(token_slots), rank, "cpu", layout=layout)
     if batch is not None:
         lora_add_(out, x, a, b, batch)
     return out
@@ -30,10 +30,11 @@ def blocked_full(x, a, b, token_slots, rank):
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
-def test_blocked_equals_reference(seed, tokens):
+@pytest.mark.parametrize("layout", [None, "wave", "gathered"])
+def test_blocked_equals_reference(seed, tokens, layout):
     x, a, b, slots = random_case(seed, tokens, slots=5, rank=8)
     ref = lora_delta_reference(x, a, b, slots)
-    assert torch.allclose(blocked_full(x, a, b, slots, 8), ref, atol=1e-4)
+    assert torch.allclose(blocked_full(x, a, b, slots, 8, layout), ref, atol=1e-4)
 
 
 def groups_of(token_slots):
