@@ -27,5 +27,9 @@ class Overloaded(MuxError):
         self.retry_after = retry_after
 
 
+class NotReady(Overloaded):
+    """The server cannot serve yet (the base model is still loading); retry after `retry_after` seconds (503)."""
+
+
 class DeadlineExceeded(MuxError):
     """A generation ran past the request deadline (`request_timeout_s`) and was ended (504)."""

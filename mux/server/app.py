@@ -14,14 +14,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mux.engine.engine import Engine
-from mux.errors import MuxError
+from mux.errors import MuxError, NotReady
 from mux.lora.repository import AdapterRepository
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
-from mux.server.kserve import KServeRoutes
+from mux.server.kserve import KServeRoutes, kserve_error
 from mux.server.limits import Limits
-from mux.server.lorax import LoraxRoutes
+from mux.server.lorax import LoraxRoutes, lorax_error
 from mux.server.metrics import Metrics
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
@@ -101,21 +101,12 @@ def create_app(state: ServerState) -> Starlette:
             {"status": "error" if state.load_error else "loading", "error": state.load_error}, status_code=503
         )
 
-    def needs_engine(handler):
+    def needs_engine(handler, error: Callable[[Exception], JSONResponse]):
+        """While the model loads: 503 + Retry-After, in the error shape of the route's own protocol."""
+
         async def guarded(request: Request):
             if state.engine is None:
-                return JSONResponse(
-                    {
-                        "error": {
-                            "message": "the model is still loading",
-                            "type": "ServiceUnavailable",
-                            "param": None,
-                            "code": 503,
-                        }
-                    },
-                    status_code=503,
-                    headers={"Retry-After": "5"},
-                )
+                return error(NotReady("the model is still loading", retry_after=5))
             return await handler(request)
 
         return guarded
@@ -132,7 +123,12 @@ def create_app(state: ServerState) -> Starlette:
 
     routes = [Route("/health", health), Route("/ready", ready), Route("/openapi.json", openapi)]
     routes += kserve.health_routes()  # Triton answers health while loading (not ready: 400)
-    served = openai.routes() + admin.routes() + adapters.routes() + [Route("/metrics", metrics)]
-    served += kserve.routes() + lorax.routes()
-    routes += [Route(r.path, needs_engine(r.endpoint), methods=r.methods) for r in served]
+    served = [
+        (openai.routes() + admin.routes() + adapters.routes() + [Route("/metrics", metrics)], error_response),
+        (kserve.routes(), kserve_error),
+        (lorax.routes(), lorax_error),
+    ]
+    routes += [
+        Route(r.path, needs_engine(r.endpoint, error), methods=r.methods) for group, error in served for r in group
+    ]
     return Starlette(routes=routes, lifespan=lifespan)

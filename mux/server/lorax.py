@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
-from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, Overloaded
+from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 from mux.server.openai import BodyTooLarge, read_json, retry_after_headers
 
@@ -31,6 +31,7 @@ _STATUS = [
     (Forbidden, 403, "authentication", ""),
     (BodyTooLarge, 413, "validation", "Input validation error: "),
     (InvalidRequest, 422, "validation", "Input validation error: "),
+    (NotReady, 503, "overloaded", "Model is not ready: "),
     (Overloaded, 429, "overloaded", "Model is overloaded: "),
     (DeadlineExceeded, 504, "incomplete_generation", "Request failed during generation: "),
 ]

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
-from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
+from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 
 
@@ -36,6 +36,7 @@ _STATUS = [
     (AdapterNotFound, 404, "NotFoundError"),
     (InvalidAdapter, 400, "BadRequestError"),
     (InvalidRequest, 400, "BadRequestError"),
+    (NotReady, 503, "ServiceUnavailable"),
     (Overloaded, 429, "RateLimitError"),
     (DeadlineExceeded, 504, "TimeoutError"),
 ]

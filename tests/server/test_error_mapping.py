@@ -30,3 +30,20 @@ def test_lorax_failures_while_generating_are_424():
         r = lorax_error(exc)
         body = json.loads(r.body)
         assert r.status_code == 424 and body["error_type"] == "generation" and str(exc) in body["error"]
+
+
+def test_model_loading_answers_503_in_each_protocols_shape(tmp_path):
+    from starlette.testclient import TestClient
+
+    from mux.server.app import ServerState, create_app
+
+    app = create_app(ServerState(lambda: None, tmp_path))
+    client = TestClient(app)  # no lifespan: the model never loads
+    openai = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    kserve = client.post("/v2/models/m/generate", json={"text_input": "hi"})
+    lorax = client.post("/generate", json={"inputs": "hi"})
+    for r in (openai, kserve, lorax):
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert openai.json()["error"]["type"] == "ServiceUnavailable"
+    assert kserve.json() == {"error": "the model is still loading"}
+    assert lorax.json()["error_type"] == "overloaded" and "still loading" in lorax.json()["error"]
