@@ -2,7 +2,7 @@
 
 Each workload writes its own JSON + markdown (+ PNG) into bench/results/ with the machine description; the
 summary (`<date>-summary-<host>.md` and `.json`) puts the tables of this run together. `--quick` runs smaller sizes.
-Long workloads show a progress bar (tqdm, on stderr). Not yet here (issue 6): the GPU script.
+Long workloads show a progress bar (tqdm, on stderr). The GPU check runs apart, on a CUDA machine: bench/gpu_check.sh.
 """
 
 from __future__ import annotations
