@@ -10,8 +10,10 @@ gathered into equal-size blocks, one slot per block, in one of two layouts chose
   where copying the weights costs more than the matmuls.
 
 Pad positions repeat a real row and are zeroed after the first matmul, so the result is added back with one
-`index_add_` over the padded rows. Tokens with no adapter are never touched, so a base-only batch pays nothing.
-`lora_delta_reference` is the per-token loop the kernel is tested against.
+`index_add_` over the padded rows. A wave also reads slots in its range that no token uses this step, possibly
+while the loader overwrites them: their rows are pads, and slot weights are always finite (adapters with
+non-finite values are refused at load), so they add exactly zero. Tokens with no adapter are never touched, so
+a base-only batch pays nothing. `lora_delta_reference` is the per-token loop the kernel is tested against.
 """
 
 from __future__ import annotations
