@@ -53,6 +53,51 @@ def make_adapter(
     return out
 
 
+def tiny_config(family: str = "llama", vocab_size: int = 49152):
+    """A 2-layer, hidden-64 config of one family (GQA: 4 query heads over 2 KV heads); SmolLM2's vocabulary."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    return cls(**common)
+
+
+def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random-weight model directory (with `tokenizer_dir`'s tokenizer), for tests and device checks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    with torch.no_grad():  # random init is tiny; scale up so logits differ visibly between tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def group_rows(token_slots: list[int]) -> dict[int, list[int]]:
+    """slot -> the token rows using it (slot -1: no adapter, left out), as the runner hands them to the kernel."""
+    groups: dict[int, list[int]] = {}
+    for row, slot in enumerate(token_slots):
+        if slot >= 0:
+            groups.setdefault(slot, []).append(row)
+    return groups
+
+
 def prompts(n: int, words: int = 24, seed: int = 0) -> list[str]:
     """n distinct prompts of about `words` words (≈30 tokens for SmolLM2)."""
     import random

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import RESULTS, machine, make_adapter, save, write_random_adapter
+from bench.common import RESULTS, build_tiny_model, group_rows, machine, make_adapter, save, write_random_adapter
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
@@ -49,11 +49,7 @@ def check_ops(device: str) -> dict:
             a = torch.randn(8, 16, 256, generator=g) * 0.1
             b = torch.randn(8, 16, 512, generator=g) * 0.1
             ref = lora_delta_reference(x, a, b, token_slots)
-            groups: dict[int, list[int]] = {}
-            for t, s in enumerate(token_slots):
-                if s >= 0:
-                    groups.setdefault(s, []).append(t)
-            batch = build_lora_batch(groups, 16, device, dtype)
+            batch = build_lora_batch(group_rows(token_slots), 16, device, dtype)
             assert (batch.wave is not None) == (layout == "wave"), layout
             y = torch.zeros(len(token_slots), 512, dtype=dtype, device=device)
             lora_add_(y, x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch)
@@ -65,27 +61,9 @@ def check_ops(device: str) -> dict:
 def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     """Greedy tokens of four adapters in one device batch vs PeftModel run alone on the CPU."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    model_dir = root / "tiny"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)),
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    model_dir = build_tiny_model(root / "tiny", "llama", tokenizer_dir)
     specs = [dict(r=4), dict(r=8, alpha=32), dict(r=16, use_rslora=True), dict(r=8, targets=["q_proj", "v_proj"])]
     adapters = [make_adapter(model_dir, root / f"tiny-a{i}", seed=i, **s) for i, s in enumerate(specs)]
     prompts = [[5 + i, 17, 300 + i, 42, 7] for i in range(len(adapters))]

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from bench.common import machine, save
+from bench.common import group_rows, machine, save
 from mux.engine.torch_thread import TorchThread
 from mux.lora.ops import build_lora_batch, lora_add_
 
@@ -56,9 +56,7 @@ def run() -> dict:
     SCENARIOS["decode 48 tokens, 32 adapters (Zipf)"] = zipf_slots(48, SLOTS)
     results = {}
     for name, token_slots in SCENARIOS.items():
-        groups: dict[int, list[int]] = {}
-        for t, s in enumerate(token_slots):
-            groups.setdefault(s, []).append(t)
+        groups = group_rows(token_slots)
         chosen = build_lora_batch(groups, RANK, "cpu")
         forced = {layout: build_lora_batch(groups, RANK, "cpu", layout=layout) for layout in ("gathered", "wave")}
         order = torch.tensor(sorted(range(len(token_slots)), key=lambda t: token_slots[t]))

@@ -293,8 +293,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "reliability.md"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from bench.common import machine, prompts
-    from conftest import build_tiny_model, start_server  # the same real-process launcher the tests use
+    from bench.common import build_tiny_model, machine, prompts
+    from conftest import start_server  # the same real-process launcher the tests use
     from mux.model.loader import default_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="mux-soak-"))

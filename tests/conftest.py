@@ -14,46 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
 
-from bench.common import ALL, ATTN, MLP, make_adapter
+from bench.common import ALL, ATTN, MLP, build_tiny_model, make_adapter
 from mux.model.loader import default_model_dir
 from mux.server.auth import hash_key
-
-
-def tiny_config(family: str = "llama", vocab_size: int = 49152):
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
-    return cls(**common)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return default_model_dir()
-
-
-def build_tiny_model(out: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
-    with torch.no_grad():  # random init is tiny; scale up so logits differ visibly between tokens
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from bench.common import group_rows
 from mux.lora.ops import build_lora_batch, choose_block_size, lora_add_, lora_delta_reference
 
 
@@ -22,7 +23,7 @@ def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, o
 
 def blocked_full(x, a, b, token_slots, rank, layout=None):
     out = x.new_zeros(x.shape[0], b.shape[-1])
-    batch = build_lora_batch(groups_of(token_slots), rank, "cpu", layout=layout)
+    batch = build_lora_batch(group_rows(token_slots), rank, "cpu", layout=layout)
     if batch is not None:
         lora_add_(out, x, a, b, batch)
     return out
@@ -37,14 +38,6 @@ def test_blocked_equals_reference(seed, tokens, layout):
     assert torch.allclose(blocked_full(x, a, b, slots, 8, layout), ref, atol=1e-4)
 
 
-def groups_of(token_slots):
-    groups: dict[int, list[int]] = {}
-    for t, s in enumerate(token_slots):
-        if s >= 0:
-            groups.setdefault(s, []).append(t)
-    return groups
-
-
 @pytest.mark.parametrize(
     ("token_slots", "wave"),
     [
@@ -56,7 +49,7 @@ def groups_of(token_slots):
 )
 def test_both_layouts_equal_reference(token_slots, wave):
     x, a, b, _ = random_case(1, len(token_slots), slots=8, rank=8)
-    batch = build_lora_batch(groups_of(token_slots), 8, "cpu")
+    batch = build_lora_batch(group_rows(token_slots), 8, "cpu")
     assert (batch.wave is not None) == wave
     out = x.new_zeros(x.shape[0], b.shape[-1])
     lora_add_(out, x, a, b, batch)
