@@ -65,6 +65,8 @@ def build_lora_batch(
 
     layout: "wave" or "gathered" to force one (benchmarks, tests); None lets the cost model choose.
     """
+    if layout not in (None, "wave", "gathered"):
+        raise ValueError(f"unknown LoRA layout {layout!r} (wave, gathered or None)")
     groups = {slot: rows for slot, rows in groups.items() if rows}
     if not groups:
         return None

@@ -78,6 +78,11 @@ def test_matches_dense_w_plus_scaled_ba():
     assert torch.allclose(y, x @ (w + scale * lora_b @ lora_a).t(), atol=1e-3)
 
 
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="unknown LoRA layout 'waves'"):
+        build_lora_batch({0: [0]}, 8, "cpu", layout="waves")
+
+
 def test_no_adapter_rows_means_no_batch():
     assert build_lora_batch({}, 8, "cpu") is None
     assert build_lora_batch({3: []}, 8, "cpu") is None
