@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -142,17 +143,33 @@ def test_random_use_keeps_invariants(lora_model, tiny_adapters, reference_weight
     Machine.TestCase().runTest()
 
 
-def test_async_loading_does_not_block_and_becomes_ready(lora_model, tiny_adapters):
-    m = make_manager(lora_model, host_bytes=1 << 30, async_loading=True)
+def test_disk_loads_run_on_the_loader_thread_and_become_ready(lora_model, tiny_adapters, monkeypatch):
+    m = make_manager(lora_model, host_bytes=1, async_loading=True)  # no host copy: every load reads the disk
     refs = [m.prepare(p) for p in list(tiny_adapters.values())[:SLOTS]]
-    t = time.perf_counter()
-    slots = [m.acquire(r) for r in refs]
-    assert time.perf_counter() - t < 0.5 and None not in slots
+    gate = threading.Event()
+    read_disk = m._read_disk
+    monkeypatch.setattr(m, "_read_disk", lambda path: gate.wait(10) and read_disk(path))
+    slots = [m.acquire(r) for r in refs]  # returns while the loader is held at the disk read
+    assert None not in slots and not any(m.is_ready(r.key) for r in refs)
+    gate.set()
     deadline = time.time() + 10
     while not all(m.is_ready(r.key) for r in refs) and time.time() < deadline:
         m.wait_for_load(0.05)
     assert all(m.is_ready(r.key) for r in refs)
     assert m.stats()["counters"]["loads"]["host_to_device"] == SLOTS
+
+
+def test_host_tier_hit_is_ready_when_acquired(lora_model, tiny_adapters, reference_weights):
+    """A host copy goes into its slot inside acquire: the request is admitted in this step, not the next."""
+    m = make_manager(lora_model, host_bytes=1 << 30, async_loading=True)
+    name, path = next(iter(tiny_adapters.items()))
+    ref = m.prepare(path)  # reads it into the host tier
+    slot = m.acquire(ref)
+    assert m.is_ready(ref.key) and m.stats()["counters"]["hits"]["host"] == 1
+    for module, (a, b) in reference_weights[name].modules.items():
+        r = a.shape[0]
+        assert torch.equal(lora_model.layers[module].lora_a[slot, :r], a)
+        assert torch.equal(lora_model.layers[module].lora_b[slot, :r], b)
 
 
 def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, tmp_path):
