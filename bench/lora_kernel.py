@@ -1,4 +1,5 @@
-"""The LoRA kernel lever, measured: gathered blocks vs a wave (weights read in place) vs a segment GEMM.
+"""The LoRA kernel lever, measured: gathered blocks vs a wave (weights read in place) vs a segment GEMM, and runs
+of one slot served in place.
 
 Per scenario it times one decoder layer's seven SmolLM2-shaped LoRA layers (q,k,v,o,gate,up,down; rank 8)
 for each kernel layout, cycling over 30 layers' slot stacks so the weights come from memory as in a real
@@ -27,6 +28,10 @@ SCENARIOS = {  # name -> token slots of one step
     "decode 64 tokens, 1 adapter": [0] * 64,
     "decode 16 tokens, 2 far-apart slots": [0, 31] * 8,
     "prefill 4 x 30 tokens, 4 adapters": [s for s in range(4) for _ in range(30)],
+    "prefill 64 x 30 tokens, 16 adapters": sorted(s % 16 for s in range(64) for _ in range(30)),
+    "prefill 32 x 30 tokens, 32 adapters": [s for s in range(32) for _ in range(30)],
+    "serving step: 18 decodes on 14 adapters + 3 x 30 prefill": sorted([*range(14), 0, 0, 1, 2])
+    + [s for s in (0, 9, 20) for _ in range(30)],
 }
 
 
@@ -57,8 +62,12 @@ def run() -> dict:
     results = {}
     for name, token_slots in SCENARIOS.items():
         groups = group_rows(token_slots)
-        chosen = build_lora_batch(groups, RANK, "cpu")
-        forced = {layout: build_lora_batch(groups, RANK, "cpu", layout=layout) for layout in ("gathered", "wave")}
+        chosen = build_lora_batch(groups, RANK, "cpu", segment_rows=None)
+        forced = {
+            layout: build_lora_batch(groups, RANK, "cpu", layout=layout, segment_rows=None)
+            for layout in ("gathered", "wave")
+        }
+        forced["runs in place + picked"] = build_lora_batch(groups, RANK, "cpu")
         order = torch.tensor(sorted(range(len(token_slots)), key=lambda t: token_slots[t]))
         offs = torch.bincount(torch.tensor(token_slots), minlength=SLOTS).cumsum(0).to(torch.int32)
         xs = {i: torch.randn(len(token_slots), i) for i in {s[0] for s in SHAPES}}
@@ -94,13 +103,17 @@ def main() -> None:
         "",
         "µs per decoder layer (7 LoRA layers); the cost model's pick in the last column.",
         "",
-        "| step | gathered | wave | segment (grouped_mm) | picked |",
-        "|---|---|---|---|---|",
+        "Runs in place: each run of at least 8 rows of one slot (a prefill chunk; rows sorted by slot as the runner",
+        "sorts them) as two matmuls on views, the other rows in the layout the cost model picks (the mux kernel).",
+        "",
+        "| step | gathered | wave | segment (grouped_mm) | runs in place + picked | picked (no runs) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         t = r["us_per_decoder_layer"]
         lines.append(
-            f"| {name} | {t['gathered']:.0f} | {t['wave']:.0f} | {t['segment (grouped_mm)']:.0f} | {r['picked']} |"
+            f"| {name} | {t['gathered']:.0f} | {t['wave']:.0f} | {t['segment (grouped_mm)']:.0f} | "
+            f"{t['runs in place + picked']:.0f} | {r['picked']} |"
         )
     print("wrote", save("lora-kernel", {"machine": machine(), "results": results}, "\n".join(lines)))
 

@@ -24,7 +24,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> torch.Tensor:
         """Forward the scheduled tokens; returns float32 logits [num_sampled, V] in `scheduled` order of sample=True."""
-        order = sorted(scheduled, key=lambda s: s.num_tokens != 1)  # single-token sequences first (stable)
+        # single-token sequences first (the attention layout), then by slot: each slot's rows form one run,
+        # which the LoRA kernel serves in place when it is long enough
+        order = sorted(scheduled, key=lambda s: (s.num_tokens != 1, s.seq.slot))
         bs = self.cache.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -62,7 +64,9 @@ class ModelRunner:
             tuple(prefills),
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
-        self.lora.ctx.batch = build_lora_batch(groups, rank, self.device, self.lora.dtype)
+        self.lora.ctx.batch = build_lora_batch(
+            groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank
+        )
         try:
             hidden = self.model.model(
                 input_ids=self._tensor(ids)[None],

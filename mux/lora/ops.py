@@ -9,6 +9,12 @@ gathered into equal-size blocks, one slot per block, in one of two layouts chose
   place (a slice of the stacks, no copy). Best for decode steps over many adapters with a few tokens each,
   where copying the weights costs more than the matmuls.
 
+Before either, long runs of consecutive rows of one slot (a prefill chunk, or many decodes of one adapter) can
+be served in place: two matmuls on views of x, y and the slot's weights at the slot's own rank, with no gather,
+copy, padding or scatter, but two ops per run. The cost model takes the runs in place when that is cheaper
+than blocking their rows (a mixed serving step, one adapter's batch), not when many slots have equal runs (a
+wave reads them all in one call). The runner sorts rows by slot, so one slot's chunks form one run.
+
 Pad positions repeat a real row and are zeroed after the first matmul, so the result is added back with one
 `index_add_` over the padded rows. A wave also reads slots in its range that no token uses this step, possibly
 while the loader overwrites them: their rows are pads, and slot weights are always finite (adapters with
@@ -23,21 +29,25 @@ from dataclasses import dataclass
 import torch
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-# Costs in padded token rows, orders of magnitude read off `python -m bench.lora_kernel` on this machine:
+# Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
 _GATHER_COST = 4  # copying one block's A and B out of the slot stacks
 _READ_COST = 1  # reading one slot's A and B in place (a wave block, used or not)
+_BLOCKS_COST = 56  # the blocked kernel's fixed ops (gather x, two bmm, mask, scatter y)
+_SEGMENT_COST = 32  # one run served in place (two matmul calls), on top of its rows
+_SEGMENT_ROWS = 8  # shorter runs always go into blocks
 
 
 @dataclass(frozen=True, slots=True)
 class LoRABatch:
     """Which token rows use which slot this step; built once by the runner, read by every layer."""
 
-    gather: torch.Tensor  # [N*blk] int64 token row of each padded position (pads repeat a real row)
+    segments: tuple[tuple[int, int, int, int], ...]  # (slot, first row, end row, rank): runs served in place
+    gather: torch.Tensor | None  # [N*blk] int64 token row of each padded position (pads repeat a real row)
     mask: torch.Tensor | None  # [N, blk, 1] 1 at real positions, 0 at pads (None: no pads)
     block_slot: torch.Tensor | None  # [N] int64 slot of each block (gathered layout)
     wave: tuple[int, int] | None  # (lo, hi): block i is slot lo + i, weights read in place (wave layout)
     block_size: int
-    rank: int  # largest rank among the slots in use (trailing rank columns are zero padding)
+    rank: int  # largest rank among the blocks' slots (trailing rank columns are zero padding)
 
 
 def gathered_cost(counts: list[int], blk: int) -> int:
@@ -60,16 +70,32 @@ def build_lora_batch(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     layout: str | None = None,
+    slot_ranks: list[int] | None = None,
+    segment_rows: int | None = _SEGMENT_ROWS,
 ) -> LoRABatch | None:
-    """groups: slot -> token rows using it (base-only rows are left out). None when no row uses an adapter.
+    """groups: slot -> token rows using it, ascending (base-only rows are left out). None when no row uses an
+    adapter. rank: the largest rank among the groups' slots; slot_ranks[slot]: each slot's own (default: rank).
 
-    layout: "wave" or "gathered" to force one (benchmarks, tests); None lets the cost model choose.
+    layout: "wave" or "gathered" to force one for the blocks, and every run of at least `segment_rows` rows in
+    place (benchmarks, tests); None lets the cost model choose both. segment_rows=None: every row in blocks.
     """
     if layout not in (None, "wave", "gathered"):
         raise ValueError(f"unknown LoRA layout {layout!r} (wave, gathered or None)")
     groups = {slot: rows for slot, rows in groups.items() if rows}
     if not groups:
         return None
+    segments: list[tuple[int, int, int, int]] = []
+    if segment_rows is not None:
+        runs = [(slot, lo, hi) for slot, rows in groups.items() for lo, hi in _runs(rows) if hi - lo >= segment_rows]
+        if layout is None:  # the cost model picks which runs (the longest ones first) to serve in place
+            runs = _runs_in_place(groups, runs)
+        for slot, lo, hi in runs:
+            segments.append((slot, lo, hi, rank if slot_ranks is None else slot_ranks[slot]))
+        groups = _without(groups, runs)
+        if not groups:
+            return LoRABatch(tuple(segments), None, None, None, None, 0, 0)
+        if slot_ranks is not None:
+            rank = max(slot_ranks[slot] for slot in groups)
     counts = {slot: len(rows) for slot, rows in groups.items()}
     blk = choose_block_size(list(counts.values()))
     wave = None
@@ -86,7 +112,58 @@ def build_lora_batch(
         real += [1.0] * len(rows) + [0.0] * (blk - len(rows))
     mask = None if all(real) else torch.tensor(real, dtype=dtype, device=device).view(len(chunks), blk, 1)
     block_slot = None if wave else torch.tensor([s for s, _ in chunks], dtype=torch.int64, device=device)
-    return LoRABatch(torch.tensor(gather, dtype=torch.int64, device=device), mask, block_slot, wave, blk, rank)
+    gather_t = torch.tensor(gather, dtype=torch.int64, device=device)
+    return LoRABatch(tuple(segments), gather_t, mask, block_slot, wave, blk, rank)
+
+
+def blocks_cost(counts: dict[int, int]) -> int:
+    """The cheaper blocked layout for these rows per slot, in padded rows (0: no rows)."""
+    if not counts:
+        return 0
+    return _BLOCKS_COST + min(
+        wave_cost(counts), gathered_cost(list(counts.values()), choose_block_size(list(counts.values())))
+    )
+
+
+def _runs_in_place(groups: dict[int, list[int]], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The runs worth serving in place: the cheapest of 'none' and 'every run at least L long' over each L."""
+    counts = {slot: len(rows) for slot, rows in groups.items()}
+    best, best_cost = [], blocks_cost(counts)
+    runs = sorted(runs, key=lambda r: r[1] - r[2])  # longest first
+    rows = 0
+    for i, (slot, lo, hi) in enumerate(runs):
+        counts[slot] -= hi - lo
+        rows += hi - lo
+        if counts[slot] == 0:
+            del counts[slot]
+        if i + 1 < len(runs) and runs[i + 1][2] - runs[i + 1][1] == hi - lo:
+            continue  # runs of equal length go in place together
+        cost = rows + _SEGMENT_COST * (i + 1) + blocks_cost(counts)
+        if cost < best_cost:
+            best, best_cost = runs[: i + 1], cost
+    return best
+
+
+def _without(groups: dict[int, list[int]], runs: list[tuple[int, int, int]]) -> dict[int, list[int]]:
+    """groups minus the rows of `runs`, slots left with no row dropped."""
+    taken: dict[int, set[int]] = {}
+    for slot, lo, hi in runs:
+        taken.setdefault(slot, set()).update(range(lo, hi))
+    out = {slot: [r for r in rows if r not in taken.get(slot, ())] for slot, rows in groups.items()}
+    return {slot: rows for slot, rows in out.items() if rows}
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Ascending rows -> [(first, end)) of each run of consecutive rows."""
+    runs = []
+    lo = prev = rows[0]
+    for row in rows[1:]:
+        if row != prev + 1:
+            runs.append((lo, prev + 1))
+            lo = row
+        prev = row
+    runs.append((lo, prev + 1))
+    return runs
 
 
 def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> None:
@@ -94,6 +171,10 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
     Rank-major slots keep each slot's first r rows contiguous, so trimming the rank padding reads fast.
     """
+    for slot, lo, hi, rank in batch.segments:
+        y[lo:hi].addmm_(x[lo:hi] @ a[slot, :rank].T, b[slot, :rank])  # [n, in] @ [in, r] @ [r, out]
+    if batch.gather is None:
+        return
     r, blk = batch.rank, batch.block_size
     xs = x.index_select(0, batch.gather).view(-1, blk, x.shape[1])  # [N, blk, in]
     if batch.wave is not None:

@@ -21,9 +21,20 @@ def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, o
     return x, a, b, token_slots
 
 
-def blocked_full(x, a, b, token_slots, rank, layout=None):
+def runs_case(seed: int, tokens: int, slots: int, rank: int):
+    """Like random_case, but tokens come in runs of one slot (prefill chunks, decodes sorted by slot)."""
+    x, a, b, _ = random_case(seed, tokens, slots, rank)
+    rnd = random.Random(seed)
+    token_slots: list[int] = []
+    while len(token_slots) < tokens:
+        token_slots += [rnd.choice([-1, *range(slots)])] * rnd.choice([1, 2, 7, 8, 30])
+    return x, a, b, token_slots[:tokens]
+
+
+def blocked_full(x, a, b, token_slots, rank, layout=None, segment_rows=8, slot_ranks=None):
     out = x.new_zeros(x.shape[0], b.shape[-1])
-    batch = build_lora_batch(group_rows(token_slots), rank, "cpu", layout=layout)
+    groups = group_rows(token_slots)
+    batch = build_lora_batch(groups, rank, "cpu", layout=layout, segment_rows=segment_rows, slot_ranks=slot_ranks)
     if batch is not None:
         lora_add_(out, x, a, b, batch)
     return out
@@ -32,10 +43,30 @@ def blocked_full(x, a, b, token_slots, rank, layout=None):
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
 @pytest.mark.parametrize("layout", [None, "wave", "gathered"])
-def test_blocked_equals_reference(seed, tokens, layout):
-    x, a, b, slots = random_case(seed, tokens, slots=5, rank=8)
+@pytest.mark.parametrize("case", [random_case, runs_case])
+def test_blocked_equals_reference(seed, tokens, layout, case):
+    x, a, b, slots = case(seed, tokens, slots=5, rank=8)
     ref = lora_delta_reference(x, a, b, slots)
-    assert torch.allclose(blocked_full(x, a, b, slots, 8, layout), ref, atol=1e-4)
+    for segment_rows in (None, 8, 1):  # blocks only; long runs in place; every run in place
+        assert torch.allclose(blocked_full(x, a, b, slots, 8, layout, segment_rows), ref, atol=1e-4)
+
+
+def test_runs_in_place_are_served_at_their_own_rank():
+    """A run of >= 8 rows of one slot is a segment at that slot's rank; the rest go into blocks at their max rank."""
+    x, a, b, _ = random_case(3, 0, slots=3, rank=16)
+    ranks = [4, 16, 8]
+    for slot, r in enumerate(ranks):
+        a[slot, r:] = 0
+        b[slot, r:] = 0
+    x = torch.randn(30, a.shape[-1])
+    token_slots = [0, 2, -1, 0] + [1] * 20 + [0] * 6  # rows 4..23 of slot 1 form the only long run
+    batch = build_lora_batch(group_rows(token_slots), 16, "cpu", layout="gathered", slot_ranks=ranks)
+    assert batch.segments == ((1, 4, 24, 16),) and batch.rank == 8  # blocks: slots 0 and 2 only
+    out = x.new_zeros(30, b.shape[-1])
+    lora_add_(out, x, a, b, batch)
+    assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
+    only_runs = build_lora_batch({0: list(range(10))}, 4, "cpu", layout="wave", slot_ranks=ranks)
+    assert only_runs.gather is None and only_runs.segments == ((0, 0, 10, 4),)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +80,7 @@ def test_blocked_equals_reference(seed, tokens, layout):
 )
 def test_both_layouts_equal_reference(token_slots, wave):
     x, a, b, _ = random_case(1, len(token_slots), slots=8, rank=8)
-    batch = build_lora_batch(group_rows(token_slots), 8, "cpu")
+    batch = build_lora_batch(group_rows(token_slots), 8, "cpu", segment_rows=None)
     assert (batch.wave is not None) == wave
     out = x.new_zeros(x.shape[0], b.shape[-1])
     lora_add_(out, x, a, b, batch)
@@ -92,3 +123,25 @@ def test_block_size_choice():
     assert choose_block_size([1] * 64) == 1  # one token per adapter: gather per token
     assert choose_block_size([500]) >= 64  # one long prefill: big blocks
     assert choose_block_size([4] * 16) == 4
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "in_place"),
+    [
+        ([0] * 64, [(0, 64)]),  # 64 decodes of one adapter: two matmuls instead of gather, bmm, bmm, scatter
+        ([s for s in range(32) for _ in range(30)], []),  # equal runs on 32 slots: one wave reads them all
+        (sorted(s % 16 for s in range(1920)), []),  # 16 long prefills: the same
+        (  # a serving step: decodes over many adapters, then prefill chunks: the chunks go in place
+            sorted([*range(14), 0, 0, 1, 2]) + [s for s in (0, 9, 20) for _ in range(30)],
+            [(18, 48), (48, 78), (78, 108)],
+        ),
+        ([0, 1, 2, 3] * 4, []),  # short runs never
+    ],
+)
+def test_cost_model_picks_runs_in_place(token_slots, in_place):
+    x, a, b, _ = random_case(2, len(token_slots), slots=32, rank=8)
+    batch = build_lora_batch(group_rows(token_slots), 8, "cpu")
+    assert sorted((lo, hi) for _, lo, hi, _ in batch.segments) == in_place
+    out = x.new_zeros(x.shape[0], b.shape[-1])
+    lora_add_(out, x, a, b, batch)
+    assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
