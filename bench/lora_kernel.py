@@ -22,11 +22,11 @@ from mux.lora.ops import build_lora_batch, lora_add_
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 LAYERS, SLOTS, RANK = 30, 32, 8
-SCENARIOS = {  # name -> token slots of one step
-    "decode 64 tokens, 16 adapters x4": [i % 16 for i in range(64)],
+SCENARIOS = {  # name -> token slots of one step, decodes sorted by slot and then prefill chunks, as the runner does
+    "decode 64 tokens, 16 adapters x4": sorted(i % 16 for i in range(64)),
     "decode 48 tokens, 32 adapters (Zipf)": None,
     "decode 64 tokens, 1 adapter": [0] * 64,
-    "decode 16 tokens, 2 far-apart slots": [0, 31] * 8,
+    "decode 16 tokens, 2 far-apart slots": sorted([0, 31] * 8),
     "prefill 4 x 30 tokens, 4 adapters": [s for s in range(4) for _ in range(30)],
     "prefill 64 x 30 tokens, 16 adapters": sorted(s % 16 for s in range(64) for _ in range(30)),
     "prefill 32 x 30 tokens, 32 adapters": [s for s in range(32) for _ in range(30)],
@@ -58,7 +58,7 @@ def run() -> dict:
         [(torch.randn(SLOTS, RANK, i) * 0.02, torch.randn(SLOTS, RANK, o) * 0.02) for i, o in SHAPES]
         for _ in range(LAYERS)
     ]
-    SCENARIOS["decode 48 tokens, 32 adapters (Zipf)"] = zipf_slots(48, SLOTS)
+    SCENARIOS["decode 48 tokens, 32 adapters (Zipf)"] = sorted(zipf_slots(48, SLOTS))
     results = {}
     for name, token_slots in SCENARIOS.items():
         groups = group_rows(token_slots)

@@ -15,11 +15,13 @@ copy, padding or scatter, but two ops per run. The cost model takes the runs in 
 than blocking their rows (a mixed serving step, one adapter's batch), not when many slots have equal runs (a
 wave reads them all in one call). The runner sorts rows by slot, so one slot's chunks form one run.
 
-Pad positions repeat a real row and are zeroed after the first matmul, so the result is added back with one
-`index_add_` over the padded rows. A wave also reads slots in its range that no token uses this step, possibly
-while the loader overwrites them: their rows are pads, and slot weights are always finite (adapters with
-non-finite values are refused at load), so they add exactly zero. Tokens with no adapter are never touched, so
-a base-only batch pays nothing. `lora_delta_reference` is the per-token loop the kernel is tested against.
+When the padded positions are exactly consecutive rows (rows sorted by slot, no pads), x and y are read and
+written through views instead. Pad positions repeat a real row and are zeroed after the first matmul, so the
+result is added back with one `index_add_` over the padded rows. A wave also reads slots in its range that no
+token uses this step, possibly while the loader overwrites them: their rows are pads, and slot weights are
+always finite (adapters with non-finite values are refused at load), so they add exactly zero. Tokens with no
+adapter are never touched, so a base-only batch pays nothing. `lora_delta_reference` is the per-token loop the
+kernel is tested against.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LoRABatch:
 
     segments: tuple[tuple[int, int, int, int], ...]  # (slot, first row, end row, rank): runs served in place
     gather: torch.Tensor | None  # [N*blk] int64 token row of each padded position (pads repeat a real row)
+    dense: tuple[int, int] | None  # (first, end) when the padded positions are exactly rows first..end-1
     mask: torch.Tensor | None  # [N, blk, 1] 1 at real positions, 0 at pads (None: no pads)
     block_slot: torch.Tensor | None  # [N] int64 slot of each block (gathered layout)
     wave: tuple[int, int] | None  # (lo, hi): block i is slot lo + i, weights read in place (wave layout)
@@ -93,7 +96,7 @@ def build_lora_batch(
             segments.append((slot, lo, hi, rank if slot_ranks is None else slot_ranks[slot]))
         groups = _without(groups, runs)
         if not groups:
-            return LoRABatch(tuple(segments), None, None, None, None, 0, 0)
+            return LoRABatch(tuple(segments), None, None, None, None, None, 0, 0)
         if slot_ranks is not None:
             rank = max(slot_ranks[slot] for slot in groups)
     counts = {slot: len(rows) for slot, rows in groups.items()}
@@ -113,7 +116,8 @@ def build_lora_batch(
     mask = None if all(real) else torch.tensor(real, dtype=dtype, device=device).view(len(chunks), blk, 1)
     block_slot = None if wave else torch.tensor([s for s, _ in chunks], dtype=torch.int64, device=device)
     gather_t = torch.tensor(gather, dtype=torch.int64, device=device)
-    return LoRABatch(tuple(segments), gather_t, mask, block_slot, wave, blk, rank)
+    dense = (gather[0], gather[-1] + 1) if gather == list(range(gather[0], gather[0] + len(gather))) else None
+    return LoRABatch(tuple(segments), gather_t, dense, mask, block_slot, wave, blk, rank)
 
 
 def blocks_cost(counts: dict[int, int]) -> int:
@@ -176,7 +180,11 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     if batch.gather is None:
         return
     r, blk = batch.rank, batch.block_size
-    xs = x.index_select(0, batch.gather).view(-1, blk, x.shape[1])  # [N, blk, in]
+    if batch.dense is not None:  # rows sorted by slot, no pads (e.g. equal decodes per adapter): views, no copy
+        first, end = batch.dense
+        xs = x[first:end].view(-1, blk, x.shape[1])  # [N, blk, in]
+    else:
+        xs = x.index_select(0, batch.gather).view(-1, blk, x.shape[1])  # [N, blk, in]
     if batch.wave is not None:
         lo, hi = batch.wave
         a_blk, b_blk = a[lo:hi, :r], b[lo:hi, :r]  # [N, r, in], [N, r, out]: views, no copy
@@ -186,7 +194,10 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     h = torch.bmm(xs, a_blk.transpose(1, 2))  # [N, blk, r]
     if batch.mask is not None:
         h.mul_(batch.mask)
-    y.index_add_(0, batch.gather, torch.bmm(h, b_blk).view(-1, b.shape[-1]))
+    if batch.dense is not None:
+        y[first:end].view(-1, blk, b.shape[-1]).baddbmm_(h, b_blk)
+    else:
+        y.index_add_(0, batch.gather, torch.bmm(h, b_blk).view(-1, b.shape[-1]))
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: list[int]) -> torch.Tensor:

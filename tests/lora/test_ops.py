@@ -73,6 +73,7 @@ def test_runs_in_place_are_served_at_their_own_rank():
     ("token_slots", "wave"),
     [
         ([0, 1, 2, 3] * 4, True),  # decode over many adapters, even counts: weights read in place
+        (sorted([0, 1, 2, 3] * 4), True),  # the same sorted by slot (as the runner does): x and y through views
         ([4, -1, 2, 4, 2, 3, 4], True),  # uneven counts and an unused slot inside the range: pads are masked
         ([1] * 300 + [0, 2], False),  # one long prefill: gathered blocks
         ([0, 7], False),  # two far-apart slots: a wave would read the six between for nothing
@@ -82,6 +83,8 @@ def test_both_layouts_equal_reference(token_slots, wave):
     x, a, b, _ = random_case(1, len(token_slots), slots=8, rank=8)
     batch = build_lora_batch(group_rows(token_slots), 8, "cpu", segment_rows=None)
     assert (batch.wave is not None) == wave
+    if len(token_slots) == 16:  # the even decode: views exactly when the rows are sorted by slot
+        assert (batch.dense is not None) == (token_slots == sorted(token_slots))
     out = x.new_zeros(x.shape[0], b.shape[-1])
     lora_add_(out, x, a, b, batch)
     assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
