@@ -3,8 +3,8 @@
 1. ops: `lora_add_` in both layouts (wave, gathered) on the device, fp32 and fp16, vs the per-token reference
    on the CPU.
 2. engine: a tiny random Llama with four PEFT adapters (ranks 4/8/16, one with rsLoRA) in one batch on the
-   device: greedy tokens equal PEFT's on the CPU; the manager keeps host copies in pinned memory and loads
-   slots on its own copy stream.
+   device: greedy tokens equal PEFT's on the CPU; the manager keeps host copies in pinned memory and has its
+   own copy stream for the loader thread's loads (a host-tier hit is copied in stream order by the engine).
 3. scaling: a Llama-7B-shaped model with random fp16 weights (no download), rank-8 adapters on q_proj/v_proj
    (PEFT's default for Llama), one request per adapter round robin: mux throughput with 5 and with 1,000
    adapters live (target: ≤ 10% loss), and PEFT's mixed batch (`adapter_names=`) on the same GPU with the 5
