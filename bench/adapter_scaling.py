@@ -14,6 +14,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,6 +88,24 @@ def pinned_batch_bound(population: int, dist: str, slots: int) -> int | None:
     while sum(1 - (1 - pi) ** (n + 1) for pi in p) <= slots:
         n += 1
     return n
+
+
+def compare_inline(engines: dict, texts: list[str], paths: list[Path], args) -> dict:
+    """The same Zipf trace on an engine that copies host-tier hits into their slots inside acquire and on one
+    that leaves every copy to the loader thread, interleaved twice (one torch thread: one engine runs at a time)."""
+    runs: dict[str, list[dict]] = {label: [] for label in engines}
+    for _ in range(2):
+        for label, engine in engines.items():
+            engine.adapters.host.clear()
+            engine.start()
+            runs[label].append(asyncio.run(run_traffic(engine, texts, paths, args.new_tokens, args.concurrency)))
+            engine.stop()
+            r = runs[label][-1]
+            print(f"{label:7s} {r['tokens_per_s']:6.1f} tok/s TTFT p50 {r['ttft_p50_s']:.2f}s", flush=True)
+    return {
+        label: {k: [r[k] for r in rs] for k in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s")}
+        for label, rs in runs.items()
+    }
 
 
 def simulate_hit_rates(ids: list[int], sizes: dict[int, int]) -> dict:
@@ -195,7 +214,14 @@ def main() -> None:
     ap.add_argument("--populations", default="", help="comma-separated, e.g. 8,1000 (default: all)")
     ap.add_argument("--dists", default="zipf,uniform")
     ap.add_argument("--slots", type=int, default=SLOTS, help="device slots (a lever: on CPU a slot costs only RAM)")
+    ap.add_argument(
+        "--compare-inline",
+        action="store_true",
+        help="also run the largest Zipf population with host-tier hits copied by acquire vs by the loader thread",
+    )
     args = ap.parse_args()
+    if args.compare_inline and "zipf" not in args.dists.split(","):
+        ap.error("--compare-inline runs the Zipf trace: keep zipf in --dists")
     pops = (1, 8, 128) if args.quick else POPULATIONS
     if args.populations:
         pops = tuple(int(p) for p in args.populations.split(","))
@@ -210,13 +236,12 @@ def main() -> None:
         i: write_random_adapter(model_dir, root / f"a{i:04d}", r=8, seed=i, std=0.02, dtype=torch.float16)
         for i in needed
     }
-    engine = Engine(
-        EngineConfig(
-            model=ModelConfig(model=str(model_dir)),
-            lora=LoRAConfig(max_loras=slots, max_lora_rank=8, max_cpu_loras=HOST_COUNT),
-            cache=CacheConfig(kv_cache_bytes=1 << 30),
-        )
+    config = EngineConfig(
+        model=ModelConfig(model=str(model_dir)),
+        lora=LoRAConfig(max_loras=slots, max_lora_rank=8, max_cpu_loras=HOST_COUNT),
+        cache=CacheConfig(kv_cache_bytes=1 << 30),
     )
+    engine = Engine(config)
     engine.start()
     asyncio.run(run_traffic(engine, texts[:8], [None] * 8, 2, 8))  # warm-up
     results: dict = {
@@ -250,6 +275,13 @@ def main() -> None:
             results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(ids, sizes)
     bar.close()
     engine.stop()
+    if args.compare_inline:
+        pop = max(pops)
+        loader_only = Engine(replace(config, lora=replace(config.lora, inline_load_bytes=0)), torch_thread=engine.torch)
+        results["inline_vs_loader"] = compare_inline(
+            {"inline": engine, "loader": loader_only}, texts, [paths[i] for i in traces["zipf"][pop]], args
+        )
+        results["inline_vs_loader"]["population"] = pop
     # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads
     results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]], slots)
     print("cold load (median):", json.dumps(results["cold_load"]), flush=True)
@@ -295,6 +327,22 @@ def main() -> None:
             lines.append(f"- {dist}, {pop} adapters: {cells}")
     if "zipf_1000_vs_8" in results:
         lines += ["", f"Throughput at 1000 Zipf adapters vs 8: {results['zipf_1000_vs_8']:.2f}×"]
+    if "inline_vs_loader" in results:
+        c = results["inline_vs_loader"]
+        lines += [
+            "",
+            f"Host-tier hits copied by acquire vs by the loader thread ({c['population']} Zipf adapters, two "
+            "interleaved runs each):",
+            "",
+            "| copies | tok/s | TTFT p50 s | TTFT p99 s |",
+            "|---|---|---|---|",
+            *(
+                f"| {label} | {', '.join(f'{v:.1f}' for v in c[label]['tokens_per_s'])} | "
+                f"{', '.join(f'{v:.2f}' for v in c[label]['ttft_p50_s'])} | "
+                f"{', '.join(f'{v:.2f}' for v in c[label]['ttft_p99_s'])} |"
+                for label in ("inline", "loader")
+            ),
+        ]
     partial = args.populations or args.dists != "zipf,uniform" or slots != SLOTS
     name = f"adapter-scaling-{slots}-slots-{'-'.join(map(str, pops))}" if partial else "adapter-scaling"
     if args.concurrency != 48:

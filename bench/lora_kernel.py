@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -67,6 +68,8 @@ def run() -> dict:
             layout: build_lora_batch(groups, RANK, "cpu", layout=layout, segment_rows=None)
             for layout in ("gathered", "wave")
         }
+        if forced["wave"].dense is not None:  # the same wave with x gathered and y scattered: the views' baseline
+            forced["wave, x/y copied"] = replace(forced["wave"], dense=None)
         forced["runs in place + picked"] = build_lora_batch(groups, RANK, "cpu")
         order = torch.tensor(sorted(range(len(token_slots)), key=lambda t: token_slots[t]))
         offs = torch.bincount(torch.tensor(token_slots), minlength=SLOTS).cumsum(0).to(torch.int32)
@@ -103,16 +106,20 @@ def main() -> None:
         "",
         "µs per decoder layer (7 LoRA layers); the cost model's pick in the last column.",
         "",
-        "Runs in place: each run of at least 8 rows of one slot (a prefill chunk; rows sorted by slot as the runner",
-        "sorts them) as two matmuls on views, the other rows in the layout the cost model picks (the mux kernel).",
+        "Rows sorted by slot as the runner sorts them. Wave: x and y through views when the rows have no pads;",
+        "'wave, x/y copied' is the same wave with x gathered and y scattered (-: the wave has pads, so it copies).",
+        "Runs in place + picked: the mux kernel, runs of >= 8 rows of one slot as two matmuls on views where the",
+        "cost model takes them, the other rows in the layout it picks.",
         "",
-        "| step | gathered | wave | segment (grouped_mm) | runs in place + picked | picked (no runs) |",
-        "|---|---|---|---|---|---|",
+        "| step | gathered | wave | wave, x/y copied | segment (grouped_mm) | runs in place + picked | picked "
+        "(no runs) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         t = r["us_per_decoder_layer"]
+        copied = f"{t['wave, x/y copied']:.0f}" if "wave, x/y copied" in t else "-"
         lines.append(
-            f"| {name} | {t['gathered']:.0f} | {t['wave']:.0f} | {t['segment (grouped_mm)']:.0f} | "
+            f"| {name} | {t['gathered']:.0f} | {t['wave']:.0f} | {copied} | {t['segment (grouped_mm)']:.0f} | "
             f"{t['runs in place + picked']:.0f} | {r['picked']} |"
         )
     print("wrote", save("lora-kernel", {"machine": machine(), "results": results}, "\n".join(lines)))

@@ -35,6 +35,7 @@ class LoRAConfig:
     max_cpu_adapter_bytes: int = 2 << 30  # host tier, byte bound
     eviction_policy: str = "lru"  # lru | lfu | cost (mux/lora/policies/)
     async_loading: bool = True  # disk→host→device copies on a loader thread while the engine steps
+    inline_load_bytes: int = 64 << 20  # a host-tier hit up to this size is copied at once by acquire (0: never)
 
     def __post_init__(self) -> None:
         _positive(
@@ -43,6 +44,8 @@ class LoRAConfig:
             max_cpu_loras=self.max_cpu_loras,
             max_cpu_adapter_bytes=self.max_cpu_adapter_bytes,
         )
+        if self.inline_load_bytes < 0:
+            raise ValueError(f"inline_load_bytes must be >= 0, got {self.inline_load_bytes}")
 
 
 @dataclass(frozen=True, slots=True)

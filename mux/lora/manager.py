@@ -32,7 +32,6 @@ from mux.lora.policies import EvictionPolicy, make_policy
 from mux.model.cpu import serial_torch_here
 
 LOADING, READY = "loading", "ready"
-INLINE_LOAD_BYTES = 64 << 20  # host→device copies up to this size run on the engine thread (see _start_load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,11 +276,13 @@ class AdapterManager:
             self.host.policy.forget(key)
 
     def _start_load(self, entry: DeviceEntry) -> None:
-        """A host-tier hit is copied into its slot at once, on the engine thread: the copy (≈1-3 ms for a
-        SmolLM2 rank-8 adapter on CPU, queued in stream order on CUDA) costs far less than the step a request
-        would otherwise wait for the loader, and every request of a cold tail adapter pays that step while
-        holding its slot. Disk reads and large adapters go to the loader thread."""
-        if self._loader is None or (entry.ref.nbytes <= INLINE_LOAD_BYTES and entry.ref.key in self.host):
+        """A host-tier hit up to `inline_load_bytes` is copied into its slot at once, on the calling thread (the
+        engine's; an operator's pin): the copy (≈2 ms for a SmolLM2 rank-8 adapter on CPU, queued in stream
+        order on CUDA) costs far less than the step a request would otherwise wait for the loader, and every
+        request of a cold tail adapter pays that step while holding its slot (`python -m bench.adapter_scaling
+        --compare-inline`). Disk reads and larger adapters go to the loader thread."""
+        inline = entry.ref.nbytes <= self.config.inline_load_bytes and entry.ref.key in self.host
+        if self._loader is None or inline:
             self._load(entry, inline=True)
         else:
             self._jobs.put(entry)

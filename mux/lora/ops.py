@@ -150,6 +150,8 @@ def _runs_in_place(groups: dict[int, list[int]], runs: list[tuple[int, int, int]
 
 def _without(groups: dict[int, list[int]], runs: list[tuple[int, int, int]]) -> dict[int, list[int]]:
     """groups minus the rows of `runs`, slots left with no row dropped."""
+    if not runs:
+        return groups
     taken: dict[int, set[int]] = {}
     for slot, lo, hi in runs:
         taken.setdefault(slot, set()).update(range(lo, hi))

@@ -30,7 +30,7 @@ def reference_weights(lora_model, tiny_adapters):
     return {n: load_adapter(p, lora_model.shapes, 16) for n, p in tiny_adapters.items()}
 
 
-def make_manager(lora_model, host_bytes, policy="lru", async_loading=False, host_count=1024):
+def make_manager(lora_model, host_bytes, policy="lru", async_loading=False, host_count=1024, inline_bytes=64 << 20):
     cfg = LoRAConfig(
         max_loras=SLOTS,
         max_lora_rank=16,
@@ -38,6 +38,7 @@ def make_manager(lora_model, host_bytes, policy="lru", async_loading=False, host
         max_cpu_loras=host_count,
         eviction_policy=policy,
         async_loading=async_loading,
+        inline_load_bytes=inline_bytes,
     )
     return AdapterManager(lora_model, cfg)
 
@@ -170,6 +171,27 @@ def test_host_tier_hit_is_ready_when_acquired(lora_model, tiny_adapters, referen
         r = a.shape[0]
         assert torch.equal(lora_model.layers[module].lora_a[slot, :r], a)
         assert torch.equal(lora_model.layers[module].lora_b[slot, :r], b)
+
+
+@pytest.mark.parametrize("inline_bytes", [0, 1])  # never inline; this adapter is larger than the limit
+def test_host_tier_hit_over_the_inline_limit_goes_to_the_loader(lora_model, tiny_adapters, monkeypatch, inline_bytes):
+    m = make_manager(lora_model, host_bytes=1 << 30, async_loading=True, inline_bytes=inline_bytes)
+    ref = m.prepare(next(iter(tiny_adapters.values())))  # in the host tier
+    gate = threading.Event()
+    copy = m._copy_to_slot
+    monkeypatch.setattr(m, "_copy_to_slot", lambda slot, w, inline: gate.wait(10) and copy(slot, w, inline))
+    m.acquire(ref)
+    assert not m.is_ready(ref.key)  # the loader thread holds the copy
+    gate.set()
+    deadline = time.time() + 10
+    while not m.is_ready(ref.key) and time.time() < deadline:
+        m.wait_for_load(0.05)
+    assert m.is_ready(ref.key) and m.stats()["counters"]["hits"]["host"] == 1
+
+
+def test_negative_inline_limit_is_refused():
+    with pytest.raises(ValueError, match="inline_load_bytes must be >= 0"):
+        LoRAConfig(inline_load_bytes=-1)
 
 
 def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, tmp_path):
