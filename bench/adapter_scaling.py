@@ -277,9 +277,11 @@ def main() -> None:
     engine.stop()
     if args.compare_inline:
         pop = max(pops)
-        loader_only = Engine(replace(config, lora=replace(config.lora, inline_load_bytes=0)), torch_thread=engine.torch)
+        inline = Engine(
+            replace(config, lora=replace(config.lora, inline_load_bytes=64 << 20)), torch_thread=engine.torch
+        )
         results["inline_vs_loader"] = compare_inline(
-            {"inline": engine, "loader": loader_only}, texts, [paths[i] for i in traces["zipf"][pop]], args
+            {"inline": inline, "loader": engine}, texts, [paths[i] for i in traces["zipf"][pop]], args
         )
         results["inline_vs_loader"]["population"] = pop
     # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads

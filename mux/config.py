@@ -35,7 +35,9 @@ class LoRAConfig:
     max_cpu_adapter_bytes: int = 2 << 30  # host tier, byte bound
     eviction_policy: str = "lru"  # lru | lfu | cost (mux/lora/policies/)
     async_loading: bool = True  # disk→host→device copies on a loader thread while the engine steps
-    inline_load_bytes: int = 64 << 20  # a host-tier hit up to this size is copied at once by acquire (0: never)
+    # a host-tier hit up to this size is copied at once by acquire (0: never). Off by default until a hang of
+    # the server under tests/reliability/test_bad_input.py is understood (seen with it on and off).
+    inline_load_bytes: int = 0
 
     def __post_init__(self) -> None:
         _positive(

@@ -173,6 +173,10 @@ def test_host_tier_hit_is_ready_when_acquired(lora_model, tiny_adapters, referen
         assert torch.equal(lora_model.layers[module].lora_b[slot, :r], b)
 
 
+def test_inline_copies_are_off_by_default():
+    assert LoRAConfig().inline_load_bytes == 0  # see the note in mux/config.py
+
+
 @pytest.mark.parametrize("inline_bytes", [0, 1])  # never inline; this adapter is larger than the limit
 def test_host_tier_hit_over_the_inline_limit_goes_to_the_loader(lora_model, tiny_adapters, monkeypatch, inline_bytes):
     m = make_manager(lora_model, host_bytes=1 << 30, async_loading=True, inline_bytes=inline_bytes)
