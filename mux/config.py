@@ -36,7 +36,7 @@ class LoRAConfig:
     eviction_policy: str = "lru"  # lru | lfu | cost (mux/lora/policies/)
     async_loading: bool = True  # disk→host→device copies on a loader thread while the engine steps
     # a host-tier hit up to this size is copied at once by acquire (0: never). Off by default until a hang of
-    # the server under tests/reliability/test_bad_input.py is understood (seen with it on and off).
+    # the server under tests/reliability/test_bad_input.py is understood (reproduced with it on).
     inline_load_bytes: int = 0
 
     def __post_init__(self) -> None:
