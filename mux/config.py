@@ -35,9 +35,9 @@ class LoRAConfig:
     max_cpu_adapter_bytes: int = 2 << 30  # host tier, byte bound
     eviction_policy: str = "lru"  # lru | lfu | cost (mux/lora/policies/)
     async_loading: bool = True  # disk→host→device copies on a loader thread while the engine steps
-    # a host-tier hit up to this size is copied at once by acquire (0: never). Off by default until a hang of
-    # the server under tests/reliability/test_bad_input.py is understood (reproduced with it on).
-    inline_load_bytes: int = 0
+    # a host-tier hit up to this size is copied into its slot at once by acquire, not by the loader thread, so
+    # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
+    inline_load_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         _positive(

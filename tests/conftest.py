@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -131,9 +132,11 @@ def start_server(model_dir: Path, adapter_dir: Path, *extra: str, port: int | No
         "warning",
         *extra,
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    # The output goes to a file: a pipe nobody drains fills up after ~64 KiB of log lines, and then the server's
+    # event loop blocks in its next log write (a fuzz run that logged tracebacks hung that way).
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the server: run_server, the callers)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.log = log
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -144,8 +147,15 @@ def start_server(model_dir: Path, adapter_dir: Path, *extra: str, port: int | No
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"server did not become ready: {proc.communicate()[0]}") from None
+                proc.wait()
+                raise RuntimeError(f"server did not become ready: {server_output(proc)}") from None
             time.sleep(0.2)
+
+
+def server_output(proc: subprocess.Popen) -> str:
+    """What a server from `start_server` has printed so far."""
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 @contextlib.contextmanager
@@ -157,3 +167,4 @@ def run_server(model_dir: Path, adapter_dir: Path, *extra: str):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        proc.log.close()

@@ -24,15 +24,15 @@ from pathlib import Path
 from mux.errors import AdapterNotFound
 from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_key
 
-_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION = re.compile(r"^v(\d+)$")
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_VERSION = re.compile(r"v(\d+)")
 STAGING = ".staging"
 CURRENT = "current"
 META = "meta.json"
 
 
 def valid_part(part: str) -> bool:
-    return bool(_PART.match(part)) and ".." not in part
+    return bool(_PART.fullmatch(part)) and ".." not in part
 
 
 class AdapterRepository:
@@ -108,7 +108,7 @@ class AdapterRepository:
         with self._lock:
             adapter_dir = self.root / tenant / name
             adapter_dir.mkdir(parents=True, exist_ok=True)
-            versions = [int(m[1]) for d in adapter_dir.iterdir() if (m := _VERSION.match(d.name))]
+            versions = [int(m[1]) for d in adapter_dir.iterdir() if (m := _VERSION.fullmatch(d.name))]
             version = max(versions, default=0) + 1
             weights = staged / WEIGHTS_FILE
             meta = {
@@ -161,11 +161,11 @@ class AdapterRepository:
     @staticmethod
     def _recover_adapter(adapter_dir: Path) -> list[str]:
         current = adapter_dir / CURRENT
-        published = _VERSION.match(os.readlink(current)) if current.is_symlink() else None
+        published = _VERSION.fullmatch(os.readlink(current)) if current.is_symlink() else None
         newest = int(published[1]) if published else 0
         removed = []
         for entry in adapter_dir.iterdir():
-            m = _VERSION.match(entry.name)
+            m = _VERSION.fullmatch(entry.name)
             if (m and int(m[1]) > newest) or (entry.name.startswith(f".{CURRENT}-") and entry.is_symlink()):
                 if entry.is_symlink():
                     entry.unlink()

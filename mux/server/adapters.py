@@ -123,7 +123,7 @@ class AdapterRoutes:
             if adapter_id in self.state.repository.ids():
                 raise InvalidRequest(f"The lora adapter '{lora_name}' has already been loaded.")
             source = self._allowed(Path(lora_path))
-            if not (source / CONFIG_FILE).is_file():
+            if not _is_file(source / CONFIG_FILE):
                 raise AdapterNotFound(f"Loading lora {lora_name} failed: No adapter found for {lora_path}")
             staged = self.state.repository.staging_dir()
             for name in (CONFIG_FILE, WEIGHTS_FILE):  # a pickle-only adapter fails validation, never unpickled
@@ -158,6 +158,8 @@ class AdapterRoutes:
 
     def _allowed(self, path: Path) -> Path:
         """Server-side paths must resolve inside an allowed directory (symlinks and `..` included)."""
+        if "\0" in str(path):
+            raise InvalidRequest("lora_path must not contain NUL bytes")
         resolved = path.resolve()
         for root in self.state.allowed_lora_dirs:
             if resolved.is_relative_to(Path(root).resolve()):
@@ -242,3 +244,10 @@ def _too_large() -> JSONResponse:
         },
         status_code=413,
     )
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system is no adapter either
+        return False

@@ -18,9 +18,14 @@ schema = schemathesis.openapi.from_dict(openapi_document())
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_dir, tiny_adapters):
+def root(tmp_path_factory, tiny_adapters):
     root = tmp_path_factory.mktemp("fuzz-repo")
     shutil.copytree(tiny_adapters["r4-attn"], root / "fuzz-tenant" / "fuzz-adapter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root, tiny_dir):
     with run_server(tiny_dir, root, "--max-loras", "2") as base:
         yield base
 
@@ -55,6 +60,8 @@ BAD_REQUESTS = [  # (route, raw body, status, words the message must contain)
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "text"),
     ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "/etc"}', 403, "outside the allowed"),
+    ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "\\u0000"}', 400, "NUL"),  # found by the fuzzer
+    ("/v1/load_lora_adapter", b'{"lora_name": "x\\n", "lora_path": "/etc"}', 400, "adapter names"),
 ]
 
 
@@ -63,6 +70,13 @@ def test_bad_requests_name_the_problem(server, route, body, status, words):
     r = httpx.post(f"{server}{route}", content=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("tail", ["a" * 300, "/".join(["abcdefgh"] * 1000)])  # a name, a path too long to open
+def test_unopenable_paths_inside_the_adapter_dir_are_not_found(server, root, tail):
+    body = {"lora_name": "long", "lora_path": f"{root}/{tail}"}
+    r = httpx.post(f"{server}/v1/load_lora_adapter", json=body, timeout=60)
+    assert r.status_code == 404 and "No adapter found" in r.json()["error"]["message"], r.text
 
 
 def test_still_serving_after_all_of_it(server):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import start_server, write_policy
+from conftest import server_output, start_server, write_policy
 
 
 def test_keys_never_appear_in_the_server_output(tmp_path, tiny_dir):
@@ -23,6 +23,7 @@ def test_keys_never_appear_in_the_server_output(tmp_path, tiny_dir):
         assert httpx.get(f"{base}/admin/stats", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
     finally:
         proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+        output = server_output(proc)
     assert "SECRET" not in output
     assert "POST /v1/completions" in output  # the access log was on: the test looked at real log lines
