@@ -90,22 +90,40 @@ def pinned_batch_bound(population: int, dist: str, slots: int) -> int | None:
     return n
 
 
-def compare_inline(engines: dict, texts: list[str], paths: list[Path], args) -> dict:
-    """The same Zipf trace on an engine that copies host-tier hits into their slots inside acquire and on one
-    that leaves every copy to the loader thread, interleaved twice (one torch thread: one engine runs at a time)."""
-    runs: dict[str, list[dict]] = {label: [] for label in engines}
-    for _ in range(2):
-        for label, engine in engines.items():
-            engine.adapters.host.clear()
-            engine.start()
-            runs[label].append(asyncio.run(run_traffic(engine, texts, paths, args.new_tokens, args.concurrency)))
-            engine.stop()
-            r = runs[label][-1]
-            print(f"{label:7s} {r['tokens_per_s']:6.1f} tok/s TTFT p50 {r['ttft_p50_s']:.2f}s", flush=True)
-    return {
-        label: {k: [r[k] for r in rs] for k in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s")}
-        for label, rs in runs.items()
-    }
+LEVERS = {  # --compare: the lever's two settings, (label, changes to the engine config) each
+    "inline": (("inline", {"lora": {"inline_load_bytes": 64 << 20}}), ("loader", {"lora": {"inline_load_bytes": 0}})),
+    "order": (
+        ("prefill_first", {"scheduler": {"prefill_first_max_decodes": 16}}),
+        ("mixed", {"scheduler": {"prefill_first_max_decodes": 0}}),
+    ),
+}
+
+
+def with_changes(config: EngineConfig, changes: dict) -> EngineConfig:
+    return replace(config, **{part: replace(getattr(config, part), **kv) for part, kv in changes.items()})
+
+
+def compare(engines: dict, texts: list[str], traces: dict[int, list[Path]], args) -> dict:
+    """The same traces on two engines that differ in one lever, interleaved twice per population (one torch
+    thread: one engine runs at a time). {population: {label: {metric: [run 1, run 2]}}}."""
+    out = {}
+    for pop, paths in traces.items():
+        runs: dict[str, list[dict]] = {label: [] for label in engines}
+        for _ in range(2):
+            for label, engine in engines.items():
+                engine.adapters.host.clear()
+                engine.start()
+                runs[label].append(asyncio.run(run_traffic(engine, texts, paths, args.new_tokens, args.concurrency)))
+                engine.stop()
+                r = runs[label][-1]
+                print(
+                    f"{pop:5d} {label:14s} {r['tokens_per_s']:6.1f} tok/s TTFT p50 {r['ttft_p50_s']:.2f}s", flush=True
+                )
+        out[pop] = {
+            label: {k: [r[k] for r in rs] for k in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s")}
+            for label, rs in runs.items()
+        }
+    return out
 
 
 def simulate_hit_rates(ids: list[int], sizes: dict[int, int]) -> dict:
@@ -215,13 +233,14 @@ def main() -> None:
     ap.add_argument("--dists", default="zipf,uniform")
     ap.add_argument("--slots", type=int, default=SLOTS, help="device slots (a lever: on CPU a slot costs only RAM)")
     ap.add_argument(
-        "--compare-inline",
-        action="store_true",
-        help="also run the largest Zipf population with host-tier hits copied by acquire vs by the loader thread",
+        "--compare",
+        choices=sorted(LEVERS),
+        help="also run the Zipf traces on two engines side by side: host-tier hits copied by acquire vs by the "
+        "loader thread (inline), or prefill-first vs mixed steps (order)",
     )
     args = ap.parse_args()
-    if args.compare_inline and "zipf" not in args.dists.split(","):
-        ap.error("--compare-inline runs the Zipf trace: keep zipf in --dists")
+    if args.compare and "zipf" not in args.dists.split(","):
+        ap.error("--compare runs the Zipf traces: keep zipf in --dists")
     pops = (1, 8, 128) if args.quick else POPULATIONS
     if args.populations:
         pops = tuple(int(p) for p in args.populations.split(","))
@@ -275,15 +294,13 @@ def main() -> None:
             results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(ids, sizes)
     bar.close()
     engine.stop()
-    if args.compare_inline:
-        pop = max(pops)
-        inline = Engine(
-            replace(config, lora=replace(config.lora, inline_load_bytes=64 << 20)), torch_thread=engine.torch
-        )
-        results["inline_vs_loader"] = compare_inline(
-            {"inline": inline, "loader": engine}, texts, [paths[i] for i in traces["zipf"][pop]], args
-        )
-        results["inline_vs_loader"]["population"] = pop
+    if args.compare:
+        engines = {
+            label: Engine(with_changes(config, changes), torch_thread=engine.torch)
+            for label, changes in LEVERS[args.compare]
+        }
+        zipf_paths = {pop: [paths[i] for i in ids] for pop, ids in traces["zipf"].items()}
+        results["compare"] = {"lever": args.compare, "runs": compare(engines, texts, zipf_paths, args)}
     # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads
     results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]], slots)
     print("cold load (median):", json.dumps(results["cold_load"]), flush=True)
@@ -329,20 +346,19 @@ def main() -> None:
             lines.append(f"- {dist}, {pop} adapters: {cells}")
     if "zipf_1000_vs_8" in results:
         lines += ["", f"Throughput at 1000 Zipf adapters vs 8: {results['zipf_1000_vs_8']:.2f}×"]
-    if "inline_vs_loader" in results:
-        c = results["inline_vs_loader"]
+    if "compare" in results:
+        c = results["compare"]
         lines += [
             "",
-            f"Host-tier hits copied by acquire vs by the loader thread ({c['population']} Zipf adapters, two "
-            "interleaved runs each):",
+            f"Lever `{c['lever']}` side by side (Zipf traces, two interleaved runs each):",
             "",
-            "| copies | tok/s | TTFT p50 s | TTFT p99 s |",
-            "|---|---|---|---|",
+            "| adapters | setting | tok/s | TTFT p50 s | TTFT p99 s |",
+            "|---|---|---|---|---|",
             *(
-                f"| {label} | {', '.join(f'{v:.1f}' for v in c[label]['tokens_per_s'])} | "
-                f"{', '.join(f'{v:.2f}' for v in c[label]['ttft_p50_s'])} | "
-                f"{', '.join(f'{v:.2f}' for v in c[label]['ttft_p99_s'])} |"
-                for label in ("inline", "loader")
+                f"| {pop} | {label} | {', '.join(f'{v:.1f}' for v in r['tokens_per_s'])} | "
+                f"{', '.join(f'{v:.2f}' for v in r['ttft_p50_s'])} | {', '.join(f'{v:.2f}' for v in r['ttft_p99_s'])} |"
+                for pop, by_label in c["runs"].items()
+                for label, r in by_label.items()
             ),
         ]
     partial = args.populations or args.dists != "zipf,uniform" or slots != SLOTS

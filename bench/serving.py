@@ -5,6 +5,8 @@ C: 64 concurrent streaming completions × 64 tokens over 16 rank-8 adapters thro
 D: Poisson arrivals keeping about 1, 8 and 32 streams busy (each level's rate set from the single-stream speed
    and the measured HTTP throughput, at 90% load): time to first token and inter-token latency p50/p99, next to
    the time of one prefill forward of the same prompt alone. Target: TTFT p50 at 8 streams ≤ 2× that prefill.
+   Both scheduling orders side by side (policy `[scheduler] prefill_first_max_decodes`; 0 = mixed steps): one
+   server each, the same arrivals on each in turn; the target is judged on the default order.
 
     python -m bench.serving [--quick]
 """
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import itertools
 import random
+import re
 import sys
 import tempfile
 import time
@@ -23,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.common import machine, percentile, prompts, save, write_random_adapter
+from mux.config import SchedulerConfig
 from mux.model.loader import default_model_dir
 
 NEW_TOKENS = 64
@@ -102,6 +106,21 @@ async def poisson(base: str, models: list[str], texts: list[str], streams: int, 
     }
 
 
+DEFAULT_ORDER = "prefill_first" if SchedulerConfig().prefill_first_max_decodes else "mixed"
+
+
+def write_policies(directory: Path) -> dict[str, Path]:
+    """The default policy file, once per scheduling order: {"mixed": path, "prefill_first": path}."""
+    text = (Path(__file__).resolve().parent.parent / "policies" / "default.toml").read_text()
+    out = {}
+    limit = SchedulerConfig().prefill_first_max_decodes or 16
+    for order, value in (("mixed", 0), ("prefill_first", limit)):
+        path = directory / f"policy-{order}.toml"
+        path.write_text(re.sub(r"(?m)^prefill_first_max_decodes = \d+", f"prefill_first_max_decodes = {value}", text))
+        out[order] = path
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -124,36 +143,51 @@ def main() -> None:
         law) without outrunning the server: a level above capacity would measure the queue, not the server."""
         return 32 * max(itl_alone, streams / http) / 0.9
 
-    proc, base = start_server(model_dir, root, "--kv-cache-bytes", str(1 << 30))
+    # One server per scheduling order, both up at once; every load level runs on each in turn with the same
+    # arrival times, so the two orders are compared side by side.
+    servers = {
+        order: start_server(model_dir, root, "--kv-cache-bytes", str(1 << 30), "--policy", str(policy))
+        for order, policy in write_policies(root.parent).items()
+    }
     try:
-        asyncio.run(http_throughput(base, models[:16], texts[:16]))  # warm-up: adapters resident
-        http = max(asyncio.run(http_throughput(base, models, texts)) for _ in range(2))
-        itl_alone = asyncio.run(poisson(base, models, texts, 1, 4, 2.0))["itl_p50_s"]
+        http_by_order = {}
+        for order, (_, base) in servers.items():
+            asyncio.run(http_throughput(base, models[:16], texts[:16]))  # warm-up: adapters resident
+            http_by_order[order] = max(asyncio.run(http_throughput(base, models, texts)) for _ in range(2))
+        http = http_by_order[DEFAULT_ORDER]
+        itl_alone = asyncio.run(poisson(servers[DEFAULT_ORDER][1], models, texts, 1, 4, 2.0))["itl_p50_s"]
         levels = (1, 8) if args.quick else (1, 8, 32)  # requests per level: 6 per stream, at least 24 (p50 noise)
-        latency = [
-            asyncio.run(poisson(base, models, texts, s, 8 if args.quick else max(24, 6 * s), service_time(s)))
-            for s in tqdm(levels, desc="latency levels")
-        ]
+        latency = []
+        for s in tqdm(levels, desc="latency levels"):
+            for order, (_, base) in servers.items():
+                r = asyncio.run(poisson(base, models, texts, s, 8 if args.quick else max(24, 6 * s), service_time(s)))
+                latency.append({"order": order, **r})
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
 
     m = machine()
-    at8 = next((r for r in latency if r["streams"] == 8), None)
+    at8 = {r["order"]: r["ttft_p50_s"] / prefill_s for r in latency if r["streams"] == 8}
     data = {
         "machine": m,
+        "default_order": DEFAULT_ORDER,
         "http_tok_s": http,
+        "http_tok_s_by_order": http_by_order,
         "engine_direct_tok_s": direct,
         "http_vs_direct": http / direct,
         "prefill_alone_s": prefill_s,
         "latency": latency,
-        "ttft_p50_at_8_vs_prefill": at8["ttft_p50_s"] / prefill_s if at8 else None,
+        "ttft_p50_at_8_vs_prefill": at8.get(DEFAULT_ORDER),
+        "ttft_p50_at_8_vs_prefill_by_order": at8,
     }
     rows = [
-        f"| {r['streams']} | {r['requests']} | {r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} | "
-        f"{r['itl_p50_s'] * 1e3:.0f} / {r['itl_p99_s'] * 1e3:.0f} |"
+        f"| {r['streams']} | {r['order']} | {r['requests']} | {r['ttft_p50_s'] * 1e3:.0f} / "
+        f"{r['ttft_p99_s'] * 1e3:.0f} | {r['itl_p50_s'] * 1e3:.0f} / {r['itl_p99_s'] * 1e3:.0f} |"
         for r in latency
     ]
+    orders = ", ".join(f"{o} {v:.2f}×" for o, v in at8.items())
+    tputs = ", ".join(f"{o} {v:.0f} tok/s" for o, v in http_by_order.items())
     table = "\n".join(
         [
             "# Serving over HTTP (SmolLM2, 16 rank-8 adapters, loopback, real `openai` client)",
@@ -161,15 +195,16 @@ def main() -> None:
             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['device']}.",
             "",
             f"C: {n} concurrent streams × {NEW_TOKENS} tokens: HTTP {http:.0f} tok/s vs engine direct {direct:.0f} "
-            f"tok/s = **{http / direct:.2f}×** (target ≥ 0.9×).",
+            f"tok/s = **{http / direct:.2f}×** (target ≥ 0.9×; scheduling order {DEFAULT_ORDER}; by order: {tputs}).",
             "",
             f"D: one prefill alone (first token of a lone request, in process): {prefill_s * 1e3:.0f} ms. "
-            f"TTFT p50 at 8 streams = **{data['ttft_p50_at_8_vs_prefill']:.2f}×** that (target ≤ 2×)."
+            f"TTFT p50 at 8 streams = **{at8[DEFAULT_ORDER]:.2f}×** that with the default order {DEFAULT_ORDER} "
+            f"(target ≤ 2×); by order: {orders}."
             if at8
             else "",
             "",
-            "| streams (Poisson) | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |",
-            "|---|---|---|---|",
+            "| streams (Poisson) | order | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |",
+            "|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -186,10 +221,12 @@ def plot_latency(latency: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    streams = [r["streams"] for r in latency]
+    streams = sorted({r["streams"] for r in latency})
     for ax, kind, title in [(axes[0], "ttft", "time to first token"), (axes[1], "itl", "inter-token latency")]:
-        for q, style in (("p50", "o-"), ("p99", "x--")):
-            ax.plot(streams, [r[f"{kind}_{q}_s"] * 1e3 for r in latency], style, label=q)
+        for order, color in (("mixed", "tab:blue"), ("prefill_first", "tab:orange")):
+            rows = [r for r in latency if r["order"] == order]
+            for q, style in (("p50", "o-"), ("p99", "x--")):
+                ax.plot(streams, [r[f"{kind}_{q}_s"] * 1e3 for r in rows], style, color=color, label=f"{order} {q}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(streams, [str(s) for s in streams])
         ax.set_xlabel("concurrent streams (Poisson arrivals)")

@@ -66,6 +66,9 @@ class SchedulerConfig:
     max_waiting: int = 4096  # admission queue bound
     starvation_steps: int = 64  # after this many skipped steps the queue head blocks new adapters
     request_timeout_s: float = 600.0  # a generation still unfinished this long after submit ends with an error
+    # while at most this many sequences decode, new prompts' prefills get a step of their own (0: every step mixes
+    # prefills and decodes; bench.serving measures both orders)
+    prefill_first_max_decodes: int = 16
 
     def __post_init__(self) -> None:
         _positive(
@@ -74,6 +77,8 @@ class SchedulerConfig:
             max_waiting=self.max_waiting,
             starvation_steps=self.starvation_steps,
         )
+        if self.prefill_first_max_decodes < 0:
+            raise ValueError(f"prefill_first_max_decodes must be >= 0, got {self.prefill_first_max_decodes}")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 

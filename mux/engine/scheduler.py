@@ -7,6 +7,12 @@ holds a pinned LoRA slot, so one step never carries more distinct adapters than 
 sequence reserves (pins) its slot when it gets one; the manager loads the adapter meanwhile and the sequence
 is admitted once it is ready, while sequences whose adapters are resident go ahead. Across tenants admission
 is fair: the tenant with the fewest running sequences goes next.
+
+Prefill first (TGI's and vLLM v0's order) while few sequences decode: a step that can admit waiting sequences
+runs only prefills, so a new request's first token costs one prefill forward instead of a prefill plus every
+running decode. The decodes run in the next step whatever arrives meanwhile (they skip at most one step in
+two), and past `prefill_first_max_decodes` decoding sequences every step mixes prefills and decodes, where
+skipping them would cost more inter-token latency than it saves in time to first token (bench.serving).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._decodes_skipped = False  # the last step was prefill-only: this one carries the decodes
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,6 +67,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        decoding = sum(s.num_pending == 1 for s in self.running) if self.waiting else 0
+        tried = bool(self.waiting) and not self._decodes_skipped and decoding <= self.config.prefill_first_max_decodes
+        if tried:
+            out = self._schedule(decodes=False, count_waits=True)
+            if out.scheduled:
+                self._decodes_skipped = decoding > 0
+                return out
+        self._decodes_skipped = False
+        return self._schedule(decodes=True, count_waits=not tried)
+
+    def _schedule(self, decodes: bool, count_waits: bool) -> SchedulerOutput:
+        """decodes=False: a prefill-only step (prefill chunks and admissions; it never preempts). count_waits:
+        this pass counts the step for slotless waiting sequences (once per step, whichever pass runs)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
 
@@ -69,6 +89,10 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            if not decodes and seq.num_pending == 1:
+                continue
+            if not decodes and not self.blocks.can_allocate(seq, min(seq.num_pending, budget)):
+                return SchedulerOutput()  # the cache is full: a normal step preempts
             n = min(seq.num_pending, budget)
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]
@@ -94,7 +118,7 @@ class Scheduler:
                 if seq.slot < 0:
                     # Every slot is pinned: skip to requests whose adapter is resident, unless this one has
                     # waited too long, in which case admission stops until running sequences free a slot.
-                    seq.waited_steps += 1
+                    seq.waited_steps += count_waits
                     if seq.waited_steps > self.config.starvation_steps:
                         break
                     continue

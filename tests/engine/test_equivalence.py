@@ -83,8 +83,10 @@ def test_batch_invariance_alone_batched_and_mid_flight(tiny_dir, tiny_adapters):
     assert all(s.result().finish_reason == "length" for s in running)
 
 
-def test_chunked_prefill_and_prefix_attention_match(tiny_dir, tiny_adapters):
-    """A prompt longer than the step token budget is prefilled in chunks that attend to cached KV."""
+@pytest.mark.parametrize("prefill_first_max_decodes", [16, 0])
+def test_chunked_prefill_and_prefix_attention_match(tiny_dir, tiny_adapters, prefill_first_max_decodes):
+    """A prompt longer than the step token budget is prefilled in chunks that attend to cached KV; prompts and
+    decodes share steps (0) or prefills run in steps of their own (16)."""
     from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
     from mux.engine.engine import Engine
 
@@ -93,7 +95,7 @@ def test_chunked_prefill_and_prefix_attention_match(tiny_dir, tiny_adapters):
             model=ModelConfig(model=str(tiny_dir)),
             lora=LoRAConfig(max_loras=2),
             cache=CacheConfig(block_size=4, kv_cache_bytes=8 << 20),
-            scheduler=SchedulerConfig(max_num_batched_tokens=7),
+            scheduler=SchedulerConfig(max_num_batched_tokens=7, prefill_first_max_decodes=prefill_first_max_decodes),
         )
     )
     seen = record_logits(engine)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from mux.config import SchedulerConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.scheduler import Scheduler
@@ -52,7 +54,7 @@ class FakeAdapters:
         return sum(1 for n in self.refs.values() if n)
 
 
-def make(num_blocks=64, block_size=4, slots=2, **cfg):
+def make(num_blocks=64, block_size=4, slots=2, **cfg):  # prefill first below 16 decodes by default
     blocks = BlockManager(num_blocks, block_size)
     table = FakeAdapters(slots)
     return Scheduler(SchedulerConfig(**cfg), blocks, table), blocks, table
@@ -75,7 +77,7 @@ def run_step(sched):
 
 
 def test_prefill_then_decodes_join_and_leave():
-    sched, blocks, _ = make()
+    sched, blocks, _ = make(prefill_first_max_decodes=0)  # mixed steps
     a = seq()
     sched.add(a)
     out = run_step(sched)
@@ -97,6 +99,59 @@ def test_chunked_prefill_within_token_budget():
     sched.add(a)
     chunks = [(s.num_tokens, s.sample) for _ in range(3) for s in run_step(sched).scheduled]
     assert chunks == [(4, False), (4, False), (2, True)]
+
+
+def test_prefill_first_gives_new_prompts_a_step_of_their_own():
+    sched, _, _ = make()
+    a = seq(max_tokens=100)
+    sched.add(a)
+    run_step(sched)
+    b = seq(3)
+    sched.add(b)
+    out = run_step(sched)  # b prefills alone: its first token does not wait for a's decode
+    assert [(s.seq, s.num_tokens, s.sample) for s in out.scheduled] == [(b, 3, True)]
+    out = run_step(sched)
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (b, 1)]
+
+
+def test_many_decodes_or_a_zero_limit_mix_prefills_into_the_decode_step():
+    for running, limit in ((3, 2), (1, 0)):
+        sched, _, _ = make(num_blocks=256, prefill_first_max_decodes=limit)
+        old = [seq(max_tokens=100) for _ in range(running)]
+        for s in old:
+            sched.add(s)
+        run_step(sched)
+        new = seq(3)
+        sched.add(new)
+        assert {s.seq for s in run_step(sched).scheduled} == {*old, new}
+
+
+def test_prefill_first_never_skips_decodes_two_steps_running():
+    sched, _, _ = make(num_blocks=256)
+    a = seq(max_tokens=100)
+    sched.add(a)
+    run_step(sched)
+    decoded = []
+    for _ in range(6):  # a new prompt arrives before every step
+        sched.add(seq(3, max_tokens=100))
+        decoded.append(a in [s.seq for s in run_step(sched).scheduled])
+    assert decoded == [False, True] * 3
+
+
+def test_prefill_first_continues_chunked_prefills_and_falls_back_when_the_cache_is_full():
+    sched, blocks, _ = make(num_blocks=4, block_size=4, max_num_batched_tokens=4)
+    a, b = seq(6, max_tokens=100), seq(6, max_tokens=100)
+    sched.add(a)
+    run_step(sched)  # a's first chunk
+    sched.add(b)
+    out = run_step(sched)  # prefill-only: a's last chunk (2 tokens) and b's first (2 tokens)
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 2), (b, 2)]
+    out = run_step(sched)  # a decodes, b's next chunk fills the cache
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (b, 3)] and blocks.num_free == 0
+    c = seq(3)
+    sched.add(c)
+    out = run_step(sched)  # no room for c's prefill: a normal step instead of an empty one
+    assert [s.seq for s in out.scheduled] == [a, b] and c.status is Status.WAITING
 
 
 def test_blocks_grow_with_tokens_not_max_length():
@@ -137,8 +192,9 @@ def test_distinct_adapters_never_exceed_slots_and_resident_ones_skip_ahead():
     assert seqs[2] in [s.seq for s in out.scheduled] and table.slot_of["z"] == 1
 
 
-def test_starved_request_blocks_admission_until_a_slot_frees():
-    sched, _, _ = make(slots=1, starvation_steps=2)
+@pytest.mark.parametrize("max_decodes", [0, 16])  # mixed steps; prefill-first steps
+def test_starved_request_blocks_admission_until_a_slot_frees(max_decodes):
+    sched, _, _ = make(slots=1, starvation_steps=2, prefill_first_max_decodes=max_decodes)
     hot = [seq(adapter="hot", max_tokens=100) for _ in range(2)]
     cold = seq(adapter="cold")
     sched.add(hot[0])
@@ -218,3 +274,8 @@ def test_one_tenant_keeps_plain_fifo():
     for seq in seqs:
         sched.add(seq)
     assert [s.seq for s in sched.schedule().scheduled] == seqs[:3]
+
+
+def test_negative_prefill_first_limit_is_refused():
+    with pytest.raises(ValueError, match="prefill_first_max_decodes must be >= 0"):
+        SchedulerConfig(prefill_first_max_decodes=-1)
