@@ -24,7 +24,7 @@ from mux.engine.kv_cache import KVCache
 from mux.engine.runner import ModelRunner
 from mux.engine.sampler import Sampler
 from mux.engine.scheduler import Scheduler, SchedulerOutput
-from mux.engine.sequence import SamplingParams, Sequence
+from mux.engine.sequence import SamplingParams, Sequence, Status
 from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.engine.torch_thread import TorchThread
 from mux.errors import InvalidRequest, Overloaded
@@ -166,12 +166,13 @@ class Engine:
                 return self.adapters.wait_for_load(0.01) or bool(out.preempted)
             try:
                 logits = self.runner.run(out.scheduled)
-            except Exception as e:  # a failed step fails its sequences, never the engine
+                self._postprocess(out, logits)
+            except Exception as e:  # a failed step (forward or sampling) fails its sequences, never the engine
                 log.exception("engine step failed")
                 for s in out.scheduled:
-                    self._finish(s.seq, "error", error=f"engine step failed: {e}")
+                    if s.seq.status is not Status.FINISHED:
+                        self._finish(s.seq, "error", error=f"engine step failed: {e}")
                 return True
-            self._postprocess(out, logits)
             self.num_steps += 1
             self._rate.append((time.monotonic(), len(logits)))
             self.num_generated += len(logits)
@@ -197,11 +198,25 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception:  # a fault outside the forward: a loop that ended here would hang every request
+                log.exception("engine loop failed; failing the live requests")
+                self._fail_live("engine error; the request was dropped")
+                busy = True
+            if not busy:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled", error="engine stopped")
+
+    def _fail_live(self, error: str) -> None:
+        for seq in list(self._seqs.values()):
+            try:
+                self._finish(seq, "error", error=error)
+            except Exception:
+                log.exception("could not free %s", seq.request_id)
+                self._seqs.pop(seq.request_id, None)
 
     def _pump(self) -> bool:
         """Without a started loop, a reader drives the steps (still on the torch thread)."""

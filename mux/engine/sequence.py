@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 
 from mux.errors import InvalidRequest
 
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's rule): logits / 1e-300 overflow to inf
+SEED_RANGE = (-(1 << 63), 1 << 63)  # torch's int64 (vLLM's bound); a generator refuses seeds past 2**64
+
 if TYPE_CHECKING:
     from mux.engine.detokenizer import Detokenizer
     from mux.engine.stream import RequestStream
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below SAMPLING_EPS) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -42,12 +45,14 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be ≥ 0, got {self.top_k}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise InvalidRequest(f"seed must be in [-2**63, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 class Status(enum.Enum):

@@ -346,7 +346,7 @@ def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    return replace(params, seed=seed)
+    return replace(params, seed=(seed + (1 << 63)) % (1 << 64) - (1 << 63))  # seed + i wraps within int64
 
 
 def _event(obj: dict) -> str:

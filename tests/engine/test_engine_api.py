@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_engine
 from mux.engine.sequence import SamplingParams
-from mux.errors import InvalidRequest, Overloaded
+from mux.errors import InvalidRequest, MuxError, Overloaded
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -53,6 +53,49 @@ def test_top_k_one_equals_greedy(engine):
         ["Once upon a time"], SamplingParams(max_tokens=10, temperature=0.8, top_k=1, ignore_eos=True)
     )[0]
     assert greedy.token_ids == topk1.token_ids
+
+
+def test_vanishing_temperature_is_greedy(engine):
+    """logits / 1e-300 overflow to inf and softmax to NaN: below SAMPLING_EPS the row is greedy (vLLM's rule)."""
+    greedy = engine.generate(["Once upon a time"], GREEDY)[0]
+    for t in (1e-300, 5e-324, 1e-6):
+        tiny = SamplingParams(max_tokens=10, temperature=t, seed=3, ignore_eos=True)
+        assert engine.generate(["Once upon a time"], tiny)[0].token_ids == greedy.token_ids
+
+
+def test_seeds_at_the_ends_of_the_range_sample(engine):
+    """Any int seed reaches the generator (mod 2**64), also one past the range that SamplingParams checks."""
+    for seed in (-(1 << 63), (1 << 63) - 1, (1 << 63) + 5):
+        params = SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True)
+        object.__setattr__(params, "seed", seed)  # past the validated range, as seed + i can be
+        assert len(engine.generate(["Once upon a time"], params)[0].token_ids) == 3
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_serves_on(tiny_dir):
+    """A fault while sampling, or anywhere in the loop outside the forward, must not end the serving loop:
+    a loop that died silently left every later request hanging (found by the schemathesis fuzz test)."""
+    engine = make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
+    engine.start()
+    try:
+        for owner, name in ((engine.sampler, "sample"), (engine.scheduler, "schedule")):
+            real = getattr(owner, name)
+            fault = [1]
+
+            def wrapped(*args, real=real, fault=fault):
+                if fault[0] and engine.scheduler.has_work():  # an idle loop's call would use the fault up
+                    fault[0] = 0
+                    raise RuntimeError("injected fault")
+                return real(*args)
+
+            setattr(owner, name, wrapped)
+            stream = engine.submit("Hello", GREEDY)
+            with pytest.raises(MuxError, match=r"injected fault|engine error"):
+                stream.result()
+            assert stream.finish_reason == "error" and not fault[0]
+            assert len(engine.submit("Hello", GREEDY).result().token_ids) == 10
+            assert idle(engine)
+    finally:
+        engine.stop()
 
 
 def test_stop_string_truncates_and_is_not_emitted(engine):
@@ -145,6 +188,8 @@ def test_bad_requests_are_refused_before_queueing(engine, prompt, params, match)
         dict(temperature=float("nan")),
         dict(top_k=-2),
         dict(stop=("",)),
+        dict(seed=1 << 63),
+        dict(seed=-(1 << 63) - 1),
     ],
 )
 def test_bad_sampling_values(kwargs):

@@ -51,6 +51,7 @@ BAD_REQUESTS = [  # (route, raw body, status, words the message must contain)
     ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ("/v1/completions", b'{"prompt": "hi", "top_p": -1}', 400, "top_p"),
     ("/v1/completions", b'{"prompt": "hi", "n": 1000}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "hi", "seed": 18446744073709551616}', 400, "seed"),  # found by the fuzzer
     ("/v1/completions", b'{"prompt": "hi", "stop": [""]}', 400, "stop"),
     ("/v1/completions", b'{"prompt": "hi", "model": 5}', 400, "model"),
     ("/v1/completions", b'{"prompt": "hi", "model": "nobody/nothing"}', 404, "does not exist"),
@@ -77,6 +78,15 @@ def test_unopenable_paths_inside_the_adapter_dir_are_not_found(server, root, tai
     body = {"lora_name": "long", "lora_path": f"{root}/{tail}"}
     r = httpx.post(f"{server}/v1/load_lora_adapter", json=body, timeout=60)
     assert r.status_code == 404 and "No adapter found" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize(  # each of these once ended the engine loop, and every later request hung (the fuzzer)
+    "extra",
+    [{"temperature": 5e-324}, {"temperature": 1e-300, "n": 2}, {"seed": -(1 << 63)}, {"seed": (1 << 63) - 1, "n": 3}],
+)
+def test_extreme_sampling_values_are_served(server, extra):
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra}, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_still_serving_after_all_of_it(server):
