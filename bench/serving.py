@@ -2,9 +2,10 @@
 
 C: 64 concurrent streaming completions × 64 tokens over 16 rank-8 adapters through the real `openai` client
    against a loopback `mux serve`, vs the same traffic submitted to an in-process engine. Target ≥ 0.9×.
-D: Poisson arrivals keeping about 1, 8 and 32 streams busy (each level's rate set from the single-stream speed
-   and the measured HTTP throughput, at 90% load): time to first token and inter-token latency p50/p99, next to
-   the time of one prefill forward of the same prompt alone. Target: TTFT p50 at 8 streams ≤ 2× that prefill.
+D: Poisson arrivals keeping about 1, 8 and 32 streams busy (each level's rate: 0.9 × the requests per second that
+   as many closed-loop clients complete; the streams in flight are measured and reported): time to first token
+   and inter-token latency p50/p99, next to the time of one prefill forward of the same prompt alone. Target:
+   TTFT p50 at 8 streams ≤ 2× that prefill.
    Both scheduling orders side by side (policy `[scheduler] prefill_first_max_decodes`; 0 = mixed steps): one
    server each, the same arrivals on each in turn; the target is judged on the default order.
 
@@ -57,15 +58,21 @@ async def http_throughput(base: str, models: list[str], texts: list[str]) -> flo
     return sum(n for _, _, n in results) / elapsed
 
 
-def engine_throughput(model_dir: Path, paths: list[Path], texts: list[str]) -> tuple[float, float]:
-    """(tok/s of the same traffic on an in-process engine, seconds of one prefill of texts[0] alone)."""
+def in_process_engine(paths: list[Path], texts: list[str]):
     from mux.config import CacheConfig, EngineConfig
     from mux.engine.engine import Engine
     from mux.engine.sequence import SamplingParams
 
     engine = Engine(EngineConfig(cache=CacheConfig(kv_cache_bytes=1 << 30)))
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     engine.generate(texts[: len(paths)], SamplingParams(max_tokens=2, temperature=0), paths)  # adapters resident
+    return engine
+
+
+def engine_throughput(engine, paths: list[Path], texts: list[str]) -> float:
+    """tok/s of the same traffic as C on the in-process engine."""
+    from mux.engine.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     engine.start()
     best = 0.0
     for _ in range(2):
@@ -73,32 +80,72 @@ def engine_throughput(model_dir: Path, paths: list[Path], texts: list[str]) -> t
         streams = [engine.submit(p, params, paths[i % len(paths)]) for i, p in enumerate(texts)]
         tokens = sum(len(s.result().token_ids) for s in streams)
         best = max(best, tokens / (time.perf_counter() - t))
-    prefill = []
-    for _ in range(5):  # one request alone: its first token is exactly one prefill forward (+ sampling)
-        t = time.perf_counter()
-        next(iter(engine.submit(texts[0], SamplingParams(max_tokens=1, temperature=0), paths[0])))
-        prefill.append(time.perf_counter() - t)
     engine.stop()
-    return best, min(prefill)
+    return best
 
 
-async def poisson(base: str, models: list[str], texts: list[str], streams: int, n: int, service_s: float) -> dict:
-    """About `streams` concurrent streams: arrivals every service_s/streams on average (exponential gaps)."""
+def prefill_alone(engine, path: Path, text: str) -> float:
+    """Seconds of one request alone in process, to its first token: one prefill forward (+ sampling); best of 5."""
+    from mux.engine.sequence import SamplingParams
+
+    engine.start()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        next(iter(engine.submit(text, SamplingParams(max_tokens=1, temperature=0), path)))
+        times.append(time.perf_counter() - t)
+    engine.stop()
+    return min(times)
+
+
+async def closed_loop(base: str, models: list[str], texts: list[str], streams: int, per_stream: int) -> float:
+    """Requests per second with exactly `streams` clients, each sending its next request when the last ends:
+    streams / mean response time (Little's law; total/elapsed would count the tail, when fewer are in flight)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+    times: list[float] = []
+
+    async def one_client(c: int) -> None:
+        for k in range(per_stream):
+            i = c * per_stream + k
+            t = time.perf_counter()
+            await stream_one(client, models[i % len(models)], texts[i % len(texts)], 32)
+            times.append(time.perf_counter() - t)
+
+    await asyncio.gather(*(one_client(c) for c in range(streams)))
+    await client.close()
+    return streams / (sum(times) / len(times))
+
+
+async def poisson(base: str, models: list[str], texts: list[str], streams: int, n: int, rate: float) -> dict:
+    """Poisson arrivals at `rate` requests/s; reports latency and the streams actually in flight on average
+    (the requests' total time over the span from the first arrival to the last answer: Little's law)."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
     rnd = random.Random(streams)
+
+    async def timed(i: int) -> tuple[float, float, tuple]:
+        t = time.perf_counter()
+        r = await stream_one(client, models[i % len(models)], texts[i % len(texts)], 32)
+        return t, time.perf_counter(), r
+
     tasks = []
     for i in range(n):
-        tasks.append(asyncio.create_task(stream_one(client, models[i % len(models)], texts[i % len(texts)], 32)))
-        await asyncio.sleep(rnd.expovariate(streams / service_s))
-    results = await asyncio.gather(*tasks)
+        tasks.append(asyncio.create_task(timed(i)))
+        await asyncio.sleep(rnd.expovariate(rate))
+    done = await asyncio.gather(*tasks)
     await client.close()
+    results = [r for _, _, r in done]
+    span = max(e for _, e, _ in done) - min(s for s, _, _ in done)
     ttft = [r[0] for r in results]
     gaps = [g for r in results for g in r[1]]
     return {
         "streams": streams,
         "requests": n,
+        "rate_per_s": rate,
+        "mean_in_flight": sum(e - s for s, e, _ in done) / span,
         "ttft_p50_s": percentile(ttft, 0.5),
         "ttft_p99_s": percentile(ttft, 0.99),
         "itl_p50_s": percentile(gaps, 0.5),
@@ -135,13 +182,11 @@ def main() -> None:
     texts = prompts(n)
     models = [f"bench/a{i % 16}" for i in range(n)]
 
-    direct, prefill_s = engine_throughput(model_dir, paths, texts)
-
-    def service_time(streams: int) -> float:
-        """Time of one 32-token stream when `streams` share the server (alone: 32 inter-token gaps; loaded: its
-        share of the measured HTTP throughput), over 0.9 so arrivals keep about 0.9 × `streams` busy (Little's
-        law) without outrunning the server: a level above capacity would measure the queue, not the server."""
-        return 32 * max(itl_alone, streams / http) / 0.9
+    engine = in_process_engine(paths, texts)
+    direct = engine_throughput(engine, paths, texts)
+    # measured before and after the HTTP runs, the faster one kept: a slow moment of this shared machine must
+    # not inflate the denominator of D
+    prefills = [prefill_alone(engine, paths[0], texts[0])]
 
     # One server per scheduling order, both up at once; every load level runs on each in turn with the same
     # arrival times, so the two orders are compared side by side.
@@ -155,17 +200,22 @@ def main() -> None:
             asyncio.run(http_throughput(base, models[:16], texts[:16]))  # warm-up: adapters resident
             http_by_order[order] = max(asyncio.run(http_throughput(base, models, texts)) for _ in range(2))
         http = http_by_order[DEFAULT_ORDER]
-        itl_alone = asyncio.run(poisson(servers[DEFAULT_ORDER][1], models, texts, 1, 4, 2.0))["itl_p50_s"]
         levels = (1, 8) if args.quick else (1, 8, 32)  # requests per level: 6 per stream, at least 24 (p50 noise)
         latency = []
         for s in tqdm(levels, desc="latency levels"):
+            # The arrival rate: 0.9 × what `s` closed-loop clients complete per second on the default order, so
+            # about 0.9 × s streams are in flight (Little's law) without outrunning the server. (Estimating it
+            # from one stream's speed overloaded the 8-stream level: 14-23 streams were in flight.)
+            rate = 0.9 * asyncio.run(closed_loop(servers[DEFAULT_ORDER][1], models, texts, s, 2 if args.quick else 3))
             for order, (_, base) in servers.items():
-                r = asyncio.run(poisson(base, models, texts, s, 8 if args.quick else max(24, 6 * s), service_time(s)))
+                r = asyncio.run(poisson(base, models, texts, s, 8 if args.quick else max(24, 6 * s), rate))
                 latency.append({"order": order, **r})
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
+    prefills.append(prefill_alone(engine, paths[0], texts[0]))
+    prefill_s = min(prefills)
 
     m = machine()
     at8 = {r["order"]: r["ttft_p50_s"] / prefill_s for r in latency if r["streams"] == 8}
@@ -177,12 +227,14 @@ def main() -> None:
         "engine_direct_tok_s": direct,
         "http_vs_direct": http / direct,
         "prefill_alone_s": prefill_s,
+        "prefill_alone_s_before_after": prefills,
         "latency": latency,
         "ttft_p50_at_8_vs_prefill": at8.get(DEFAULT_ORDER),
         "ttft_p50_at_8_vs_prefill_by_order": at8,
     }
     rows = [
-        f"| {r['streams']} | {r['order']} | {r['requests']} | {r['ttft_p50_s'] * 1e3:.0f} / "
+        f"| {r['streams']} | {r['order']} | {r['requests']} | {r['rate_per_s']:.2f} | {r['mean_in_flight']:.1f} "
+        f"| {r['ttft_p50_s'] * 1e3:.0f} / "
         f"{r['ttft_p99_s'] * 1e3:.0f} | {r['itl_p50_s'] * 1e3:.0f} / {r['itl_p99_s'] * 1e3:.0f} |"
         for r in latency
     ]
@@ -197,14 +249,16 @@ def main() -> None:
             f"C: {n} concurrent streams × {NEW_TOKENS} tokens: HTTP {http:.0f} tok/s vs engine direct {direct:.0f} "
             f"tok/s = **{http / direct:.2f}×** (target ≥ 0.9×; scheduling order {DEFAULT_ORDER}; by order: {tputs}).",
             "",
-            f"D: one prefill alone (first token of a lone request, in process): {prefill_s * 1e3:.0f} ms. "
+            f"D: one prefill alone (first token of a lone request, in process; best before and after the HTTP runs: "
+            f"{prefills[0] * 1e3:.0f} and {prefills[1] * 1e3:.0f} ms): {prefill_s * 1e3:.0f} ms. "
             f"TTFT p50 at 8 streams = **{at8[DEFAULT_ORDER]:.2f}×** that with the default order {DEFAULT_ORDER} "
             f"(target ≤ 2×); by order: {orders}."
             if at8
             else "",
             "",
-            "| streams (Poisson) | order | requests | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) |",
-            "|---|---|---|---|---|",
+            "| streams (Poisson) | order | requests | rate (req/s) | in flight (mean) | TTFT p50 / p99 (ms) "
+            "| inter-token p50 / p99 (ms) |",
+            "|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
