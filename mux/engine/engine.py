@@ -71,6 +71,7 @@ class Engine:
         self._next_expiry_check = 0.0
         self.num_generated = 0
         self.finished: Counter[str] = Counter()  # finish reason -> sequences (cancelled = client went away, ...)
+        self.faults: Counter[str] = Counter()  # "step" (a failed forward or sampling) | "loop" (anywhere else)
         self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
 
     # ---- public API -------------------------------------------------------------------------
@@ -148,6 +149,7 @@ class Engine:
             "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
             "kv_blocks": {"total": self.blocks.num_blocks, "free": self.blocks.num_free},
             "finished": dict(self.finished),
+            "faults": {"step": self.faults["step"], "loop": self.faults["loop"]},
         }
 
     @property
@@ -169,6 +171,7 @@ class Engine:
                 self._postprocess(out, logits)
             except Exception as e:  # a failed step (forward or sampling) fails its sequences, never the engine
                 log.exception("engine step failed")
+                self.faults["step"] += 1
                 for s in out.scheduled:
                     if s.seq.status is not Status.FINISHED:
                         self._finish(s.seq, "error", error=f"engine step failed: {e}")
@@ -202,6 +205,7 @@ class Engine:
                 busy = self.step()
             except Exception:  # a fault outside the forward: a loop that ended here would hang every request
                 log.exception("engine loop failed; failing the live requests")
+                self.faults["loop"] += 1
                 self._fail_live("engine error; the request was dropped")
                 busy = True
             if not busy:

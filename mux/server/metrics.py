@@ -75,6 +75,7 @@ class _EngineCollector:
         yield _gauge("mux_waiting_requests", "Admission queue depth", e["waiting"])
         yield _gauge("mux_kv_blocks_free", "Free KV cache blocks", e["kv_blocks"]["free"])
         yield _gauge("mux_kv_blocks_total", "KV cache blocks", e["kv_blocks"]["total"])
+        yield _counter("mux_engine_faults", "Engine faults survived, by where (step, loop)", "where", e["faults"])
         dev, host = a["tiers"]["device"], a["tiers"]["host"]
         yield _gauge("mux_device_slots_used", "Device LoRA slots holding an adapter", dev["used"])
         yield _gauge("mux_device_slots_pinned", "Device LoRA slots pinned by requests or operators", dev["pinned"])

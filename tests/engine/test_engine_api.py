@@ -92,6 +92,7 @@ def test_a_failing_step_fails_its_requests_and_the_loop_serves_on(tiny_dir):
             with pytest.raises(MuxError, match=r"injected fault|engine error"):
                 stream.result()
             assert stream.finish_reason == "error" and not fault[0]
+            assert engine.stats()["faults"][{"sample": "step", "schedule": "loop"}[name]] == 1
             assert len(engine.submit("Hello", GREEDY).result().token_ids) == 10
             assert idle(engine)
     finally:

@@ -128,4 +128,5 @@ def test_metrics_prometheus_format(server):
     assert "mux_device_slots_capacity 2.0" in text and "mux_waiting_requests" in text
     assert 'mux_adapter_evictions_total{path="device_to_host"}' in text
     assert 'mux_adapter_loads_total{path="host_to_device"}' in text
+    assert 'mux_engine_faults_total{where="step"} 0.0' in text and 'mux_engine_faults_total{where="loop"}' in text
     assert call(server, "/metrics", KEYS["acme"])[0] == 403
