@@ -47,10 +47,14 @@ async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[
     return (times[0] - t0 if times else float("nan")), gaps, len(times)
 
 
-async def http_throughput(base: str, models: list[str], texts: list[str]) -> float:
+def openai_client(base: str):
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+    return AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+async def http_throughput(base: str, models: list[str], texts: list[str]) -> float:
+    client = openai_client(base)
     t = time.perf_counter()
     results = await asyncio.gather(*(stream_one(client, m, p, NEW_TOKENS) for m, p in zip(models, texts, strict=True)))
     elapsed = time.perf_counter() - t
@@ -101,9 +105,7 @@ def prefill_alone(engine, path: Path, text: str) -> float:
 async def closed_loop(base: str, models: list[str], texts: list[str], streams: int, per_stream: int) -> float:
     """Requests per second with exactly `streams` clients, each sending its next request when the last ends:
     streams / mean response time (Little's law; total/elapsed would count the tail, when fewer are in flight)."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai_client(base)
     times: list[float] = []
 
     async def one_client(c: int) -> None:
@@ -121,9 +123,7 @@ async def closed_loop(base: str, models: list[str], texts: list[str], streams: i
 async def poisson(base: str, models: list[str], texts: list[str], streams: int, n: int, rate: float) -> dict:
     """Poisson arrivals at `rate` requests/s; reports latency and the streams actually in flight on average
     (the requests' total time over the span from the first arrival to the last answer: Little's law)."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai_client(base)
     rnd = random.Random(streams)
 
     async def timed(i: int) -> tuple[float, float, tuple]:

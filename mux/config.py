@@ -69,9 +69,6 @@ class SchedulerConfig:
     # while at most this many sequences decode, new prompts' prefills get a step of their own (0: every step mixes
     # prefills and decodes; bench.serving measures both orders)
     prefill_first_max_decodes: int = 16
-    # a prefill-only step carries at most this many tokens (the rest join the next, mixed step): a wave of prompts
-    # must not stall the decodes for a long step (`bench.adapter_scaling --compare order`)
-    prefill_first_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         _positive(
@@ -79,7 +76,6 @@ class SchedulerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_waiting=self.max_waiting,
             starvation_steps=self.starvation_steps,
-            prefill_first_max_tokens=self.prefill_first_max_tokens,
         )
         if self.prefill_first_max_decodes < 0:
             raise ValueError(f"prefill_first_max_decodes must be >= 0, got {self.prefill_first_max_decodes}")

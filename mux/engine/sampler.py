@@ -31,7 +31,7 @@ class Sampler:
             return self._shared
         gen = self._generators.get(seq_id)
         if gen is None:
-            gen = self._generators[seq_id] = torch.Generator().manual_seed(params.seed % (1 << 64))  # any int
+            gen = self._generators[seq_id] = torch.Generator().manual_seed(params.seed)
         return gen
 
     @staticmethod

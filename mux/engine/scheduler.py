@@ -12,8 +12,7 @@ Prefill first (TGI's and vLLM v0's order) while few sequences decode: a step tha
 runs only prefills, so a new request's first token costs one prefill forward instead of a prefill plus every
 running decode. The decodes run in the next step whatever arrives meanwhile (they skip at most one step in
 two), and past `prefill_first_max_decodes` decoding sequences every step mixes prefills and decodes, where
-skipping them would cost more inter-token latency than it saves in time to first token (bench.serving). A
-prefill-only step carries at most `prefill_first_max_tokens`; the rest of a wave of prompts joins the next step.
+skipping them would cost more inter-token latency than it saves in time to first token (bench.serving).
 """
 
 from __future__ import annotations
@@ -83,8 +82,6 @@ class Scheduler:
         this pass counts the step for slotless waiting sequences (once per step, whichever pass runs)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        if not decodes:
-            budget = min(budget, self.config.prefill_first_max_tokens)
 
         # 1. Running sequences, oldest first: a decode token or the next prefill chunk each.
         for seq in list(self.running):

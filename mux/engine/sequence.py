@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from mux.errors import InvalidRequest
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's rule): logits / 1e-300 overflow to inf
-SEED_RANGE = (-(1 << 63), 1 << 63)  # torch's int64 (vLLM's bound); a generator refuses seeds past 2**64
+SEED_RANGE = (-(1 << 63), 1 << 63)  # int64, vLLM's bound (torch.Generator refuses seeds from 2**64 up)
 
 if TYPE_CHECKING:
     from mux.engine.detokenizer import Detokenizer

@@ -114,20 +114,6 @@ def test_prefill_first_gives_new_prompts_a_step_of_their_own():
     assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (b, 1)]
 
 
-def test_a_prefill_only_step_is_capped_and_the_rest_joins_the_next_step():
-    sched, _, _ = make(num_blocks=256, prefill_first_max_tokens=7)
-    a = seq(max_tokens=100)
-    sched.add(a)
-    run_step(sched)
-    wave = [seq(3) for _ in range(4)]
-    for s in wave:
-        sched.add(s)
-    out = run_step(sched)  # prefill only, 7 tokens: two prompts and the first token of a third
-    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(wave[0], 3), (wave[1], 3), (wave[2], 1)]
-    out = run_step(sched)  # a decodes, with the rest of the wave
-    assert [s.seq for s in out.scheduled] == [a, wave[0], wave[1], wave[2], wave[3]]
-
-
 def test_many_decodes_or_a_zero_limit_mix_prefills_into_the_decode_step():
     for running, limit in ((3, 2), (1, 0)):
         sched, _, _ = make(num_blocks=256, prefill_first_max_decodes=limit)
