@@ -96,6 +96,7 @@ LEVERS = {  # --compare: the lever's two settings, (label, changes to the engine
         ("prefill_first", {"scheduler": {"prefill_first_max_decodes": 16}}),
         ("mixed", {"scheduler": {"prefill_first_max_decodes": 0}}),
     ),
+    "kernel": (("native", {"lora": {"native_kernel": True}}), ("torch", {"lora": {"native_kernel": False}})),
 }
 
 
@@ -236,7 +237,7 @@ def main() -> None:
         "--compare",
         choices=sorted(LEVERS),
         help="also run the Zipf traces on two engines side by side: host-tier hits copied by acquire vs by the "
-        "loader thread (inline), or prefill-first vs mixed steps (order)",
+        "loader thread (inline), prefill-first vs mixed steps (order), or the C LoRA kernel vs torch's (kernel)",
     )
     args = ap.parse_args()
     if args.compare and "zipf" not in args.dists.split(","):

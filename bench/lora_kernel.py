@@ -1,5 +1,5 @@
-"""The LoRA kernel lever, measured: gathered blocks vs a wave (weights read in place) vs a segment GEMM, and runs
-of one slot served in place.
+"""The LoRA kernel lever, measured: the C kernel (mux/lora/lora_cpu.c, the CPU default) vs torch's layouts:
+gathered blocks, a wave (weights read in place), a segment GEMM, and runs of one slot served in place.
 
 Per scenario it times one decoder layer's seven SmolLM2-shaped LoRA layers (q,k,v,o,gate,up,down; rank 8)
 for each kernel layout, cycling over 30 layers' slot stacks so the weights come from memory as in a real
@@ -19,6 +19,7 @@ import torch
 
 from bench.common import group_rows, machine, save
 from mux.engine.torch_thread import TorchThread
+from mux.lora import native
 from mux.lora.ops import build_lora_batch, lora_add_
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -71,6 +72,8 @@ def run() -> dict:
         if forced["wave"].dense is not None:  # the same wave with x gathered and y scattered: the views' baseline
             forced["wave, x/y copied"] = replace(forced["wave"], dense=None)
         forced["runs in place + picked"] = build_lora_batch(groups, RANK, "cpu")
+        if native.library() is not None:
+            forced["native (C)"] = build_lora_batch(groups, RANK, "cpu", use_native=True)
         order = torch.tensor(sorted(range(len(token_slots)), key=lambda t: token_slots[t]))
         offs = torch.bincount(torch.tensor(token_slots), minlength=SLOTS).cumsum(0).to(torch.int32)
         xs = {i: torch.randn(len(token_slots), i) for i in {s[0] for s in SHAPES}}
@@ -108,19 +111,23 @@ def main() -> None:
         "",
         "Rows sorted by slot as the runner sorts them. Wave: x and y through views when the rows have no pads;",
         "'wave, x/y copied' is the same wave with x gathered and y scattered (-: the wave has pads, so it copies).",
-        "Runs in place + picked: the mux kernel, runs of >= 8 rows of one slot as two matmuls on views where the",
-        "cost model takes them, the other rows in the layout it picks.",
+        "Runs in place + picked: the torch kernel, runs of >= 8 rows of one slot as two matmuls on views where the",
+        "cost model takes them, the other rows in the layout it picks. Native (C): `lora_cpu.c`, every row at its",
+        "slot's rank, each used slot's weights read in place (the CPU float32 default; -: no C compiler).",
         "",
         "| step | gathered | wave | wave, x/y copied | segment (grouped_mm) | runs in place + picked | picked "
-        "(no runs) |",
-        "|---|---|---|---|---|---|---|",
+        "(no runs) | native (C) | torch's best / native |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         t = r["us_per_decoder_layer"]
         copied = f"{t['wave, x/y copied']:.0f}" if "wave, x/y copied" in t else "-"
+        c = t.get("native (C)")
+        best_torch = min(v for k, v in t.items() if k != "native (C)")
         lines.append(
             f"| {name} | {t['gathered']:.0f} | {t['wave']:.0f} | {copied} | {t['segment (grouped_mm)']:.0f} | "
-            f"{t['runs in place + picked']:.0f} | {r['picked']} |"
+            f"{t['runs in place + picked']:.0f} | {r['picked']} | {'-' if c is None else f'{c:.0f}'} | "
+            f"{'-' if c is None else f'{best_torch / c:.2f}x'} |"
         )
     print("wrote", save("lora-kernel", {"machine": machine(), "results": results}, "\n".join(lines)))
 

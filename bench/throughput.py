@@ -70,7 +70,9 @@ def run(thread: TorchThread) -> None:
     ap.add_argument("--mixed-ranks", default="", help="also run adapters of these ranks, cycled, e.g. 4,8,16,32")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--set-adapter-requests", type=int, default=8, help="requests timed for PEFT set_adapter")
-    ap.add_argument("--levers", action="store_true", help="also run the engine without prepacked linears")
+    ap.add_argument(
+        "--levers", action="store_true", help="also run the engine unpacked, and with torch's LoRA kernel"
+    )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
     n, new = args.requests, args.new_tokens
@@ -107,11 +109,15 @@ def run(thread: TorchThread) -> None:
         k = args.set_adapter_requests  # sequential, so a few requests give the rate
         runs["peft_set_adapter_per_request"] = lambda: peft_per_request(peft, tok, texts[:k], new, mixed[:k]) * n / k
 
-    def make_engine(cpu_tuning: bool) -> Engine:
+    def make_engine(cpu_tuning: bool, native_kernel: bool = True) -> Engine:
         engine = Engine(
             EngineConfig(
                 model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning),
-                lora=LoRAConfig(max_loras=max(16, args.adapters), max_lora_rank=max(16, args.rank, *mixed_ranks)),
+                lora=LoRAConfig(
+                    max_loras=max(16, args.adapters),
+                    max_lora_rank=max(16, args.rank, *mixed_ranks),
+                    native_kernel=native_kernel,
+                ),
                 cache=CacheConfig(kv_cache_bytes=1 << 30),
             ),
             torch_thread=thread,
@@ -129,6 +135,8 @@ def run(thread: TorchThread) -> None:
     if args.levers:  # prepacked linears off (the glibc heap setting is process-wide, so it stays on here)
         unpacked = make_engine(cpu_tuning=False)
         runs[f"mux_{args.adapters}_adapters_unpacked"] = lambda: mux_generate(unpacked, texts, new, per_request)
+        torch_kernel = make_engine(cpu_tuning=True, native_kernel=False)
+        runs[f"mux_{args.adapters}_adapters_torch_kernel"] = lambda: mux_generate(torch_kernel, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -155,6 +163,7 @@ def run(thread: TorchThread) -> None:
         ratios["mixed_ranks_vs_same_rank"] = results[f"{adapters_key}_ranks_{args.mixed_ranks}"] / results[adapters_key]
     if args.levers:
         ratios["packed_vs_unpacked_linears"] = results[adapters_key] / results[f"{adapters_key}_unpacked"]
+        ratios["native_vs_torch_lora_kernel"] = results[adapters_key] / results[f"{adapters_key}_torch_kernel"]
     data = {"workload": vars(args), "machine": machine(), "tokens_per_s": results, "samples": samples, "ratios": ratios}
     print(json.dumps(ratios, indent=2))
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in results.items())

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where converted models and built kernels are kept (MUX_CACHE_DIR, default ~/.cache/lora-mux)."""
+    return Path(os.environ.get("MUX_CACHE_DIR", Path.home() / ".cache" / "lora-mux"))
 
 
 def _positive(**values: int) -> None:
@@ -38,6 +45,7 @@ class LoRAConfig:
     # a host-tier hit up to this size is copied into its slot at once by acquire, not by the loader thread, so
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
+    native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/lora/lora_cpu.c); False: torch's matmuls
 
     def __post_init__(self) -> None:
         _positive(

@@ -51,7 +51,9 @@ class Engine:
         model = self.base.model
         self.tokenizer = self.base.tokenizer
         self.eos_ids = frozenset(self.base.eos_token_ids)
-        self.lora = MultiLoRAModel(model, config.lora.max_loras, config.lora.max_lora_rank)
+        self.lora = MultiLoRAModel(
+            model, config.lora.max_loras, config.lora.max_lora_rank, use_native=config.lora.native_kernel
+        )
         if config.model.cpu_tuning and can_pack(model):
             pack_linears(model)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
             keep_freed_memory()

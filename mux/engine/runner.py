@@ -65,7 +65,7 @@ class ModelRunner:
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
         self.lora.ctx.batch = build_lora_batch(
-            groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank
+            groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank, use_native=self.lora.native
         )
         try:
             hidden = self.model.model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mux.lora import native
 from mux.lora.adapter import LoRAWeights, ModuleShape
 from mux.lora.ops import LoRABatch, lora_add_
 
@@ -53,7 +54,7 @@ class MultiLoRALinear(nn.Module):
 class MultiLoRAModel:
     """Owns the MultiLoRALinear layers of one base model and fills their slots."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, use_native: bool = True) -> None:
         self.ctx = LoRAContext()
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -68,6 +69,8 @@ class MultiLoRAModel:
         self.shapes = {n: ModuleShape(m.in_features, m.out_features) for n, m in self.layers.items()}
         weight = next(iter(self.layers.values())).base.weight
         self.dtype, self.device = weight.dtype, weight.device
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.native = use_native and cpu_fp32 and native.library() is not None  # the C kernel serves LoRA rows
 
     def load(self, slot: int, weights: LoRAWeights) -> None:
         """Copy A [r, in] and B·s [r, out] of every targeted module into `slot`; zero everything else.

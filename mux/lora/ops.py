@@ -1,7 +1,9 @@
-"""Pure-tensor multi-LoRA kernel and the per-step metadata it reads.
+"""The multi-LoRA kernel and the per-step metadata it reads.
 
-`lora_add_` adds each token's `(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are
-gathered into equal-size blocks, one slot per block, in one of two layouts chosen per step by a cost model:
+On CPU float32 the C kernel (`native.py`, `lora_cpu.c`) serves every row: it was faster than the layouts below in
+every scenario of `python -m bench.lora_kernel`. Elsewhere (CUDA, other dtypes, no C compiler) `lora_add_` adds
+each token's `(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are gathered into
+equal-size blocks, one slot per block, in one of two layouts chosen per step by a cost model:
 
 - gathered: blocks of a size from `_BLOCK_SIZES`; each block's A and B are gathered (copied) from the slot
   stacks. Best when a few slots carry many tokens (long prefills) or the slots in use are scattered.
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mux.lora import native
+
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
 _GATHER_COST = 4  # copying one block's A and B out of the slot stacks
@@ -51,6 +55,7 @@ class LoRABatch:
     wave: tuple[int, int] | None  # (lo, hi): block i is slot lo + i, weights read in place (wave layout)
     block_size: int
     rank: int  # largest rank among the blocks' slots (trailing rank columns are zero padding)
+    native: native.NativeRows | None = None  # set: the C kernel serves every row (nothing else is set)
 
 
 def gathered_cost(counts: list[int], blk: int) -> int:
@@ -75,6 +80,7 @@ def build_lora_batch(
     layout: str | None = None,
     slot_ranks: list[int] | None = None,
     segment_rows: int | None = _SEGMENT_ROWS,
+    use_native: bool = False,
 ) -> LoRABatch | None:
     """groups: slot -> token rows using it, ascending (base-only rows are left out). None when no row uses an
     adapter. rank: the largest rank among the groups' slots; slot_ranks[slot]: each slot's own (default: rank).
@@ -87,6 +93,9 @@ def build_lora_batch(
     groups = {slot: rows for slot, rows in groups.items() if rows}
     if not groups:
         return None
+    if use_native:
+        ranks = {slot: rank if slot_ranks is None else slot_ranks[slot] for slot in groups}
+        return LoRABatch((), None, None, None, None, None, 0, rank, native.native_rows(groups, ranks))
     segments: list[tuple[int, int, int, int]] = []
     if segment_rows is not None:
         runs = [(slot, lo, hi) for slot, rows in groups.items() for lo, hi in _runs(rows) if hi - lo >= segment_rows]
@@ -177,6 +186,8 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
     Rank-major slots keep each slot's first r rows contiguous, so trimming the rank padding reads fast.
     """
+    if batch.native is not None:
+        return native.lora_add(y, x, a, b, batch.native)
     for slot, lo, hi, rank in batch.segments:
         y[lo:hi].addmm_(x[lo:hi] @ a[slot, :rank].T, b[slot, :rank])  # [n, in] @ [in, r] @ [r, out]
     if batch.gather is None:

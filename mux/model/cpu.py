@@ -64,9 +64,9 @@ def serial_torch_here() -> None:
         return
     _serial.done = True
     torch.get_num_threads()  # torch sets this thread's OpenMP thread count lazily: let it happen first
-    libgomp = _libgomp()
-    if libgomp is not None:
-        libgomp.omp_set_num_threads(1)
+    gomp = libgomp()
+    if gomp is not None:
+        gomp.omp_set_num_threads(1)
 
 
 def parallel_torch_here() -> None:
@@ -75,7 +75,7 @@ def parallel_torch_here() -> None:
 
 
 @functools.cache
-def _libgomp():
+def libgomp():
     """The libgomp torch loaded (None with another OpenMP runtime, or none)."""
     with contextlib.suppress(OSError):
         for line in open("/proc/self/maps"):  # noqa: SIM115 (read once, at first use)

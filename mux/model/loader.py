@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from mux.config import ModelConfig
+from mux.config import ModelConfig, cache_root
 from mux.errors import MuxError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,10 +40,6 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MUX_CACHE_DIR", Path.home() / ".cache" / "lora-mux"))
 
 
 def smollm2_gguf_path() -> Path:
