@@ -1,8 +1,12 @@
-"""The decode-attention lever, side by side: mux_attention's decode path vs the one it replaced.
+"""The decode-attention lever, side by side: the C kernel vs mux_attention's SDPA path vs the one that replaced.
 
-Before: KV blocks gathered with advanced indexing (`cache[tables]`) and SDPA with `enable_gqa=True`. Now
-(`mux/engine/kv_cache.py`): blocks gathered with `index_select`, and the query heads of one KV head folded into
-that head's query rows (no K/V expansion). Both write the step's new K/V the same way. SmolLM2 shapes (9 query
+- C (`mux/csrc/attention.c`, the CPU float32 default): each sequence's blocks read in place, one work item per
+  (sequence, KV head) with its query heads scored together;
+- SDPA (`CacheConfig(native_attention=False)`): blocks gathered with `index_select`, the query heads of one KV
+  head folded into that head's query rows (no K/V expansion);
+- before (commit 3f619b0): blocks gathered with advanced indexing (`cache[tables]`), SDPA with `enable_gqa=True`.
+
+All three write the step's new K/V the same way. SmolLM2 shapes (9 query
 heads over 3 KV heads, head dim 64, 16-token blocks), 30 layers' caches cycled so K/V come from memory, 64
 sequences with 40–100 cached tokens. Run: python -m bench.attention
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -41,54 +46,68 @@ def before(module, query, key, value, meta: AttentionMetadata, scaling: float) -
 def run(batch: int = 64) -> dict:
     torch.manual_seed(0)
     blocks_per_seq = 7
-    cache = KVCache(LAYERS, batch * blocks_per_seq + 8, BLOCK, KV_HEADS, HEAD_DIM, torch.float32, "cpu")
+    blocks = batch * blocks_per_seq + 8
+    caches = {c: KVCache(LAYERS, blocks, BLOCK, KV_HEADS, HEAD_DIM, torch.float32, "cpu", c) for c in (False, True)}
+    cache = caches[False]
     cache.k.normal_()
     cache.v.normal_()
+    caches[True].k.copy_(cache.k)
+    caches[True].v.copy_(cache.v)
     lens = torch.randint(40, 100, (batch,))
     perm = torch.randperm(cache.num_blocks)[: batch * blocks_per_seq].view(batch, blocks_per_seq)
     nb = int((lens.max() + BLOCK - 1) // BLOCK)
     tables = perm[:, :nb]  # [B, nb] scattered blocks, as after many allocations
     slot_mapping = tables[torch.arange(batch), (lens - 1) // BLOCK] * BLOCK + (lens - 1) % BLOCK
     mask = (torch.arange(nb * BLOCK)[None, :] < lens[:, None])[:, None, None, :]
-    meta = AttentionMetadata(cache, slot_mapping, batch, tables, mask, ())
+    meta = AttentionMetadata(cache, slot_mapping, batch, tables, mask, (), lens)
+    native_meta = replace(meta, cache=caches[True])
     query = torch.randn(1, HEADS, batch, HEAD_DIM)
     key, value = torch.randn(1, KV_HEADS, batch, HEAD_DIM), torch.randn(1, KV_HEADS, batch, HEAD_DIM)
     modules = [SimpleNamespace(layer_idx=i) for i in range(LAYERS)]
     scale = HEAD_DIM**-0.5
 
-    def now():
+    def sdpa():
         return [mux_attention(m, query, key, value, None, scaling=scale, mux_attn=meta)[0] for m in modules]
+
+    def c_kernel():
+        return [mux_attention(m, query, key, value, None, scaling=scale, mux_attn=native_meta)[0] for m in modules]
 
     def then():
         return [before(m, query, key, value, meta, scale) for m in modules]
 
-    err = max((a - b).abs().max().item() for a, b in zip(now(), then(), strict=True))
-    times: dict[str, list[float]] = {"before": [], "now": []}
+    paths = {"before": then, "sdpa": sdpa}
+    if caches[True].native:
+        paths["c"] = c_kernel
+    ref = then()
+    err = {k: max((a - b).abs().max().item() for a, b in zip(fn(), ref, strict=True)) for k, fn in paths.items()}
+    times: dict[str, list[float]] = {label: [] for label in paths}
     for _ in range(7):  # interleaved, best of each
-        for label, fn in (("before", then), ("now", now)):
+        for label, fn in paths.items():
             t = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - t)
     best = {label: min(v) / LAYERS * 1e6 for label, v in times.items()}
-    return {"batch": batch, "us_per_layer": best, "speedup": best["before"] / best["now"], "max_abs_diff": err}
+    return {"batch": batch, "us_per_layer": best, "max_abs_diff_vs_before": err}
 
 
 def main() -> None:
     results = TorchThread("bench").call(run)
     print(json.dumps(results), flush=True)
-    t = results["us_per_layer"]
+    t, err = results["us_per_layer"], results["max_abs_diff_vs_before"]
+    names = {
+        "before": "before: advanced-index gather, SDPA enable_gqa",
+        "sdpa": "SDPA path: index_select gather, query heads folded per KV head",
+        "c": "C kernel: blocks read in place (the CPU default)",
+    }
     table = "\n".join(
         [
             f"# Decode attention, {results['batch']} sequences (SmolLM2 shapes, 30 layers' caches)",
             "",
             f"Machine: {json.dumps(machine())}",
             "",
-            "| decode path | µs per layer |",
-            "|---|---|",
-            f"| before: advanced-index gather, SDPA enable_gqa | {t['before']:.0f} |",
-            f"| now: index_select gather, query heads folded per KV head | {t['now']:.0f} |",
-            "",
-            f"Speed-up: **{results['speedup']:.2f}×**; outputs equal within {results['max_abs_diff']:.1e}.",
+            "| decode path | µs per layer | vs before | max abs diff vs before |",
+            "|---|---|---|---|",
+            *(f"| {names[k]} | {v:.0f} | {t['before'] / v:.2f}× | {err[k]:.1e} |" for k, v in t.items()),
         ]
     )
     print("wrote", save("attention", {"machine": machine(), **results}, table))

@@ -1,4 +1,4 @@
-"""The LoRA kernel lever, measured: the C kernel (mux/lora/lora_cpu.c, the CPU default) vs torch's layouts:
+"""The LoRA kernel lever, measured: the C kernel (mux/csrc/lora.c, the CPU default) vs torch's layouts:
 gathered blocks, a wave (weights read in place), a segment GEMM, and runs of one slot served in place.
 
 Per scenario it times one decoder layer's seven SmolLM2-shaped LoRA layers (q,k,v,o,gate,up,down; rank 8)
@@ -18,8 +18,8 @@ from functools import partial
 import torch
 
 from bench.common import group_rows, machine, save
+from mux import native
 from mux.engine.torch_thread import TorchThread
-from mux.lora import native
 from mux.lora.ops import build_lora_batch, lora_add_
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -112,7 +112,7 @@ def main() -> None:
         "Rows sorted by slot as the runner sorts them. Wave: x and y through views when the rows have no pads;",
         "'wave, x/y copied' is the same wave with x gathered and y scattered (-: the wave has pads, so it copies).",
         "Runs in place + picked: the torch kernel, runs of >= 8 rows of one slot as two matmuls on views where the",
-        "cost model takes them, the other rows in the layout it picks. Native (C): `lora_cpu.c`, every row at its",
+        "cost model takes them, the other rows in the layout it picks. Native (C): `mux/csrc/lora.c`, every row at its",
         "slot's rank, each used slot's weights read in place (the CPU float32 default; -: no C compiler).",
         "",
         "| step | gathered | wave | wave, x/y copied | segment (grouped_mm) | runs in place + picked | picked "

@@ -45,7 +45,7 @@ class LoRAConfig:
     # a host-tier hit up to this size is copied into its slot at once by acquire, not by the loader thread, so
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
-    native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/lora/lora_cpu.c); False: torch's matmuls
+    native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/csrc/lora.c); False: torch's matmuls
 
     def __post_init__(self) -> None:
         _positive(
@@ -62,6 +62,7 @@ class LoRAConfig:
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 << 30  # fixed KV budget; blocks are carved out of it once
+    native_attention: bool = True  # CPU float32: decode attention in C (mux/csrc/attention.c); False: SDPA
 
     def __post_init__(self) -> None:
         _positive(block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes)

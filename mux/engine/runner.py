@@ -62,6 +62,7 @@ class ModelRunner:
             len(decode_lens),
             *self._decode_layout(decode_tables, decode_lens),
             tuple(prefills),
+            self._tensor(decode_lens) if decode_lens else None,
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
         self.lora.ctx.batch = build_lora_batch(

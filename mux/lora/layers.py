@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mux.lora import native
+from mux import native
 from mux.lora.adapter import LoRAWeights, ModuleShape
 from mux.lora.ops import LoRABatch, lora_add_
 

@@ -1,9 +1,9 @@
 """The multi-LoRA kernel and the per-step metadata it reads.
 
-On CPU float32 the C kernel (`native.py`, `lora_cpu.c`) serves every row: it was faster than the layouts below in
-every scenario of `python -m bench.lora_kernel`. Elsewhere (CUDA, other dtypes, no C compiler) `lora_add_` adds
-each token's `(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are gathered into
-equal-size blocks, one slot per block, in one of two layouts chosen per step by a cost model:
+On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves every row: it was faster
+than the layouts below in every scenario of `python -m bench.lora_kernel`. Elsewhere (CUDA, other dtypes, no C
+compiler) `lora_add_` adds each token's `(x A_slot) B_slot` to the base output with two batched matmuls. Token
+rows are gathered into equal-size blocks, one slot per block, in one of two layouts chosen per step by a cost model:
 
 - gathered: blocks of a size from `_BLOCK_SIZES`; each block's A and B are gathered (copied) from the slot
   stacks. Best when a few slots carry many tokens (long prefills) or the slots in use are scattered.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mux.lora import native
+from mux import native
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
@@ -41,6 +41,29 @@ _READ_COST = 1  # reading one slot's A and B in place (a wave block, used or not
 _BLOCKS_COST = 56  # the blocked kernel's fixed ops (gather x, two bmm, mask, scatter y)
 _SEGMENT_COST = 32  # one run served in place (two matmul calls), on top of its rows
 _SEGMENT_ROWS = 8  # shorter runs always go into blocks
+NATIVE_ITEM_ROWS = 16  # the C kernel's work items: a long prefill run is split so both cores share it
+
+
+@dataclass(frozen=True, slots=True)
+class NativeRows:
+    """One step's rows for the C kernel, as work items of at most NATIVE_ITEM_ROWS rows of one slot."""
+
+    tensors: tuple[torch.Tensor, ...]  # slot [I], rank [I], off [I+1], rows [N] int64: kept alive for the pointers
+    pointers: tuple[int, int, int, int]
+    items: int
+
+
+def native_rows(groups: dict[int, list[int]], ranks: dict[int, int]) -> NativeRows:
+    """groups: slot -> its rows; ranks: slot -> the rank to compute at (trailing rank rows are zero padding)."""
+    slot, rank, off, rows = [], [], [0], []
+    for s, rs in groups.items():
+        for i in range(0, len(rs), NATIVE_ITEM_ROWS):
+            rows += rs[i : i + NATIVE_ITEM_ROWS]
+            slot.append(s)
+            rank.append(ranks[s])
+            off.append(len(rows))
+    tensors = tuple(torch.tensor(v, dtype=torch.int64) for v in (slot, rank, off, rows))
+    return NativeRows(tensors, tuple(t.data_ptr() for t in tensors), len(slot))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +78,7 @@ class LoRABatch:
     wave: tuple[int, int] | None  # (lo, hi): block i is slot lo + i, weights read in place (wave layout)
     block_size: int
     rank: int  # largest rank among the blocks' slots (trailing rank columns are zero padding)
-    native: native.NativeRows | None = None  # set: the C kernel serves every row (nothing else is set)
+    native: NativeRows | None = None  # set: the C kernel serves every row (nothing else is set)
 
 
 def gathered_cost(counts: list[int], blk: int) -> int:
@@ -95,7 +118,7 @@ def build_lora_batch(
         return None
     if use_native:
         ranks = {slot: rank if slot_ranks is None else slot_ranks[slot] for slot in groups}
-        return LoRABatch((), None, None, None, None, None, 0, rank, native.native_rows(groups, ranks))
+        return LoRABatch((), None, None, None, None, None, 0, rank, native_rows(groups, ranks))
     segments: list[tuple[int, int, int, int]] = []
     if segment_rows is not None:
         runs = [(slot, lo, hi) for slot, rows in groups.items() for lo, hi in _runs(rows) if hi - lo >= segment_rows]
@@ -187,7 +210,7 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     Rank-major slots keep each slot's first r rows contiguous, so trimming the rank padding reads fast.
     """
     if batch.native is not None:
-        return native.lora_add(y, x, a, b, batch.native)
+        return _native_lora_add(y, x, a, b, batch.native)
     for slot, lo, hi, rank in batch.segments:
         y[lo:hi].addmm_(x[lo:hi] @ a[slot, :rank].T, b[slot, :rank])  # [n, in] @ [in, r] @ [r, out]
     if batch.gather is None:
@@ -211,6 +234,17 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         y[first:end].view(-1, blk, b.shape[-1]).baddbmm_(h, b_blk)
     else:
         y.index_add_(0, batch.gather, torch.bmm(h, b_blk).view(-1, b.shape[-1]))
+
+
+def _native_lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: NativeRows) -> None:
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    assert y.stride(1) == 1 and a.is_contiguous() and b.is_contiguous() and x.dtype == y.dtype == torch.float32
+    _, max_rank, in_f = a.shape
+    native.library().mux_lora_add(
+        x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(), b.data_ptr(),
+        max_rank, in_f, b.shape[2], *rows.pointers, rows.items,
+    )  # fmt: skip
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: list[int]) -> torch.Tensor:

@@ -48,11 +48,11 @@ def test_adapters_change_the_output(tiny_dir, tiny_adapters):
         assert (peft_logits(tiny_dir, adapter, ids) - base).abs().max().item() > 0.05
 
 
-@pytest.mark.parametrize("native_kernel", [True, False])  # the C kernel (CPU default) and torch's
-def test_mixed_batch_matches_peft_per_request(tiny_dir, tiny_adapters, native_kernel):
+@pytest.mark.parametrize("native", [True, False])  # the C kernels (CPU default) and torch's
+def test_mixed_batch_matches_peft_per_request(tiny_dir, tiny_adapters, native):
     """8 adapters + base-only requests in one batch with more adapters than slots."""
-    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=native_kernel)
-    assert engine.lora.native == native_kernel
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=native, native_attention=native)
+    assert engine.lora.native == engine.cache.native == native
     seen = record_logits(engine)
     names = list(tiny_adapters)
     adapters = [tiny_adapters[n] for n in names] + [None, None]

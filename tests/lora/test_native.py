@@ -1,4 +1,4 @@
-"""The C LoRA kernel (mux/lora/native.py, lora_cpu.c) against the per-token reference, and its fallbacks."""
+"""The C kernels (mux/native.py, mux/csrc/): the LoRA kernel against the per-token reference; the fallbacks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.common import group_rows
-from mux.lora import native
-from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference
+from mux import native
+from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference, native_rows
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 
@@ -67,7 +67,7 @@ def test_non_contiguous_input_rows():
 
 
 def test_rows_are_split_into_items_for_both_cores():
-    rows = native.native_rows({3: list(range(40)), 0: [40, 41]}, {3: 8, 0: 4})
+    rows = native_rows({3: list(range(40)), 0: [40, 41]}, {3: 8, 0: 4})
     slot, rank, off, flat = rows.tensors
     assert rows.items == 4  # 40 rows of slot 3 in items of 16, 16, 8; then slot 0's two
     assert slot.tolist() == [3, 3, 3, 0] and rank.tolist() == [8, 8, 8, 4]
@@ -84,7 +84,7 @@ def test_no_compiler_means_the_torch_kernel(tmp_path, monkeypatch, tiny_dir, cap
     native.library.cache_clear()
     try:
         assert native.library() is None
-        assert "native LoRA kernel off" in caplog.text
+        assert "native CPU kernels off" in caplog.text
         lora = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), 2, 8)
         assert not lora.native
         monkeypatch.setenv("CC", "false")  # a compiler that fails: the same
@@ -95,3 +95,39 @@ def test_no_compiler_means_the_torch_kernel(tmp_path, monkeypatch, tiny_dir, cap
         native.library.cache_clear()
         monkeypatch.undo()
         assert native.library() is not None
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decode_attention_equals_sdpa(seed):
+    """The C decode attention vs the SDPA path on the same paged cache: scattered blocks, GQA groups of 1-4,
+    head dims that are and are not multiples of the vector width, contexts from 1 token to many blocks."""
+    from mux.engine.kv_cache import AttentionMetadata, KVCache, mux_attention
+
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    kv_heads, group, head_dim, bs = rnd.choice([1, 2, 3]), rnd.choice([1, 3, 4]), rnd.choice([8, 20, 64, 72]), 4
+    batch = rnd.choice([1, 5, 17])
+    lens = [rnd.choice([1, 3, 4, 9, rnd.randint(1, 60)]) for _ in range(batch)]
+    nb = max(-(-n // bs) for n in lens)
+    caches = {}
+    for use_native in (True, False):
+        caches[use_native] = KVCache(1, batch * nb + 3, bs, kv_heads, head_dim, torch.float32, "cpu", use_native)
+    assert caches[True].native and not caches[False].native
+    k0 = torch.randn(caches[True].k.shape, generator=g)
+    v0 = torch.randn(caches[True].v.shape, generator=g)
+    perm = torch.randperm(batch * nb + 3, generator=g)[: batch * nb].view(batch, nb)
+    tables = perm[:, : max(-(-n // bs) for n in lens)]
+    lens_t = torch.tensor(lens)
+    slot_mapping = tables[torch.arange(batch), (lens_t - 1) // bs] * bs + (lens_t - 1) % bs
+    mask = (torch.arange(nb * bs)[None, :] < lens_t[:, None])[:, None, None, :]
+    query = torch.randn(1, kv_heads * group, batch, head_dim, generator=g)
+    key = torch.randn(1, kv_heads, batch, head_dim, generator=g)
+    value = torch.randn(1, kv_heads, batch, head_dim, generator=g)
+    module = type("Attn", (), {"layer_idx": 0})()
+    outs = {}
+    for use_native, cache in caches.items():
+        cache.k.copy_(k0)
+        cache.v.copy_(v0)
+        meta = AttentionMetadata(cache, slot_mapping, batch, tables, mask, (), lens_t)
+        outs[use_native] = mux_attention(module, query, key, value, None, scaling=0.3, mux_attn=meta)[0]
+    assert torch.allclose(outs[True], outs[False], atol=1e-5, rtol=1e-5)

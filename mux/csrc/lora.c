@@ -1,10 +1,10 @@
 /* The CPU multi-LoRA kernel: y[row] += (x[row] . A_slot^T) . B_slot for the rows of every work item.
  *
- * Built and called by mux/lora/native.py. Each row reads its slot's A [r, in] and B [r, out] in place (from cache
- * after the item's first row) at the slot's own rank, so a decode step reads every adapter it uses once, with no
- * gather, padding or scatter: torch's batched matmuls on the same rows run far from the memory bandwidth that
- * reading the weights needs (`python -m bench.lora_kernel`). OpenMP is the libgomp torch already loaded: one
- * thread team for both.
+ * Built by mux/native.py, called from mux/lora/ops.py. Each row reads its slot's A [r, in] and B [r, out] in place
+ * (from cache after the item's first row) at the slot's own rank, so a decode step reads every adapter it uses
+ * once, with no gather, padding or scatter: torch's batched matmuls on the same rows run far from the memory
+ * bandwidth that reading the weights needs (`python -m bench.lora_kernel`). OpenMP is the libgomp torch already
+ * loaded: one thread team for both.
  */
 #include <stdint.h>
 #include <string.h>

@@ -1,0 +1,91 @@
+"""The CPU kernels in C (`mux/csrc/*.c`): built once with the machine's C compiler, loaded through ctypes.
+
+- `lora.c`: the multi-LoRA kernel (called from `mux/lora/ops.py`);
+- `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`).
+
+On this 2-core CPU both replace many small torch calls (a batched matmul per layer per adapter group, an SDPA
+call per (sequence, head)) whose per-call cost dwarfs the arithmetic; `python -m bench.lora_kernel` and
+`python -m bench.attention` measure them side by side. The library is built at first use into `<cache>/native/`
+(≈0.5 s; keyed by the sources, the flags and the CPU, since it is built for this CPU with -march=native) and
+links the libgomp torch already loaded, so both share one OpenMP thread team (see `mux/engine/torch_thread.py`).
+With no compiler, a failed build, or torch on another OpenMP runtime, `library()` is None and torch's own
+kernels serve. ctypes releases the GIL for the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from mux.config import cache_root
+from mux.model.cpu import libgomp
+
+log = logging.getLogger(__name__)
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
+    "mux_lora_add": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64]),
+    "mux_decode_attention": (
+        ctypes.c_int,
+        [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _PTR],
+    ),
+}
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (the reason is logged once)."""
+    if libgomp() is None:
+        log.info("native CPU kernels off: torch does not run on libgomp")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = (getattr(e, "stderr", None) or b"").decode(errors="replace")[-400:]
+        log.warning("native CPU kernels off (%s %s); torch's kernels serve", e, detail)
+        return None
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (set CC)")
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
+    key.update(" ".join((compiler, *FLAGS, platform.machine(), _cpu_flags())).encode())
+    out_dir = cache_root() / "native"
+    target = out_dir / f"mux-cpu-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)  # atomic: concurrent builders each publish a whole library
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the library is built with -march=native for this CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
