@@ -127,6 +127,17 @@ def machine() -> dict:
     }
 
 
+def best_time(fn, reps: int = 5) -> float:
+    """Seconds of the fastest of `reps` calls of fn (after one warm-up call): this machine is noisy."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def save(name: str, data: dict, table: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d')}-{name}-{platform.node() or 'host'}"

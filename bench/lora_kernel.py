@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import replace
 from functools import partial
 
 import torch
 
-from bench.common import group_rows, machine, save
+from bench.common import best_time, group_rows, machine, save
 from mux import native
 from mux.engine.torch_thread import TorchThread
 from mux.lora.ops import build_lora_batch, lora_add_
@@ -80,7 +79,7 @@ def run() -> dict:
         ys = {o: torch.zeros(len(token_slots), o) for o in {s[1] for s in SHAPES}}
         kernels = {layout: partial(blocked_step, xs, ys, stacks, batch) for layout, batch in forced.items()}
         kernels["segment (grouped_mm)"] = partial(segment_step, xs, ys, stacks, order, offs)
-        times = {label: _time(fn) / LAYERS * 1e6 for label, fn in kernels.items()}
+        times = {label: best_time(fn) / LAYERS * 1e6 for label, fn in kernels.items()}
         results[name] = {"us_per_decoder_layer": times, "picked": "wave" if chosen.wave else "gathered"}
         print(name, json.dumps(results[name]), flush=True)
     return results
@@ -88,16 +87,6 @@ def run() -> dict:
 
 def _layers(stacks):
     return [(shape, ab) for layer in stacks for shape, ab in zip(SHAPES, layer, strict=True)]
-
-
-def _time(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:

@@ -71,7 +71,7 @@ def run(thread: TorchThread) -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--set-adapter-requests", type=int, default=8, help="requests timed for PEFT set_adapter")
     ap.add_argument(
-        "--levers", action="store_true", help="also run the engine unpacked, and with torch's LoRA kernel"
+        "--levers", action="store_true", help="also run it unpacked, with torch's LoRA kernel, with SDPA attention"
     )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
@@ -109,7 +109,7 @@ def run(thread: TorchThread) -> None:
         k = args.set_adapter_requests  # sequential, so a few requests give the rate
         runs["peft_set_adapter_per_request"] = lambda: peft_per_request(peft, tok, texts[:k], new, mixed[:k]) * n / k
 
-    def make_engine(cpu_tuning: bool, native_kernel: bool = True) -> Engine:
+    def make_engine(cpu_tuning: bool, native_kernel: bool = True, native_attention: bool = True) -> Engine:
         engine = Engine(
             EngineConfig(
                 model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning),
@@ -118,7 +118,7 @@ def run(thread: TorchThread) -> None:
                     max_lora_rank=max(16, args.rank, *mixed_ranks),
                     native_kernel=native_kernel,
                 ),
-                cache=CacheConfig(kv_cache_bytes=1 << 30),
+                cache=CacheConfig(kv_cache_bytes=1 << 30, native_attention=native_attention),
             ),
             torch_thread=thread,
         )
@@ -137,6 +137,8 @@ def run(thread: TorchThread) -> None:
         runs[f"mux_{args.adapters}_adapters_unpacked"] = lambda: mux_generate(unpacked, texts, new, per_request)
         torch_kernel = make_engine(cpu_tuning=True, native_kernel=False)
         runs[f"mux_{args.adapters}_adapters_torch_kernel"] = lambda: mux_generate(torch_kernel, texts, new, per_request)
+        sdpa = make_engine(cpu_tuning=True, native_attention=False)
+        runs[f"mux_{args.adapters}_adapters_sdpa_attention"] = lambda: mux_generate(sdpa, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -164,6 +166,7 @@ def run(thread: TorchThread) -> None:
     if args.levers:
         ratios["packed_vs_unpacked_linears"] = results[adapters_key] / results[f"{adapters_key}_unpacked"]
         ratios["native_vs_torch_lora_kernel"] = results[adapters_key] / results[f"{adapters_key}_torch_kernel"]
+        ratios["native_vs_sdpa_attention"] = results[adapters_key] / results[f"{adapters_key}_sdpa_attention"]
     data = {"workload": vars(args), "machine": machine(), "tokens_per_s": results, "samples": samples, "ratios": ratios}
     print(json.dumps(ratios, indent=2))
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in results.items())

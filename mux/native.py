@@ -1,7 +1,9 @@
 """The CPU kernels in C (`mux/csrc/*.c`): built once with the machine's C compiler, loaded through ctypes.
 
 - `lora.c`: the multi-LoRA kernel (called from `mux/lora/ops.py`);
-- `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`).
+- `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`);
+- `sampling.c`: greedy tokens and log-normalisers of a step's logits (called from `mux/engine/sampler.py`);
+- `simd.h`: the vector helpers they share.
 
 On this 2-core CPU both replace many small torch calls (a batched matmul per layer per adapter group, an SDPA
 call per (sequence, head)) whose per-call cost dwarfs the arithmetic; `python -m bench.lora_kernel` and
@@ -30,7 +32,8 @@ from mux.model.cpu import libgomp
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
@@ -39,6 +42,7 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
         ctypes.c_int,
         [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _PTR],
     ),
+    "mux_argmax_logsumexp": (None, [_PTR, _I64, _I64, _I64, _PTR, _PTR]),
 }
 
 
@@ -64,7 +68,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (set CC)")
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]"))))
     key.update(" ".join((compiler, *FLAGS, platform.machine(), _cpu_flags())).encode())
     out_dir = cache_root() / "native"
     target = out_dir / f"mux-cpu-{key.hexdigest()[:16]}.so"

@@ -6,15 +6,7 @@
  * bandwidth that reading the weights needs (`python -m bench.lora_kernel`). OpenMP is the libgomp torch already
  * loaded: one thread team for both.
  */
-#include <stdint.h>
-#include <string.h>
-
-#define W 8 /* floats per vector (GCC vector extension: AVX2 with -march=native, emulated elsewhere) */
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; i++) s += v[i]; return s; }
+#include "simd.h"
 
 /* h[k] = x . A_k for k < r, four ranks at a time (x is read once per four ranks) */
 static void shrink(const float *restrict x, const float *restrict A, int64_t in, int64_t r, float *restrict h)

@@ -1,9 +1,14 @@
-"""Turning logits into tokens: greedy rows in one argmax, sampled rows with their own (seeded) generators."""
+"""Turning logits into tokens: greedy rows in one argmax, sampled rows with their own (seeded) generators.
+
+On CPU float32 the argmax and the log-normaliser of every row come from one C kernel (`mux/csrc/sampling.c`):
+torch's argmax + logsumexp over [B, 49152] logits took ≈9 ms of a 64-sequence SmolLM2 step.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from mux import native
 from mux.engine.sequence import SamplingParams, Sequence
 
 
@@ -19,11 +24,11 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
         """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs."""
-        tokens = logits.argmax(dim=-1)  # [B]
+        tokens, lse = _argmax_logsumexp(logits)  # [B], [B]
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
                 tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
-        logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # [B], no [B, V] written
+        logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse  # [B], no [B, V] written
         return tokens.tolist(), logprobs.tolist()
 
     def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:
@@ -47,3 +52,17 @@ class Sampler:
             scores = scores.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def _argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [B] int64, logsumexp [B]) of logits [B, V]: in C where it can, else torch (and for NaN rows)."""
+    lib = native.library() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if lib is not None and logits.stride(1) == 1 and logits.shape[1] > 0:
+        rows = logits.shape[0]
+        tokens, lse = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
+        lib.mux_argmax_logsumexp(
+            logits.data_ptr(), rows, logits.shape[1], logits.stride(0), tokens.data_ptr(), lse.data_ptr()
+        )
+        if not torch.isnan(lse).any():
+            return tokens, lse
+    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)

@@ -131,3 +131,25 @@ def test_decode_attention_equals_sdpa(seed):
         meta = AttentionMetadata(cache, slot_mapping, batch, tables, mask, (), lens_t)
         outs[use_native] = mux_attention(module, query, key, value, None, scaling=0.3, mux_attn=meta)[0]
     assert torch.allclose(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 100, 49152])
+def test_argmax_logsumexp_equals_torch(vocab):
+    """The sampler's C pass: torch.argmax's first-of-ties rule, logsumexp to float precision, for rows of a wider
+    tensor, wide value ranges and -inf entries; a row with a NaN falls back to torch's answer."""
+    from mux.engine.sampler import _argmax_logsumexp
+
+    g = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(9, vocab + 5, generator=g) * torch.tensor([1.0, 30.0, 0.01, 1, 1, 1, 1, 1, 1])[:, None]
+    logits = wide[:, :vocab]
+    logits[3] = 0.5  # all tied
+    logits[4, vocab // 2 :] = float("-inf")
+    if vocab > 2:
+        logits[5, 1] = logits[5, vocab - 1] = logits[5].max() + 1  # a tie between two maxima
+    tokens, lse = _argmax_logsumexp(logits)
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
+    logits[6, vocab // 3] = float("nan")
+    tokens, lse = _argmax_logsumexp(logits)
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert torch.isnan(lse[6]) and torch.allclose(lse[:6], torch.logsumexp(logits[:6], dim=-1), rtol=1e-5)
