@@ -91,7 +91,7 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
     bs = cache.block_size
 
     if meta.num_decode and cache.native and meta.decode_lens is not None:
-        _native_decode(q, k_cache, v_cache, meta, head_dim_scale(q) if scaling is None else scaling, out)
+        _native_decode(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5 if scaling is None else scaling, out)
     elif meta.num_decode:
         # The query heads sharing a KV head become that head's query rows (GQA without expanding K/V), and the
         # blocks are gathered with index_select: 1.5× faster than enable_gqa over advanced indexing for 64
@@ -128,10 +128,6 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
             )
         out[rows] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
-
-
-def head_dim_scale(q: torch.Tensor) -> float:
-    return q.shape[-1] ** -0.5
 
 
 def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
