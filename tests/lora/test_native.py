@@ -153,3 +153,17 @@ def test_argmax_logsumexp_equals_torch(vocab):
     tokens, lse = _argmax_logsumexp(logits)
     assert tokens.tolist() == logits.argmax(dim=-1).tolist()
     assert torch.isnan(lse[6]) and torch.allclose(lse[:6], torch.logsumexp(logits[:6], dim=-1), rtol=1e-5)
+
+
+def test_long_runs_above_rank_8_go_in_place():
+    """With the C kernel, a run of >= 8 rows of a slot above rank 8 is two matmuls (MKL beat C there); the rest C."""
+    groups = {0: list(range(10)), 1: list(range(10, 20)), 2: [20, 21]}
+    batch = build_lora_batch(groups, 16, "cpu", slot_ranks=[16, 8, 32], use_native=True)
+    assert batch.segments == ((0, 0, 10, 16),)
+    assert batch.native.tensors[0].tolist() == [1, 2] and batch.native.tensors[3].tolist() == [*range(10, 22)]
+    only_runs = build_lora_batch({0: list(range(9))}, 16, "cpu", use_native=True)
+    assert only_runs.native is None and only_runs.segments == ((0, 0, 9, 16),)
+    x, a, b = torch.randn(9, 12), torch.randn(1, 16, 12), torch.randn(1, 16, 5)
+    y = torch.zeros(9, 5)
+    lora_add_(y, x, a, b, only_runs)
+    assert torch.allclose(y, lora_delta_reference(x, a, b, [0] * 9), atol=1e-4)
