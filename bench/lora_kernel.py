@@ -19,7 +19,7 @@ import torch
 from bench.common import best_time, group_rows, machine, save
 from mux import native
 from mux.engine.torch_thread import TorchThread
-from mux.lora.ops import build_lora_batch, lora_add_
+from mux.lora.ops import LoRABatch, build_lora_batch, lora_add_, native_rows
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 LAYERS, SLOTS, RANK = 30, 32, 8
@@ -85,12 +85,41 @@ def run() -> dict:
     return results
 
 
+def rank_rows() -> dict:
+    """The C kernel's rank rule (`NATIVE_MAX_RUN_RANK`), side by side: 16 prefills of 30 tokens (runs of one slot) and
+    16 x 4 decodes at ranks 8, 16 and 32: torch's kernel, the C kernel on every row, and the dispatch the engine uses
+    (C, but runs of >= 8 rows above rank 8 in torch's layouts)."""
+    out = {}
+    for rank in (8, 16, 32):
+        stacks = [
+            [(torch.randn(16, rank, i) * 0.02, torch.randn(16, rank, o) * 0.02) for i, o in SHAPES]
+            for _ in range(LAYERS)
+        ]
+        for step, per in (("prefill 16 x 30 tokens", 30), ("decode 16 x 4 tokens", 4)):
+            token_slots = [s for s in range(16) for _ in range(per)]
+            groups = group_rows(token_slots)
+            every_row = native_rows(groups, dict.fromkeys(groups, rank))
+            batches = {
+                "torch": build_lora_batch(groups, rank, "cpu"),
+                "C, every row": LoRABatch((), None, None, None, None, None, 0, rank, every_row),
+                "dispatch": build_lora_batch(groups, rank, "cpu", use_native=True),
+            }
+            xs = {i: torch.randn(len(token_slots), i) for i in {s[0] for s in SHAPES}}
+            ys = {o: torch.zeros(len(token_slots), o) for o in {s[1] for s in SHAPES}}
+            fns = {label: partial(blocked_step, xs, ys, stacks, batch) for label, batch in batches.items()}
+            out[f"rank {rank}, {step}"] = {label: best_time(fn, 3) * 1e3 for label, fn in fns.items()}
+            print(f"rank {rank}, {step}", json.dumps(out[f"rank {rank}, {step}"]), flush=True)
+    return out
+
+
 def _layers(stacks):
     return [(shape, ab) for layer in stacks for shape, ab in zip(SHAPES, layer, strict=True)]
 
 
 def main() -> None:
-    results = TorchThread("bench").call(run)
+    thread = TorchThread("bench")  # one OpenMP team for both parts
+    results = thread.call(run)
+    ranks = thread.call(rank_rows) if native.library() is not None else {}
     lines = [
         f"# LoRA kernel layouts ({SLOTS} slots, rank {RANK}, SmolLM2 shapes, weights cycled over {LAYERS} layers)",
         "",
@@ -118,7 +147,18 @@ def main() -> None:
             f"{t['runs in place + picked']:.0f} | {r['picked']} | {'-' if c is None else f'{c:.0f}'} | "
             f"{'-' if c is None else f'{best_torch / c:.2f}x'} |"
         )
-    print("wrote", save("lora-kernel", {"machine": machine(), "results": results}, "\n".join(lines)))
+    if ranks:
+        lines += [
+            "",
+            "The C kernel's rank rule: ms per step (30 layers), 16 slots. Dispatch = the engine's: C, but runs of >= 8",
+            "rows of a slot above rank 8 in torch's layouts.",
+            "",
+            "| rank, step | torch | C, every row | dispatch |",
+            "|---|---|---|---|",
+            *(f"| {k} | {v['torch']:.1f} | {v['C, every row']:.1f} | {v['dispatch']:.1f} |" for k, v in ranks.items()),
+        ]
+    data = {"machine": machine(), "results": results, "rank_rows_ms_per_step": ranks}
+    print("wrote", save("lora-kernel", data, "\n".join(lines)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 On this 2-core CPU both replace many small torch calls (a batched matmul per layer per adapter group, an SDPA
 call per (sequence, head)) whose per-call cost dwarfs the arithmetic; `python -m bench.lora_kernel` and
 `python -m bench.attention` measure them side by side. The library is built at first use into `<cache>/native/`
-(≈0.5 s; keyed by the sources, the flags and the CPU, since it is built for this CPU with -march=native) and
+(≈0.6 s; keyed by the sources, the flags and the CPU, since it is built for this CPU with -march=native) and
 links the libgomp torch already loaded, so both share one OpenMP thread team (see `mux/engine/torch_thread.py`).
 With no compiler, a failed build, or torch on another OpenMP runtime, `library()` is None and torch's own
 kernels serve. ctypes releases the GIL for the call.
@@ -27,6 +27,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from mux.config import cache_root
 from mux.model.cpu import libgomp
 
@@ -44,6 +46,11 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
     ),
     "mux_argmax_logsumexp": (None, [_PTR, _I64, _I64, _I64, _PTR, _PTR]),
 }
+
+
+def serves(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the C kernels take tensors of this device and dtype here (CPU float32, and the library built)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and library() is not None
 
 
 @functools.cache

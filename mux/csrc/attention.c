@@ -10,21 +10,6 @@
 
 #include "simd.h"
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
-{
-    const int64_t nv = n / W * W;
-    vf s0 = {0}, s1 = {0};
-    int64_t j = 0;
-    for (; j + 2 * W <= nv; j += 2 * W) {
-        s0 += load(a + j) * load(b + j);
-        s1 += load(a + j + W) * load(b + j + W);
-    }
-    for (; j < nv; j += W) s0 += load(a + j) * load(b + j);
-    float t = hsum(s0 + s1);
-    for (; j < n; j++) t += a[j] * b[j];
-    return t;
-}
-
 /* s[p] = e^(s[p] - max) / sum over p < n */
 static void softmax(float *s, int64_t n)
 {
@@ -43,15 +28,15 @@ static void softmax(float *s, int64_t n)
     for (int64_t p = 0; p < n; p++) s[p] *= inv;
 }
 
-/* o[0, D) = sum_p w[p] V_p, where V_p = v + row(p) * vs; eight vectors of o stay in registers per pass */
+/* o[0, D) = sum_p w[p] V_p, where V_p = v + rows[p] * D; eight vectors of o stay in registers per pass */
 static void weighted_sum(float *restrict o, const float *restrict w, const float *restrict v, const int64_t *rows,
-                         int64_t n, int64_t vs, int64_t D)
+                         int64_t n, int64_t D)
 {
     int64_t j0 = 0;
     for (; j0 + 8 * W <= D; j0 += 8 * W) {
         vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
         for (int64_t p = 0; p < n; p++) {
-            const float *vp = v + rows[p] * vs + j0;
+            const float *vp = v + rows[p] * D + j0;
             const float wp = w[p];
             a0 += wp * load(vp), a1 += wp * load(vp + W), a2 += wp * load(vp + 2 * W), a3 += wp * load(vp + 3 * W);
             a4 += wp * load(vp + 4 * W), a5 += wp * load(vp + 5 * W), a6 += wp * load(vp + 6 * W);
@@ -62,7 +47,7 @@ static void weighted_sum(float *restrict o, const float *restrict w, const float
     }
     for (int64_t j = j0; j < D; j++) {
         float a = 0.f;
-        for (int64_t p = 0; p < n; p++) a += w[p] * v[rows[p] * vs + j];
+        for (int64_t p = 0; p < n; p++) a += w[p] * v[rows[p] * D + j];
         o[j] = a;
     }
 }
@@ -104,7 +89,7 @@ int mux_decode_attention(const float *restrict q, int64_t qs_b, int64_t qs_h, co
             for (int64_t h = h0; h < h1; h++) {
                 float *s = scores + (h - h0) * n;
                 softmax(s, n);
-                weighted_sum(out + (b * H + h) * D, s, v + h / G * D, rows, n, D, D);
+                weighted_sum(out + (b * H + h) * D, s, v + h / G * D, rows, n, D);
             }
         }
         free(scores);

@@ -32,14 +32,7 @@ static void shrink(const float *restrict x, const float *restrict A, int64_t in,
         }
         h[k] = t0, h[k + 1] = t1, h[k + 2] = t2, h[k + 3] = t3;
     }
-    for (; k < r; k++) {
-        const float *ak = A + k * in;
-        vf s = {0};
-        for (int64_t j = 0; j < nv; j += W) s += load(x + j) * load(ak + j);
-        float t = hsum(s);
-        for (int64_t j = nv; j < in; j++) t += x[j] * ak[j];
-        h[k] = t;
-    }
+    for (; k < r; k++) h[k] = dot(x, A + k * in, in);
 }
 
 /* y += sum_k h[k] B_k (each y vector loaded and stored once) */

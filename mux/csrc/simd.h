@@ -29,6 +29,22 @@ static inline float hsum(vf v)
     return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
 }
 
+/* a . b over n floats */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
+{
+    const int64_t nv = n / W * W;
+    vf s0 = {0}, s1 = {0};
+    int64_t j = 0;
+    for (; j + 2 * W <= nv; j += 2 * W) {
+        s0 += load(a + j) * load(b + j);
+        s1 += load(a + j + W) * load(b + j + W);
+    }
+    for (; j < nv; j += W) s0 += load(a + j) * load(b + j);
+    float t = hsum(s0 + s1);
+    for (; j < n; j++) t += a[j] * b[j];
+    return t;
+}
+
 /* e^x for x <= 0 (softmax after subtracting the max), W lanes at once: 2^k * p(r) with x = k ln2 + r,
  * |r| <= ln2/2, p the Cephes expf polynomial (relative error < 2e-7). x is clamped at -87 (e^-87 ~ 1.6e-38). */
 static inline vf vexp(vf x)

@@ -40,8 +40,7 @@ class KVCache:
         # zeros, not empty: padded positions are masked, but 0·NaN from stale garbage would still be NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks*bs, Hkv, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        cpu_fp32 = torch.device(device).type == "cpu" and dtype == torch.float32
-        self.native = use_native and cpu_fp32 and native.library() is not None  # decode attention in C
+        self.native = use_native and native.serves(device, dtype)  # decode attention in C
 
     @classmethod
     def for_model(cls, hf_config, config: CacheConfig, dtype: torch.dtype, device) -> KVCache:

@@ -86,6 +86,8 @@ class ModelRunner:
         bs = self.cache.block_size
         nb = max(len(t) for t in tables)
         padded = self._tensor([t + [0] * (nb - len(t)) for t in tables])  # [B, nb]
+        if self.cache.native:  # the C kernel reads the lengths; the mask is for SDPA
+            return padded, None
         mask = torch.arange(nb * bs, device=self.device)[None, :] < self._tensor(lens)[:, None]  # [B, L]
         return padded, mask[:, None, None, :]
 

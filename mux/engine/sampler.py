@@ -1,7 +1,7 @@
 """Turning logits into tokens: greedy rows in one argmax, sampled rows with their own (seeded) generators.
 
 On CPU float32 the argmax and the log-normaliser of every row come from one C kernel (`mux/csrc/sampling.c`):
-torch's argmax + logsumexp over [B, 49152] logits took ≈9 ms of a 64-sequence SmolLM2 step.
+3.9× torch's argmax + logsumexp over 64 rows of 49,152 logits (`python -m bench.step_ops`).
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ class Sampler:
 
 def _argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax [B] int64, logsumexp [B]) of logits [B, V]: in C where it can, else torch (and for NaN rows)."""
-    lib = native.library() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
-    if lib is not None and logits.stride(1) == 1 and logits.shape[1] > 0:
+    if native.serves(logits.device, logits.dtype) and logits.stride(1) == 1 and logits.shape[1] > 0:
         rows = logits.shape[0]
         tokens, lse = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
-        lib.mux_argmax_logsumexp(
+        native.library().mux_argmax_logsumexp(
             logits.data_ptr(), rows, logits.shape[1], logits.stride(0), tokens.data_ptr(), lse.data_ptr()
         )
         if not torch.isnan(lse).any():

@@ -69,8 +69,7 @@ class MultiLoRAModel:
         self.shapes = {n: ModuleShape(m.in_features, m.out_features) for n, m in self.layers.items()}
         weight = next(iter(self.layers.values())).base.weight
         self.dtype, self.device = weight.dtype, weight.device
-        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        self.native = use_native and cpu_fp32 and native.library() is not None  # the C kernel serves LoRA rows
+        self.native = use_native and native.serves(self.device, self.dtype)  # the C kernel serves LoRA rows
 
     def load(self, slot: int, weights: LoRAWeights) -> None:
         """Copy A [r, in] and B·s [r, out] of every targeted module into `slot`; zero everything else.

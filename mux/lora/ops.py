@@ -1,9 +1,11 @@
 """The multi-LoRA kernel and the per-step metadata it reads.
 
-On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves every row: it was faster
-than the layouts below in every scenario of `python -m bench.lora_kernel`. Elsewhere (CUDA, other dtypes, no C
-compiler) `lora_add_` adds each token's `(x A_slot) B_slot` to the base output with two batched matmuls. Token
-rows are gathered into equal-size blocks, one slot per block, in one of two layouts chosen per step by a cost model:
+On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves the rows, each at its slot's own
+rank: it was faster than the layouts below in every rank-8 scenario of `python -m bench.lora_kernel`. Runs of
+>= 8 rows above rank 8 (prefill chunks of larger adapters) keep the layouts below, where MKL beat it (same
+bench, the rank rows). Elsewhere (CUDA, other dtypes, no C compiler) `lora_add_` adds each token's
+`(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are gathered into equal-size blocks,
+one slot per block, in one of two layouts chosen per step by a cost model:
 
 - gathered: blocks of a size from `_BLOCK_SIZES`; each block's A and B are gathered (copied) from the slot
   stacks. Best when a few slots carry many tokens (long prefills) or the slots in use are scattered.
@@ -42,8 +44,9 @@ _BLOCKS_COST = 56  # the blocked kernel's fixed ops (gather x, two bmm, mask, sc
 _SEGMENT_COST = 32  # one run served in place (two matmul calls), on top of its rows
 _SEGMENT_ROWS = 8  # shorter runs always go into blocks
 NATIVE_ITEM_ROWS = 16  # the C kernel's work items: a long prefill run is split so both cores share it
-# Runs of >= _SEGMENT_ROWS rows of a slot above this rank get torch's layouts even with the C kernel: for 16
-# prefills of 30 tokens torch took 159 ms per step vs 315 in C at rank 32, 78 vs 115 at rank 16; C won at 8 (63/82)
+# Runs of >= _SEGMENT_ROWS rows of a slot above this rank get torch's layouts even with the C kernel. 16 prefills of
+# 30 tokens, ms per step (`python -m bench.lora_kernel`, rank rows): torch 154 vs C 300 at rank 32, 83 vs 124 at 16;
+# at rank 8 C won, 65 vs 77. Decodes (4 rows a slot) stay in C at every rank (62 vs 67 at rank 32).
 NATIVE_MAX_RUN_RANK = 8
 
 
@@ -132,7 +135,9 @@ def build_lora_batch(
         native_part = native_rows(rest, ranks) if rest else None
         if not runs:
             return LoRABatch((), None, None, None, None, None, 0, rank, native_part)
-        long = _without(groups, [(slot, lo, hi) for slot, rows in rest.items() for lo, hi in _runs(rows)])
+        long: dict[int, list[int]] = {}
+        for slot, lo, hi in runs:
+            long.setdefault(slot, []).extend(range(lo, hi))
         long_rank = max(ranks[slot] for slot in long)
         torch_part = build_lora_batch(long, long_rank, device, dtype, layout, slot_ranks, segment_rows)
         return replace(torch_part, native=native_part)  # torch's layouts for the long runs, C for the rest

@@ -19,6 +19,18 @@ def test_the_kernel_builds_on_a_machine_with_a_compiler():
     assert native.library() is not None
 
 
+def test_every_kernel_source_is_packaged():
+    """A wheel must carry what the build compiles: every file in mux/csrc matches the package data."""
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(native.__file__).parent
+    patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mux"]
+    for source in native.CSRC.iterdir():
+        assert any(fnmatch(str(source.relative_to(root)), p) for p in patterns), source
+
+
 def test_one_openmp_runtime_after_loading():
     """The library links the libgomp torch loaded (same soname): a second OpenMP team would slow every step."""
     native.library()
@@ -91,6 +103,11 @@ def test_no_compiler_means_the_torch_kernel(tmp_path, monkeypatch, tiny_dir, cap
         native.library.cache_clear()
         assert native.library() is None
         assert not list(tmp_path.glob("native/*"))  # no half-built library left behind
+        monkeypatch.delenv("CC")
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("MUX_CACHE_DIR", str(tmp_path / "file" / "cache"))  # a cache that cannot be made
+        native.library.cache_clear()
+        assert native.library() is None
     finally:
         native.library.cache_clear()
         monkeypatch.undo()
