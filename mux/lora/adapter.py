@@ -133,7 +133,9 @@ def load_adapter(
     alpha_pattern = config.get("alpha_pattern") or {}
     checked = {module: _check_pair(module, pairs[module], shapes, max_rank) for module in sorted(pairs)}
     # Modules whose A and B share shapes and dtypes are converted together: a 30-layer model has 210 pairs,
-    # and per-tensor ops (≈10 µs each) were most of a load.
+    # and per-tensor ops (≈10 µs each) were most of a load. B is scaled while it is promoted (one pass, not
+    # two) and finiteness is checked by a sum, not a mask: a SmolLM2 rank-8 fp16 adapter's read went from
+    # 13.4 to 7.4 ms on one thread (best of 20), time the loader takes from the engine's cores.
     groups: dict[tuple, list[str]] = {}
     for module, (a, b) in checked.items():
         groups.setdefault((a.shape, b.shape, a.dtype, b.dtype), []).append(module)
@@ -145,9 +147,9 @@ def load_adapter(
             m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
             scales.append(m_alpha / math.sqrt(r) if use_rslora else m_alpha / r)
         a = torch.stack([checked[m][0] for m in names]).to(dtype)  # [n, r, in]
-        b = torch.stack([checked[m][1] for m in names]).to(torch.float32)  # [n, out, r]
-        b = (b * torch.tensor(scales)[:, None, None]).transpose(1, 2).contiguous().to(dtype)  # [n, r, out]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        b = torch.stack([checked[m][1] for m in names]) * torch.tensor(scales)[:, None, None]  # ≥fp32 [n, out, r]
+        b = b.transpose(1, 2).contiguous().to(dtype)  # [n, r, out]
+        if not (_all_finite(a) and _all_finite(b)):
             finite = [bool(torch.isfinite(a[i]).all() and torch.isfinite(b[i]).all()) for i in range(len(names))]
             bad = names[finite.index(False)]
             raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
@@ -157,6 +159,12 @@ def load_adapter(
     nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
     return LoRAWeights(path, adapter_key(path) or "", max_r, targets, modules, nbytes)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """A NaN or Inf anywhere makes the sum non-finite, so a finite sum clears `x` in one read without a mask;
+    only a non-finite sum (a bad tensor, or finite values that overflow) takes the exact elementwise check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def adapter_key(path: Path) -> str | None:

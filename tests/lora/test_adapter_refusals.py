@@ -105,6 +105,15 @@ def _nan(p):
     return edit_weights(p, fn)
 
 
+def _inf_in_b(p):
+    def fn(t):
+        k = first_key(t, "lora_B")
+        t[k] = t[k].clone()
+        t[k][-1, -1] = float("-inf")
+
+    return edit_weights(p, fn)
+
+
 def _pickle_only(p):
     (p / "adapter_model.safetensors").unlink()
     (p / "adapter_model.bin").write_bytes(pickle.dumps({"x": 1}))
@@ -146,6 +155,7 @@ CASES = {
     "other_architecture": (_other_architecture, "does not exist in the base model"),
     "missing_b": (_missing_b, "lora_B weight is missing"),
     "nan": (_nan, "NaN"),
+    "inf_in_b": (_inf_in_b, "NaN or Inf"),
     "pickle_only": (_pickle_only, "pickle"),
     "missing_config": (_missing_config, "adapter_config.json"),
     "bad_json": (_bad_json, "not valid JSON"),
@@ -163,6 +173,17 @@ def test_refused_with_reason_and_engine_still_serves(engine, good, case):
         engine.submit("Hello", GREEDY, bad)
     assert (engine.adapters.resident(), engine.blocks.num_free) == before  # nothing touched
     assert engine.generate(["Hello"], GREEDY)[0].finish_reason == "length"
+
+
+def test_finite_weights_whose_sum_overflows_are_accepted(engine, good):
+    """The finiteness check sums each tensor first; a sum that overflows must not refuse finite weights."""
+
+    def fn(t):
+        k = first_key(t)
+        t[k] = torch.full_like(t[k], 3e38, dtype=torch.float32)  # finite; the sum is +inf in fp32
+
+    ref = engine.adapters.prepare(edit_weights(good, fn))
+    assert ref.rank == 4
 
 
 def test_rank_above_maximum_refused(engine, tmp_path, tiny_dir):
