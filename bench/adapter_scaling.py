@@ -3,7 +3,12 @@
 One process, one run: for populations of 1..1000 rank-8 adapters (Zipf α=1 and uniform traffic, 16 device
 slots) it measures tokens/s and TTFT p50/p99; cold loads (disk→host, host→device) next to the raw cost of the
 same bytes (safetensors read, memcpy); and each eviction policy's hit rates on the same traces.
-Run: python -m bench.adapter_scaling [--requests 192 --new-tokens 8 --quick]
+
+The host tier starts each run empty by default (--host-tier cold: a 64-adapter host tier, so most tail requests
+read their adapter from disk during the run). --host-tier warm is a server's steady state instead: the default
+host budget (LoRAConfig: 2 GiB) filled, before each run, by an independent trace of the same traffic, so the
+run's disk reads are only its adapters that the earlier traffic did not bring in.
+Run: python -m bench.adapter_scaling [--requests 192 --new-tokens 8 --quick --host-tier warm]
 """
 
 from __future__ import annotations
@@ -104,7 +109,14 @@ def with_changes(config: EngineConfig, changes: dict) -> EngineConfig:
     return replace(config, **{part: replace(getattr(config, part), **kv) for part, kv in changes.items()})
 
 
-def compare(engines: dict, texts: list[str], traces: dict[int, list[Path]], args) -> dict:
+def reset_host(engine, earlier: list[Path]) -> None:
+    """Empty the host tier, then read `earlier` into it in order (a warm tier: what that traffic left)."""
+    engine.adapters.host.clear()
+    for path in earlier:
+        engine.prepare_adapter(path)
+
+
+def compare(engines: dict, texts: list[str], traces: dict[int, list[Path]], earlier: dict, args) -> dict:
     """The same traces on two engines that differ in one lever, interleaved twice per population (one torch
     thread: one engine runs at a time). {population: {label: {metric: [run 1, run 2]}}}."""
     out = {}
@@ -112,7 +124,7 @@ def compare(engines: dict, texts: list[str], traces: dict[int, list[Path]], args
         runs: dict[str, list[dict]] = {label: [] for label in engines}
         for _ in range(2):
             for label, engine in engines.items():
-                engine.adapters.host.clear()
+                reset_host(engine, earlier.get(pop, []))
                 engine.start()
                 runs[label].append(asyncio.run(run_traffic(engine, texts, paths, args.new_tokens, args.concurrency)))
                 engine.stop()
@@ -232,6 +244,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="populations 1, 8, 128 only")
     ap.add_argument("--populations", default="", help="comma-separated, e.g. 8,1000 (default: all)")
     ap.add_argument("--dists", default="zipf,uniform")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per population, interleaved; the median is reported")
+    ap.add_argument("--host-tier", choices=("cold", "warm"), default="cold", help="see the module docstring")
     ap.add_argument("--slots", type=int, default=SLOTS, help="device slots (a lever: on CPU a slot costs only RAM)")
     ap.add_argument(
         "--compare",
@@ -250,7 +264,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mux-scaling-"))
     texts = prompts(args.requests, seed=1)
     traces = {d: {p: trace(args.requests, p, d) for p in pops} for d in args.dists.split(",")}
-    needed = sorted({i for by_pop in traces.values() for ids in by_pop.values() for i in ids})
+    warm = args.host_tier == "warm"
+    # the earlier traffic of a warm host tier: the same distribution, other draws
+    earlier = {d: {p: trace(args.requests, p, d, seed=1) for p in pops} for d in traces} if warm else {}
+    needed = sorted({i for t in (traces, earlier) for by_pop in t.values() for ids in by_pop.values() for i in ids})
     print(f"writing {len(needed)} fp16 rank-8 adapters ...", flush=True)
     paths = {
         i: write_random_adapter(model_dir, root / f"a{i:04d}", r=8, seed=i, std=0.02, dtype=torch.float16)
@@ -258,7 +275,7 @@ def main() -> None:
     }
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir)),
-        lora=LoRAConfig(max_loras=slots, max_lora_rank=8, max_cpu_loras=HOST_COUNT),
+        lora=LoRAConfig(max_loras=slots, max_lora_rank=8, **({} if warm else {"max_cpu_loras": HOST_COUNT})),
         cache=CacheConfig(kv_cache_bytes=1 << 30),
     )
     engine = Engine(config)
@@ -268,31 +285,42 @@ def main() -> None:
         "machine": machine(),
         "workload": vars(args),
         "slots": slots,
-        "host_count": HOST_COUNT,
+        "host_tier": args.host_tier,
+        "host_count": HOST_COUNT if not warm else config.lora.max_cpu_loras,
+        "host_bytes": config.lora.max_cpu_adapter_bytes,
         "traffic": {},
         "hit_rates": {},
     }
-    bar = tqdm(total=sum(len(by_pop) for by_pop in traces.values()), desc="traffic runs")
+    bar = tqdm(total=sum(len(by_pop) for by_pop in traces.values()) * args.repeats, desc="traffic runs")
     for dist, by_pop in traces.items():
+        runs: dict[int, list[dict]] = {pop: [] for pop in by_pop}
+        for _ in range(args.repeats):  # the populations interleaved: a slow spell of the machine hits all of them
+            for pop, ids in by_pop.items():
+                reset_host(engine, [paths[i] for i in earlier.get(dist, {}).get(pop, [])])
+                reads = engine.adapters.counters["loads"]["disk_to_host"]
+                r = asyncio.run(run_traffic(engine, texts, [paths[i] for i in ids], args.new_tokens, args.concurrency))
+                r.update(
+                    population=pop,
+                    distinct=len(set(ids)),
+                    counters=engine.adapters.stats()["counters"],
+                    disk_reads=engine.adapters.counters["loads"]["disk_to_host"] - reads,
+                    seqs_per_step_bound=pinned_batch_bound(pop, dist, slots),
+                )
+                runs[pop].append(r)
+                bar.write(
+                    f"{dist:8s} adapters={pop:5d} distinct={r['distinct']:4d} {r['tokens_per_s']:7.1f} tok/s "
+                    f"TTFT p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s, "
+                    f"{r['seqs_per_step']:.1f} seqs/step (pinned-slot bound {r['seqs_per_step_bound'] or '-'}), "
+                    f"{r['disk_reads']} disk reads"
+                )
+                bar.update()
         results["traffic"][dist] = []
-        for pop, ids in by_pop.items():
-            engine.adapters.host.clear()
-            r = asyncio.run(run_traffic(engine, texts, [paths[i] for i in ids], args.new_tokens, args.concurrency))
-            r.update(
-                population=pop,
-                distinct=len(set(ids)),
-                counters=engine.adapters.stats()["counters"],
-                seqs_per_step_bound=pinned_batch_bound(pop, dist, slots),
+        for pop, rs in runs.items():  # each population's median run by tokens/s, with every run's tokens/s
+            median = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]
+            results["traffic"][dist].append({**median, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs]})
+            results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(
+                by_pop[pop], dict.fromkeys(by_pop[pop], 1)
             )
-            results["traffic"][dist].append(r)
-            bar.write(
-                f"{dist:8s} adapters={pop:5d} distinct={r['distinct']:4d} {r['tokens_per_s']:7.1f} tok/s "
-                f"TTFT p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s, "
-                f"{r['seqs_per_step']:.1f} seqs/step (pinned-slot bound {r['seqs_per_step_bound'] or '-'})"
-            )
-            bar.update()
-            sizes = {i: 1 for i in ids}
-            results["hit_rates"].setdefault(dist, {})[pop] = simulate_hit_rates(ids, sizes)
     bar.close()
     engine.stop()
     if args.compare:
@@ -301,7 +329,9 @@ def main() -> None:
             for label, changes in LEVERS[args.compare]
         }
         zipf_paths = {pop: [paths[i] for i in ids] for pop, ids in traces["zipf"].items()}
-        results["compare"] = {"lever": args.compare, "runs": compare(engines, texts, zipf_paths, args)}
+        earlier_paths = {pop: [paths[i] for i in ids] for pop, ids in earlier.get("zipf", {}).items()}
+        runs = compare(engines, texts, zipf_paths, earlier_paths, args)
+        results["compare"] = {"lever": args.compare, "runs": runs}
     # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads
     results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]], slots)
     print("cold load (median):", json.dumps(results["cold_load"]), flush=True)
@@ -310,25 +340,28 @@ def main() -> None:
         results["zipf_1000_vs_8"] = zipf[1000] / zipf[8]
     lines = [
         f"# Adapter scaling ({args.requests} requests × {args.new_tokens} tokens, {args.concurrency} concurrent, "
-        f"{slots} slots)",
+        f"{slots} slots, {args.host_tier} host tier, median of {args.repeats} interleaved run(s))",
         "",
         f"Machine: {json.dumps(results['machine'])}",
         "",
-        "| traffic | adapters | distinct | tok/s | TTFT p50 s | TTFT p99 s | seqs/step | pinned-slot bound |",
-        "|---|---|---|---|---|---|---|---|",
+        "| traffic | adapters | distinct | tok/s | TTFT p50 s | TTFT p99 s | seqs/step | pinned-slot bound "
+        "| disk reads | tok/s of each run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dist, runs in results["traffic"].items():
         lines += [
             f"| {dist} | {r['population']} | {r['distinct']} | {r['tokens_per_s']:.1f} | "
             f"{r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['seqs_per_step']:.1f} | "
-            f"{r['seqs_per_step_bound'] or '-'} |"
+            f"{r['seqs_per_step_bound'] or '-'} | {r['disk_reads']} | "
+            f"{', '.join(f'{v:.1f}' for v in r['tokens_per_s_runs'])} |"
             for r in runs
         ]
     lines += [
         "",
         "seqs/step: sequences sampled per engine step. Pinned-slot bound: the batch at which the traffic's draws "
         f"are expected to hit {slots} distinct adapters (`pinned_batch_bound`); no admission order runs more in "
-        "steady state while every running sequence pins its slot (-: every adapter fits).",
+        "steady state while every running sequence pins its slot (-: every adapter fits). Disk reads: adapters "
+        "read from disk during the run (host-tier misses).",
     ]
     c = results["cold_load"]
     lines += [
@@ -366,6 +399,10 @@ def main() -> None:
     name = f"adapter-scaling-{slots}-slots-{'-'.join(map(str, pops))}" if partial else "adapter-scaling"
     if args.concurrency != 48:
         name += f"-{args.concurrency}-concurrent"
+    if warm:
+        name += "-warm-host"
+    if args.repeats > 1:
+        name += f"-{args.repeats}-runs"
     path = save(name, results, "\n".join(lines))
     print("wrote", path, *plot(results, path.stem))
 

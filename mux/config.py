@@ -34,6 +34,9 @@ class ModelConfig:
             raise ValueError(f"unknown device {self.device!r}")
 
 
+MAX_LORA_RANK = 4096  # far above the ranks adapters use (≤ a few hundred); slots are sized to max_lora_rank
+
+
 @dataclass(frozen=True, slots=True)
 class LoRAConfig:
     max_loras: int = 16  # device slots: distinct adapters in one forward pass
@@ -56,6 +59,8 @@ class LoRAConfig:
         )
         if self.inline_load_bytes < 0:
             raise ValueError(f"inline_load_bytes must be >= 0, got {self.inline_load_bytes}")
+        if self.max_lora_rank > MAX_LORA_RANK:  # the C kernel keeps a rank-sized row on each thread's stack
+            raise ValueError(f"max_lora_rank must be ≤ {MAX_LORA_RANK}, got {self.max_lora_rank}")
 
 
 @dataclass(frozen=True, slots=True)

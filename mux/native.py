@@ -16,6 +16,7 @@ kernels serve. ctypes releases the GIL for the call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+STALE_S = 30 * 86400  # a built library unused this long is deleted by the next build
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
     "mux_lora_add": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64]),
@@ -80,6 +83,8 @@ def _build() -> Path:
     out_dir = cache_root() / "native"
     target = out_dir / f"mux-cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
+        with contextlib.suppress(OSError):
+            os.utime(target)  # in use: a later build's pruning keeps it
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
@@ -90,7 +95,19 @@ def _build() -> Path:
         os.replace(tmp, target)  # atomic: concurrent builders each publish a whole library
     finally:
         Path(tmp).unlink(missing_ok=True)
+    _prune(out_dir, target)
     return target
+
+
+def _prune(out_dir: Path, keep: Path) -> None:
+    """Delete libraries (and crashed builds' temporaries) unused for STALE_S: every source change builds a new
+    one. A library another install still loads is touched at each load, so it stays; one deleted while mapped
+    stays valid for the process that mapped it (Linux unlinks, it does not unmap)."""
+    cutoff = time.time() - STALE_S
+    for path in [*out_dir.glob("mux-cpu-*.so"), *out_dir.glob("*.so.tmp")]:
+        with contextlib.suppress(OSError):
+            if path != keep and path.stat().st_mtime < cutoff:
+                path.unlink()
 
 
 def _cpu_flags() -> str:

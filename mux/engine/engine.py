@@ -211,7 +211,10 @@ class Engine:
                 self._fail_live("engine error; the request was dropped")
                 busy = True
             if not busy:
-                self._wake.wait(timeout=0.05)
+                # Live sequences (waiting on a slot or a load, or with deadlines) are looked at again soon; with
+                # none, only a submit, a cancel or stop can make work, and each sets _wake: an idle engine does
+                # not wake 20 times a second, which on a small machine stalls whatever else runs there.
+                self._wake.wait(timeout=0.05 if self._seqs else None)
                 self._wake.clear()
         for seq in list(self._seqs.values()):
             self._finish(seq, "cancelled", error="engine stopped")

@@ -163,6 +163,29 @@ def test_background_thread_and_asyncio_streams(tiny_dir, tiny_adapters):
         engine.stop()
 
 
+def test_an_idle_engine_sleeps_until_work_arrives(tiny_dir):
+    engine = make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
+    steps = 0
+    step = engine.step
+
+    def counted():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counted
+    engine.start()
+    try:
+        engine.submit("Hi", GREEDY).result()
+        time.sleep(0.05)  # the loop's last look after the request ended
+        before = steps
+        time.sleep(0.5)
+        assert steps - before <= 1  # was 10 (a look every 50 ms) before an idle loop slept
+        assert engine.submit("Hi", GREEDY).result().finish_reason == "length"  # a submit wakes it at once
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "match"),
     [

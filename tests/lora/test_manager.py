@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from transformers import AutoModelForCausalLM
 
-from mux.config import LoRAConfig
+from mux.config import MAX_LORA_RANK, LoRAConfig
 from mux.lora.adapter import load_adapter
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager
@@ -196,6 +196,12 @@ def test_host_tier_hit_over_the_inline_limit_goes_to_the_loader(lora_model, tiny
 def test_negative_inline_limit_is_refused():
     with pytest.raises(ValueError, match="inline_load_bytes must be >= 0"):
         LoRAConfig(inline_load_bytes=-1)
+
+
+def test_rank_bound_is_refused_above_the_limit():
+    assert LoRAConfig(max_lora_rank=MAX_LORA_RANK).max_lora_rank == MAX_LORA_RANK
+    with pytest.raises(ValueError, match=f"max_lora_rank must be ≤ {MAX_LORA_RANK}"):
+        LoRAConfig(max_lora_rank=MAX_LORA_RANK + 1)
 
 
 def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, tmp_path):

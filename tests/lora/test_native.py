@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -17,6 +19,22 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 def test_the_kernel_builds_on_a_machine_with_a_compiler():
     assert native.library() is not None
+
+
+def test_a_build_prunes_libraries_unused_for_a_month(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUX_CACHE_DIR", str(tmp_path))
+    cache = tmp_path / "native"
+    cache.mkdir()
+    old, recent, crashed = cache / "mux-cpu-old.so", cache / "mux-cpu-recent.so", cache / "x.so.tmp"
+    for path in (old, recent, crashed):
+        path.write_bytes(b"")
+    month_ago = time.time() - native.STALE_S - 60
+    for path in (old, crashed):
+        os.utime(path, (month_ago, month_ago))
+    built = native._build()
+    assert built.exists() and recent.exists() and not old.exists() and not crashed.exists()
+    os.utime(built, (month_ago, month_ago))
+    assert native._build() == built and built.stat().st_mtime > month_ago  # loading it marks it in use
 
 
 def test_every_kernel_source_is_packaged():
