@@ -286,7 +286,7 @@ def main() -> None:
         "workload": vars(args),
         "slots": slots,
         "host_tier": args.host_tier,
-        "host_count": HOST_COUNT if not warm else config.lora.max_cpu_loras,
+        "host_count": config.lora.max_cpu_loras,
         "host_bytes": config.lora.max_cpu_adapter_bytes,
         "traffic": {},
         "hit_rates": {},

@@ -1,6 +1,7 @@
 """Per-step op levers, side by side at SmolLM2 shapes: the sampler's argmax + log-normaliser (torch vs the C pass
 in mux/csrc/sampling.c) over [B, 49152] logits, and the 61 RMSNorms of a step (transformers' six-op module vs one
-`F.rms_norm` each; measured 1.12-1.29x, ~0.3 ms a step, so not adopted). Best of interleaved repetitions.
+`F.rms_norm` each; measured 1.12-1.64x at batch 1-8 and 0.94-1.12x at 64 in two runs, at most ~0.4 ms a
+step, so not adopted). Best of interleaved repetitions.
 Run: python -m bench.step_ops
 """
 

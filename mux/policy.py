@@ -44,7 +44,8 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     _only(eviction, {"policy"}, "[eviction]")
     _only(tiers, _TIERS, "[tiers]")
     lora_values = {**tiers, **({"eviction_policy": eviction["policy"]} if "policy" in eviction else {})}
-    lora_values.update({k: v for k, v in overrides.items() if k in _TIERS and v is not None})
+    flags = {k: v for k, v in overrides.items() if k in _TIERS and v is not None}
+    lora_values.update(flags)
     scheduler = data.get("scheduler", {})
     _only(scheduler, {f.name for f in fields(SchedulerConfig)}, "[scheduler]")
     pinned = _strings(data.get("pinned", {}), "adapters", "[pinned]", path)
@@ -71,8 +72,9 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
             limits,
             tenant_limits,
         )
-    except (TypeError, ValueError) as e:
-        raise MuxError(f"policy file {path}: {e}") from None
+    except (TypeError, ValueError) as e:  # a bad value may come from the file or from an override (a CLI flag)
+        where = f"policy file {path}" + (f" with overrides {', '.join(sorted(flags))}" if flags else "")
+        raise MuxError(f"{where}: {e}") from None
 
 
 def _only(section: dict, allowed: set[str], where: str) -> None:

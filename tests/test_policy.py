@@ -31,6 +31,7 @@ def test_values_and_overrides(tmp_path):
         ('[eviction]\npolicy = "fifo"\n', "unknown eviction policy"),
         ("[tiers]\nmax_slots = 3\n", "max_slots"),
         ("[tiers]\nmax_loras = 0\n", "max_loras"),
+        ("[tiers]\nmax_lora_rank = 5000\n", "max_lora_rank must be ≤ 4096"),
         ('[admin]\nkeys = ["plain-secret"]\n', "hashed"),
         ('[tenants."a b"]\nkeys = []\n', "tenants"),
         ("not toml [", "policy file"),
@@ -45,6 +46,12 @@ def test_bad_policy_files_are_refused(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(MuxError, match=match):
         load_policy(f)
+
+
+def test_a_bad_override_is_named_as_one():
+    """A CLI flag's bad value is not blamed on the policy file alone."""
+    with pytest.raises(MuxError, match=r"with overrides max_lora_rank: max_lora_rank must be ≤ 4096, got 5000"):
+        load_policy(None, max_loras=None, max_lora_rank=5000)
 
 
 def test_tenant_limits_inherit_the_default(tmp_path):

@@ -72,6 +72,7 @@ int mux_decode_attention(const float *restrict q, int64_t qs_b, int64_t qs_h, co
             if ((nh + 2) * n > cap) {
                 float *grown = realloc(scores, (size_t)((nh + 2) * n) * sizeof(float));
                 if (grown == NULL) {
+#pragma omp atomic write
                     failed = 1;
                     continue;
                 }

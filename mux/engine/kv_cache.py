@@ -72,7 +72,7 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None  # [B, nb] block tables, padded with block 0
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb*bs] True where a position belongs to the sequence
     prefills: tuple[PrefillSpan, ...]
-    decode_lens: torch.Tensor | None = None  # [B] int64 cached positions of each decode (its new token included)
+    decode_lens: torch.Tensor | None  # [B] int64 cached positions of each decode (its new token included)
 
 
 def mux_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mux_attn=None, **kwargs):
@@ -89,7 +89,7 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
     out = q.new_empty(q.shape)  # [T, H, D]
     bs = cache.block_size
 
-    if meta.num_decode and cache.native and meta.decode_lens is not None:
+    if meta.num_decode and cache.native:
         _native_decode(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5 if scaling is None else scaling, out)
     elif meta.num_decode:
         # The query heads sharing a KV head become that head's query rows (GQA without expanding K/V), and the

@@ -56,13 +56,14 @@ class ModelRunner:
                 prefix = self._tensor(table[: -(-ctx // bs)]) if first else None
                 prefills.append(PrefillSpan(start, n, ctx, prefix))
 
+        lens = self._tensor(decode_lens) if decode_lens else None  # [B]
         meta = AttentionMetadata(
             self.cache,
             self._tensor(slot_mapping),
             len(decode_lens),
-            *self._decode_layout(decode_tables, decode_lens),
+            *self._decode_layout(decode_tables, lens),
             tuple(prefills),
-            self._tensor(decode_lens) if decode_lens else None,
+            lens,
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
         self.lora.ctx.batch = build_lora_batch(
@@ -80,7 +81,7 @@ class ModelRunner:
         rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.sample]
         return self.model.lm_head(hidden[self._tensor(rows)]).float()  # [num_sampled, V]
 
-    def _decode_layout(self, tables: list[list[int]], lens: list[int]):
+    def _decode_layout(self, tables: list[list[int]], lens: torch.Tensor | None):
         if not tables:
             return None, None
         bs = self.cache.block_size
@@ -88,7 +89,7 @@ class ModelRunner:
         padded = self._tensor([t + [0] * (nb - len(t)) for t in tables])  # [B, nb]
         if self.cache.native:  # the C kernel reads the lengths; the mask is for SDPA
             return padded, None
-        mask = torch.arange(nb * bs, device=self.device)[None, :] < self._tensor(lens)[:, None]  # [B, L]
+        mask = torch.arange(nb * bs, device=self.device)[None, :] < lens[:, None]  # [B, L]
         return padded, mask[:, None, None, :]
 
     def _tensor(self, values) -> torch.Tensor:
