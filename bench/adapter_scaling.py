@@ -102,6 +102,10 @@ LEVERS = {  # --compare: the lever's two settings, (label, changes to the engine
         ("mixed", {"scheduler": {"prefill_first_max_decodes": 0}}),
     ),
     "kernel": (("native", {"lora": {"native_kernel": True}}), ("torch", {"lora": {"native_kernel": False}})),
+    "reads": (
+        ("between steps", {"lora": {"reads_between_steps": True}}),
+        ("beside steps", {"lora": {"reads_between_steps": False}}),
+    ),
 }
 
 
@@ -251,7 +255,8 @@ def main() -> None:
         "--compare",
         choices=sorted(LEVERS),
         help="also run the Zipf traces on two engines side by side: host-tier hits copied by acquire vs by the "
-        "loader thread (inline), prefill-first vs mixed steps (order), or the C LoRA kernel vs torch's (kernel)",
+        "loader thread (inline), prefill-first vs mixed steps (order), the C LoRA kernel vs torch's (kernel), or "
+        "disk reads on the engine thread between steps vs on request threads beside them (reads)",
     )
     args = ap.parse_args()
     if args.compare and "zipf" not in args.dists.split(","):

@@ -49,6 +49,9 @@ class LoRAConfig:
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
     native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/csrc/lora.c); False: torch's matmuls
+    # while the engine loop runs, a disk read asked for by a request thread (Engine.prepare_adapter) runs on the
+    # engine's thread between steps instead of beside them (`python -m bench.adapter_scaling --compare reads`)
+    reads_between_steps: bool = True
 
     def __post_init__(self) -> None:
         _positive(

@@ -27,9 +27,12 @@ class TorchThread:
         self._jobs.put((future, fn, args))
         return future
 
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def call(self, fn: Callable[..., Any], *args) -> Any:
         """Run `fn(*args)` on the thread and return its result (directly when already on it)."""
-        if threading.current_thread() is self._thread:
+        if self.is_current():
             return fn(*args)
         return self.submit(fn, *args).result()
 

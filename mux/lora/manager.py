@@ -128,15 +128,21 @@ class AdapterManager:
             self._loader.start()
 
     # ---- request threads --------------------------------------------------------------------
-    def prepare(self, path: str | Path) -> AdapterRef:
-        """Validate the adapter at `path` (reading it into the host tier unless it is already there)."""
-        serial_torch_here()  # a request thread: never a second OpenMP team beside the engine's
+    def cached(self, path: str | Path) -> AdapterRef | None:
+        """The ref of the weights now at `path` if the host tier holds them (no read), else None."""
         path = Path(path)
         key = adapter_key(path)
         with self._lock:
-            cached = self.host.get(key) if key else None
-        weights = cached or self._read_disk(path)
-        return AdapterRef(weights.key, path, weights.rank, weights.nbytes)
+            weights = self.host.get(key) if key else None
+        return None if weights is None else AdapterRef(weights.key, path, weights.rank, weights.nbytes)
+
+    def prepare(self, path: str | Path) -> AdapterRef:
+        """Validate the adapter at `path` (reading it into the host tier unless it is already there)."""
+        serial_torch_here()  # a request thread: never a second OpenMP team beside the engine's
+        if (ref := self.cached(path)) is not None:
+            return ref
+        weights = self._read_disk(Path(path))
+        return AdapterRef(weights.key, Path(path), weights.rank, weights.nbytes)
 
     # ---- engine thread ----------------------------------------------------------------------
     def acquire(self, ref: AdapterRef) -> int | None:

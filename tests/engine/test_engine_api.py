@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import make_engine
+from conftest import copy_adapter, make_engine
 from mux.engine.sequence import SamplingParams
-from mux.errors import InvalidRequest, MuxError, Overloaded
+from mux.errors import InvalidAdapter, InvalidRequest, MuxError, Overloaded
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -247,3 +249,52 @@ def test_request_deadline_ends_stuck_work(tiny_dir):
         assert engine.num_running == 0 and engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         engine.stop()
+
+
+def _record_read_threads(engine) -> list[str]:
+    threads: list[str] = []
+    read = engine.adapters._read_disk
+
+    def recorded(path):
+        threads.append(threading.current_thread().name)
+        return read(path)
+
+    engine.adapters._read_disk = recorded
+    return threads
+
+
+@pytest.mark.parametrize("between_steps", [True, False])
+def test_disk_reads_run_between_steps_on_the_engine_thread(tiny_dir, tiny_adapters, tmp_path, between_steps):
+    engine = make_engine(tiny_dir, max_loras=2, max_lora_rank=16, reads_between_steps=between_steps)
+    threads = _record_read_threads(engine)
+    broken = copy_adapter(tiny_adapters["r8-qv"], tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    engine.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:  # request threads, as the server's
+            refs = list(pool.map(engine.prepare_adapter, [tiny_adapters["r4-attn"], tiny_adapters["r8-mlp"]]))
+            with pytest.raises(InvalidAdapter, match="safetensors"):
+                pool.submit(engine.prepare_adapter, broken).result()
+            assert pool.submit(engine.prepare_adapter, tiny_adapters["r4-attn"]).result() == refs[0]  # host hit
+        assert [r.rank for r in refs] == [4, 8]
+        out = engine.submit("Hello world", GREEDY, refs[1]).result()
+        assert out.token_ids == engine.submit("Hello world", GREEDY, tiny_adapters["r8-mlp"]).result().token_ids
+    finally:
+        engine.stop()
+    thread = "mux-engine" if between_steps else "ThreadPoolExecutor"
+    assert len(threads) == 3 and all(t.startswith(thread) for t in threads), threads
+    assert engine.adapters.cached(broken) is None and engine.adapters.stats()["tiers"]["host"]["count"] == 2
+
+
+def test_a_read_the_loop_never_took_is_done_by_its_caller(tiny_dir, tiny_adapters, monkeypatch):
+    engine = make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
+    threads = _record_read_threads(engine)
+    monkeypatch.setattr("mux.engine.engine.READS_PER_STEP", 0)  # the loop serves no reads, even when it stops
+    engine.start()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(engine.prepare_adapter, tiny_adapters["r4-attn"])
+        time.sleep(0.3)
+        assert not pending.done()
+        engine.stop()
+        assert pending.result(timeout=5).rank == 4
+    assert len(threads) == 1 and threads[0].startswith("ThreadPoolExecutor")
