@@ -55,8 +55,8 @@ async def run_traffic(engine, texts, adapter_paths, new_tokens, concurrency) -> 
 
     async def one(text, path):
         async with sem:
+            t0 = time.perf_counter()  # a cold adapter's read is part of its request's time to first token
             ref = await loop.run_in_executor(None, engine.prepare_adapter, path) if path else None
-            t0 = time.perf_counter()
             first = None
             async for ev in engine.submit(text, params, ref):
                 if first is None and ev.token_id is not None:
