@@ -120,6 +120,11 @@ class Engine:
         self._inbox.put(("cancel", request_id))
         self._wake.set()
 
+    def cached_adapter(self, path: str | Path) -> AdapterRef | None:
+        """The ref of the adapter at `path` if the host tier holds it now (a stat and a lookup, no read: cheap
+        enough for an event loop), else None."""
+        return self.adapters.cached(path)
+
     def prepare_adapter(self, path: str | Path) -> AdapterRef:
         """Validate an adapter directory (reading it into the host tier); blocking, so call it off the loop.
 
@@ -131,7 +136,7 @@ class Engine:
         """
         if not (self.config.lora.reads_between_steps and self._running is not None) or self.torch.is_current():
             return self.adapters.prepare(path)
-        if (ref := self.adapters.cached(path)) is not None:
+        if (ref := self.cached_adapter(path)) is not None:
             return ref
         future: Future = Future()
         self._reads.put((Path(path), future))

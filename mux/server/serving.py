@@ -42,7 +42,9 @@ class Serving:
             adapter_id = self.state.auth.adapter_id(caller, model)
             self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
             path = self.state.repository.path(adapter_id)
-            adapter = await run_in_threadpool(engine.prepare_adapter, path)
+            # a host-tier hit is answered here; only a read takes a worker thread, so requests for resident
+            # adapters never queue for workers behind cold reads waiting on the engine's step boundary
+            adapter = engine.cached_adapter(path) or await run_in_threadpool(engine.prepare_adapter, path)
         limits = self.state.limits
         key = limits.admit(caller.tenant, len(prompts))  # 429 past the tenant's limits
         streams: list[RequestStream] = []
