@@ -54,6 +54,11 @@ async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
+    return figures(t0, times)
+
+
+def figures(t0: float, times: list[float]) -> tuple[float, list[float], int]:
+    """(TTFT, inter-token gaps, tokens) from a request's start and the arrival times of its text events."""
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return (times[0] - t0 if times else float("nan")), gaps, len(times)
 
@@ -232,8 +237,7 @@ async def engine_stream_one(engine, path: Path, text: str, max_tokens: int) -> t
     async for event in engine.submit(text, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), path):
         if event.text:
             times.append(time.perf_counter())
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    return (times[0] - t0 if times else float("nan")), gaps, len(times)
+    return figures(t0, times)
 
 
 def engine_poisson(engine, paths: list[Path], texts: list[str], streams: int, n: int, rate: float) -> dict:
@@ -355,16 +359,13 @@ def main() -> None:
         "ttft_p50_at_8_vs_prefill": at8[DEFAULT_ORDER],
         "ttft_p50_at_8_vs_prefill_by_order": at8,
     }
+
+    def per_round(k: str, field: str, fmt: str) -> str:
+        return ", ".join(format(r[k][field], fmt) for r in throughput)
+
     c_rows = [
-        f"| {k} | "
-        + ", ".join(f"{r[k]['tok_s']:.0f}" for r in throughput)
-        + " | "
-        + (f"{ratios[k]:.2f}×" if k in ratios else "1")
-        + " | "
-        + ", ".join(f"{r[k]['client_cpu_s']:.1f}" for r in throughput)
-        + " | "
-        + ", ".join(f"{r[k]['server_cpu_s']:.1f}" for r in throughput)
-        + " |"
+        f"| {k} | {per_round(k, 'tok_s', '.0f')} | {f'{ratios[k]:.2f}×' if k in ratios else '1'} "
+        f"| {per_round(k, 'client_cpu_s', '.1f')} | {per_round(k, 'server_cpu_s', '.1f')} |"
         for k in throughput[0]
     ]
     rows = [

@@ -4,9 +4,7 @@ in-process stream agree on the same greedy request (a miscount would skew C's ra
 import asyncio
 
 from bench.serving import engine_stream_one, openai_client, raw_stream_one, stream_one
-from conftest import run_server
-from mux.config import CacheConfig, EngineConfig, ModelConfig
-from mux.engine.engine import Engine
+from conftest import make_engine, run_server
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
 
@@ -22,7 +20,7 @@ def test_minimal_reader_sdk_and_engine_count_the_same_tokens(tiny_dir, tmp_path)
     with run_server(tiny_dir, tmp_path) as base:
         sdk, raw = asyncio.run(over_http(base))
 
-    engine = Engine(EngineConfig(model=ModelConfig(model=str(tiny_dir)), cache=CacheConfig(kv_cache_bytes=16 << 20)))
+    engine = make_engine(tiny_dir)
     engine.start()
     try:
         ttft, _, direct = asyncio.run(engine_stream_one(engine, None, PROMPT, 12))

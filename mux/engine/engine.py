@@ -129,10 +129,11 @@ class Engine:
         """Validate an adapter directory (reading it into the host tier); blocking, so call it off the loop.
 
         While the loop runs, a read from disk is handed to the engine's thread, which does it between two
-        steps (`READS_PER_STEP` at most) with its own OpenMP team. Beside the steps, on this machine's 2 cores,
-        readers cost the engine several times their own CPU time: a preempted OpenMP thread stalls its whole
-        team (reads at 8/s: decode 127-158 tok/s with reads on a thread vs 174-185 between steps and 196-236
-        with none, an ad hoc script; `python -m bench.adapter_scaling --compare reads` end to end).
+        steps (`READS_PER_STEP` at most) with its own OpenMP team. Beside the steps, on a 2-core machine, a
+        reader costs the engine more than its own CPU time: a preempted OpenMP thread stalls its whole team
+        (reads at 8/s beside a decode: 127-158 tok/s on a thread, 174-185 between steps, 196-236 with none; an
+        ad hoc script). End to end (`python -m bench.adapter_scaling --compare reads`, 2026-12-02): 8 adapters
+        won every pair, 1,000 Zipf adapters a tie (a read now waits for the step in flight to end).
         """
         if not (self.config.lora.reads_between_steps and self._running is not None) or self.torch.is_current():
             return self.adapters.prepare(path)

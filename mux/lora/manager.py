@@ -139,10 +139,11 @@ class AdapterManager:
     def prepare(self, path: str | Path) -> AdapterRef:
         """Validate the adapter at `path` (reading it into the host tier unless it is already there)."""
         serial_torch_here()  # a request thread: never a second OpenMP team beside the engine's
+        path = Path(path)
         if (ref := self.cached(path)) is not None:
             return ref
-        weights = self._read_disk(Path(path))
-        return AdapterRef(weights.key, Path(path), weights.rank, weights.nbytes)
+        weights = self._read_disk(path)
+        return AdapterRef(weights.key, path, weights.rank, weights.nbytes)
 
     # ---- engine thread ----------------------------------------------------------------------
     def acquire(self, ref: AdapterRef) -> int | None:
