@@ -8,18 +8,19 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 
 from mux.errors import InvalidAdapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a file's JSON header
 PICKLE_REFUSED = "pickle weights (adapter_model.bin) are never loaded; provide adapter_model.safetensors"
 # PEFT keys: base_model.model.<module path>.lora_A.weight (older saves keep the adapter name: .lora_A.default.weight)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -34,6 +35,24 @@ _UNSUPPORTED_FLAGS = {  # config key -> why it is refused when truthy
     "trainable_token_indices": "trainable_token_indices is not supported",
 }
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
+# safetensors dtypes -> bytes per element; the floating ones LoRA weights may have -> (numpy storage, torch dtype)
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+_FLOATS = {
+    "F16": (np.dtype("<u2"), torch.float16),
+    "BF16": (np.dtype("<u2"), torch.bfloat16),  # numpy has no bfloat16: the bits travel as uint16
+    "F32": (np.dtype("<f4"), torch.float32),
+    "F64": (np.dtype("<f8"), torch.float64),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Tensor:
+    """One tensor of the weights file: its safetensors dtype and a view of the file's bytes (None unless float)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    array: np.ndarray | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,33 +152,39 @@ def load_adapter(
     alpha_pattern = config.get("alpha_pattern") or {}
     checked = {module: _check_pair(module, pairs[module], shapes, max_rank) for module in sorted(pairs)}
     # Modules whose A and B share shapes and dtypes are converted together: a 30-layer model has 210 pairs,
-    # and per-tensor ops (≈10 µs each) were most of a load. B is scaled while it is promoted (one pass, not
-    # two) and finiteness is checked by a sum, not a mask: a SmolLM2 rank-8 fp16 adapter's read went from
-    # 13.4 to 7.4 ms on one thread (an ad hoc script, best of 20, before and after), time the loader takes from
-    # the engine's cores; bench.adapter_scaling's cold loads: 2.0-2.2x a raw safetensors read, 2.4-3.2x before.
+    # and per-tensor torch ops (≈7 µs each) were most of a load. B is scaled while it is promoted and
+    # transposed (one pass) and finiteness is checked by a sum, not a mask. With the reader below, a SmolLM2
+    # rank-8 fp16 adapter's read on one thread went from 9.4-11.6 to 7.3-8.3 ms (an ad hoc script, median of
+    # 128); inside the engine, between steps of a 1,000-adapter run, from 18-22 to 14-15 ms.
     groups: dict[tuple, list[str]] = {}
     for module, (a, b) in checked.items():
         groups.setdefault((a.shape, b.shape, a.dtype, b.dtype), []).append(module)
     built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for names in groups.values():
+    for (_, (out, r), a_dtype, b_dtype), names in groups.items():
         scales = []
         for module in names:
-            r = checked[module][0].shape[0]
             m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
             scales.append(m_alpha / math.sqrt(r) if use_rslora else m_alpha / r)
-        a = torch.stack([checked[m][0] for m in names]).to(dtype)  # [n, r, in]
-        b = torch.stack([checked[m][1] for m in names]) * torch.tensor(scales)[:, None, None]  # ≥fp32 [n, out, r]
-        b = b.transpose(1, 2).contiguous().to(dtype)  # [n, r, out]
+        a = _stacked([checked[m][0] for m in names], a_dtype).to(dtype)  # [n, r, in]
+        b = _stacked([checked[m][1] for m in names], b_dtype)  # [n, out, r]
+        scaled = torch.empty((len(names), r, out), dtype=torch.promote_types(b.dtype, torch.float32))
+        torch.mul(b.transpose(1, 2), torch.tensor(scales)[:, None, None], out=scaled)  # B·s, ≥fp32 [n, r, out]
+        b = scaled.to(dtype)
         if not (_all_finite(a) and _all_finite(b)):
             finite = [bool(torch.isfinite(a[i]).all() and torch.isfinite(b[i]).all()) for i in range(len(names))]
             bad = names[finite.index(False)]
             raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
-        built.update({m: (a[i], b[i]) for i, m in enumerate(names)})
+        built.update(zip(names, zip(a.unbind(), b.unbind(), strict=True), strict=True))
     modules = {m: built[m] for m in sorted(built)}  # each (A [r, in], B·scale [r, out]), contiguous views
     max_r = max(a.shape[0] for a, _ in modules.values())
     nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
     return LoRAWeights(path, adapter_key(path) or "", max_r, targets, modules, nbytes)
+
+
+def _stacked(tensors: list[_Tensor], dtype: str) -> torch.Tensor:
+    """One group's tensors (same shape and dtype) stacked into a new torch tensor [n, *shape]: one copy."""
+    return torch.from_numpy(np.stack([t.array for t in tensors])).view(_FLOATS[dtype][1])
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -177,17 +202,9 @@ def adapter_key(path: Path) -> str | None:
     return f"{path.resolve()}#{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
-def _read_pairs(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
-    # The bytes are read and parsed in one go: with safe_open + get_tensor (safetensors 0.8) RSS grew ≈7 KB
-    # per file in a 3,000-load loop, which a server reloading cold adapters all day cannot afford.
-    try:
-        tensors = safetensors_load(weights.read_bytes())
-    except SafetensorError as e:
-        raise InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
-    except (OSError, ValueError, RuntimeError, TypeError) as e:  # truncated data, bad offsets, unknown dtypes
-        raise InvalidAdapter(f"{WEIGHTS_FILE} could not be read: {e}") from None
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+def _read_pairs(weights: Path) -> dict[str, dict[str, _Tensor]]:
+    pairs: dict[str, dict[str, _Tensor]] = {}
+    for key, tensor in _read_safetensors(weights).items():
         if "lora_embedding" in key:
             raise InvalidAdapter(f"embedding LoRA is not supported ({key})")
         if "lora_magnitude_vector" in key:
@@ -198,9 +215,59 @@ def _read_pairs(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
     return pairs
 
 
+def _read_safetensors(weights: Path) -> dict[str, _Tensor]:
+    """The tensors of a safetensors file as numpy views of its bytes, the header checked as safetensors does.
+
+    Not `safetensors.torch.load`: it copies every tensor into a buffer of its own and wraps each in a torch
+    tensor (≈7 µs an op, 420 tensors for SmolLM2), most of a read that the engine does between two steps; here
+    the bytes are read once and each module group is copied once, when it is stacked. Not `safe_open`: with
+    get_tensor (safetensors 0.8) RSS grew ≈7 KB per file in a 3,000-load loop, which a server reloading cold
+    adapters all day cannot afford.
+    """
+
+    def bad(why: str) -> InvalidAdapter:
+        return InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {why}")
+
+    try:
+        data = weights.read_bytes()
+    except OSError as e:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} could not be read: {e}") from None
+    if len(data) < 8:
+        raise bad("shorter than its 8-byte header size")
+    (n,) = struct.unpack_from("<Q", data)
+    if n > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise bad(f"a header of {n} bytes in a file of {len(data)}")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    start, size = 8 + n, len(data) - 8 - n
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            itemsize = _ITEMSIZE[dtype]
+            if not all(type(d) is int and d >= 0 for d in (*shape, begin, end)):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {key!r} has no valid dtype, shape and data_offsets") from None
+        count = math.prod(shape)
+        if not begin <= end <= size or end - begin != count * itemsize:
+            raise bad(f"tensor {key!r}: offsets {begin}..{end} do not hold {shape} {dtype} in {size} data bytes")
+        array = None
+        if dtype in _FLOATS:
+            array = np.frombuffer(data, _FLOATS[dtype][0], count, start + begin).reshape(shape)
+        tensors[key] = _Tensor(dtype, tuple(shape), array)
+    return tensors
+
+
 def _check_pair(
-    module: str, pair: dict[str, torch.Tensor], shapes: dict[str, ModuleShape], max_rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    module: str, pair: dict[str, _Tensor], shapes: dict[str, ModuleShape], max_rank: int
+) -> tuple[_Tensor, _Tensor]:
     if module.rsplit(".", 1)[-1] in _EMBEDDING_NAMES:
         raise InvalidAdapter(f"embedding/lm_head targets are not supported ({module})")
     if set(pair) != {"A", "B"}:
@@ -210,18 +277,20 @@ def _check_pair(
     if shape is None:
         raise InvalidAdapter(f"module {module} does not exist in the base model (adapter for another architecture?)")
     a, b = pair["A"], pair["B"]
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise InvalidAdapter(f"{module}: LoRA weights must be floating point, got {a.dtype}/{b.dtype}")
-    if a.dim() != 2 or b.dim() != 2:
-        raise InvalidAdapter(f"{module}: LoRA weights must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.array is None or b.array is None:
+        raise InvalidAdapter(
+            f"{module}: LoRA weights must be floating point ({', '.join(_FLOATS)}), got {a.dtype}/{b.dtype}"
+        )
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise InvalidAdapter(f"{module}: LoRA weights must be 2-D, got {a.shape} and {b.shape}")
     r = a.shape[0]
     if r < 1:
         raise InvalidAdapter(f"{module}: rank must be ≥ 1")
     if r > max_rank:
         raise InvalidAdapter(f"rank {r} of {module} exceeds max_lora_rank {max_rank}")
-    if a.shape[1] != shape.in_features or tuple(b.shape) != (shape.out_features, r):
+    if a.shape[1] != shape.in_features or b.shape != (shape.out_features, r):
         raise InvalidAdapter(
-            f"{module}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not match the base model "
+            f"{module}: shapes A{a.shape} B{b.shape} do not match the base model "
             f"(expected A[r, {shape.in_features}], B[{shape.out_features}, r])"
         )
     return a, b

@@ -1,0 +1,78 @@
+"""The weights reader (mux/lora/adapter.py parses safetensors itself, for speed) against safetensors' own parse."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import copy_adapter, make_engine
+from mux.errors import InvalidAdapter
+from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_dir):
+    return make_engine(tiny_dir, max_loras=1).lora.shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["r8-all-rslora", "r16-attn-rslora", "r4-all"])
+def test_weights_equal_safetensors_parse(tmp_path, tiny_adapters, shapes, name, dtype):
+    path = copy_adapter(tiny_adapters[name], tmp_path / name)
+    tensors = {k: v.to(dtype) for k, v in load_file(path / WEIGHTS_FILE).items()}
+    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
+    config = json.loads((path / CONFIG_FILE).read_text())
+    weights = load_adapter(path, shapes, max_rank=16)
+    assert len(weights.modules) * 2 == len(tensors)
+    for module, (a, b) in weights.modules.items():
+        src_a = tensors[f"base_model.model.{module}.lora_A.weight"]
+        src_b = tensors[f"base_model.model.{module}.lora_B.weight"]
+        r = src_a.shape[0]
+        scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, src_a.float())
+        assert torch.equal(b, (src_b * torch.tensor([scale])).t().float())  # B·s in ≥ fp32, then the slot dtype
+
+
+def _rewrite_header(path, edit) -> None:
+    raw = (path / WEIGHTS_FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    (path / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+
+
+def _first(header) -> dict:
+    return header[next(k for k in sorted(header) if k != "__metadata__")]
+
+
+HEADER_EDITS = {
+    "offsets past the data": lambda h: _first(h).update(data_offsets=[0, 10**9]),
+    "offsets not the shape's size": lambda h: _first(h).update(shape=[3, 3]),
+    "a negative dimension": lambda h: _first(h).update(shape=[-1, 64]),
+    "an unknown dtype": lambda h: _first(h).update(dtype="X9"),
+    "no data_offsets": lambda h: _first(h).pop("data_offsets"),
+    "boolean offsets": lambda h: _first(h).update(data_offsets=[False, True]),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_EDITS))
+def test_bad_headers_refused(tmp_path, tiny_adapters, shapes, case):
+    path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "bad")
+    _rewrite_header(path, HEADER_EDITS[case])
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
+        load_adapter(path, shapes, max_rank=16)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x01\x00", struct.pack("<Q", 1 << 40) + b"{}", struct.pack("<Q", 2) + b"[]"])
+def test_bad_files_refused(tmp_path, tiny_adapters, shapes, raw):
+    path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "bad")
+    (path / WEIGHTS_FILE).write_bytes(raw)
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
+        load_adapter(path, shapes, max_rank=16)
