@@ -23,7 +23,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mux.config import CacheConfig, EngineConfig, ModelConfig
-    from mux.engine.engine import Engine
+    from mux.engine.engine import Engine, freeze_heap
     from mux.errors import MuxError
     from mux.policy import load_policy
     from mux.server.app import ServerState, create_app
@@ -54,7 +54,13 @@ def serve(args: argparse.Namespace) -> int:
     )
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
     limits = Limits(policy.limits, policy.tenant_limits)
-    state = ServerState(lambda: Engine(config), Path(args.adapter_dir), policy.pinned, auth, allowed, limits)
+
+    def make_engine() -> Engine:
+        engine = Engine(config)
+        freeze_heap()  # this process keeps the engine for life
+        return engine
+
+    state = ServerState(make_engine, Path(args.adapter_dir), policy.pinned, auth, allowed, limits)
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "

@@ -6,6 +6,7 @@ the loop runs on its own thread; without it, reading a stream drives the steps i
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import queue
@@ -36,6 +37,17 @@ from mux.model.loader import BaseModel, load_base_model
 log = logging.getLogger(__name__)
 _request_ids = itertools.count()
 READS_PER_STEP = 4  # disk reads the loop does between two steps (≈7 ms each for a SmolLM2 rank-8 adapter)
+
+
+def freeze_heap() -> None:
+    """For a process that keeps one engine for life (the server): move every Python object now alive (the
+    model's modules and parameters, the tokenizer: ≈370k objects for SmolLM2) out of the cyclic collector's
+    reach. A full collection then scans only what requests created since: it took ≈0.2 s before, with the GIL
+    held, on whichever thread allocated (often the engine's, between steps), and ≈0.03 s after (an instrumented
+    1,000-adapter bench.adapter_scaling run). Not for tests or tools that build engines and drop them: frozen
+    objects in reference cycles are never freed."""
+    gc.collect()
+    gc.freeze()
 
 
 class Engine:
