@@ -76,3 +76,12 @@ def test_bad_files_refused(tmp_path, tiny_adapters, shapes, raw):
     (path / WEIGHTS_FILE).write_bytes(raw)
     with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
         load_adapter(path, shapes, max_rank=16)
+
+
+def test_float8_weights_refused_with_reason(tmp_path, tiny_adapters, shapes):
+    """float8 is floating point but not a LoRA storage type here: a clear refusal, not a failed conversion."""
+    path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "f8")
+    tensors = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(path / WEIGHTS_FILE).items()}
+    save_file(tensors, path / WEIGHTS_FILE)
+    with pytest.raises(InvalidAdapter, match=r"must be floating point of one of F16, BF16, F32, F64, got F8_E4M3"):
+        load_adapter(path, shapes, max_rank=16)
