@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a file's JSON header
+KEEP_READ_BUFFER_BYTES = 64 << 20  # a thread keeps its read buffer for the next file up to this size
 PICKLE_REFUSED = "pickle weights (adapter_model.bin) are never loaded; provide adapter_model.safetensors"
 # PEFT keys: base_model.model.<module path>.lora_A.weight (older saves keep the adapter name: .lora_A.default.weight)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -46,13 +49,16 @@ _FLOATS = {
 }
 
 
+_read_buffer = threading.local()  # .buf: this thread's read buffer (see _read_file)
+
+
 @dataclass(frozen=True, slots=True)
 class _Tensor:
-    """One tensor of the weights file: its safetensors dtype and a view of the file's bytes (None unless float)."""
+    """One tensor of the weights file: its safetensors dtype, shape and where its bytes start in the file."""
 
     dtype: str
     shape: tuple[int, ...]
-    array: np.ndarray | None
+    begin: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +139,16 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 
 
 def load_adapter(
-    path: Path, shapes: dict[str, ModuleShape], max_rank: int, dtype: torch.dtype = torch.float32
+    path: Path,
+    shapes: dict[str, ModuleShape],
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    pin_memory: bool = False,
 ) -> LoRAWeights:
-    """Read and validate the adapter at `path` against the base model's targetable modules."""
+    """Read and validate the adapter at `path` against the base model's targetable modules.
+
+    The result's tensors are views of one new buffer (page-locked with pin_memory, for asynchronous copies to CUDA).
+    """
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS_FILE
@@ -143,7 +156,7 @@ def load_adapter(
         if (path / "adapter_model.bin").exists():
             raise InvalidAdapter(PICKLE_REFUSED)
         raise InvalidAdapter(f"missing {WEIGHTS_FILE} in {path.name}")
-    pairs = _read_pairs(weights)
+    data, pairs = _read_pairs(weights)  # data: the file's bytes in this thread's read buffer, until its next read
     if not pairs:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA tensors")
 
@@ -151,41 +164,58 @@ def load_adapter(
     alpha = float(config.get("lora_alpha", 8))
     alpha_pattern = config.get("alpha_pattern") or {}
     checked = {module: _check_pair(module, pairs[module], shapes, max_rank) for module in sorted(pairs)}
-    # Modules whose A and B share shapes and dtypes are converted together: a 30-layer model has 210 pairs,
-    # and per-tensor torch ops (≈7 µs each) were most of a load. B is scaled while it is promoted and
-    # transposed (one pass) and finiteness is checked by a sum, not a mask. With the reader below, a SmolLM2
-    # rank-8 fp16 adapter's read on one thread went from 9.4-11.6 to 7.3-8.3 ms (an ad hoc script, median of
-    # 128); inside the engine, between steps of a 1,000-adapter run, from 18-22 to 14-15 ms (instrumented).
-    # bench.adapter_scaling's cold loads, same run: 1.54x a safetensors.torch.load of the file (1.89x the run before).
+    # The modules of one kind (q_proj, ...) are converted together, from a view of the file's bytes straight into
+    # the adapter's one buffer: a 30-layer model has 210 pairs and per-tensor torch ops (≈7 µs each) were most of a
+    # load. B is scaled while it is promoted and transposed (one pass, in ≥ fp32); finiteness is one sum, not a mask.
+    # A SmolLM2 rank-8 fp16 read on the engine's torch thread: 10.5-10.8 ms with one copy per group stacked first,
+    # 9.5 with this (/tmp ad hoc A/B, interleaved, 256 reads each).
     groups: dict[tuple, list[str]] = {}
     for module, (a, b) in checked.items():
-        groups.setdefault((a.shape, b.shape, a.dtype, b.dtype), []).append(module)
+        groups.setdefault((module.rsplit(".", 1)[-1], a.shape, b.shape, a.dtype, b.dtype), []).append(module)
+    numel = sum(len(names) * r * (a_shape[1] + out) for (_, a_shape, (out, r), _, _), names in groups.items())
+    flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
     built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for (_, (out, r), a_dtype, b_dtype), names in groups.items():
-        scales = []
-        for module in names:
-            m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
-            scales.append(m_alpha / math.sqrt(r) if use_rslora else m_alpha / r)
-        a = _stacked([checked[m][0] for m in names], a_dtype).to(dtype)  # [n, r, in]
-        b = _stacked([checked[m][1] for m in names], b_dtype)  # [n, out, r]
-        scaled = torch.empty((len(names), r, out), dtype=torch.promote_types(b.dtype, torch.float32))
-        torch.mul(b.transpose(1, 2), torch.tensor(scales)[:, None, None], out=scaled)  # B·s, ≥fp32 [n, r, out]
-        b = scaled.to(dtype)
-        if not (_all_finite(a) and _all_finite(b)):
-            finite = [bool(torch.isfinite(a[i]).all() and torch.isfinite(b[i]).all()) for i in range(len(names))]
-            bad = names[finite.index(False)]
-            raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
+    at = 0
+    for (_, (_, in_f), (out, r), a_dtype, b_dtype), names in groups.items():
+        n = len(names)
+        a = flat[at : at + n * r * in_f].view(n, r, in_f)
+        b = flat[at + n * r * in_f : at + n * r * (in_f + out)].view(n, r, out)
+        at += n * r * (in_f + out)
+        scales = [_scale(module, r, alpha, alpha_pattern, use_rslora) for module in names]
+        a.copy_(_group(data, [checked[m][0] for m in names], a_dtype))  # [n, r, in]
+        b_file = _group(data, [checked[m][1] for m in names], b_dtype)  # [n, out, r]
+        torch.mul(b_file.transpose(1, 2), torch.tensor(scales)[:, None, None], out=b)  # B·s, ≥ fp32 math
         built.update(zip(names, zip(a.unbind(), b.unbind(), strict=True), strict=True))
     modules = {m: built[m] for m in sorted(built)}  # each (A [r, in], B·scale [r, out]), contiguous views
+    if not _all_finite(flat):
+        bad = next(m for m, (a, b) in modules.items() if not (torch.isfinite(a).all() and torch.isfinite(b).all()))
+        raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
     max_r = max(a.shape[0] for a, _ in modules.values())
-    nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
-    return LoRAWeights(path, adapter_key(path) or "", max_r, targets, modules, nbytes)
+    return LoRAWeights(path, adapter_key(path) or "", max_r, targets, modules, flat.nbytes)
 
 
-def _stacked(tensors: list[_Tensor], dtype: str) -> torch.Tensor:
-    """One group's tensors (same shape and dtype) stacked into a new torch tensor [n, *shape]: one copy."""
-    return torch.from_numpy(np.stack([t.array for t in tensors])).view(_FLOATS[dtype][1])
+def _scale(module: str, r: int, alpha: float, alpha_pattern: dict, use_rslora: bool) -> float:
+    m_alpha = float(_pattern_value(alpha_pattern, module, alpha))
+    return m_alpha / math.sqrt(r) if use_rslora else m_alpha / r
+
+
+def _group(data: np.ndarray, tensors: list[_Tensor], dtype: str) -> torch.Tensor:
+    """One group's tensors (same shape and dtype) as one torch tensor [n, *shape]: a strided view of the file's
+    bytes when they lie equally spaced and aligned in it (a file sorted by name, as PEFT's are, keeps each module
+    kind's tensors one layer apart: one view instead of one per tensor), else stacked into a copy."""
+    np_dtype, torch_dtype = _FLOATS[dtype]
+    shape, count = tensors[0].shape, math.prod(tensors[0].shape)
+    begins = [t.begin for t in tensors]
+    size = np_dtype.itemsize
+    step = begins[1] - begins[0] if len(begins) > 1 else count * size
+    spaced = step > 0 and begins == list(range(begins[0], begins[-1] + 1, step))
+    if spaced and begins[0] % size == step % size == 0:
+        first = np.frombuffer(data, np_dtype, count, begins[0]).reshape(shape)
+        view = np.lib.stride_tricks.as_strided(first, (len(begins), *shape), (step, *first.strides))
+    else:
+        view = np.stack([np.frombuffer(data, np_dtype, count, begin).reshape(shape) for begin in begins])
+    return torch.from_numpy(view).view(torch_dtype)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -203,9 +233,10 @@ def adapter_key(path: Path) -> str | None:
     return f"{path.resolve()}#{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
-def _read_pairs(weights: Path) -> dict[str, dict[str, _Tensor]]:
+def _read_pairs(weights: Path) -> tuple[np.ndarray, dict[str, dict[str, _Tensor]]]:
+    data, tensors = _read_safetensors(weights)
     pairs: dict[str, dict[str, _Tensor]] = {}
-    for key, tensor in _read_safetensors(weights).items():
+    for key, tensor in tensors.items():
         if "lora_embedding" in key:
             raise InvalidAdapter(f"embedding LoRA is not supported ({key})")
         if "lora_magnitude_vector" in key:
@@ -213,15 +244,16 @@ def _read_pairs(weights: Path) -> dict[str, dict[str, _Tensor]]:
         if (pairs_key := _KEY.match(key)) is None:
             raise InvalidAdapter(f"unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
         pairs.setdefault(pairs_key["module"], {})[pairs_key["ab"]] = tensor
-    return pairs
+    return data, pairs
 
 
-def _read_safetensors(weights: Path) -> dict[str, _Tensor]:
-    """The tensors of a safetensors file as numpy views of its bytes, the header checked as safetensors does.
+def _read_safetensors(weights: Path) -> tuple[np.ndarray, dict[str, _Tensor]]:
+    """The bytes of a safetensors file and its tensors, the header checked as safetensors does.
 
     Not `safetensors.torch.load`: it copies every tensor into a buffer of its own and wraps each in a torch
     tensor (≈7 µs an op, 420 tensors for SmolLM2), most of a read that the engine does between two steps; here
-    the bytes are read once and each module group is copied once, when it is stacked. Not `safe_open`: with
+    the bytes are read once, into this thread's read buffer, and `load_adapter` converts each module group once,
+    from a view of them into the adapter's own buffer. Not `safe_open`: with
     get_tensor (safetensors 0.8) RSS grew ≈7 KB per file in a 3,000-load loop, which a server reloading cold
     adapters all day cannot afford.
     """
@@ -230,7 +262,7 @@ def _read_safetensors(weights: Path) -> dict[str, _Tensor]:
         return InvalidAdapter(f"{WEIGHTS_FILE} is not a valid safetensors file: {why}")
 
     try:
-        data = weights.read_bytes()
+        data = _read_file(weights)
     except OSError as e:
         raise InvalidAdapter(f"{WEIGHTS_FILE} could not be read: {e}") from None
     if len(data) < 8:
@@ -239,7 +271,7 @@ def _read_safetensors(weights: Path) -> dict[str, _Tensor]:
     if n > min(len(data) - 8, MAX_HEADER_BYTES):
         raise bad(f"a header of {n} bytes in a file of {len(data)}")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(data[8 : 8 + n].tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise bad(f"the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
@@ -259,11 +291,22 @@ def _read_safetensors(weights: Path) -> dict[str, _Tensor]:
         count = math.prod(shape)
         if not begin <= end <= size or end - begin != count * itemsize:
             raise bad(f"tensor {key!r}: offsets {begin}..{end} do not hold {shape} {dtype} in {size} data bytes")
-        array = None
-        if dtype in _FLOATS:
-            array = np.frombuffer(data, _FLOATS[dtype][0], count, start + begin).reshape(shape)
-        tensors[key] = _Tensor(dtype, tuple(shape), array)
-    return tensors
+        tensors[key] = _Tensor(dtype, tuple(shape), start + begin)
+    return data, tensors
+
+
+def _read_file(path: Path) -> np.ndarray:
+    """The file's bytes in this thread's read buffer (valid until the thread's next read): reads of similar
+    files reuse one buffer's pages instead of faulting in fresh ones, which cost more than the read itself."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = getattr(_read_buffer, "buf", None)
+        if buf is None or buf.nbytes < size:
+            buf = np.empty(size, np.uint8)
+            if size <= KEEP_READ_BUFFER_BYTES:
+                _read_buffer.buf = buf
+        n = f.readinto(memoryview(buf)[:size])
+    return buf[:n]
 
 
 def _check_pair(
@@ -278,7 +321,7 @@ def _check_pair(
     if shape is None:
         raise InvalidAdapter(f"module {module} does not exist in the base model (adapter for another architecture?)")
     a, b = pair["A"], pair["B"]
-    if a.array is None or b.array is None:
+    if a.dtype not in _FLOATS or b.dtype not in _FLOATS:
         raise InvalidAdapter(
             f"{module}: LoRA weights must be floating point of one of {', '.join(_FLOATS)}, got {a.dtype}/{b.dtype}"
         )

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cachetools
@@ -336,10 +336,8 @@ class AdapterManager:
 
     def _read_disk(self, path: Path) -> LoRAWeights:
         t = time.perf_counter()
-        weights = load_adapter(path, self.lora.shapes, self.config.max_lora_rank, self.lora.dtype)
-        if self._stream is not None:  # pinned host memory: asynchronous host→device copies
-            pinned = {m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in weights.modules.items()}
-            weights = replace(weights, modules=pinned)
+        pin = self._stream is not None  # pinned host memory: asynchronous host→device copies
+        weights = load_adapter(path, self.lora.shapes, self.config.max_lora_rank, self.lora.dtype, pin_memory=pin)
         elapsed = time.perf_counter() - t
         with self._lock:
             self.counters["misses"] += 1

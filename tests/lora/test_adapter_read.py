@@ -85,3 +85,35 @@ def test_float8_weights_refused_with_reason(tmp_path, tiny_adapters, shapes):
     save_file(tensors, path / WEIGHTS_FILE)
     with pytest.raises(InvalidAdapter, match=r"must be floating point of one of F16, BF16, F32, F64, got F8_E4M3"):
         load_adapter(path, shapes, max_rank=16)
+
+
+def _write_unsorted(path, tensors: dict[str, torch.Tensor], order: list[str], header_bytes_odd: bool) -> None:
+    """A valid safetensors file with its tensors in `order` (not sorted by name, as save_file writes them) and,
+    when asked, a header of odd length, so 2-byte tensors start at odd offsets in the file."""
+    header, blobs, at = {}, [], 0
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    for key in order:
+        t = tensors[key].contiguous()
+        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(blob)]}
+        blobs.append(blob)
+        at += len(blob)
+    text = json.dumps(header).encode()
+    if (len(text) % 2 == 1) != header_bytes_odd:
+        text += b" "
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["aligned", "misaligned"])
+def test_unsorted_and_misaligned_files_equal_sorted(tmp_path, tiny_adapters, shapes, odd):
+    """Groups of a kind are viewed in place only when equally spaced and aligned; any other layout is stacked."""
+    path = copy_adapter(tiny_adapters["r8-all-rslora"], tmp_path / "sorted")
+    tensors = {k: v.to(torch.float16) for k, v in load_file(path / WEIGHTS_FILE).items()}
+    save_file(tensors, path / WEIGHTS_FILE)
+    expected = load_adapter(path, shapes, max_rank=16)
+    order = sorted(tensors, key=lambda k: k[::-1])  # by reversed name: each kind's tensors far from equally spaced
+    _write_unsorted(path / WEIGHTS_FILE, tensors, order, odd)
+    got = load_adapter(path, shapes, max_rank=16)
+    assert got.modules.keys() == expected.modules.keys()
+    for module, (a, b) in got.modules.items():
+        assert torch.equal(a, expected.modules[module][0]) and torch.equal(b, expected.modules[module][1])
