@@ -12,7 +12,9 @@ Prefill first (TGI's and vLLM v0's order) while few sequences decode: a step tha
 runs only prefills, so a new request's first token costs one prefill forward instead of a prefill plus every
 running decode. The decodes run in the next step whatever arrives meanwhile (they skip at most one step in
 two), and past `prefill_first_max_decodes` decoding sequences every step mixes prefills and decodes, where
-skipping them would cost more inter-token latency than it saves in time to first token (bench.serving).
+skipping them would cost more inter-token latency than it saves in time to first token (bench.serving). Nor
+while a request waits for a slot: every running sequence pins one, so finishing them is what admits the next
+request, and a skipped decode would hold each pinned slot a step longer.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._decodes_skipped = False  # the last step was prefill-only: this one carries the decodes
+        self._slot_wait = False  # the last step left a waiting sequence without a slot (every slot pinned)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -68,7 +71,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         decoding = sum(s.num_pending == 1 for s in self.running) if self.waiting else 0
-        tried = bool(self.waiting) and not self._decodes_skipped and decoding <= self.config.prefill_first_max_decodes
+        tried = (
+            bool(self.waiting)
+            and not self._decodes_skipped
+            and not self._slot_wait
+            and decoding <= self.config.prefill_first_max_decodes
+        )
         if tried:
             out = self._schedule(decodes=False, count_waits=True)
             if out.scheduled:
@@ -82,6 +90,7 @@ class Scheduler:
         this pass counts the step for slotless waiting sequences (once per step, whichever pass runs)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._slot_wait = False
 
         # 1. Running sequences, oldest first: a decode token or the next prefill chunk each.
         for seq in list(self.running):
@@ -116,6 +125,7 @@ class Scheduler:
                 if seq.slot < 0 and (slot := self.adapters.acquire(seq.adapter)) is not None:
                     seq.slot = slot
                 if seq.slot < 0:
+                    self._slot_wait = True
                     # Every slot is pinned: skip to requests whose adapter is resident, unless this one has
                     # waited too long, in which case admission stops until running sequences free a slot.
                     seq.waited_steps += count_waits

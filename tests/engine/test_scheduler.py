@@ -279,3 +279,20 @@ def test_one_tenant_keeps_plain_fifo():
 def test_negative_prefill_first_limit_is_refused():
     with pytest.raises(ValueError, match="prefill_first_max_decodes must be >= 0"):
         SchedulerConfig(prefill_first_max_decodes=-1)
+
+
+def test_decodes_are_not_skipped_while_a_request_waits_for_a_slot():
+    """Finishing the running sequences is what frees a slot, so with a request waiting for one, a new prompt of a
+    resident adapter joins the decode step instead of getting a prefill-only step."""
+    sched, _, _ = make(slots=1, starvation_steps=100)
+    hot = [seq(adapter="hot", max_tokens=100) for _ in range(2)]
+    sched.add(hot[0])
+    run_step(sched)
+    cold = seq(adapter="cold")
+    sched.add(cold)
+    run_step(sched)  # every slot is pinned: cold waits
+    sched.add(hot[1])
+    assert {s.seq for s in run_step(sched).scheduled} == {hot[0], hot[1]}
+    sched.finish(hot[0], "length")
+    sched.finish(hot[1], "length")
+    assert [s.seq for s in run_step(sched).scheduled] == [cold]  # a free slot: back to prefill first
