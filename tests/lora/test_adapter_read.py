@@ -117,3 +117,20 @@ def test_unsorted_and_misaligned_files_equal_sorted(tmp_path, tiny_adapters, sha
     assert got.modules.keys() == expected.modules.keys()
     for module, (a, b) in got.modules.items():
         assert torch.equal(a, expected.modules[module][0]) and torch.equal(b, expected.modules[module][1])
+
+
+def test_concurrent_reads_on_threads_equal_serial_reads(tmp_path, tiny_adapters, shapes):
+    """Each thread reads into its own buffer: reads racing on several threads give what one thread's reads give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [copy_adapter(p, tmp_path / name) for name, p in tiny_adapters.items()]
+    serial = [load_adapter(p, shapes, max_rank=16) for p in paths]
+    with ThreadPoolExecutor(4) as pool:
+        racing = list(pool.map(lambda p: load_adapter(p, shapes, max_rank=16), paths * 8))
+    for i, got in enumerate(racing):
+        want = serial[i % len(paths)]
+        assert got.modules.keys() == want.modules.keys()
+        assert all(
+            torch.equal(a, want.modules[m][0]) and torch.equal(b, want.modules[m][1])
+            for m, (a, b) in got.modules.items()
+        )
