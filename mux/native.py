@@ -1,6 +1,6 @@
 """The CPU kernels in C (`mux/csrc/*.c`): built once with the machine's C compiler, loaded through ctypes.
 
-- `lora.c`: the multi-LoRA kernel (called from `mux/lora/ops.py`);
+- `lora.c`: the multi-LoRA kernel (called from `mux/lora/ops.py`) and the slot load's copy (`mux/lora/layers.py`);
 - `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`);
 - `sampling.c`: greedy tokens and log-normalisers of a step's logits (called from `mux/engine/sampler.py`);
 - `simd.h`: the vector helpers they share.
@@ -48,6 +48,7 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
         [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _PTR],
     ),
     "mux_argmax_logsumexp": (None, [_PTR, _I64, _I64, _I64, _PTR, _PTR]),
+    "mux_copy_pieces": (None, [_PTR, _PTR, _PTR, _PTR, _I64]),
 }
 
 

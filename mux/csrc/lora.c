@@ -68,3 +68,11 @@ void mux_lora_add(const float *restrict x, int64_t xs, float *restrict y, int64_
         }
     }
 }
+
+/* A slot load: copy piece i, nbytes[i] long, from src + src_off[i] to dst[i], the pieces shared out over the thread
+ * team (one small memcpy a module on one thread ran at a third of one large copy's speed). */
+void mux_copy_pieces(char *const *dst, const char *src, const int64_t *src_off, const int64_t *nbytes, int64_t n)
+{
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int64_t i = 0; i < n; i++) memcpy(dst[i], src + src_off[i], (size_t)nbytes[i]);
+}

@@ -69,14 +69,26 @@ class ModuleShape:
 
 @dataclass(frozen=True, slots=True)
 class LoRAWeights:
-    """A validated adapter on the host. Scale is folded into B; tensors are laid out for the slot copy."""
+    """A validated adapter on the host: each module's A [r, in] and B·scale [r, out], contiguous, in one buffer.
+
+    One tensor and a layout of plain tuples (which the cyclic collector stops tracking), not two tensors a module:
+    a host tier of 1,000 SmolLM2 adapters held ~630,000 tracked objects, and one full collection walking them
+    took 220 ms with the GIL held (ad hoc, this VM).
+    """
 
     path: Path
     key: str  # identity of these exact weights: path + file stamp (a rewrite is a new key)
     rank: int  # the largest module rank
     target_modules: tuple[str, ...]  # short names, sorted: ("k_proj", "q_proj", ...)
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B·s [r, out])
+    buffer: torch.Tensor  # [numel]: every A and B·s of the layout, gapless
+    layout: tuple[tuple[str, int, int, int, int, int], ...]  # (module, r, in, out, A offset, B offset), by module
     nbytes: int
+
+    @property
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module path -> (A [r, in], B·s [r, out]): views of the buffer, made on each call (not the hot path)."""
+        buf = self.buffer
+        return {m: (buf[a : a + r * i].view(r, i), buf[b : b + r * o].view(r, o)) for m, r, i, o, a, b in self.layout}
 
 
 def read_config(path: Path) -> dict:
@@ -174,25 +186,31 @@ def load_adapter(
         groups.setdefault((module.rsplit(".", 1)[-1], a.shape, b.shape, a.dtype, b.dtype), []).append(module)
     numel = sum(len(names) * r * (a_shape[1] + out) for (_, a_shape, (out, r), _, _), names in groups.items())
     flat = torch.empty(numel, dtype=dtype, pin_memory=pin_memory)
-    built: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layout = []
     at = 0
     for (_, (_, in_f), (out, r), a_dtype, b_dtype), names in groups.items():
         n = len(names)
         a = flat[at : at + n * r * in_f].view(n, r, in_f)
         b = flat[at + n * r * in_f : at + n * r * (in_f + out)].view(n, r, out)
+        layout += [(m, r, in_f, out, at + j * r * in_f, at + n * r * in_f + j * r * out) for j, m in enumerate(names)]
         at += n * r * (in_f + out)
         scales = [_scale(module, r, alpha, alpha_pattern, use_rslora) for module in names]
         a.copy_(_group(data, [checked[m][0] for m in names], a_dtype))  # [n, r, in]
         b_file = _group(data, [checked[m][1] for m in names], b_dtype)  # [n, out, r]
         torch.mul(b_file.transpose(1, 2), torch.tensor(scales)[:, None, None], out=b)  # B·s, ≥ fp32 math
-        built.update(zip(names, zip(a.unbind(), b.unbind(), strict=True), strict=True))
-    modules = {m: built[m] for m in sorted(built)}  # each (A [r, in], B·scale [r, out]), contiguous views
+    weights = LoRAWeights(
+        path,
+        adapter_key(path) or "",
+        max(entry[1] for entry in layout),
+        tuple(sorted({m.rsplit(".", 1)[-1] for m in checked})),
+        flat,
+        tuple(sorted(layout)),
+        flat.nbytes,
+    )
     if not _all_finite(flat):
-        bad = next(m for m, (a, b) in modules.items() if not (torch.isfinite(a).all() and torch.isfinite(b).all()))
+        bad = next(m for m, (a, b) in weights.modules.items() if not (a.isfinite().all() and b.isfinite().all()))
         raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
-    max_r = max(a.shape[0] for a, _ in modules.values())
-    targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
-    return LoRAWeights(path, adapter_key(path) or "", max_r, targets, modules, flat.nbytes)
+    return weights
 
 
 def _scale(module: str, r: int, alpha: float, alpha_pattern: dict, use_rslora: bool) -> float:

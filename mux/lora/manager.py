@@ -255,15 +255,20 @@ class AdapterManager:
         return entry.slot
 
     def _read_slot(self, entry: DeviceEntry) -> LoRAWeights:
-        modules = {}
-        for name, r in entry.modules.items():
+        layout, at = [], 0
+        for name, r in sorted(entry.modules.items()):
             layer = self.lora.layers[name]
-            modules[name] = (
-                layer.lora_a[entry.slot, :r].to("cpu", copy=True),
-                layer.lora_b[entry.slot, :r].to("cpu", copy=True),
-            )
-        targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
-        return LoRAWeights(entry.ref.path, entry.ref.key, entry.ref.rank, targets, modules, entry.ref.nbytes)
+            i, o = layer.in_features, layer.out_features
+            layout.append((name, r, i, o, at, at + r * i))
+            at += r * (i + o)
+        buffer = torch.empty(at, dtype=self.lora.dtype, pin_memory=self._stream is not None)
+        for name, r, i, o, a, b in layout:
+            layer = self.lora.layers[name]
+            buffer[a : a + r * i].view(r, i).copy_(layer.lora_a[entry.slot, :r])
+            buffer[b : b + r * o].view(r, o).copy_(layer.lora_b[entry.slot, :r])
+        targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in entry.modules}))
+        ref = entry.ref
+        return LoRAWeights(ref.path, ref.key, ref.rank, targets, buffer, tuple(layout), buffer.nbytes)
 
     def _host_evicted(self, key: str) -> None:
         self.counters["evictions"]["host_to_disk"] += 1
@@ -315,7 +320,7 @@ class AdapterManager:
             self.latency["host_to_device"].append(time.perf_counter() - t)
             with self._lock:
                 self.counters["loads"]["host_to_device"] += 1
-                entry.modules = {name: a.shape[0] for name, (a, _) in weights.modules.items()}
+                entry.modules = {name: r for name, r, *_ in weights.layout}
                 entry.state = READY
                 self._loaded.notify_all()
         except Exception as e:  # the waiting sequences fail with this message; the slot is freed

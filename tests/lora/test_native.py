@@ -202,3 +202,23 @@ def test_long_runs_above_rank_8_go_in_place():
     y = torch.zeros(9, 5)
     lora_add_(y, x, a, b, only_runs)
     assert torch.allclose(y, lora_delta_reference(x, a, b, [0] * 9), atol=1e-4)
+
+
+def test_slot_loads_in_c_equal_torch_copies(tiny_dir, tiny_adapters):
+    """The C slot copy (CPU float32) fills every slot exactly as torch's batched copies do, over adapters of
+    different ranks and targets loaded one after another into the same slots (stale rows zeroed)."""
+    from transformers import AutoModelForCausalLM
+
+    from mux.lora.adapter import load_adapter
+    from mux.lora.layers import MultiLoRAModel
+
+    c = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), 2, 16, use_native=True)
+    py = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), 2, 16, use_native=False)
+    assert c.native and not py.native
+    for i, path in enumerate(list(tiny_adapters.values()) * 2):
+        weights = load_adapter(path, c.shapes, 16)
+        c.load(i % 2, weights)
+        py.load(i % 2, weights)
+        for name in c.layers:
+            assert torch.equal(c.layers[name].lora_a, py.layers[name].lora_a), name
+            assert torch.equal(c.layers[name].lora_b, py.layers[name].lora_b), name
