@@ -82,7 +82,10 @@ class LoRAWeights:
     target_modules: tuple[str, ...]  # short names, sorted: ("k_proj", "q_proj", ...)
     buffer: torch.Tensor  # [numel]: every A and B·s of the layout, gapless
     layout: tuple[tuple[str, int, int, int, int, int], ...]  # (module, r, in, out, A offset, B offset), by module
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
 
     @property
     def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -205,7 +208,6 @@ def load_adapter(
         tuple(sorted({m.rsplit(".", 1)[-1] for m in checked})),
         flat,
         tuple(sorted(layout)),
-        flat.nbytes,
     )
     if not _all_finite(flat):
         bad = next(m for m, (a, b) in weights.modules.items() if not (a.isfinite().all() and b.isfinite().all()))
@@ -295,7 +297,7 @@ def _read_safetensors(weights: Path) -> tuple[np.ndarray, dict[str, _Tensor]]:
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
     start, size = 8 + n, len(data) - 8 - n
-    tensors = {}
+    tensors, spans = {}, []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -310,6 +312,14 @@ def _read_safetensors(weights: Path) -> tuple[np.ndarray, dict[str, _Tensor]]:
         if not begin <= end <= size or end - begin != count * itemsize:
             raise bad(f"tensor {key!r}: offsets {begin}..{end} do not hold {shape} {dtype} in {size} data bytes")
         tensors[key] = _Tensor(dtype, tuple(shape), start + begin)
+        spans.append((begin, end, key))
+    at = 0  # as safetensors: the tensors tile the data bytes, no gap or overlap
+    for begin, end, key in sorted(spans):
+        if begin != at:
+            raise bad(f"tensor {key!r} starts at byte {begin} of the data, not at {at} where the one before ends")
+        at = end
+    if at != size:
+        raise bad(f"the tensors end at byte {at} of {size} data bytes")
     return data, tensors
 
 

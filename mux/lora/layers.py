@@ -61,7 +61,7 @@ class MultiLoRAModel:
         self.layers: dict[str, MultiLoRALinear] = {}
         self.slot_rank = [0] * num_slots
         self._view_cache: dict[tuple[int, tuple[int, ...]], tuple[list, list]] = {}
-        self._plans: dict[tuple, tuple[tuple[int, ...], list[int], list[int]]] = {}
+        self._plans: dict[tuple, tuple[tuple[int, ...], list[int], list[int], list[int]]] = {}
         self._copy_plans: dict[tuple, tuple] = {}  # (slot, layout) -> (arrays, (their pointers, count))
         for name, module in list(targetable_linears(model).items()):
             layer = MultiLoRALinear(module, num_slots, max_rank, self.ctx)
@@ -81,7 +81,7 @@ class MultiLoRAModel:
         a single copy of its buffer (ad hoc, the engine's thread). Elsewhere the batched copy, its sources one
         split of the adapter's buffer. The padding is zeroed in one batched call.
         """
-        ranks, order, sizes = self._plan(weights.layout)
+        ranks, order, sizes, _ = self._plan(weights.layout)
         dst, zero = self._views(slot, ranks)
         if dst and self.native and weights.buffer.device.type == "cpu" and weights.buffer.dtype == self.dtype:
             pointers, n = self._copy_plan(slot, weights.layout)
@@ -100,12 +100,9 @@ class MultiLoRAModel:
         if (entry := self._copy_plans.get(key)) is None:
             if len(self._copy_plans) >= 4 * self.num_slots:
                 self._copy_plans.clear()
-            ranks, order, sizes = self._plan(layout)
+            ranks, order, _, offsets = self._plan(layout)
             dst, _ = self._views(slot, ranks)
             item = dst[0].element_size()
-            offsets = [0]
-            for n in sizes[:-1]:
-                offsets.append(offsets[-1] + n)
             arrays = (
                 torch.tensor([t.data_ptr() for t in dst], dtype=torch.int64),
                 torch.tensor([offsets[i] * item for i in order], dtype=torch.int64),
@@ -114,9 +111,9 @@ class MultiLoRAModel:
             entry = self._copy_plans[key] = (arrays, (tuple(a.data_ptr() for a in arrays), len(dst)))
         return entry[1]
 
-    def _plan(self, layout: tuple) -> tuple[tuple[int, ...], list[int], list[int]]:
+    def _plan(self, layout: tuple) -> tuple[tuple[int, ...], list[int], list[int], list[int]]:
         """For one adapter layout: each layer's rank, which piece of the buffer fills each destination view, and
-        the pieces' sizes in buffer order. Made once per layout (adapters of one shape share it)."""
+        the pieces' sizes and offsets in buffer order. Made once per layout (adapters of one shape share it)."""
         if (plan := self._plans.get(layout)) is None:
             if len(self._plans) >= 64:
                 self._plans.clear()
@@ -130,6 +127,7 @@ class MultiLoRAModel:
                 tuple(rank.get(name, 0) for name in self.layers),
                 order,
                 [n for _, n, _, _ in pieces],
+                [off for off, _, _, _ in pieces],
             )
         return plan
 

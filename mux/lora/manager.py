@@ -268,7 +268,7 @@ class AdapterManager:
             buffer[b : b + r * o].view(r, o).copy_(layer.lora_b[entry.slot, :r])
         targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in entry.modules}))
         ref = entry.ref
-        return LoRAWeights(ref.path, ref.key, ref.rank, targets, buffer, tuple(layout), buffer.nbytes)
+        return LoRAWeights(ref.path, ref.key, ref.rank, targets, buffer, tuple(layout))
 
     def _host_evicted(self, key: str) -> None:
         self.counters["evictions"]["host_to_disk"] += 1

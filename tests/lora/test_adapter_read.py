@@ -59,7 +59,16 @@ HEADER_EDITS = {
     "an unknown dtype": lambda h: _first(h).update(dtype="X9"),
     "no data_offsets": lambda h: _first(h).pop("data_offsets"),
     "boolean offsets": lambda h: _first(h).update(data_offsets=[False, True]),
+    "two tensors over the same bytes": lambda h: _same_bytes(h),
 }
+
+
+def _same_bytes(header) -> None:
+    """Point a tensor at the bytes of another of its size: an overlap, and a gap where its own bytes were."""
+    keys = sorted(k for k in header if k != "__metadata__")
+    size = lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0]  # noqa: E731
+    first, other = next((a, b) for a in keys for b in keys if a < b and size(a) == size(b))
+    header[other]["data_offsets"] = list(header[first]["data_offsets"])
 
 
 @pytest.mark.parametrize("case", list(HEADER_EDITS))
@@ -67,6 +76,15 @@ def test_bad_headers_refused(tmp_path, tiny_adapters, shapes, case):
     path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "bad")
     _rewrite_header(path, HEADER_EDITS[case])
     with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
+        load_adapter(path, shapes, max_rank=16)
+
+
+def test_bytes_past_the_last_tensor_refused(tmp_path, tiny_adapters, shapes):
+    """As safetensors: the tensors tile the data bytes exactly."""
+    path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "long")
+    with open(path / WEIGHTS_FILE, "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(InvalidAdapter, match="the tensors end at byte"):
         load_adapter(path, shapes, max_rank=16)
 
 
