@@ -152,3 +152,34 @@ def test_concurrent_reads_on_threads_equal_serial_reads(tmp_path, tiny_adapters,
             torch.equal(a, want.modules[m][0]) and torch.equal(b, want.modules[m][1])
             for m, (a, b) in got.modules.items()
         )
+
+
+def test_a_shared_header_is_planned_once_and_still_checked(tmp_path, tiny_adapters, shapes, tiny_dir):
+    """Adapters of one config share a header, whose checked plan is kept: another file with that header reads
+    its own bytes, a truncated one is refused, and the plan is checked again for another rank limit or model."""
+    from mux.lora import adapter
+
+    one = copy_adapter(tiny_adapters["r8-all-rslora"], tmp_path / "one")
+    two = copy_adapter(tiny_adapters["r8-all-rslora"], tmp_path / "two")
+    tensors = {k: v * 2 for k, v in load_file(two / WEIGHTS_FILE).items()}
+    save_file(tensors, two / WEIGHTS_FILE, metadata={"format": "pt"})  # same names, shapes, dtypes: same header
+    head = 8 + struct.unpack("<Q", (one / WEIGHTS_FILE).read_bytes()[:8])[0]
+    assert (one / WEIGHTS_FILE).read_bytes()[:head] == (two / WEIGHTS_FILE).read_bytes()[:head]
+    adapter._plans.clear()
+    first = load_adapter(one, shapes, max_rank=16)
+    assert len(adapter._plans) == 1
+    second = load_adapter(two, shapes, max_rank=16)
+    assert len(adapter._plans) == 1  # planned once
+    assert torch.equal(second.buffer, first.buffer * 2)
+    adapter._plans.clear()
+    assert torch.equal(load_adapter(two, shapes, max_rank=16).buffer, second.buffer)  # as without the plan kept
+
+    raw = (two / WEIGHTS_FILE).read_bytes()
+    (two / WEIGHTS_FILE).write_bytes(raw[:-4])  # the same header, the last tensor's bytes short
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
+        load_adapter(two, shapes, max_rank=16)
+    with pytest.raises(InvalidAdapter, match="exceeds max_lora_rank 4"):
+        load_adapter(one, shapes, max_rank=4)
+    other = {m: type(s)(s.in_features + 1, s.out_features) for m, s in shapes.items()}  # another base model
+    with pytest.raises(InvalidAdapter, match="do not match the base model"):
+        load_adapter(one, other, max_rank=16)
