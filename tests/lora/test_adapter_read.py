@@ -154,9 +154,10 @@ def test_concurrent_reads_on_threads_equal_serial_reads(tmp_path, tiny_adapters,
         )
 
 
-def test_a_shared_header_is_planned_once_and_still_checked(tmp_path, tiny_adapters, shapes, tiny_dir):
+def test_a_shared_header_is_planned_once_and_still_checked(tmp_path, tiny_adapters, shapes):
     """Adapters of one config share a header, whose checked plan is kept: another file with that header reads
-    its own bytes, a truncated one is refused, and the plan is checked again for another rank limit or model."""
+    its own bytes, one with a NaN or truncated is refused, and the plan is checked again for another rank limit
+    or model."""
     from mux.lora import adapter
 
     one = copy_adapter(tiny_adapters["r8-all-rslora"], tmp_path / "one")
@@ -174,6 +175,13 @@ def test_a_shared_header_is_planned_once_and_still_checked(tmp_path, tiny_adapte
     adapter._plans.clear()
     assert torch.equal(load_adapter(two, shapes, max_rank=16).buffer, second.buffer)  # as without the plan kept
 
+    name = next(iter(tensors))
+    save_file(
+        {**tensors, name: torch.full_like(tensors[name], math.nan)}, two / WEIGHTS_FILE, metadata={"format": "pt"}
+    )
+    with pytest.raises(InvalidAdapter, match="NaN or Inf"):
+        load_adapter(two, shapes, max_rank=16)  # the kept plan, the values checked all the same
+    assert len(adapter._plans) == 1
     raw = (two / WEIGHTS_FILE).read_bytes()
     (two / WEIGHTS_FILE).write_bytes(raw[:-4])  # the same header, the last tensor's bytes short
     with pytest.raises(InvalidAdapter, match="not a valid safetensors file"):
