@@ -79,8 +79,9 @@ async def http_throughput(base: str, models: list[str], texts: list[str]) -> flo
 
 
 async def raw_stream_one(base: str, model: str, prompt: str, max_tokens: int) -> int:
-    """Tokens of one streamed completion read with the least client work: an HTTP/1.0 request (the body ends
-    at close, no chunked framing), the head skipped, events split on blank lines, one json.loads each."""
+    """Tokens of one streamed completion read with the least client work: an HTTP/1.1 request with
+    `Connection: close`, the head read once, the chunked framing (or, without it, the body up to close) undone
+    by hand, events split on blank lines, one json.loads each."""
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     body = json.dumps(
@@ -93,11 +94,22 @@ async def raw_stream_one(base: str, model: str, prompt: str, max_tokens: int) ->
             "ignore_eos": True,
         }
     ).encode()
-    head = f"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     writer.write(head.encode() + body)
-    await reader.readuntil(b"\r\n\r\n")  # the response head
+    response_head = await reader.readuntil(b"\r\n\r\n")
+    chunked = b"transfer-encoding: chunked" in response_head.lower()
     buffer, tokens = b"", 0
-    while chunk := await reader.read(1 << 16):
+    while True:
+        if chunked:
+            size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+            chunk = (await reader.readexactly(size + 2))[:-2]  # the data and its CRLF
+            if not size:
+                break
+        elif not (chunk := await reader.read(1 << 16)):
+            break
         *events, buffer = (buffer + chunk).split(b"\n\n")
         for event in events:
             if event.startswith(b"data: {"):
