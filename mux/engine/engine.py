@@ -312,6 +312,8 @@ class Engine:
             self._append(seq, token, logprob)
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        if token < 0:  # the sampler could not sample this row
+            return self._finish(seq, "error", error="the logits are not finite (NaN or inf): cannot sample")
         seq.output_ids.append(token)
         p = seq.params
         if token in self.eos_ids and not p.ignore_eos:

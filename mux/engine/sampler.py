@@ -23,12 +23,17 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs."""
+        """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs; a sampled row that
+        cannot be sampled (non-finite logits, e.g. from an adapter with overflowing weights) gets token -1, so
+        only its own sequence fails, never the step."""
         tokens, lse = _argmax_logsumexp(logits)  # [B], [B]
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:
-                tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
-        logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse  # [B], no [B, V] written
+                try:
+                    tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
+                except RuntimeError:  # torch.multinomial: the probabilities are NaN, inf or all zero
+                    tokens[i] = -1
+        logprobs = logits.gather(1, tokens.clamp(min=0)[:, None])[:, 0] - lse  # [B], no [B, V] written
         return tokens.tolist(), logprobs.tolist()
 
     def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:

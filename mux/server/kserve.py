@@ -142,7 +142,7 @@ class KServeRoutes:
             prompts, shape = _input_prompts(body.get("inputs"), binary)
             params = _parameters(body.get("parameters"))
             binary_outputs = _requested_outputs(body.get("outputs"), bool(params.get("binary_data_output", False)))
-            texts = await self._run(caller, model, prompts, params)
+            texts = await self._run(caller, self._adapter(model, params), prompts, params)
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
         outputs, blobs = [], []
@@ -171,7 +171,7 @@ class KServeRoutes:
         try:
             caller, model = self._model(request)
             prompts, params = _generate_body(await read_json(request))
-            texts = await self._run(caller, model, prompts, params)
+            texts = await self._run(caller, self._adapter(model, params), prompts, params)
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
         output = texts[0] if len(texts) == 1 else texts  # Triton unwraps one-element outputs
@@ -183,10 +183,23 @@ class KServeRoutes:
             prompts, params = _generate_body(await read_json(request))
             if len(prompts) != 1:
                 raise InvalidRequest("generate_stream takes one `text_input`")
-            streams = await self.state.serving.submit(caller, model, prompts, sampling_params(params))
+            served = self._adapter(model, params)
+            streams = await self.state.serving.submit(caller, served, prompts, sampling_params(params))
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
-        return StreamingResponse(self._sse(model, streams), media_type="text/event-stream")
+        return StreamingResponse(self._sse(model, served, streams), media_type="text/event-stream")
+
+    def _adapter(self, model: str, params: dict) -> str:
+        """What serves the request: the path's model, or on the base model the `lora_name` parameter (as Triton's
+        vLLM backend takes it); never a silent fallback to the base for a name that does not resolve."""
+        lora_name = params.get("lora_name")
+        if lora_name is None or lora_name == model:
+            return model
+        if not isinstance(lora_name, str) or not lora_name:
+            raise InvalidRequest("`lora_name` must be a non-empty string")
+        if not self.state.serving.is_base(model):
+            raise InvalidRequest(f"`lora_name` '{lora_name}' names another adapter than the model '{model}'")
+        return lora_name
 
     async def _run(self, caller: Caller, model: str, prompts: list[str], params: dict) -> list[str]:
         """Generate every prompt as one batch; the texts in prompt order."""
@@ -196,7 +209,7 @@ class KServeRoutes:
         finally:
             self.state.serving.done(model, streams)
 
-    async def _sse(self, model: str, streams) -> AsyncIterator[str]:
+    async def _sse(self, model: str, served: str, streams) -> AsyncIterator[str]:
         """One `data: {...}` event per text delta; no [DONE] (the stream just ends); errors as `{"error"}`."""
         try:
             async for ev in streams[0]:
@@ -205,7 +218,7 @@ class KServeRoutes:
         except MuxError as e:
             yield _event({"error": str(e)})
         finally:  # client gone or done: cancel whatever still runs
-            self.state.serving.done(model, streams)
+            self.state.serving.done(served, streams)
 
 
 def _path_model(request: Request) -> tuple[str, str]:

@@ -167,3 +167,24 @@ def test_generate_and_generate_stream(server):
     assert "".join(json.loads(e)["text_output"] for e in events) == expected
     status, _, raw = post(server, "/v2/models/acme/nope/generate_stream", body)
     assert status == 400 and json.loads(raw) == {"error": "Request for unknown model: 'acme/nope' is not found"}
+
+
+def test_lora_name_parameter_selects_the_adapter(client, server):
+    """Triton's vLLM backend takes the adapter from `parameters.lora_name` on the base model: it serves that
+    adapter, and a name that does not resolve (or another tenant's) is refused, never answered by the base."""
+    expected = openai_texts(server, "acme/attn", ["Hello world"])[0]
+    assert expected != openai_texts(server, "tiny", ["Hello world"])[0]
+    for name in ("attn", "acme/attn"):
+        result = client.infer(
+            "tiny", [text_input(["Hello world"])], parameters={**GREEDY, "lora_name": name}, headers=acme()
+        )
+        assert result.as_numpy("text_output")[0].decode() == expected
+    body = {"text_input": "Hello world", "parameters": {**GREEDY, "lora_name": "attn"}}
+    status, _, raw = post(server, "/v2/models/tiny/generate", body)
+    assert status == 200 and json.loads(raw)["text_output"] == expected
+    for name in ("nope", "beta/mlp", 3):
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("tiny", [text_input(["Hi"])], parameters={**GREEDY, "lora_name": name}, headers=acme())
+        assert e.value.status() == "400"
+    status, _, _ = post(server, "/v2/models/acme/attn/generate", {**body, "parameters": {"lora_name": "ready"}})
+    assert status == 400  # a second adapter beside the path's one
