@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -312,7 +313,7 @@ class Engine:
             self._append(seq, token, logprob)
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
-        if token < 0:  # the sampler could not sample this row
+        if not math.isfinite(logprob):  # the row's logits were not finite: the sampler did not sample it
             return self._finish(seq, "error", error="the logits are not finite (NaN or inf): cannot sample")
         seq.output_ids.append(token)
         p = seq.params

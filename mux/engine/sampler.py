@@ -23,17 +23,14 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs; a sampled row that
-        cannot be sampled (non-finite logits, e.g. from an adapter with overflowing weights) gets token -1, so
-        only its own sequence fails, never the step."""
-        tokens, lse = _argmax_logsumexp(logits)  # [B], [B]
+        """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs. A row with a non-finite
+        value (e.g. from an adapter whose huge weights overflow) keeps its argmax and gets a non-finite logprob,
+        which fails only its own sequence: it is never sampled (torch.multinomial would fail the step)."""
+        tokens, lse = _argmax_logsumexp(logits)  # [B], [B]; lse is inf or NaN exactly for such rows
         for i, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                try:
-                    tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
-                except RuntimeError:  # torch.multinomial: the probabilities are NaN, inf or all zero
-                    tokens[i] = -1
-        logprobs = logits.gather(1, tokens.clamp(min=0)[:, None])[:, 0] - lse  # [B], no [B, V] written
+            if not seq.params.greedy and torch.isfinite(lse[i]):
+                tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
+        logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse  # [B], no [B, V] written
         return tokens.tolist(), logprobs.tolist()
 
     def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:

@@ -136,15 +136,17 @@ class KServeRoutes:
 
     # -- inference --
     async def infer(self, request: Request) -> Response:
+        served = None  # the adapter a `lora_name` parameter chose: what an unknown-model error names
         try:
             caller, model = self._model(request)
             body, binary = await _read_infer_body(request)
             prompts, shape = _input_prompts(body.get("inputs"), binary)
             params = _parameters(body.get("parameters"))
             binary_outputs = _requested_outputs(body.get("outputs"), bool(params.get("binary_data_output", False)))
-            texts = await self._run(caller, self._adapter(model, params), prompts, params)
+            served = self._adapter(model, params)
+            texts = await self._run(caller, served, prompts, params)
         except MuxError as e:
-            return kserve_error(e, _path_model(request)[0])
+            return kserve_error(e, served or _path_model(request)[0])
         outputs, blobs = [], []
         for binary_out in binary_outputs:
             tensor: dict = {"name": OUTPUT, "datatype": "BYTES", "shape": shape}
@@ -168,16 +170,19 @@ class KServeRoutes:
         )
 
     async def generate(self, request: Request) -> Response:
+        served = None
         try:
             caller, model = self._model(request)
             prompts, params = _generate_body(await read_json(request))
-            texts = await self._run(caller, self._adapter(model, params), prompts, params)
+            served = self._adapter(model, params)
+            texts = await self._run(caller, served, prompts, params)
         except MuxError as e:
-            return kserve_error(e, _path_model(request)[0])
+            return kserve_error(e, served or _path_model(request)[0])
         output = texts[0] if len(texts) == 1 else texts  # Triton unwraps one-element outputs
         return JSONResponse({"model_name": model, "model_version": VERSION, OUTPUT: output})
 
     async def generate_stream(self, request: Request) -> Response:
+        served = None
         try:
             caller, model = self._model(request)
             prompts, params = _generate_body(await read_json(request))
@@ -186,7 +191,7 @@ class KServeRoutes:
             served = self._adapter(model, params)
             streams = await self.state.serving.submit(caller, served, prompts, sampling_params(params))
         except MuxError as e:
-            return kserve_error(e, _path_model(request)[0])
+            return kserve_error(e, served or _path_model(request)[0])
         return StreamingResponse(self._sse(model, served, streams), media_type="text/event-stream")
 
     def _adapter(self, model: str, params: dict) -> str:

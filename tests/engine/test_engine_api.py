@@ -301,18 +301,21 @@ def test_a_read_the_loop_never_took_is_done_by_its_caller(tiny_dir, tiny_adapter
     assert len(threads) == 1 and threads[0].startswith("ThreadPoolExecutor")
 
 
-def test_an_overflowing_adapter_fails_only_its_own_sampled_request(engine, tiny_adapters, tmp_path):
-    """Finite but huge B weights pass validation and make that adapter's logits inf/NaN: its sampled request
-    fails alone; a greedy request in the same steps finishes (one row used to fail the whole step)."""
+def test_an_overflowing_adapter_fails_only_its_own_requests(engine, tiny_adapters, tmp_path):
+    """Finite but huge B weights pass validation and make that adapter's logits inf/NaN: its requests, greedy or
+    sampled, fail alone; a base request in the same steps finishes (a sampled row used to fail the whole step,
+    and a greedy one streamed the argmax of NaNs with a NaN logprob)."""
     from safetensors.torch import load_file, save_file
 
     hot = copy_adapter(tiny_adapters["r8-mlp"], tmp_path / "hot")
     weights = load_file(hot / "adapter_model.safetensors")
     save_file({k: torch.full_like(v, 1e30) for k, v in weights.items()}, hot / "adapter_model.safetensors")
     bystander = engine.submit("Hello world", GREEDY)
-    hot_stream = engine.submit("Hello world", SamplingParams(max_tokens=10, temperature=1.0, seed=0), hot)
-    with pytest.raises(MuxError, match="not finite"):
-        hot_stream.result()
-    assert hot_stream.finish_reason == "error"
+    sampled = engine.submit("Hello world", SamplingParams(max_tokens=10, temperature=1.0, seed=0), hot)
+    greedy = engine.submit("Hello world", GREEDY, hot)
+    for stream in (sampled, greedy):
+        with pytest.raises(MuxError, match="not finite"):
+            stream.result()
+        assert stream.finish_reason == "error" and stream.num_tokens == 0
     assert len(bystander.result().token_ids) == 10
     assert idle(engine)

@@ -182,9 +182,13 @@ def test_lora_name_parameter_selects_the_adapter(client, server):
     body = {"text_input": "Hello world", "parameters": {**GREEDY, "lora_name": "attn"}}
     status, _, raw = post(server, "/v2/models/tiny/generate", body)
     assert status == 200 and json.loads(raw)["text_output"] == expected
-    for name in ("nope", "beta/mlp", 3):
+    for name in ("nope", "beta/mlp", 3):  # another tenant's adapter reads exactly as a missing one
         with pytest.raises(InferenceServerException) as e:
             client.infer("tiny", [text_input(["Hi"])], parameters={**GREEDY, "lora_name": name}, headers=acme())
         assert e.value.status() == "400"
+        if isinstance(name, str):
+            assert e.value.message() == f"Request for unknown model: '{name}' is not found"
+    status, _, raw = post(server, "/v2/models/tiny/generate_stream", {**body, "parameters": {"lora_name": "nope"}})
+    assert status == 400 and json.loads(raw) == {"error": "Request for unknown model: 'nope' is not found"}
     status, _, _ = post(server, "/v2/models/acme/attn/generate", {**body, "parameters": {"lora_name": "ready"}})
     assert status == 400  # a second adapter beside the path's one
