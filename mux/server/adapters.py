@@ -64,6 +64,7 @@ class AdapterRoutes:
             caller = self._caller(request)
             if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
                 return _too_large()
+            request = Request(request.scope, _limited(request.receive, MAX_BODY_BYTES))  # chunked bodies too
             async with request.form(max_files=4, max_fields=8) as form:
                 adapter_id = self._own(caller, self._adapter_id(caller, form.get("name")))
                 staged = self.state.repository.staging_dir()
@@ -218,6 +219,22 @@ class AdapterRoutes:
             raise InUse(f"adapter {adapter_id} is serving requests or pinned; retry when idle")
         await run_in_threadpool(repo.delete, adapter_id)
         manager.forget(adapter_dir)
+
+
+def _limited(receive, limit: int):
+    """`receive` that raises TooLarge once the body passes `limit` bytes, whatever Content-Length said."""
+    seen = 0
+
+    async def counted() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise TooLarge()
+        return message
+
+    return counted
 
 
 def _save(upload: UploadFile, dst: Path) -> None:

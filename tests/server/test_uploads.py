@@ -338,3 +338,40 @@ def test_disk_tier_counts_uploaded_versions(server, tiny_adapters):
     listed = httpx.get(f"{server}/v1/adapters", headers=admin).json()["data"]
     disk = httpx.get(f"{server}/admin/stats", headers=admin).json()["tiers"]["disk"]
     assert disk["count"] == len(listed) and disk["bytes"] >= sum(a["bytes"] for a in listed) > 0
+
+
+def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path, monkeypatch):
+    """No Content-Length to check up front: the body is counted as it streams and refused at the limit."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    import mux.server.adapters as adapters
+    from mux.lora.repository import AdapterRepository
+    from mux.server.auth import Auth
+
+    monkeypatch.setattr(adapters, "MAX_BODY_BYTES", 64 << 10)
+    state = type("State", (), {"auth": Auth(), "repository": AdapterRepository(tmp_path)})()
+    boundary = b"xyz"
+    head = b'--xyz\r\nContent-Disposition: form-data; name="archive"; filename="a.tar.gz"\r\n\r\n'
+    chunks = [head] + [b"\0" * (16 << 10)] * 64  # 1 MiB of file, never a closing boundary
+    sent = []
+
+    async def receive():
+        sent.append(1)
+        return {"type": "http.request", "body": chunks[len(sent) - 1], "more_body": len(sent) < len(chunks)}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/adapters",
+        "headers": [
+            (b"content-type", b"multipart/form-data; boundary=" + boundary),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "query_string": b"",
+    }
+    r = asyncio.run(adapters.AdapterRoutes(state).upload(Request(scope, receive)))
+    assert r.status_code == 413 and b"too large" in r.body
+    assert len(sent) < len(chunks)  # it stopped reading at the limit
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
