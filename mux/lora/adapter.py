@@ -128,6 +128,11 @@ def check_config(config: dict) -> None:
     targets = config.get("target_modules")
     if isinstance(targets, list) and (bad := [t for t in targets if t in _EMBEDDING_NAMES]):
         raise InvalidAdapter(f"embedding/lm_head targets are not supported: {', '.join(bad)}")
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        _check_names(config, key)
+    layers = config.get("layers_to_transform")
+    if not (layers is None or _is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
+        raise InvalidAdapter(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
         if not _positive_number(value):
@@ -143,6 +148,22 @@ def check_config(config: dict) -> None:
                 raise InvalidAdapter(f"{key}: {pattern!r} is not a valid module pattern ({e})") from None
             if not _positive_number(value):
                 raise InvalidAdapter(f"{key}[{pattern!r}] must be a positive number, got {value!r}")
+
+
+def _check_names(config: dict, key: str) -> None:
+    """`key` is absent, a regex (a string) or a list of module names."""
+    value = config.get(key)
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise InvalidAdapter(f"{key}: {value!r} is not a valid module pattern ({e})") from None
+    elif not (value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        raise InvalidAdapter(f"{key} must be a module pattern or a list of module names, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive_number(value) -> bool:
@@ -180,6 +201,7 @@ def load_adapter(
     except OSError as e:
         raise InvalidAdapter(f"{WEIGHTS_FILE} could not be read: {e}") from None
     groups = _plan(data, shapes, max_rank)
+    _check_against_config(config, groups)
 
     use_rslora = bool(config.get("use_rslora", False))
     alpha = float(config.get("lora_alpha", 8))
@@ -215,6 +237,48 @@ def load_adapter(
         bad = next(m for m, (a, b) in weights.modules.items() if not (a.isfinite().all() and b.isfinite().all()))
         raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
     return weights
+
+
+def _check_against_config(config: dict, groups: tuple[_ModuleGroup, ...]) -> None:
+    """The tensors must be what the config says: PEFT builds each module's LoRA from the config (rank from `r` /
+    `rank_pattern`, modules from `target_modules`, `exclude_modules`, `layers_to_transform`), refuses tensors of
+    another rank and ignores tensors of modules it did not build. Serving either would scale by the wrong alpha/r
+    or add modules the adapter's reference (PEFT) never applies: refused instead."""
+    default_r = config.get("r", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    for g in groups:
+        for module in g.names:
+            if not _targeted(config, module):
+                raise InvalidAdapter(
+                    f"{module} has LoRA weights but adapter_config.json does not target it "
+                    f"(target_modules={config.get('target_modules')!r})"
+                )
+            if g.r != (want := _pattern_value(rank_pattern, module, default_r)):
+                raise InvalidAdapter(f"{module}: LoRA weights of rank {g.r}, but adapter_config.json says r={want}")
+
+
+def _targeted(config: dict, module: str) -> bool:
+    """PEFT's check_target_module_exists, for the config keys that decide which modules get a LoRA."""
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+    if exclude and _names(exclude, module):
+        return False
+    if targets is not None and targets != "all-linear" and not _names(targets, module):
+        return False  # no target_modules: PEFT's per-architecture default; not second-guessed here
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return True
+    pattern = config.get("layers_pattern") or ["layers", "h", "blocks", "layer"]
+    pattern = [pattern] if isinstance(pattern, str) else pattern
+    layer = next((m for p in pattern if (m := re.match(rf".*\.{p}\.(\d+)\.", module))), None)
+    layers = [layers] if isinstance(layers, int) else layers
+    return layer is not None and int(layer[1]) in layers
+
+
+def _names(spec, module: str) -> bool:
+    """A string is a regex over the whole module path; a list names modules by their dotted suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in spec)
 
 
 def _scale(module: str, r: int, alpha: float, alpha_pattern: dict, use_rslora: bool) -> float:

@@ -144,6 +144,42 @@ def _integer_weights(p):
     return edit_weights(p, fn)
 
 
+def _rank_lie(p):  # r4 tensors
+    return edit_config(p, r=8)
+
+
+def _rank_pattern_lie(p):
+    return edit_config(p, rank_pattern={"v_proj": 2})
+
+
+def _target_lie(p):  # tensors on q, k, v, o
+    return edit_config(p, target_modules=["q_proj", "v_proj"])
+
+
+def _target_regex_lie(p):
+    return edit_config(p, target_modules=r".*\.q_proj")
+
+
+def _excluded_module_has_weights(p):
+    return edit_config(p, exclude_modules=["k_proj"])
+
+
+def _layer_lie(p):  # tensors on both layers
+    return edit_config(p, layers_to_transform=[1])
+
+
+def _bad_target_type(p):
+    return edit_config(p, target_modules=7)
+
+
+def _bad_target_regex(p):
+    return edit_config(p, target_modules="(")
+
+
+def _bad_layers(p):
+    return edit_config(p, layers_to_transform=["0"])
+
+
 CASES = {
     "dora": (_dora, "DoRA"),
     "bias": (_bias, "bias"),
@@ -161,6 +197,15 @@ CASES = {
     "bad_json": (_bad_json, "not valid JSON"),
     "corrupt_safetensors": (_corrupt_safetensors, "safetensors"),
     "integer_weights": (_integer_weights, "floating point"),
+    "rank_lie": (_rank_lie, "rank 4, but adapter_config.json says r=8"),
+    "rank_pattern_lie": (_rank_pattern_lie, "v_proj: LoRA weights of rank 4, but adapter_config.json says r=2"),
+    "target_lie": (_target_lie, "k_proj has LoRA weights but adapter_config.json does not target it"),
+    "target_regex_lie": (_target_regex_lie, "does not target it"),
+    "excluded_module_has_weights": (_excluded_module_has_weights, "k_proj has LoRA weights"),
+    "layer_lie": (_layer_lie, "layers.0.self_attn.k_proj has LoRA weights"),
+    "bad_target_type": (_bad_target_type, "target_modules must be"),
+    "bad_target_regex": (_bad_target_regex, "not a valid module pattern"),
+    "bad_layers": (_bad_layers, "layers_to_transform must be"),
 }
 
 
@@ -225,6 +270,30 @@ def test_rank_and_alpha_patterns_match_peft(tmp_path, tiny_dir):
     n = len(out.prompt_token_ids)
     got = torch.stack(seen[out.request_id])
     assert (got - ref[n - 1 : -1]).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"layers_to_transform": [1]},
+        {"exclude_modules": ["model.layers.0.self_attn.k_proj"]},
+        {"target_regex": r".*\.(q_proj|k_proj)"},
+    ],
+)
+def test_config_that_narrows_the_targets_serves_as_peft(tmp_path, tiny_dir, extra):
+    """PEFT builds LoRA only where the config says; an adapter saved so loads and matches PEFT's logits."""
+    from conftest import peft_logits, record_logits
+
+    regex = extra.pop("target_regex", None)
+    adapter = make_adapter(tiny_dir, tmp_path / "narrow", r=4, targets=["q_proj", "k_proj"], seed=5, **extra)
+    if regex:  # a regex string, which make_adapter does not pass through
+        edit_config(adapter, target_modules=regex)
+    engine = make_engine(tiny_dir, max_loras=1, max_lora_rank=8)
+    seen = record_logits(engine)
+    out = engine.generate(["Hello world"], GREEDY, [adapter])[0]
+    ref = peft_logits(tiny_dir, adapter, out.prompt_token_ids + out.token_ids)
+    n = len(out.prompt_token_ids)
+    assert (torch.stack(seen[out.request_id]) - ref[n - 1 : -1]).abs().max().item() <= 1e-3
 
 
 def test_rewritten_adapter_is_read_again(tmp_path, tiny_dir, tiny_adapters):
