@@ -21,9 +21,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
 from mux.server.openai import BodyTooLarge, read_body, read_json, retry_after_headers, sampling_params
+from mux.server.serving import ClientGone, client_gone
 
 INPUT, OUTPUT = "text_input", "text_output"
 VERSION = "1"  # every model has one version
@@ -144,7 +146,9 @@ class KServeRoutes:
             params = _parameters(body.get("parameters"))
             binary_outputs = _requested_outputs(body.get("outputs"), bool(params.get("binary_data_output", False)))
             served = self._adapter(model, params)
-            texts = await self._run(caller, served, prompts, params)
+            texts = await self._run(request, caller, served, prompts, params)
+        except ClientGone:
+            return client_gone()
         except MuxError as e:
             return kserve_error(e, served or _path_model(request)[0])
         outputs, blobs = [], []
@@ -175,7 +179,9 @@ class KServeRoutes:
             caller, model = self._model(request)
             prompts, params = _generate_body(await read_json(request))
             served = self._adapter(model, params)
-            texts = await self._run(caller, served, prompts, params)
+            texts = await self._run(request, caller, served, prompts, params)
+        except ClientGone:
+            return client_gone()
         except MuxError as e:
             return kserve_error(e, served or _path_model(request)[0])
         output = texts[0] if len(texts) == 1 else texts  # Triton unwraps one-element outputs
@@ -206,13 +212,10 @@ class KServeRoutes:
             raise InvalidRequest(f"`lora_name` '{lora_name}' names another adapter than the model '{model}'")
         return lora_name
 
-    async def _run(self, caller: Caller, model: str, prompts: list[str], params: dict) -> list[str]:
-        """Generate every prompt as one batch; the texts in prompt order."""
+    async def _run(self, request: Request, caller: Caller, model: str, prompts: list[str], params: dict) -> list[str]:
+        """Generate every prompt as one batch; the texts in prompt order (ClientGone if the client leaves)."""
         streams = await self.state.serving.submit(caller, model, prompts, sampling_params(params))
-        try:
-            return [(await s.aresult()).text for s in streams]
-        finally:
-            self.state.serving.done(model, streams)
+        return await self.state.serving.finish(request, model, streams, _texts(streams))
 
     async def _sse(self, model: str, served: str, streams) -> AsyncIterator[str]:
         """One `data: {...}` event per text delta; no [DONE] (the stream just ends); errors as `{"error"}`."""
@@ -224,6 +227,10 @@ class KServeRoutes:
             yield _event({"error": str(e)})
         finally:  # client gone or done: cancel whatever still runs
             self.state.serving.done(served, streams)
+
+
+async def _texts(streams: list[RequestStream]) -> list[str]:
+    return [(await s.aresult()).text for s in streams]
 
 
 def _path_model(request: Request) -> tuple[str, str]:

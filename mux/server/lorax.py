@@ -23,6 +23,7 @@ from mux.engine.stream import RequestStream, TokenEvent
 from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
 from mux.server.openai import BodyTooLarge, read_json, retry_after_headers
+from mux.server.serving import ClientGone, client_gone
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default when `max_new_tokens` is null
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -161,11 +162,11 @@ class LoraxRoutes:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._sse(job, streams), media_type="text/event-stream", headers=headers)
         try:
-            events = [ev async for ev in streams[0]]
+            events = await self.state.serving.finish(request, job.adapter, streams, _events(streams[0]))
+        except ClientGone:
+            return client_gone()
         except MuxError as e:  # a deadline is 504, any other failure while generating 424
             return lorax_error(e)
-        finally:
-            self.state.serving.done(job.adapter, streams)
         last = events[-1]
         if last.token_id is None:  # cancelled before it finished
             return JSONResponse({"error": "Incomplete generation", "error_type": "incomplete_generation"}, 500)
@@ -223,3 +224,7 @@ class LoraxRoutes:
 
 def _event(obj: dict) -> str:
     return f"data:{json.dumps(obj, ensure_ascii=False)}\n\n"  # axum's framing: no space after the colon
+
+
+async def _events(stream: RequestStream) -> list[TokenEvent]:
+    return [ev async for ev in stream]

@@ -15,9 +15,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mux.engine.sequence import SamplingParams
-from mux.engine.stream import RequestStream, TokenEvent
+from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
+from mux.server.serving import ClientGone, client_gone
 
 
 class BodyTooLarge(InvalidRequest):
@@ -178,7 +179,7 @@ class OpenAIRoutes:
             prompts = self._prompts(body.get("prompt"))
             if body.get("suffix") or body.get("echo"):
                 raise InvalidRequest("`suffix` and `echo` are not supported")
-            return await self._run(caller, body, prompts, chat=False)
+            return await self._run(request, caller, body, prompts, chat=False)
         except MuxError as e:
             return error_response(e)
 
@@ -192,7 +193,7 @@ class OpenAIRoutes:
                 text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # the model's own Jinja template refused these messages
                 raise InvalidRequest(f"the chat template cannot render these messages: {e}") from None
-            return await self._run(caller, body, [tok(text, add_special_tokens=False).input_ids], chat=True)
+            return await self._run(request, caller, body, [tok(text, add_special_tokens=False).input_ids], chat=True)
         except MuxError as e:
             return error_response(e)
 
@@ -208,7 +209,7 @@ class OpenAIRoutes:
             return [_token_list(p, "prompt") for p in prompt]
         raise InvalidRequest("`prompt` must be a string, a list of strings, or token ids")
 
-    async def _run(self, caller, body: dict, prompts: list, chat: bool) -> Response:
+    async def _run(self, request: Request, caller, body: dict, prompts: list, chat: bool) -> Response:
         model = body.get("model") or self.state.base_name  # its type is checked by serving.submit
         params = sampling_params(body, chat)
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
@@ -227,13 +228,15 @@ class OpenAIRoutes:
         if body.get("stream"):
             usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
             return StreamingResponse(self._sse(streams, meta, chat, usage, n), media_type="text/event-stream")
-        return await self._collect(streams, meta, chat, n)
+        return await self._collect(request, streams, meta, chat, n)
 
-    async def _collect(self, streams: list[RequestStream], meta: dict, chat: bool, n: int) -> Response:
+    async def _collect(
+        self, request: Request, streams: list[RequestStream], meta: dict, chat: bool, n: int
+    ) -> Response:
         try:
-            results = [await s.aresult() for s in streams]
-        finally:
-            self.state.serving.done(meta["model"], streams)
+            results = await self.state.serving.finish(request, meta["model"], streams, _results(streams))
+        except ClientGone:
+            return client_gone()
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "logprobs": None, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
@@ -289,6 +292,10 @@ class OpenAIRoutes:
             yield "data: [DONE]\n\n"
         finally:  # client gone or done: cancel whatever still runs (frees KV and adapter pins)
             self.state.serving.done(meta["model"], streams)
+
+
+async def _results(streams: list[RequestStream]) -> list[Completion]:
+    return [await s.aresult() for s in streams]
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")

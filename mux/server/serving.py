@@ -6,12 +6,29 @@ ends (finished, failed or the client went away), `done`. One adapter, one name, 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream
 from mux.errors import InvalidRequest, MuxError
 from mux.server.auth import Caller
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streaming) response was ready."""
+
+
+def client_gone() -> Response:
+    """What a handler returns for a client that left: nobody reads it; the access log says 499, as nginx does."""
+    return Response(status_code=499)
 
 
 class Serving:
@@ -59,6 +76,21 @@ class Serving:
         limits.track(key, streams, len(prompts))
         return streams
 
+    async def finish(self, request: Request, model: str | None, streams: list[RequestStream], work: Awaitable[T]) -> T:
+        """Await `work` (reading `streams` to their end) for a non-streaming response, then `done`. A client that
+        disconnects first raises ClientGone at once: its generations are cancelled then, not left running to
+        `max_tokens` holding KV blocks and the tenant's in-flight slots for a response nobody reads."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                raise ClientGone()
+            return task.result()
+        finally:
+            task.cancel(), watch.cancel()  # a no-op on a finished one
+            self.done(model, streams)
+
     def done(self, model: str | None, streams: list[RequestStream]) -> None:
         """The response is over: cancel what still runs (frees KV and the adapter pin), count, release limits."""
         for s in streams:
@@ -66,3 +98,9 @@ class Serving:
                 s.cancel()
         self.state.metrics.observe(model or self.state.base_name, streams)
         self.state.limits.finish(streams)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects; the body is read by then, so disconnect is all `receive` has left."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

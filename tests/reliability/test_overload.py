@@ -87,3 +87,36 @@ def test_tenant_over_its_limit_gets_429_and_others_are_served(server):
         timeout=30,
     )
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "a", "prompt": "hello", "max_tokens": 500, "ignore_eos": True}),
+        ("/v2/models/a/generate", {"text_input": "hello", "parameters": {"max_tokens": 500, "ignore_eos": True}}),
+        (
+            "/generate",
+            {"inputs": "hello", "parameters": {"adapter_id": "a", "max_new_tokens": 500, "ignore_eos_token": True}},
+        ),
+    ],
+)
+def test_disconnect_before_a_plain_response_cancels_the_generation(server, path, body):
+    """No stream to write into: the server watches the connection itself and cancels when the client leaves."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    before = _wait_idle(server)["finished"]
+    url = urlsplit(server)
+    raw = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEYS['acme']}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head.encode() + raw)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server}/admin/stats", headers=_headers("admin")).json()["engine"]["running"] == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+    after = _wait_idle(server)["finished"]
+    assert after.get("cancelled", 0) - before.get("cancelled", 0) == 1
+    assert after.get("length", 0) == before.get("length", 0)  # it did not run on to max_tokens
