@@ -1,7 +1,8 @@
 """The one request path every protocol shares: caller + model name -> adapter -> tenant limits -> engine.
 
 OpenAI, KServe v2 and LoRAX routes parse their own wire format, then call `submit` and, when the response
-ends (finished, failed or the client went away), `done`. One adapter, one name, one set of checks everywhere.
+ends (finished, failed or the client went away), `done`: a streamed response in its generator's `finally`, a
+plain one through `finish`, which also watches the connection. One adapter, one name, one set of checks everywhere.
 """
 
 from __future__ import annotations
