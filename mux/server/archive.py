@@ -2,14 +2,18 @@
 
 Only the two adapter files are taken, as regular files, at the top level or inside one folder. Absolute
 paths, `..`, links, devices, duplicates and anything else are refused, and every member is copied through
-a byte counter, so a compression bomb stops at the limit instead of filling the disk.
+a byte counter, so a compression bomb stops at the limit instead of filling the disk. A compressed tar is read
+to its end, so its checksum (gzip's CRC-32, xz's and bzip2's own) is checked: a damaged archive whose bytes
+still decompress is refused, not installed with altered weights. Damage the decompressor finds is a 400 too.
 """
 
 from __future__ import annotations
 
+import lzma
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -17,6 +21,8 @@ from mux.errors import InvalidAdapter
 from mux.lora.adapter import CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_REFUSED, WEIGHTS_FILE
 
 MAX_MEMBERS = 16
+# what a decompressor or archive reader raises on damaged bytes (bz2: OSError; an encrypted zip: RuntimeError)
+_DAMAGED = (EOFError, OSError, zlib.error, lzma.LZMAError, RuntimeError, ValueError, NotImplementedError)
 
 
 def extract_adapter(archive: BinaryIO, filename: str, dst: Path, max_weights: int) -> None:
@@ -29,8 +35,8 @@ def extract_adapter(archive: BinaryIO, filename: str, dst: Path, max_weights: in
         archive.seek(0)
         try:
             with tarfile.open(fileobj=archive, mode="r:*") as tf:
-                _extract_tar(tf, dst, limits)
-        except (tarfile.TarError, EOFError, OSError) as e:
+                _extract_tar(tf, dst, limits, max_weights)
+        except (tarfile.TarError, *_DAMAGED) as e:
             raise InvalidAdapter(f"archive {filename!r} is not a readable .tar.gz or .zip: {e}") from None
     missing = [f for f in limits if not (dst / f).is_file()]
     if missing:
@@ -68,8 +74,11 @@ def _copy_limited(src: BinaryIO, dst: Path, limit: int, name: str) -> None:
             out.write(chunk)
 
 
-def _extract_tar(tf: tarfile.TarFile, dst: Path, limits: dict[str, int]) -> None:
+def _extract_tar(tf: tarfile.TarFile, dst: Path, limits: dict[str, int], max_other: int) -> None:
+    """`max_other`: bytes the ignored members (a checkpoint's optimizer.pt, ...) may hold together: a tar is
+    one stream, so skipping a member still decompresses it."""
     seen: set[str] = set()
+    other = 0
     for count, member in enumerate(tf, start=1):
         if count > MAX_MEMBERS:
             raise InvalidAdapter(f"archive has more than {MAX_MEMBERS} members")
@@ -77,6 +86,12 @@ def _extract_tar(tf: tarfile.TarFile, dst: Path, limits: dict[str, int]) -> None
         target = _member_target(member.name, kind, seen)
         if target is not None:
             _copy_limited(tf.extractfile(member), dst / target, limits[target], target)
+        elif (other := other + member.size) > max_other:
+            raise InvalidAdapter(f"archive's other members are too large (over {max_other} bytes uncompressed)")
+    tail = 0  # to the end of the stream: the decompressor checks the checksum there
+    while chunk := tf.fileobj.read(1 << 20):
+        if (tail := tail + len(chunk)) > max_other:
+            raise InvalidAdapter(f"archive has over {max_other} bytes after its last member")
 
 
 def _extract_zip(fileobj: BinaryIO, dst: Path, limits: dict[str, int]) -> None:
@@ -94,5 +109,5 @@ def _extract_zip(fileobj: BinaryIO, dst: Path, limits: dict[str, int]) -> None:
                 if target is not None:
                     with zf.open(info) as src:
                         _copy_limited(src, dst / target, limits[target], target)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, *_DAMAGED) as e:
         raise InvalidAdapter(f"archive is not a readable .zip: {e}") from None
