@@ -113,6 +113,8 @@ class Engine:
         seq.deadline = time.monotonic() + self.config.scheduler.request_timeout_s
         seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         seq.stream = RequestStream(request_id, prompt_ids, ref and str(ref.path), self.cancel, self._pump)
+        if ref is not None:  # queued is in use: the adapter cannot be deleted under it (until _finish)
+            self.adapters.hold(ref.key)
         self._inbox.put(("add", seq))
         self._wake.set()
         return seq.stream
@@ -333,6 +335,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, last: TokenEvent | None = None, error: str | None = None) -> None:
         """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
         answer never sees the resources still held)."""
+        if seq.adapter is not None and self._seqs.get(seq.request_id) is seq:
+            self.adapters.unhold(seq.adapter.key)
         self.scheduler.finish(seq, reason)
         self.finished[reason] += 1
         self.sampler.forget(seq.seq_id)

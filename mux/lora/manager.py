@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +110,7 @@ class AdapterManager:
         self.free_slots = list(range(config.max_loras - 1, -1, -1))
         self.permanent: set[str] = set()
         self.failures: dict[str, str] = {}  # key -> why its load failed (engine fails the waiting sequences)
+        self.queued: Counter[str] = Counter()  # key -> live sequences of it, slot or not (submit to finish)
         self.usage: dict[str, Usage] = {}
         self.counters = {
             "hits": {"device": 0, "host": 0},
@@ -232,10 +233,23 @@ class AdapterManager:
             for key in [k for k, e in self.entries.items() if _under(k, path) and not e.refs]:
                 self.free_slots.append(self.entries.pop(key).slot)
 
-    def in_use(self, path: Path) -> bool:
-        """Does a request (or an operator pin) hold an adapter stored at or below `path`?"""
+    def hold(self, key: str) -> None:
+        """A sequence of this adapter was submitted: `in_use` says so until `unhold`, slot or not yet."""
         with self._lock:
-            return any(e.refs for k, e in self.entries.items() if _under(k, path))
+            self.queued[key] += 1
+
+    def unhold(self, key: str) -> None:
+        with self._lock:
+            self.queued[key] -= 1
+            if self.queued[key] <= 0:
+                del self.queued[key]
+
+    def in_use(self, path: Path) -> bool:
+        """Does a request (queued or running) or an operator pin hold an adapter stored at or below `path`?"""
+        with self._lock:
+            return any(_under(k, path) for k in self.queued) or any(
+                e.refs for k, e in self.entries.items() if _under(k, path)
+            )
 
     # ---- internals --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:

@@ -26,6 +26,7 @@ def idle(engine) -> bool:
     return (
         engine.blocks.num_free == engine.blocks.num_blocks
         and engine.adapters.num_pinned == 0
+        and not engine.adapters.queued
         and not engine.scheduler.has_work()
     )
 
@@ -137,6 +138,18 @@ def test_cancel_frees_kv_and_adapter_pin(engine, tiny_adapters):
     engine.step()
     assert idle(engine)
     assert stream.result().finish_reason == "cancelled"
+
+
+def test_a_queued_request_holds_its_adapter_in_use_until_it_ends(engine, tiny_adapters):
+    """Submitted, not yet stepped (no slot, no pin): deleting its adapter now would fail it later."""
+    path = tiny_adapters["r8-mlp"]
+    stream = engine.submit("Hello world", GREEDY, path)
+    assert engine.adapters.in_use(path) and engine.adapters.num_pinned == 0
+    stream.cancel()
+    engine.step()
+    assert stream.result().finish_reason == "cancelled" and not engine.adapters.in_use(path) and idle(engine)
+    done = engine.generate(["Hello"], GREEDY, [path])[0]
+    assert done.finish_reason == "length" and not engine.adapters.in_use(path) and idle(engine)
 
 
 def test_background_thread_and_asyncio_streams(tiny_dir, tiny_adapters):

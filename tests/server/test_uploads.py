@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import time
 
 import httpx
 import pytest
@@ -375,3 +376,31 @@ def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path, mon
     assert r.status_code == 413 and b"too large" in r.body
     assert len(sent) < len(chunks)  # it stopped reading at the limit
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_delete_refused_while_a_request_waits_for_a_slot(server, tiny_adapters):
+    """Queued, not yet in a slot (every slot pinned), the request still uses the adapter: 409, and it is served."""
+    import threading
+
+    admin, acme = ({"Authorization": f"Bearer {KEYS[w]}"} for w in ("admin", "acme"))
+    for name in ("pin1", "pin2", "waits"):
+        assert upload(server, "acme", name, adapter_files(tiny_adapters["r2-down"])).status_code == 201
+    for name in ("pin1", "pin2"):  # the server has two slots
+        assert httpx.post(f"{server}/admin/adapters/acme/{name}/pin", headers=admin).status_code == 200
+    answer = {}
+    waiter = threading.Thread(target=lambda: answer.update(r=complete(server, "acme", "waits")))
+    waiter.start()
+    try:
+        for _ in range(200):
+            if httpx.get(f"{server}/admin/stats", headers=admin).json()["engine"]["waiting"]:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the request never queued")
+        assert httpx.delete(f"{server}/v1/adapters/acme/waits", headers=acme).status_code == 409
+    finally:
+        for name in ("pin1", "pin2"):
+            httpx.post(f"{server}/admin/adapters/acme/{name}/unpin", headers=admin)
+        waiter.join(timeout=60)
+    assert answer["r"].status_code == 200, answer["r"].text
+    assert httpx.delete(f"{server}/v1/adapters/acme/waits", headers=acme).status_code == 200
