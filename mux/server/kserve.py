@@ -215,7 +215,7 @@ class KServeRoutes:
     async def _run(self, request: Request, caller: Caller, model: str, prompts: list[str], params: dict) -> list[str]:
         """Generate every prompt as one batch; the texts in prompt order (ClientGone if the client leaves)."""
         streams = await self.state.serving.submit(caller, model, prompts, sampling_params(params))
-        return await self.state.serving.finish(request, model, streams, _texts(streams))
+        return await self.state.serving.finish(request, streams, _texts(streams))
 
     async def _sse(self, model: str, served: str, streams) -> AsyncIterator[str]:
         """One `data: {...}` event per text delta; no [DONE] (the stream just ends); errors as `{"error"}`."""
@@ -226,7 +226,7 @@ class KServeRoutes:
         except MuxError as e:
             yield _event({"error": str(e)})
         finally:  # client gone or done: cancel whatever still runs
-            self.state.serving.done(served, streams)
+            self.state.serving.done(streams)
 
 
 async def _texts(streams: list[RequestStream]) -> list[str]:

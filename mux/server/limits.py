@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from mux.engine.stream import RequestStream
-from mux.errors import Overloaded
+from mux.errors import InvalidRequest, Overloaded
 from mux.server.auth import DEFAULT_TENANT
 
 WINDOW_S = 60.0
@@ -44,6 +44,10 @@ class Limits:
     def admit(self, tenant: str | None, count: int) -> str:
         """Reserve `count` generations for `tenant` or raise Overloaded. Returns the tenant key to `track` with."""
         key, limit = tenant or DEFAULT_TENANT, self.limit(tenant)
+        if limit.max_concurrent is not None and count > limit.max_concurrent:  # a retry would never pass
+            raise InvalidRequest(
+                f"the request asks for {count} generations; tenant `{key}` may have {limit.max_concurrent} in flight"
+            )
         with self._lock:
             if limit.max_concurrent is not None and self._in_flight[key] + count > limit.max_concurrent:
                 raise Overloaded(

@@ -162,7 +162,7 @@ class LoraxRoutes:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._sse(job, streams), media_type="text/event-stream", headers=headers)
         try:
-            events = await self.state.serving.finish(request, job.adapter, streams, _events(streams[0]))
+            events = await self.state.serving.finish(request, streams, _events(streams[0]))
         except ClientGone:
             return client_gone()
         except MuxError as e:  # a deadline is 504, any other failure while generating 424
@@ -199,7 +199,7 @@ class LoraxRoutes:
         except MuxError as e:  # the stream already said 200: the error travels as an event
             yield _event(lorax_error_body(e)[1])
         finally:  # client gone or done: cancel whatever still runs
-            self.state.serving.done(job.adapter, streams)
+            self.state.serving.done(streams)
 
     def _token(self, ev: TokenEvent) -> dict:
         if self._special is None:

@@ -234,7 +234,7 @@ class OpenAIRoutes:
         self, request: Request, streams: list[RequestStream], meta: dict, chat: bool, n: int
     ) -> Response:
         try:
-            results = await self.state.serving.finish(request, meta["model"], streams, _results(streams))
+            results = await self.state.serving.finish(request, streams, _results(streams))
         except ClientGone:
             return client_gone()
         choices = []
@@ -291,7 +291,7 @@ class OpenAIRoutes:
             yield _event(error_body(e)[1])
             yield "data: [DONE]\n\n"
         finally:  # client gone or done: cancel whatever still runs (frees KV and adapter pins)
-            self.state.serving.done(meta["model"], streams)
+            self.state.serving.done(streams)
 
 
 async def _results(streams: list[RequestStream]) -> list[Completion]:

@@ -35,6 +35,7 @@ def client_gone() -> Response:
 class Serving:
     def __init__(self, state) -> None:
         self.state = state  # ServerState: engine, auth, repository, limits, metrics
+        self._served: dict[int, str] = {}  # id(stream) -> what serves it (adapter id or base name), until `done`
 
     def is_base(self, model: str | None) -> bool:
         return not model or model == self.state.base_name
@@ -55,11 +56,11 @@ class Serving:
             raise InvalidRequest("the model name must be a string")
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         engine = self.state.engine
-        adapter = None
+        adapter, served = None, self.state.base_name
         if not self.is_base(model):
-            adapter_id = self.state.auth.adapter_id(caller, model)
-            self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
-            path = self.state.repository.path(adapter_id)
+            served = self.state.auth.adapter_id(caller, model)
+            self.state.auth.check(caller, served)  # another tenant's adapter: 404, as if absent
+            path = self.state.repository.path(served)
             # a host-tier hit is answered here; only a read takes a worker thread, so requests for resident
             # adapters never queue for workers behind cold reads waiting on the engine's step boundary
             adapter = engine.cached_adapter(path) or await run_in_threadpool(engine.prepare_adapter, path)
@@ -75,9 +76,10 @@ class Serving:
             limits.track(key, [], len(prompts))
             raise
         limits.track(key, streams, len(prompts))
+        self._served.update((id(s), served) for s in streams)
         return streams
 
-    async def finish(self, request: Request, model: str | None, streams: list[RequestStream], work: Awaitable[T]) -> T:
+    async def finish(self, request: Request, streams: list[RequestStream], work: Awaitable[T]) -> T:
         """Await `work` (reading `streams` to their end) for a non-streaming response, then `done`. A client that
         disconnects first raises ClientGone at once: its generations are cancelled then, not left running to
         `max_tokens` holding KV blocks and the tenant's in-flight slots for a response nobody reads."""
@@ -90,14 +92,18 @@ class Serving:
             return task.result()
         finally:
             task.cancel(), watch.cancel()  # a no-op on a finished one
-            self.done(model, streams)
+            self.done(streams)
 
-    def done(self, model: str | None, streams: list[RequestStream]) -> None:
-        """The response is over: cancel what still runs (frees KV and the adapter pin), count, release limits."""
+    def done(self, streams: list[RequestStream]) -> None:
+        """The response is over: cancel what still runs (frees KV and the adapter pin), count, release limits.
+        Metrics are labelled by the adapter id that served, not the name as typed (`a1` and `acme/a1` are one
+        adapter; two tenants' `a1` are two). Idempotent."""
         for s in streams:
             if not s.finished:
                 s.cancel()
-        self.state.metrics.observe(model or self.state.base_name, streams)
+        served = [self._served.pop(id(s), None) for s in streams]
+        if served and served[0] is not None:
+            self.state.metrics.observe(served[0], streams)
         self.state.limits.finish(streams)
 
 

@@ -120,3 +120,10 @@ def test_disconnect_before_a_plain_response_cancels_the_generation(server, path,
     after = _wait_idle(server)["finished"]
     assert after.get("cancelled", 0) - before.get("cancelled", 0) == 1
     assert after.get("length", 0) == before.get("length", 0)  # it did not run on to max_tokens
+
+
+def test_a_request_that_can_never_be_admitted_is_400_not_429(server):
+    body = {"model": "a", "prompt": "hello", "max_tokens": 2, "n": 3}  # acme may have 2 in flight
+    r = httpx.post(f"{server}/v1/completions", json=body, headers=_headers("acme"), timeout=30)
+    assert r.status_code == 400 and "retry-after" not in r.headers
+    assert "asks for 3 generations" in r.json()["error"]["message"]

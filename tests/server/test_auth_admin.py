@@ -115,14 +115,22 @@ def test_admin_pin_evict_unpin(server):
     assert call(server, "/admin/adapters/beta/qv/explode", key, "POST")[0] == 404
 
 
+def scrape(server) -> str:
+    req = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"})
+    with urllib.request.urlopen(req) as r:
+        return r.read().decode()
+
+
 def test_metrics_prometheus_format(server):
     admin = client(server, "admin")
     admin.completions.create(model="acme/attn", prompt="Hello", max_tokens=3, temperature=0)
     list(admin.completions.create(model="demo/pub", prompt="Hello", max_tokens=3, stream=True))
-    req = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"})
-    with urllib.request.urlopen(req) as r:
-        text = r.read().decode()
-    assert 'mux_requests_total{adapter="acme/attn",finish_reason="length"}' in text
+    text = scrape(server)
+    series = 'mux_requests_total{adapter="acme/attn",finish_reason="length"} '
+    count = float(text.split(series)[1].split()[0])
+    client(server, "acme").completions.create(model="attn", prompt="Hello", max_tokens=2, temperature=0)
+    text = scrape(server)  # labelled by the adapter that served, not the name as typed: `attn` is acme/attn
+    assert float(text.split(series)[1].split()[0]) == count + 1 and 'adapter="attn"' not in text
     assert 'mux_time_to_first_token_seconds_count{adapter="demo/pub"}' in text
     assert 'mux_generated_tokens_total{adapter="acme/attn"}' in text
     assert "mux_device_slots_capacity 2.0" in text and "mux_waiting_requests" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mux.errors import Overloaded
+from mux.errors import InvalidRequest, Overloaded
 from mux.server.limits import Limits, TenantLimit
 
 
@@ -36,6 +36,15 @@ def test_in_flight_limit_per_tenant_and_release():
     limits.finish(streams)  # idempotent: a response ending twice releases once
     assert limits.in_flight("acme") == 0
     limits.admit("acme", 2)
+
+
+def test_a_request_larger_than_the_limit_is_refused_not_retried():
+    """n above max_concurrent can never be admitted: 400 (InvalidRequest), not a 429 the client retries forever."""
+    limits = Limits(TenantLimit(max_concurrent=4))
+    with pytest.raises(InvalidRequest, match="asks for 5 generations; tenant `acme` may have 4 in flight"):
+        limits.admit("acme", 5)
+    assert limits.in_flight("acme") == 0
+    limits.admit("acme", 4)
 
 
 def test_half_submitted_batch_releases_what_never_ran():
