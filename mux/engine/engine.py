@@ -308,29 +308,29 @@ class Engine:
 
     def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         sampled = [s.seq for s in out.scheduled if s.sample]
-        tokens, logprobs = self.sampler.sample(logits, sampled)
+        tokens, logprobs, tops = self.sampler.sample(logits, sampled)
         for s in out.scheduled:
             s.seq.num_computed += s.num_tokens
-        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            self._append(seq, token, logprob)
+        for seq, token, logprob, top in zip(sampled, tokens, logprobs, tops, strict=True):
+            self._append(seq, token, logprob, top)
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float, top=None) -> None:
         if not math.isfinite(logprob):  # the row's logits were not finite: the sampler did not sample it
             return self._finish(seq, "error", error="the logits are not finite (NaN or inf): cannot sample")
         seq.output_ids.append(token)
         p = seq.params
         if token in self.eos_ids and not p.ignore_eos:
-            return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos"))
+            return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos", top=top))
         if token in p.stop_token_ids:
-            return self._finish(seq, "stop", TokenEvent(token, seq.detok.flush(), logprob, "stop"))
+            return self._finish(seq, "stop", TokenEvent(token, seq.detok.flush(), logprob, "stop", top=top))
         text, stopped = seq.detok.add(token)
         if stopped:
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.base.max_model_len:
             reason, text = "length", text + seq.detok.flush()
         else:
-            return seq.stream.push(TokenEvent(token, text, logprob))
-        self._finish(seq, reason, TokenEvent(token, text, logprob, reason))
+            return seq.stream.push(TokenEvent(token, text, logprob, top=top))
+        self._finish(seq, reason, TokenEvent(token, text, logprob, reason, top=top))
 
     def _finish(self, seq: Sequence, reason: str, last: TokenEvent | None = None, error: str | None = None) -> None:
         """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
@@ -349,6 +349,8 @@ class Engine:
         vocab = self.base.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab})")
         limit = self.base.max_model_len
         if len(prompt_ids) + params.max_tokens > limit:
             raise InvalidRequest(

@@ -22,16 +22,25 @@ class Sampler:
         self._generators.pop(seq_id, None)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """logits [B, V] float32, row i for seqs[i]. Returns token ids and their logprobs. A row with a non-finite
-        value (e.g. from an adapter whose huge weights overflow) keeps its argmax and gets a non-finite logprob,
-        which fails only its own sequence: it is never sampled (torch.multinomial would fail the step)."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], list]:
+        """logits [B, V] float32, row i for seqs[i]. Returns token ids, their logprobs and, per row, the
+        `top_logprobs` most likely (token id, logprob) pairs (None where none were asked for).
+
+        Penalties and a logit bias change a row in place first; logprobs are of the row as processed, before
+        temperature, top-k/p and min-p (vLLM's "processed" logprobs). A row with a non-finite value (e.g. from
+        an adapter whose huge weights overflow) keeps its argmax and gets a non-finite logprob, which fails
+        only its own sequence: it is never sampled (torch.multinomial would fail the step)."""
+        for i, seq in enumerate(seqs):
+            if seq.params.processed:
+                _process(logits[i], seq)
         tokens, lse = _argmax_logsumexp(logits)  # [B], [B]; lse is inf or NaN exactly for such rows
         for i, seq in enumerate(seqs):
             if not seq.params.greedy and torch.isfinite(lse[i]):
                 tokens[i] = self._sample_row(logits[i], seq.params, self._generator(seq.seq_id, seq.params))
         logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse  # [B], no [B, V] written
-        return tokens.tolist(), logprobs.tolist()
+        tops = [_top(logits[i], lse[i], s.params.top_logprobs) if s.params.top_logprobs else None
+                for i, s in enumerate(seqs)]  # fmt: skip
+        return tokens.tolist(), logprobs.tolist(), tops
 
     def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator:
         if params.seed is None:
@@ -47,6 +56,9 @@ class Sampler:
         if params.top_k > 0 and params.top_k < scores.numel():
             kth = torch.topk(scores, params.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
+        if params.min_p > 0:
+            probs = torch.softmax(scores, dim=-1)
+            scores = scores.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
         if params.top_p < 1.0:
             sorted_scores, order = torch.sort(scores, descending=True)
             cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
@@ -54,6 +66,26 @@ class Sampler:
             scores = scores.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def _process(row: torch.Tensor, seq: Sequence) -> None:
+    """Apply the sequence's logit bias and penalties to its logits row [V], in place (vLLM's semantics)."""
+    p = seq.params
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias, strict=True)
+        row.index_add_(0, torch.tensor(ids), torch.tensor(bias, dtype=row.dtype))
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted({*seq.prompt_ids, *seq.output_ids}))
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        ids, counts = torch.tensor(seq.output_ids).unique(return_counts=True)
+        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+
+
+def _top(row: torch.Tensor, lse: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    values, ids = torch.topk(row, min(k, row.numel()))
+    return tuple(zip(ids.tolist(), (values - lse).tolist(), strict=True))
 
 
 def _argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from mux.errors import InvalidRequest
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's rule): logits / 1e-300 overflow to inf
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 SEED_RANGE = (-(1 << 63), 1 << 63)  # int64, vLLM's bound (torch.Generator refuses seeds from 2**64 up)
 
 if TYPE_CHECKING:
@@ -29,6 +30,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p × the top token's probability; 0 = off
+    presence_penalty: float = 0.0  # OpenAI: minus this once for each token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
+    repetition_penalty: float = 1.0  # HF/vLLM: tokens of the prompt or output divided (>0) or multiplied by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    top_logprobs: int = 0  # alternatives (most likely tokens) reported with each token's logprob
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +56,24 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [-2**63, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        for name, lo, hi in (
+            ("min_p", 0, 1),
+            ("presence_penalty", -2, 2),
+            ("frequency_penalty", -2, 2),
+            ("repetition_penalty", 1e-9, 2),
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+                raise InvalidRequest(f"{name} must be in [{lo:g}, {hi:g}], got {value!r}")
+        if any(not (math.isfinite(b) and -100 <= b <= 100) for _, b in self.logit_bias):
+            raise InvalidRequest("logit_bias values must be in [-100, 100]")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+
+    @property
+    def processed(self) -> bool:
+        """Do the logits change before the token is chosen (penalties or a bias)?"""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

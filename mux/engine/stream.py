@@ -23,6 +23,7 @@ class TokenEvent:
     logprob: float | None = None
     finish_reason: str | None = None  # set on the last event: length | stop | eos | cancelled | timeout | error
     error: str | None = None
+    top: tuple[tuple[int, float], ...] | None = None  # the most likely (token id, logprob), if asked for
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)  # per token, if asked for
     finish_reason: str | None = None
 
 
@@ -130,6 +132,7 @@ class RequestStream:
             if e.token_id is not None:
                 c.token_ids.append(e.token_id)
                 c.logprobs.append(e.logprob)
+                c.top.append(e.top)
             c.finish_reason = e.finish_reason
         c.text = "".join(text)
         return c

@@ -39,7 +39,7 @@ _STATUS = [
 # keys lorax-client always sends; refused unless null/false or neutral
 _UNSUPPORTED = ("merged_adapters", "response_format", "return_k_alternatives", "truncate")
 _UNSUPPORTED_FLAGS = ("watermark", "decoder_input_details", "apply_chat_template")
-_NEUTRAL = {"repetition_penalty": 1, "frequency_penalty": 0, "presence_penalty": 0, "typical_p": 1, "best_of": 1}
+_NEUTRAL = {"typical_p": 1, "best_of": 1}
 
 
 def lorax_error_body(exc: Exception) -> tuple[int, dict]:
@@ -108,6 +108,9 @@ def parse(body: dict) -> Job:
         seed=_number(p, "seed", int, lo=0),
         stop=tuple(stop),
         ignore_eos=bool(p.get("ignore_eos_token")),
+        repetition_penalty=_number(p, "repetition_penalty", float, lo=1e-9, hi=2) or 1.0,
+        frequency_penalty=_number(p, "frequency_penalty", float, lo=-2, hi=2) or 0.0,
+        presence_penalty=_number(p, "presence_penalty", float, lo=-2, hi=2) or 0.0,
     )
     return Job(inputs, adapter, params, bool(p.get("details")), bool(p.get("return_full_text")))
 

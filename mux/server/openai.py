@@ -14,10 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mux.engine.sequence import SamplingParams
+from mux.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
+from mux.server.logprobs import Logprobs
 from mux.server.serving import ClientGone, client_gone
 
 
@@ -116,7 +117,68 @@ def sampling_params(body: dict, chat: bool = False) -> SamplingParams:
         stop=tuple(stop),
         stop_token_ids=tuple(_token_list(body.get("stop_token_ids") or [], "stop_token_ids")),
         ignore_eos=bool(body.get("ignore_eos", False)),
+        min_p=_number(body, "min_p", 0.0, lo=0, hi=1),
+        presence_penalty=_number(body, "presence_penalty", 0.0, lo=-2, hi=2),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2, hi=2),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=1e-9, hi=2),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        top_logprobs=requested_logprobs(body, chat) or 0,
     )
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"<token id>": bias}` (JSON keys are strings), bias in [-100, 100]."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise InvalidRequest("`logit_bias` must be an object of at most 1024 token ids to biases")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise InvalidRequest(f"`logit_bias` keys must be token ids, got {key!r}")
+        out.append((int(key), _number({"bias": bias}, "bias", 0.0, lo=-100, hi=100)))
+    return tuple(out)
+
+
+def requested_logprobs(body: dict, chat: bool) -> int | None:
+    """None if the response carries no logprobs, else how many alternatives each token reports.
+    Chat: `logprobs: true` and `top_logprobs` (0-20); completions: `logprobs` (0-20, vLLM's bound)."""
+    if not chat:
+        return _number(body, "logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise InvalidRequest("`logprobs` must be a boolean")
+    top = _number(body, "top_logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
+    if top and not wanted:
+        raise InvalidRequest("`top_logprobs` needs `logprobs: true`")
+    return (top or 0) if wanted else None
+
+
+# request fields whose feature is not built: refused unless absent or neutral, never silently ignored
+_UNSUPPORTED = {
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "best_of": lambda v: v in (None, 1),
+    "use_beam_search": lambda v: not v,
+    "min_tokens": lambda v: not v,
+    "prompt_logprobs": lambda v: v is None,
+    "echo": lambda v: not v,
+    "suffix": lambda v: not v,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    for key, neutral in _UNSUPPORTED.items():
+        if key in body and not neutral(body[key]):
+            raise InvalidRequest(f"`{key}` is not supported by this server (got {body[key]!r:.80})")
 
 
 def _token_list(value, key: str) -> list[int]:
@@ -177,8 +239,6 @@ class OpenAIRoutes:
             caller = self._caller(request)
             body = await read_json(request)
             prompts = self._prompts(body.get("prompt"))
-            if body.get("suffix") or body.get("echo"):
-                raise InvalidRequest("`suffix` and `echo` are not supported")
             return await self._run(request, caller, body, prompts, chat=False)
         except MuxError as e:
             return error_response(e)
@@ -211,7 +271,11 @@ class OpenAIRoutes:
 
     async def _run(self, request: Request, caller, body: dict, prompts: list, chat: bool) -> Response:
         model = body.get("model") or self.state.base_name  # its type is checked by serving.submit
+        refuse_unsupported(body)
         params = sampling_params(body, chat)
+        if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            params = replace(params, max_tokens=self._room(prompts[0]))  # vLLM: the rest of the context
+        logprobs = Logprobs(self.state.engine.tokenizer, chat) if requested_logprobs(body, chat) is not None else None
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
         if len(prompts) * n > MAX_N * 4:
             raise InvalidRequest(f"at most {MAX_N * 4} choices per request")
@@ -227,11 +291,19 @@ class OpenAIRoutes:
         stream_options = body.get("stream_options") or {}
         if body.get("stream"):
             usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
-            return StreamingResponse(self._sse(streams, meta, chat, usage, n), media_type="text/event-stream")
-        return await self._collect(request, streams, meta, chat, n)
+            body_iter = self._sse(streams, meta, chat, usage, n, logprobs)
+            return StreamingResponse(body_iter, media_type="text/event-stream")
+        return await self._collect(request, streams, meta, chat, n, logprobs)
+
+    def _room(self, prompt_ids: list[int]) -> int:
+        """Tokens left after the prompt in the context (and the KV cache); at least 1, so that a prompt too
+        long is refused by the engine with its own message."""
+        engine = self.state.engine
+        capacity = min(engine.base.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
+        return max(1, capacity - len(prompt_ids))
 
     async def _collect(
-        self, request: Request, streams: list[RequestStream], meta: dict, chat: bool, n: int
+        self, request: Request, streams: list[RequestStream], meta: dict, chat: bool, n: int, logprobs
     ) -> Response:
         try:
             results = await self.state.serving.finish(request, streams, _results(streams))
@@ -239,7 +311,8 @@ class OpenAIRoutes:
             return client_gone()
         choices = []
         for i, r in enumerate(results):
-            choice = {"index": i, "logprobs": None, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
+            lp = logprobs and logprobs.of(r.token_ids, r.logprobs, r.top)
+            choice = {"index": i, "logprobs": lp, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": r.text}
             else:
@@ -249,9 +322,10 @@ class OpenAIRoutes:
         obj = "chat.completion" if chat else "text_completion"
         return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
 
-    async def _sse(self, streams, meta, chat, include_usage, n) -> AsyncIterator[str]:
+    async def _sse(self, streams, meta, chat, include_usage, n, logprobs) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         counts = [0] * len(streams)
+        offsets = [0] * len(streams)  # completions' text_offset: where the next token's text starts
         try:
             if chat:
                 for i in range(len(streams)):
@@ -273,14 +347,18 @@ class OpenAIRoutes:
                 if ev.token_id is not None:
                     counts[i] += 1
                 finish = FINISH[ev.finish_reason] if ev.finish_reason else None
-                if not ev.text and finish is None:
+                lp = None
+                if logprobs is not None and ev.token_id is not None:  # one chunk per token, even if no text yet
+                    lp = logprobs.of([ev.token_id], [ev.logprob], [ev.top], offsets[i])
+                    offsets[i] += len(logprobs.text(ev.token_id))
+                elif not ev.text and finish is None:
                     continue
                 part = {"delta": {"content": ev.text}} if chat else {"text": ev.text}
                 yield _event(
                     {
                         **meta,
                         "object": obj,
-                        "choices": [{"index": i, **part, "logprobs": None, "finish_reason": finish}],
+                        "choices": [{"index": i, **part, "logprobs": lp, "finish_reason": finish}],
                         "usage": None,
                     }
                 )

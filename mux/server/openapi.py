@@ -15,6 +15,18 @@ _SAMPLING = {
     "stream": {"type": "boolean"},
     "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
+    "ignore_eos": {"type": "boolean"},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+    "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    "logprobs": {
+        "oneOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 20}],
+        "description": "chat: a boolean (with top_logprobs); completions: how many alternatives",
+    },
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
 }
 
 
@@ -43,6 +55,9 @@ def _lorax_body() -> dict:
         "seed": {"type": "integer", "nullable": True},
         "stop": {"type": "array", "items": {"type": "string"}},
         "ignore_eos_token": {"type": "boolean"},
+        "repetition_penalty": {"type": "number", "nullable": True},
+        "frequency_penalty": {"type": "number", "nullable": True},
+        "presence_penalty": {"type": "number", "nullable": True},
         "return_full_text": {"type": "boolean"},
         "details": {"type": "boolean"},
     }

@@ -140,6 +140,14 @@ def test_cancel_frees_kv_and_adapter_pin(engine, tiny_adapters):
     assert stream.result().finish_reason == "cancelled"
 
 
+def test_top_logprobs_travel_with_each_token(engine):
+    out = engine.generate(["Hello world"], SamplingParams(max_tokens=4, temperature=0, top_logprobs=3))[0]
+    assert len(out.top) == len(out.token_ids) == 4
+    for token, logprob, top in zip(out.token_ids, out.logprobs, out.top, strict=True):
+        assert len(top) == 3 and top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-6)
+    assert engine.generate(["Hello"], GREEDY)[0].top == [None] * GREEDY.max_tokens
+
+
 def test_a_queued_request_holds_its_adapter_in_use_until_it_ends(engine, tiny_adapters):
     """Submitted, not yet stepped (no slot, no pin): deleting its adapter now would fail it later."""
     path = tiny_adapters["r8-mlp"]
@@ -208,6 +216,7 @@ def test_an_idle_engine_sleeps_until_work_arrives(tiny_dir):
         ("", GREEDY, "empty"),
         ([10**9], GREEDY, "token ids"),
         ("Hi", SamplingParams(max_tokens=600, temperature=0), "context length"),
+        ("Hi", SamplingParams(logit_bias=((10**9, 1.0),)), "logit_bias token ids"),
     ],
 )
 def test_bad_requests_are_refused_before_queueing(engine, prompt, params, match):

@@ -187,6 +187,16 @@ def test_generate_routes_and_parameters(server):
     assert a.generated_text == b.generated_text and a.details.seed == 7
 
 
+def test_penalties_reach_the_sampling_params():
+    from mux.server.lorax import parse
+
+    body = client_request("Hi", False, repetition_penalty=1.3)
+    body["parameters"] |= {"frequency_penalty": 0.5, "presence_penalty": -0.5}  # LoRAX's REST API, not its client
+    params = parse(body).params
+    assert (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) == (1.3, 0.5, -0.5)
+    assert parse(client_request("Hi", False)).params.repetition_penalty == 1.0  # null: off
+
+
 def test_errors(server):
     status, body = error(server, client_request("Hi", False, adapter_id="acme/nope"))
     assert status == 424 and body["error_type"] == "generation" and "acme/nope" in body["error"]
@@ -195,7 +205,7 @@ def test_errors(server):
     status, body = error(server, client_request("Hi", False, adapter_id="acme/attn", adapter_source="hub"))
     assert status == 422 and body["error_type"] == "validation" and "adapter_source" in body["error"]
     for bad in (
-        {"repetition_penalty": 1.2},
+        {"repetition_penalty": 5.0},
         {"best_of": 2},
         {"max_new_tokens": 0},
         {"top_p": 0},

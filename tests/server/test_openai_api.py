@@ -190,3 +190,93 @@ def test_n_choices_stream_side_by_side_and_equal_the_non_streamed_ones(client):
                 texts[c.index] += c.delta.content
     assert texts == [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
     assert order != sorted(order)  # interleaved as generated, not one choice after another
+
+
+def _chat_ids(engine, messages):
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def test_completion_logprobs_are_the_engines_with_alternatives(client, engine, repo):
+    r = client.completions.create(model="acme/attn", prompt="Hello world", max_tokens=5, temperature=0, logprobs=3)
+    ref = expected(engine, repo, "Hello world", "acme/attn", max_tokens=5)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [engine.tokenizer.decode([t]) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) <= 4 and top[token] == pytest.approx(logprob, abs=1e-6)  # greedy: the best one
+        assert logprob == pytest.approx(max(top.values()), abs=1e-6)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="acme/attn", prompt="Hello world", max_tokens=5, temperature=0, logprobs=3, stream=True
+    ) if c.choices and c.choices[0].logprobs]  # fmt: skip
+    assert [t for c in streamed for t in c.tokens] == lp.tokens
+    assert [o for c in streamed for o in c.text_offset] == lp.text_offset
+    assert [x for c in streamed for x in c.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    plain = client.completions.create(model="acme/attn", prompt="Hello world", max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(client, engine, repo):
+    messages = [{"role": "user", "content": "Say hi"}]
+    args = dict(model="acme/attn", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**args)
+    ref = expected(engine, repo, _chat_ids(engine, messages), "acme/attn", max_tokens=4)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [engine.tokenizer.decode([t]) for t in ref.token_ids]
+    assert [c.logprob for c in content] == pytest.approx(ref.logprobs, abs=1e-4)
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token and c.bytes == list(c.token.encode())
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+    streamed = [e for ch in client.chat.completions.create(**args, stream=True) if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [e.token for e in streamed] == [c.token for c in content]
+    no_top = client.chat.completions.create(**{**args, "top_logprobs": None})
+    assert all(c.top_logprobs == [] for c in no_top.choices[0].logprobs.content)
+
+
+def test_logit_bias_and_penalties_reach_the_sampler(client, engine):
+    forced = engine.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    r = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].text == engine.tokenizer.decode([forced] * 3)
+    r = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=3, temperature=0, logit_bias={str(forced): 100}, frequency_penalty=2,
+        presence_penalty=2, extra_body={"repetition_penalty": 1.5},
+    )  # fmt: skip
+    assert r.choices[0].text.count(" banana") == 3  # +100 outweighs them; they are accepted, not refused
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=2, logit_bias={"999999999": 5})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"tool_choice": "required"},
+        {"response_format": {"type": "json_object"}},
+        {"best_of": 2},
+        {"min_tokens": 3},
+        {"guided_json": {"type": "object"}},
+    ],
+)
+def test_features_not_built_are_refused_not_ignored(client, extra):
+    with pytest.raises(openai.BadRequestError, match=f"`{next(iter(extra))}` is not supported"):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body=extra
+        )
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, tool_choice="none",
+        response_format={"type": "text"},
+    )  # fmt: skip
+    assert r.choices[0].message.content is not None  # neutral values are accepted
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(client, engine):
+    """vLLM: a chat request without max_tokens generates up to the context length, not 16 tokens."""
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == engine.base.max_model_len - len(_chat_ids(engine, messages))
+    assert r.choices[0].finish_reason == "length"
