@@ -27,3 +27,13 @@ def test_bad_policy_file_is_reported(tmp_path):
     f.write_text("[tiers]\nmax_slots = 3\n")
     out = run("serve", "--policy", str(f))
     assert out.returncode == 2 and "max_slots" in out.stderr
+
+
+def test_the_package_version_is_pyprojects():
+    import tomllib
+    from pathlib import Path
+
+    import mux
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert mux.__version__ == project["version"]

@@ -19,7 +19,7 @@ from mux.lora.repository import AdapterRepository
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
-from mux.server.kserve import KServeRoutes, kserve_error
+from mux.server.kserve import KServeRoutes, kserve_error, not_found
 from mux.server.limits import Limits
 from mux.server.lorax import LoraxRoutes, lorax_error
 from mux.server.metrics import Metrics
@@ -131,4 +131,4 @@ def create_app(state: ServerState) -> Starlette:
     routes += [
         Route(r.path, needs_engine(r.endpoint, error), methods=r.methods) for group, error in served for r in group
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})

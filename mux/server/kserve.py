@@ -18,9 +18,10 @@ import struct
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mux import __version__
 from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
@@ -29,7 +30,6 @@ from mux.server.serving import ClientGone, client_gone
 
 INPUT, OUTPUT = "text_input", "text_output"
 VERSION = "1"  # every model has one version
-SERVER_VERSION = "0.1.0"
 MAX_PROMPTS = 64  # elements of one infer request
 _VERSIONED = re.compile(r"(.+)/versions/([^/]+)")
 _STATUS = [  # Triton: INVALID_ARG (and unknown model) 400, UNAVAILABLE 503
@@ -91,12 +91,13 @@ class KServeRoutes:
             Route(f"{m}/generate", self.generate, methods=["POST"]),
             Route(f"{m}/generate_stream", self.generate_stream, methods=["POST"]),
             Route(m, self.model_metadata, methods=["GET"]),
+            Route("/v2/repository/index", self.repository_index, methods=["POST"]),
         ]
 
     # -- server --
     async def server_metadata(self, request: Request) -> Response:
         extensions = ["binary_tensor_data", "model_configuration", "parameters", "generate"]
-        return JSONResponse({"name": "mux", "version": SERVER_VERSION, "extensions": extensions})
+        return JSONResponse({"name": "mux", "version": __version__, "extensions": extensions})
 
     async def live(self, request: Request) -> Response:
         return Response(status_code=200)
@@ -127,6 +128,19 @@ class KServeRoutes:
 
     async def model_config(self, request: Request) -> Response:
         return self._describe(request, _config)
+
+    async def repository_index(self, request: Request) -> Response:
+        """Triton's model repository index: every model the caller may use, all READY (one version each)."""
+        try:
+            caller = self.state.auth.identify(request.headers.get("authorization"))
+            body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
+        except MuxError as e:
+            return kserve_error(e)
+        if not isinstance(body.get("ready", False), bool):
+            return kserve_error(InvalidRequest("`ready` must be a boolean"))
+        names = [self.state.base_name]
+        names += [a for a in self.state.repository.ids() if self.state.auth.can_use(caller, a)]
+        return JSONResponse([{"name": n, "version": VERSION, "state": "READY"} for n in names])
 
     def _describe(self, request: Request, build) -> Response:
         """`build(model)` for a model the caller may use; Triton's error otherwise."""
@@ -231,6 +245,13 @@ class KServeRoutes:
 
 async def _texts(streams: list[RequestStream]) -> list[str]:
     return [(await s.aresult()).text for s in streams]
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    """The app's 404: under /v2 Triton's JSON error (tritonclient reads `error`), else Starlette's plain text."""
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        return JSONResponse({"error": "Not Found"}, status_code=404)
+    return PlainTextResponse("Not Found", status_code=404)
 
 
 def _path_model(request: Request) -> tuple[str, str]:

@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mux.engine.sequence import SamplingParams
+from mux import __version__
+from mux.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
 from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
@@ -37,9 +38,10 @@ _STATUS = [
     (DeadlineExceeded, 504, "incomplete_generation", "Request failed during generation: "),
 ]
 # keys lorax-client always sends; refused unless null/false or neutral
-_UNSUPPORTED = ("merged_adapters", "response_format", "return_k_alternatives", "truncate")
+_UNSUPPORTED = ("merged_adapters", "response_format", "truncate")
 _UNSUPPORTED_FLAGS = ("watermark", "decoder_input_details", "apply_chat_template")
 _NEUTRAL = {"typical_p": 1, "best_of": 1}
+MAX_STOP = 16
 
 
 def lorax_error_body(exc: Exception) -> tuple[int, dict]:
@@ -93,8 +95,8 @@ def parse(body: dict) -> Job:
         if p.get(key) not in (None, neutral):
             raise InvalidRequest(f"`{key}` is not supported (only null or {neutral})")
     stop = p.get("stop") or []
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise InvalidRequest("`stop` must be a list of at most 16 non-empty strings")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise InvalidRequest(f"`stop` must be a list of at most {MAX_STOP} non-empty strings")
     temperature = _number(p, "temperature", float, lo=0)
     top_k = _number(p, "top_k", int, lo=1)
     top_p = _number(p, "top_p", float, lo=0, hi=1)
@@ -111,6 +113,7 @@ def parse(body: dict) -> Job:
         repetition_penalty=_number(p, "repetition_penalty", float, lo=1e-9, hi=2) or 1.0,
         frequency_penalty=_number(p, "frequency_penalty", float, lo=-2, hi=2) or 0.0,
         presence_penalty=_number(p, "presence_penalty", float, lo=-2, hi=2) or 0.0,
+        top_logprobs=_number(p, "return_k_alternatives", int, lo=1, hi=MAX_TOP_LOGPROBS) or 0,
     )
     return Job(inputs, adapter, params, bool(p.get("details")), bool(p.get("return_full_text")))
 
@@ -136,7 +139,37 @@ class LoraxRoutes:
             Route("/", self.compat, methods=["POST"]),  # GET / stays unserved (405)
             Route("/generate", self.generate, methods=["POST"]),
             Route("/generate_stream", self.generate_stream, methods=["POST"]),
+            Route("/info", self.info, methods=["GET"]),
         ]
+
+    async def info(self, request: Request) -> Response:
+        """LoRAX's router info: the model and the limits requests are checked against."""
+        engine = self.state.engine
+        weights = next(engine.base.model.parameters())
+        limit = engine.base.max_model_len
+        sched = engine.config.scheduler
+        return JSONResponse(
+            {
+                "model_id": engine.base.name,
+                "model_sha": None,
+                "model_dtype": str(weights.dtype),
+                "model_device_type": weights.device.type,
+                "model_pipeline_tag": None,
+                "max_concurrent_requests": sched.max_waiting,
+                "max_best_of": 1,
+                "max_stop_sequences": MAX_STOP,
+                "max_input_length": limit - 1,
+                "max_total_tokens": limit,
+                "waiting_served_ratio": 1.0,
+                "max_batch_total_tokens": engine.blocks.num_blocks * engine.blocks.block_size,
+                "max_waiting_tokens": sched.max_num_batched_tokens,
+                "validation_workers": 1,
+                "version": __version__,
+                "sha": None,
+                "docker_label": None,
+                "request_logger_url": None,
+            }
+        )
 
     async def compat(self, request: Request) -> Response:
         """`stream` in the body picks SSE or a one-element JSON list."""
@@ -208,7 +241,11 @@ class LoraxRoutes:
         if self._special is None:
             self._special = frozenset(self.state.engine.tokenizer.all_special_ids)
         special = ev.token_id in self._special
-        return {"id": ev.token_id, "text": ev.text, "logprob": ev.logprob, "special": special, "skipped": False}
+        token = {"id": ev.token_id, "text": ev.text, "logprob": ev.logprob, "special": special, "skipped": False}
+        if ev.top is not None:  # return_k_alternatives
+            decode = self.state.engine.tokenizer.decode
+            token["alternative_tokens"] = [{"id": t, "text": decode([t]), "logprob": lp} for t, lp in ev.top]
+        return token
 
     @staticmethod
     def _text(job: Job, events: list[TokenEvent]) -> str:

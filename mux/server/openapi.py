@@ -175,5 +175,12 @@ def openapi_document() -> dict:
             "/": {"post": _op("LoRAX (lorax-client): a one-element list, or SSE with `stream`", _lorax_body())},
             "/generate": {"post": _op("LoRAX: generate", _lorax_body())},
             "/generate_stream": {"post": _op("LoRAX: generate, SSE", _lorax_body(), ok=sse)},
+            "/info": {"get": _op("LoRAX: router info (model, dtype, device, length limits)")},
+            "/v2/repository/index": {
+                "post": _op(
+                    "KServe v2 / Triton: the models the caller may use, each READY",
+                    _json_body({"ready": {"type": "boolean"}}, []),
+                )
+            },
         },
     }

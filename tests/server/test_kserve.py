@@ -83,6 +83,26 @@ def test_health_metadata_config(client):
     assert not client.is_model_ready("acme/attn", "2", headers=acme())
 
 
+def test_repository_index_lists_what_the_caller_may_use(client, server):
+    index = client.get_model_repository_index(headers=acme())
+    assert {(m["name"], m["version"], m["state"]) for m in index} == {
+        ("tiny", "1", "READY"),
+        ("acme/attn", "1", "READY"),
+        ("acme/ready", "1", "READY"),
+    }  # beta/mlp is another tenant's: absent
+    assert post(server, "/v2/repository/index", {"ready": "yes"})[0] == 400
+
+
+def test_unmatched_v2_urls_are_json_404s(server):
+    for path in ("/v2/nope", "/v2/repository/models/tiny/load", "/v2/repository/models/tiny/unload"):
+        status, headers, raw = post(server, path, {})
+        assert (
+            status == 404
+            and headers["content-type"] == "application/json"
+            and json.loads(raw) == {"error": "Not Found"}
+        ), path
+
+
 def test_infer_binary_equals_openai(client, server):
     for model in ("tiny", "acme/attn"):  # an adapter id with its slash, straight in the URL
         result = client.infer(model, [text_input(["Hello world"])], parameters=GREEDY, headers=acme())

@@ -197,6 +197,19 @@ def test_penalties_reach_the_sampling_params():
     assert parse(client_request("Hi", False)).params.repetition_penalty == 1.0  # null: off
 
 
+def test_return_k_alternatives_and_info(server):
+    body = client_request("Hello world", False, details=True, max_new_tokens=4, return_k_alternatives=2)
+    tokens = generate(server, body).details.tokens
+    for t in tokens:
+        assert [a["id"] for a in t.alternative_tokens][:1] == [t.id]  # greedy: the best is the one chosen
+        assert len(t.alternative_tokens) == 2 and t.alternative_tokens[0]["logprob"] == pytest.approx(t.logprob)
+    plain = generate(server, client_request("Hello world", False, details=True, max_new_tokens=2))
+    assert all(t.alternative_tokens is None for t in plain.details.tokens)
+    info = httpx.get(f"{server}/info", headers=ACME).json()
+    assert info["model_id"] == "tiny" and info["max_total_tokens"] == 512 and info["model_device_type"] == "cpu"
+    assert info["max_input_length"] == 511 and info["model_dtype"] == "torch.float32" and info["version"]
+
+
 def test_errors(server):
     status, body = error(server, client_request("Hi", False, adapter_id="acme/nope"))
     assert status == 424 and body["error_type"] == "generation" and "acme/nope" in body["error"]
