@@ -15,6 +15,7 @@ import json
 import math
 import re
 import struct
+import zlib
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -25,7 +26,14 @@ from mux import __version__
 from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
-from mux.server.openai import BodyTooLarge, read_body, read_json, retry_after_headers, sampling_params
+from mux.server.openai import (
+    MAX_JSON_BYTES,
+    BodyTooLarge,
+    read_body,
+    read_json,
+    retry_after_headers,
+    sampling_params,
+)
 from mux.server.serving import ClientGone, client_gone
 
 INPUT, OUTPUT = "text_input", "text_output"
@@ -293,9 +301,7 @@ def _event(obj: dict) -> str:
 
 async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
     """(JSON header, binary tensor data): split at Inference-Header-Content-Length when it is present."""
-    if request.headers.get("content-encoding", "identity") != "identity":
-        raise InvalidRequest("compressed request bodies are not supported")
-    raw = await read_body(request)
+    raw = _decompressed(await read_body(request), request.headers.get("content-encoding", "identity"))
     declared = request.headers.get("inference-header-content-length")
     split = len(raw)
     if declared is not None:
@@ -309,6 +315,28 @@ async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
     if not isinstance(body, dict):
         raise InvalidRequest("the inference request must be a JSON object")
     return body, raw[split:]
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # tritonclient's request_compression_algorithm
+
+
+def _decompressed(raw: bytes, encoding: str) -> bytes:
+    """The body as sent before gzip/deflate, decompressed through the same byte limit as a plain one."""
+    encoding = encoding.strip().lower()
+    if encoding == "identity":
+        return raw
+    if encoding not in _WBITS:
+        raise InvalidRequest(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
+    d = zlib.decompressobj(_WBITS[encoding])
+    try:
+        out = d.decompress(raw, MAX_JSON_BYTES + 1)
+    except zlib.error as e:
+        raise InvalidRequest(f"the {encoding} request body cannot be decompressed: {e}") from None
+    if len(out) > MAX_JSON_BYTES or d.unconsumed_tail:
+        raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes once decompressed")
+    if not d.eof:
+        raise InvalidRequest(f"the {encoding} request body is truncated")
+    return out
 
 
 def _input_prompts(inputs, binary: bytes) -> tuple[list[str], list[int]]:

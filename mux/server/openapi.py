@@ -20,7 +20,7 @@ _SAMPLING = {
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+    "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 2},
     "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
     "logprobs": {
         "oneOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 20}],
