@@ -225,9 +225,9 @@ class OpenAIRoutes:
                 "object": "model",
                 "created": now,
                 "owned_by": "mux",
-                "root": a,
+                "root": a,  # vLLM puts the adapter's path here: the server's directories stay private
                 "parent": base,
-                "max_model_len": None,
+                "max_model_len": self.state.engine.base.max_model_len,  # the base model's, as vLLM says
             }
             for a in self.state.repository.ids()
             if self.state.auth.can_use(caller, a)

@@ -48,6 +48,7 @@ def test_models_lists_base_and_adapters(client):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"tiny", "acme/attn", "acme/all", "beta/mlp"}
     assert models["acme/attn"].model_extra["parent"] == "tiny"
+    assert models["acme/attn"].model_extra["max_model_len"] == models["tiny"].model_extra["max_model_len"] == 512
 
 
 def test_completion_equals_engine(client, engine, repo):
