@@ -213,7 +213,9 @@ class Engine:
             if not out.scheduled:  # idle, or waiting on adapter loads: give the loader a moment
                 return self.adapters.wait_for_load(0.01) or bool(out.preempted) or read
             try:
-                logits = self.runner.run(out.scheduled)
+                logits, prompt_spans = self.runner.run(out.scheduled)
+                for span in prompt_spans:
+                    self._prompt_logprobs(span)
                 self._postprocess(out, logits)
             except Exception as e:  # a failed step (forward or sampling) fails its sequences, never the engine
                 log.exception("engine step failed")
@@ -306,6 +308,13 @@ class Engine:
             elif (seq := self._seqs.get(item)) is not None:
                 self._finish(seq, "cancelled")
 
+    def _prompt_logprobs(self, span) -> None:
+        """Keep the chunk's prompt logprobs (positions already kept, as after a preemption, are skipped)."""
+        seq = span.seq
+        for pos, entry in enumerate(self.runner.prompt_logprobs(span, seq.params.prompt_logprobs), span.first):
+            if pos == len(seq.prompt_lp):
+                seq.prompt_lp.append(entry)
+
     def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         sampled = [s.seq for s in out.scheduled if s.sample]
         tokens, logprobs, tops = self.sampler.sample(logits, sampled)
@@ -317,8 +326,10 @@ class Engine:
     def _append(self, seq: Sequence, token: int, logprob: float, top=None) -> None:
         if not math.isfinite(logprob):  # the row's logits were not finite: the sampler did not sample it
             return self._finish(seq, "error", error="the logits are not finite (NaN or inf): cannot sample")
-        seq.output_ids.append(token)
         p = seq.params
+        if not seq.output_ids and p.prompt_logprobs is not None:  # the prompt is done: before its first token
+            seq.stream.prompt_logprobs = [None, *seq.prompt_lp]
+        seq.output_ids.append(token)
         if token in self.eos_ids and not p.ignore_eos:
             return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos", top=top))
         if token in p.stop_token_ids:

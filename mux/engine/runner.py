@@ -5,12 +5,26 @@ Per step the runner publishes the attention layout and the LoRA layout once; eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mux.engine.kv_cache import ATTN_IMPLEMENTATION, AttentionMetadata, KVCache, PrefillSpan
 from mux.engine.scheduler import Scheduled
+from mux.engine.sequence import PromptLogprob, Sequence
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.ops import build_lora_batch
+
+PROMPT_ROWS = 256  # prompt positions whose logits are made at once for prompt logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSpan:
+    """A prefill chunk's prompt positions first .. first + len(hidden) - 1, each predicting the next prompt token."""
+
+    seq: Sequence
+    first: int
+    hidden: torch.Tensor  # [m, hidden size]
 
 
 class ModelRunner:
@@ -22,8 +36,10 @@ class ModelRunner:
         model.config._attn_implementation = ATTN_IMPLEMENTATION
 
     @torch.inference_mode()
-    def run(self, scheduled: list[Scheduled]) -> torch.Tensor:
-        """Forward the scheduled tokens; returns float32 logits [num_sampled, V] in `scheduled` order of sample=True."""
+    def run(self, scheduled: list[Scheduled]) -> tuple[torch.Tensor, list[PromptSpan]]:
+        """Forward the scheduled tokens. Returns float32 logits [num_sampled, V] in `scheduled` order of
+        sample=True, and for each prefill chunk of a sequence that asked for prompt logprobs the hidden states
+        of its prompt positions (see `prompt_logprobs`)."""
         # single-token sequences first (the attention layout), then by slot: each slot's rows form one run,
         # which the LoRA kernel serves in place when it is long enough
         order = sorted(scheduled, key=lambda s: (s.num_tokens != 1, s.seq.slot))
@@ -33,6 +49,7 @@ class ModelRunner:
         slot_mapping: list[int] = []
         groups: dict[int, list[int]] = {}
         sample_rows: dict[int, int] = {}  # seq_id -> row of its last token
+        wants_prompt: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first row, rows)
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
@@ -48,6 +65,9 @@ class ModelRunner:
                 groups.setdefault(seq.slot, []).extend(range(start, start + n))
             if s.sample:
                 sample_rows[seq.seq_id] = start + n - 1
+            if seq.params.prompt_logprobs is not None and first < len(seq.prompt_ids) - 1:
+                m = min(first + n, len(seq.prompt_ids) - 1) - first  # positions that predict a prompt token
+                wants_prompt.append((seq, first, start, m))
             ctx = first + n
             if n == 1:
                 decode_tables.append(table[: -(-ctx // bs)])
@@ -79,7 +99,25 @@ class ModelRunner:
         finally:
             self.lora.ctx.batch = None
         rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.sample]
-        return self.model.lm_head(hidden[self._tensor(rows)]).float()  # [num_sampled, V]
+        logits = self.model.lm_head(hidden[self._tensor(rows)]).float()  # [num_sampled, V]
+        return logits, [PromptSpan(seq, first, hidden[row : row + m]) for seq, first, row, m in wants_prompt]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, span: PromptSpan, k: int) -> list[PromptLogprob]:
+        """Each position's logprob of the prompt token after it, its rank and the top `k`, PROMPT_ROWS rows of
+        logits at a time (a 2,048-token chunk's [T, V] float32 logits at once would be 400 MB for SmolLM2)."""
+        targets = span.seq.prompt_ids[span.first + 1 : span.first + 1 + len(span.hidden)]
+        out: list[PromptLogprob] = []
+        for at in range(0, len(targets), PROMPT_ROWS):
+            lp = torch.log_softmax(self.model.lm_head(span.hidden[at : at + PROMPT_ROWS]).float(), dim=-1)  # [r, V]
+            target = self._tensor(targets[at : at + PROMPT_ROWS])[:, None]  # [r, 1]
+            chosen = lp.gather(1, target)  # [r, 1]
+            ranks = (lp > chosen).sum(dim=1) + 1  # [r]
+            top = torch.topk(lp, k, dim=1) if k else None
+            for j, (c, rank) in enumerate(zip(chosen[:, 0].tolist(), ranks.tolist(), strict=True)):
+                alts = tuple(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True)) if top else ()
+                out.append(PromptLogprob(c, rank, alts))
+        return out
 
     def _decode_layout(self, tables: list[list[int]], lens: torch.Tensor | None):
         if not tables:

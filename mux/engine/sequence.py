@@ -21,6 +21,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprob:
+    """A prompt token's logprob given the tokens before it, its rank (1 = the most likely) and alternatives."""
+
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()  # the most likely (token id, logprob)
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 (or below SAMPLING_EPS) = greedy
@@ -36,6 +45,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM: tokens of the prompt or output divided (>0) or multiplied by it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     top_logprobs: int = 0  # alternatives (most likely tokens) reported with each token's logprob
+    prompt_logprobs: int | None = None  # None: off; else each prompt token's logprob, rank and this many alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +79,8 @@ class SamplingParams:
             raise InvalidRequest("logit_bias values must be in [-100, 100]")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
 
     @property
     def processed(self) -> bool:
@@ -109,6 +121,7 @@ class Sequence:
     deadline: float = math.inf  # time.monotonic() past which the engine ends it ("timeout")
     stream: RequestStream | None = None
     detok: Detokenizer | None = None
+    prompt_lp: list[PromptLogprob] = field(default_factory=list)  # [i]: prompt token i + 1 (prompt_logprobs)
 
     @property
     def num_tokens(self) -> int:

@@ -35,6 +35,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)  # per token, if asked for
+    prompt_logprobs: list | None = None  # per prompt token (None for the first), if asked for
     finish_reason: str | None = None
 
 
@@ -60,6 +61,7 @@ class RequestStream:
         except RuntimeError:
             self._loop = None
         self.finished = False
+        self.prompt_logprobs: list | None = None  # [PromptLogprob | None] per prompt token, if asked for
         # timings (time.monotonic) and counts, for metrics
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
@@ -135,6 +137,7 @@ class RequestStream:
                 c.top.append(e.top)
             c.finish_reason = e.finish_reason
         c.text = "".join(text)
+        c.prompt_logprobs = self.prompt_logprobs  # set by the engine before the first token's event
         return c
 
     @staticmethod

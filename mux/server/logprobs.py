@@ -1,4 +1,5 @@
-"""OpenAI `logprobs` objects from the engine's per-token logprobs, in the completions and the chat shapes.
+"""OpenAI `logprobs` objects from the engine's per-token logprobs, in the completions and the chat shapes, and
+the prompt's (completions `echo`; vLLM's `prompt_logprobs`).
 
 A token's text is its own decode (a byte-level token that ends inside a UTF-8 character reads as U+FFFD, as
 in vLLM); chat also gives its UTF-8 bytes. The alternatives are the `top_logprobs` most likely tokens.
@@ -50,3 +51,42 @@ class Logprobs:
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.text(token_id)
         return {"token": text, "logprob": max(logprob, FLOOR), "bytes": list(text.encode())}
+
+    def prompt(self, prompt_ids: list[int], entries: list) -> dict:
+        """Completions `echo` with `logprobs`: the prompt's tokens in the completions shape (the first has none)."""
+        texts = [self.text(t) for t in prompt_ids]
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {
+            "text_offset": offsets,
+            "token_logprobs": [None if e is None else max(e.logprob, FLOOR) for e in entries],
+            "tokens": texts,
+            "top_logprobs": [
+                None
+                if e is None
+                else {self.text(a): max(alp, FLOOR) for a, alp in e.top} | {text: max(e.logprob, FLOOR)}
+                for text, e in zip(texts, entries, strict=True)
+            ],
+        }
+
+    def vllm_prompt(self, prompt_ids: list[int], entries: list) -> list:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first) {token id: {logprob, rank,
+        decoded_token}} for the token itself and the most likely ones."""
+        out = []
+        for token_id, e in zip(prompt_ids, entries, strict=True):
+            if e is None:
+                out.append(None)
+                continue
+            alts = {str(a): self._ranked(a, alp, rank) for rank, (a, alp) in enumerate(e.top, start=1)}
+            out.append(alts | {str(token_id): self._ranked(token_id, e.logprob, e.rank)})
+        return out
+
+    def _ranked(self, token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": max(logprob, FLOOR), "rank": rank, "decoded_token": self.text(token_id)}
+
+
+def joined(first: dict, then: dict) -> dict:
+    """Two completions-shape logprobs one after the other (the prompt's, then the generated tokens')."""
+    return {key: first[key] + then[key] for key in first}

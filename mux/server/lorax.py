@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -39,7 +39,7 @@ _STATUS = [
 ]
 # keys lorax-client always sends; refused unless null/false or neutral
 _UNSUPPORTED = ("merged_adapters", "response_format", "truncate")
-_UNSUPPORTED_FLAGS = ("watermark", "decoder_input_details", "apply_chat_template")
+_UNSUPPORTED_FLAGS = ("watermark", "apply_chat_template")
 _NEUTRAL = {"typical_p": 1, "best_of": 1}
 MAX_STOP = 16
 
@@ -68,6 +68,7 @@ class Job:
     params: SamplingParams
     details: bool
     full_text: bool  # return_full_text: the prompt precedes the generated text
+    prefill: bool  # decoder_input_details: details.prefill holds the prompt's tokens and logprobs
 
 
 def parse(body: dict) -> Job:
@@ -115,7 +116,10 @@ def parse(body: dict) -> Job:
         presence_penalty=_number(p, "presence_penalty", float, lo=-2, hi=2) or 0.0,
         top_logprobs=_number(p, "return_k_alternatives", int, lo=1, hi=MAX_TOP_LOGPROBS) or 0,
     )
-    return Job(inputs, adapter, params, bool(p.get("details")), bool(p.get("return_full_text")))
+    prefill = bool(p.get("decoder_input_details")) and bool(p.get("details"))
+    if prefill:
+        params = replace(params, prompt_logprobs=0)
+    return Job(inputs, adapter, params, bool(p.get("details")), bool(p.get("return_full_text")), prefill)
 
 
 def _number(p: dict, key: str, kind, lo=None, hi=None):
@@ -191,6 +195,8 @@ class LoraxRoutes:
                 if not isinstance(stream, bool):
                     raise InvalidRequest("`stream` must be a boolean")
             job = parse(body)
+            if stream and job.prefill:
+                raise InvalidRequest("`decoder_input_details` == true is not supported when streaming tokens")
             streams = await self.state.serving.submit(caller, job.adapter, [job.inputs], job.params)
         except MuxError as e:
             return lorax_error(e)
@@ -212,7 +218,7 @@ class LoraxRoutes:
             result["details"] = {
                 **self._stream_details(job, streams[0], last, len(tokens)),
                 "skipped_tokens": 0,
-                "prefill": [],
+                "prefill": self._prefill(streams[0]) if job.prefill else [],
                 "tokens": tokens,
             }
         return JSONResponse([result] if compat else result)
@@ -236,6 +242,15 @@ class LoraxRoutes:
             yield _event(lorax_error_body(e)[1])
         finally:  # client gone or done: cancel whatever still runs
             self.state.serving.done(streams)
+
+    def _prefill(self, stream: RequestStream) -> list[dict]:
+        """The prompt's tokens with the logprob of each given those before it (none for the first)."""
+        decode = self.state.engine.tokenizer.decode
+        entries = stream.prompt_logprobs or [None] * len(stream.prompt_ids)
+        return [
+            {"id": t, "text": decode([t]), "logprob": None if e is None else e.logprob}
+            for t, e in zip(stream.prompt_ids, entries, strict=True)
+        ]
 
     def _token(self, ev: TokenEvent) -> dict:
         if self._special is None:

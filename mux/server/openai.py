@@ -8,7 +8,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -18,7 +18,7 @@ from mux.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
-from mux.server.logprobs import Logprobs
+from mux.server.logprobs import Logprobs, joined
 from mux.server.serving import ClientGone, client_gone
 
 
@@ -164,8 +164,6 @@ _UNSUPPORTED = {
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: not v,
     "min_tokens": lambda v: not v,
-    "prompt_logprobs": lambda v: v is None,
-    "echo": lambda v: not v,
     "suffix": lambda v: not v,
     "guided_json": lambda v: v is None,
     "guided_regex": lambda v: v is None,
@@ -272,10 +270,25 @@ class OpenAIRoutes:
     async def _run(self, request: Request, caller, body: dict, prompts: list, chat: bool) -> Response:
         model = body.get("model") or self.state.base_name  # its type is checked by serving.submit
         refuse_unsupported(body)
+        echo = bool(body.get("echo"))
+        if echo and chat:
+            raise InvalidRequest("`echo` is not supported for chat completions")
+        stream = bool(body.get("stream"))
+        drop_output = echo and body.get("max_tokens") == 0  # the prompt's logprobs only (lm-eval's loglikelihood)
+        if drop_output:
+            if stream:
+                raise InvalidRequest("`max_tokens: 0` (with `echo`) cannot stream")
+            body = {**body, "max_tokens": 1}  # one token is generated, and not returned
         params = sampling_params(body, chat)
         if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             params = replace(params, max_tokens=self._room(prompts[0]))  # vLLM: the rest of the context
-        logprobs = Logprobs(self.state.engine.tokenizer, chat) if requested_logprobs(body, chat) is not None else None
+        top = requested_logprobs(body, chat)
+        vllm_prompt = _number(body, "prompt_logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
+        if vllm_prompt is not None and stream:
+            raise InvalidRequest("`prompt_logprobs` cannot stream")
+        prompt_k = max(top if echo and top is not None else -1, -1 if vllm_prompt is None else vllm_prompt)
+        if prompt_k >= 0:
+            params = replace(params, prompt_logprobs=prompt_k)
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
         if len(prompts) * n > MAX_N * 4:
             raise InvalidRequest(f"at most {MAX_N * 4} choices per request")
@@ -283,17 +296,26 @@ class OpenAIRoutes:
         seeded = params.seed is not None  # choice i of each prompt samples with seed + i
         params_list = [_with_seed(params, params.seed + i % n) if seeded else params for i in range(len(prompts))]
         streams = await self.state.serving.submit(caller, model, prompts, params_list)
-        meta = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": model,
-        }
-        stream_options = body.get("stream_options") or {}
-        if body.get("stream"):
+        tokenizer = self.state.engine.tokenizer
+        reply = _Reply(
+            meta={
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()),
+                "model": model,
+            },
+            chat=chat,
+            n=n,
+            logprobs=Logprobs(tokenizer, chat) if top is not None or vllm_prompt is not None else None,
+            token_logprobs=top is not None,
+            echo=[p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if echo else None,
+            vllm_prompt=vllm_prompt is not None,
+            drop_output=drop_output,
+        )
+        if stream:
+            stream_options = body.get("stream_options") or {}
             usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
-            body_iter = self._sse(streams, meta, chat, usage, n, logprobs)
-            return StreamingResponse(body_iter, media_type="text/event-stream")
-        return await self._collect(request, streams, meta, chat, n, logprobs)
+            return StreamingResponse(self._sse(streams, reply, usage), media_type="text/event-stream")
+        return await self._collect(request, streams, reply)
 
     def _room(self, prompt_ids: list[int]) -> int:
         """Tokens left after the prompt in the context (and the KV cache); at least 1, so that a prompt too
@@ -302,30 +324,44 @@ class OpenAIRoutes:
         capacity = min(engine.base.max_model_len, engine.blocks.num_blocks * engine.blocks.block_size)
         return max(1, capacity - len(prompt_ids))
 
-    async def _collect(
-        self, request: Request, streams: list[RequestStream], meta: dict, chat: bool, n: int, logprobs
-    ) -> Response:
+    async def _collect(self, request: Request, streams: list[RequestStream], reply: _Reply) -> Response:
         try:
             results = await self.state.serving.finish(request, streams, _results(streams))
         except ClientGone:
             return client_gone()
-        choices = []
+        choices, generated = [], 0
         for i, r in enumerate(results):
-            lp = logprobs and logprobs.of(r.token_ids, r.logprobs, r.top)
+            if reply.drop_output:
+                r.text, r.token_ids, r.logprobs, r.top = "", [], [], []
+            generated += len(r.token_ids)
+            lp = None
+            if reply.token_logprobs:
+                lp = reply.logprobs.of(r.token_ids, r.logprobs, r.top, len(reply.echo[i]) if reply.echo else 0)
+                if reply.echo:
+                    lp = joined(reply.logprobs.prompt(r.prompt_token_ids, r.prompt_logprobs), lp)
             choice = {"index": i, "logprobs": lp, "finish_reason": FINISH[r.finish_reason], "stop_reason": None}
-            if chat:
+            if reply.chat:
                 choice["message"] = {"role": "assistant", "content": r.text}
             else:
-                choice["text"] = r.text
+                choice["text"] = (reply.echo[i] if reply.echo else "") + r.text
+                if reply.vllm_prompt:
+                    choice["prompt_logprobs"] = reply.logprobs.vllm_prompt(r.prompt_token_ids, r.prompt_logprobs)
             choices.append(choice)
-        usage = _usage(streams[::n], sum(len(r.token_ids) for r in results))
-        obj = "chat.completion" if chat else "text_completion"
-        return JSONResponse({**meta, "object": obj, "choices": choices, "usage": usage})
+        usage = _usage(streams[:: reply.n], generated)
+        body = {**reply.meta, "object": "chat.completion" if reply.chat else "text_completion", "choices": choices}
+        if reply.chat and reply.vllm_prompt:  # vLLM: one list for the request's prompt, beside the choices
+            body["prompt_logprobs"] = reply.logprobs.vllm_prompt(
+                results[0].prompt_token_ids, results[0].prompt_logprobs
+            )
+        return JSONResponse({**body, "usage": usage})
 
-    async def _sse(self, streams, meta, chat, include_usage, n, logprobs) -> AsyncIterator[str]:
+    async def _sse(self, streams, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+        meta, chat, n = reply.meta, reply.chat, reply.n
+        logprobs = reply.logprobs if reply.token_logprobs else None
         obj = "chat.completion.chunk" if chat else "text_completion"
         counts = [0] * len(streams)
         offsets = [0] * len(streams)  # completions' text_offset: where the next token's text starts
+        echoed = [not reply.echo] * len(streams)
         try:
             if chat:
                 for i in range(len(streams)):
@@ -344,6 +380,12 @@ class OpenAIRoutes:
                         }
                     )
             async for i, ev in _merged(streams):  # n > 1: choices stream side by side, as they are generated
+                if not echoed[i]:  # echo: the prompt is the choice's first chunk
+                    echoed[i], ids = True, streams[i].prompt_ids
+                    lp = logprobs and logprobs.prompt(ids, streams[i].prompt_logprobs or [None] * len(ids))
+                    offsets[i] = len(reply.echo[i])
+                    choice = {"index": i, "text": reply.echo[i], "logprobs": lp, "finish_reason": None}
+                    yield _event({**meta, "object": obj, "choices": [choice], "usage": None})
                 if ev.token_id is not None:
                     counts[i] += 1
                 finish = FINISH[ev.finish_reason] if ev.finish_reason else None
@@ -374,6 +416,20 @@ class OpenAIRoutes:
 
 async def _results(streams: list[RequestStream]) -> list[Completion]:
     return [await s.aresult() for s in streams]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """How one request's response is shaped."""
+
+    meta: dict  # id, created, model
+    chat: bool
+    n: int  # choices per prompt
+    logprobs: Logprobs | None  # the formatter, when any logprobs are returned
+    token_logprobs: bool  # `logprobs` (chat: with `top_logprobs`) for the generated tokens
+    echo: list[str] | None  # completions `echo`: each choice's prompt text
+    vllm_prompt: bool  # vLLM's `prompt_logprobs`
+    drop_output: bool  # `echo` with `max_tokens: 0`: the one token generated is not returned
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")

@@ -6,7 +6,7 @@ _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$
 _JSON = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
 _SAMPLING = {
     "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_tokens": {"type": "integer", "minimum": 0, "description": "≥ 1; 0 only with completions echo"},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number"},
     "top_k": {"type": "integer"},
@@ -27,6 +27,8 @@ _SAMPLING = {
         "description": "chat: a boolean (with top_logprobs); completions: how many alternatives",
     },
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "description": "vLLM's; not with stream"},
+    "echo": {"type": "boolean", "description": "completions: the prompt precedes the text (max_tokens 0: only it)"},
 }
 
 
@@ -60,6 +62,8 @@ def _lorax_body() -> dict:
         "presence_penalty": {"type": "number", "nullable": True},
         "return_full_text": {"type": "boolean"},
         "details": {"type": "boolean"},
+        "decoder_input_details": {"type": "boolean", "description": "details.prefill: the prompt's logprobs"},
+        "return_k_alternatives": {"type": "integer", "minimum": 1, "maximum": 20, "nullable": True},
     }
     properties = {
         "inputs": {"type": "string"},

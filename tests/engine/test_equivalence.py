@@ -134,3 +134,33 @@ def test_other_families_match_peft(tmp_path, smollm2_dir, family):
     outs = engine.generate([PROMPTS[0], PROMPTS[1]], GREEDY, [adapter, None])
     check_against_peft(model_dir, adapter, outs[0], seen[outs[0].request_id])
     check_against_peft(model_dir, None, outs[1], seen[outs[1].request_id])
+
+
+@pytest.mark.parametrize("budget", [2048, 7])
+def test_prompt_logprobs_match_peft(tiny_dir, tiny_adapters, budget):
+    """Each prompt token's logprob given the ones before it, with its rank and the top 3: in one prefill, and
+    in chunks of 7 tokens (spans of several steps)."""
+    from conftest import peft_logits
+    from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+    from mux.engine.engine import Engine
+
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(model=str(tiny_dir)),
+            lora=LoRAConfig(max_loras=2),
+            cache=CacheConfig(block_size=4, kv_cache_bytes=8 << 20),
+            scheduler=SchedulerConfig(max_num_batched_tokens=budget),
+        )
+    )
+    adapter = tiny_adapters["r16-all"]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    out, plain = engine.generate([" ".join(PROMPTS)] * 2, [params, GREEDY], [adapter, adapter])
+    ids = out.prompt_token_ids
+    ref = torch.log_softmax(peft_logits(tiny_dir, adapter, ids), dim=-1)  # [n, V]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids) and plain.prompt_logprobs is None
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        row = ref[i - 1]
+        assert entry.logprob == pytest.approx(row[ids[i]].item(), abs=1e-3)
+        above = [int((row > row[ids[i]] + d).sum()) + 1 for d in (1e-3, -1e-3)]  # ties within the tolerance
+        assert above[0] <= entry.rank <= above[1]
+        assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()

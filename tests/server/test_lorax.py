@@ -210,6 +210,20 @@ def test_return_k_alternatives_and_info(server):
     assert info["max_input_length"] == 511 and info["model_dtype"] == "torch.float32" and info["version"]
 
 
+def test_decoder_input_details_give_the_prompts_logprobs(server):
+    body = client_request("Hello world, how are you", False, details=True, decoder_input_details=True, max_new_tokens=2)
+    prefill = generate(server, body).details.prefill
+    assert len(prefill) > 3 and prefill[0].logprob is None and all(t.logprob < 0 for t in prefill[1:])
+    assert "".join(t.text for t in prefill) == "Hello world, how are you"
+    assert (
+        generate(server, {**body, "parameters": {**body["parameters"], "decoder_input_details": False}}).details.prefill
+        == []
+    )
+    stream = client_request("Hi", True, details=True, decoder_input_details=True)
+    status, err = error(server, stream)
+    assert status == 422 and "decoder_input_details" in err["error"]
+
+
 def test_errors(server):
     status, body = error(server, client_request("Hi", False, adapter_id="acme/nope"))
     assert status == 424 and body["error_type"] == "generation" and "acme/nope" in body["error"]

@@ -281,3 +281,50 @@ def test_chat_without_max_tokens_may_use_the_rest_of_the_context(client, engine)
     r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == engine.base.max_model_len - len(_chat_ids(engine, messages))
     assert r.choices[0].finish_reason == "length"
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, engine):
+    """lm-eval's loglikelihood request: echo, logprobs and max_tokens 0 give the prompt's own logprobs."""
+    prompt = "The capital of France is Paris"
+    ref = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0
+    assert lp.tokens == [engine.tokenizer.decode([t]) for t in ref.prompt_token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in ref.prompt_logprobs[1:]], abs=1e-4)
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    more = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=0, temperature=0)
+    assert more.choices[0].text.startswith(prompt) and len(more.choices[0].logprobs.tokens) == len(lp.tokens) + 3
+    assert more.choices[0].logprobs.text_offset[len(lp.tokens)] == len(prompt)
+    chunks = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, temperature=0, stream=True
+    ) if c.choices]  # fmt: skip
+    assert chunks[0] == prompt and "".join(chunks) == more.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], extra_body={"echo": True}
+        )
+
+
+def test_vllm_prompt_logprobs(client, engine):
+    prompt = "Hello world, how are you"
+    ref = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(ref.prompt_token_ids)
+    for token_id, entry, want in zip(ref.prompt_token_ids[1:], got[1:], ref.prompt_logprobs[1:], strict=True):
+        assert entry[str(token_id)]["rank"] == want.rank and entry[str(token_id)]["logprob"] == pytest.approx(
+            want.logprob, abs=1e-4
+        )
+        assert {str(t) for t, _ in want.top} <= set(entry) and len(entry) <= 3
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > 3
+    with pytest.raises(openai.BadRequestError, match="cannot stream"):
+        client.completions.create(
+            model="tiny", prompt="Hi", max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1}
+        )
