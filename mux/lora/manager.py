@@ -25,7 +25,7 @@ import cachetools
 import torch
 
 from mux.config import LoRAConfig
-from mux.errors import InvalidAdapter
+from mux.errors import AdapterNotFound, InvalidAdapter
 from mux.lora.adapter import LoRAWeights, adapter_key, load_adapter
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.policies import EvictionPolicy, make_policy
@@ -111,6 +111,7 @@ class AdapterManager:
         self.permanent: set[str] = set()
         self.failures: dict[str, str] = {}  # key -> why its load failed (engine fails the waiting sequences)
         self.queued: Counter[str] = Counter()  # key -> live sequences of it, slot or not (submit to finish)
+        self.retired: set[Path] = set()  # directories being deleted: no new sequence may hold what lies there
         self.usage: dict[str, Usage] = {}
         self.counters = {
             "hits": {"device": 0, "host": 0},
@@ -200,6 +201,8 @@ class AdapterManager:
         """Keep an adapter in a device slot until unpinned (policy file or admin call)."""
         ref = self.prepare(path)
         with self._lock:
+            if any(_under(ref.key, retired) for retired in self.retired):
+                raise AdapterNotFound("the adapter was deleted")
             if ref.key in self.permanent:
                 return ref
             if self.acquire(ref) is None:
@@ -228,14 +231,18 @@ class AdapterManager:
     def forget(self, path: Path) -> None:
         """Drop every unpinned copy of the adapters stored at or below `path` (deleted or replaced on disk)."""
         with self._lock:
+            self.retired.discard(Path(path))
             for key in [k for k in self.host if _under(k, path)]:
                 del self.host[key]
             for key in [k for k, e in self.entries.items() if _under(k, path) and not e.refs]:
                 self.free_slots.append(self.entries.pop(key).slot)
 
     def hold(self, key: str) -> None:
-        """A sequence of this adapter was submitted: `in_use` says so until `unhold`, slot or not yet."""
+        """A sequence of this adapter was submitted: `in_use` says so until `unhold`, slot or not yet.
+        Raises AdapterNotFound for an adapter being deleted (see `retire`)."""
         with self._lock:
+            if self.retired and any(_under(key, path) for path in self.retired):
+                raise AdapterNotFound("the adapter was deleted")
             self.queued[key] += 1
 
     def unhold(self, key: str) -> None:
@@ -250,6 +257,15 @@ class AdapterManager:
             return any(_under(k, path) for k in self.queued) or any(
                 e.refs for k, e in self.entries.items() if _under(k, path)
             )
+
+    def retire(self, path: Path) -> bool:
+        """Before deleting `path`: False if it is in use; else no request can hold it from now until `forget`
+        (the check and the mark are one step, so a request prepared just before cannot slip in after it)."""
+        with self._lock:
+            if self.in_use(path):
+                return False
+            self.retired.add(Path(path))
+            return True
 
     # ---- internals --------------------------------------------------------------------------
     def _free_slot(self) -> int | None:

@@ -215,10 +215,12 @@ class AdapterRoutes:
     async def _remove(self, adapter_id: str) -> None:
         repo, manager = self.state.repository, self.state.engine.adapters
         adapter_dir = repo.directory(adapter_id)
-        if manager.in_use(adapter_dir):
+        if not manager.retire(adapter_dir):
             raise InUse(f"adapter {adapter_id} is serving requests or pinned; retry when idle")
-        await run_in_threadpool(repo.delete, adapter_id)
-        manager.forget(adapter_dir)
+        try:
+            await run_in_threadpool(repo.delete, adapter_id)
+        finally:
+            manager.forget(adapter_dir)  # ends the retirement too
 
 
 def _limited(receive, limit: int):

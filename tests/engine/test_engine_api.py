@@ -160,6 +160,27 @@ def test_a_queued_request_holds_its_adapter_in_use_until_it_ends(engine, tiny_ad
     assert done.finish_reason == "length" and not engine.adapters.in_use(path) and idle(engine)
 
 
+def test_a_retired_adapter_takes_no_new_requests_until_forgotten(engine, tiny_adapters):
+    """The delete path: retire (refused while in use), remove the files, forget. Between the first and the last
+    step no request can hold the adapter, however recently it was prepared."""
+    from mux.errors import AdapterNotFound
+
+    path = tiny_adapters["r4-attn"]
+    ref = engine.adapters.prepare(path)  # prepared before the delete began
+    queued = engine.submit("Hello", GREEDY, ref)
+    assert not engine.adapters.retire(path)  # in use: a delete would be 409
+    queued.cancel()
+    engine.step()
+    assert engine.adapters.retire(path)
+    with pytest.raises(AdapterNotFound):
+        engine.submit("Hello", GREEDY, ref)
+    with pytest.raises(AdapterNotFound):
+        engine.adapters.pin(path)
+    assert idle(engine)
+    engine.adapters.forget(path)  # the delete is over (here the files stay: the adapter serves again)
+    assert engine.generate(["Hello"], GREEDY, [path])[0].finish_reason == "length" and idle(engine)
+
+
 def test_background_thread_and_asyncio_streams(tiny_dir, tiny_adapters):
     engine = make_engine(tiny_dir, max_loras=2, max_lora_rank=16)
     expected = engine.generate(["Hi", "Hello world"], GREEDY, [None, tiny_adapters["r4-all"]])
