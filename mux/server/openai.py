@@ -286,9 +286,9 @@ class OpenAIRoutes:
         vllm_prompt = _number(body, "prompt_logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
         if vllm_prompt is not None and stream:
             raise InvalidRequest("`prompt_logprobs` cannot stream")
-        prompt_k = max(top if echo and top is not None else -1, -1 if vllm_prompt is None else vllm_prompt)
-        if prompt_k >= 0:
-            params = replace(params, prompt_logprobs=prompt_k)
+        prompt_k = [k for k in (top if echo else None, vllm_prompt) if k is not None]  # the prompt is scored
+        if prompt_k:
+            params = replace(params, prompt_logprobs=max(prompt_k))
         n = _number(body, "n", 1, int, lo=1, hi=MAX_N)
         if len(prompts) * n > MAX_N * 4:
             raise InvalidRequest(f"at most {MAX_N * 4} choices per request")
