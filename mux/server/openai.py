@@ -170,6 +170,8 @@ _UNSUPPORTED = {
     "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None,
     "structured_outputs": lambda v: v is None,
+    "include_stop_str_in_output": lambda v: not v,  # vLLM's: the stop string is always cut
+    "skip_special_tokens": lambda v: v in (None, True),  # vLLM's: special tokens never reach the text
 }
 
 

@@ -261,6 +261,8 @@ def test_logit_bias_and_penalties_reach_the_sampler(client, engine):
         {"best_of": 2},
         {"min_tokens": 3},
         {"guided_json": {"type": "object"}},
+        {"include_stop_str_in_output": True},
+        {"skip_special_tokens": False},
     ],
 )
 def test_features_not_built_are_refused_not_ignored(client, extra):
