@@ -18,6 +18,7 @@ import struct
 import zlib
 from collections.abc import AsyncIterator
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -100,6 +101,8 @@ class KServeRoutes:
             Route(f"{m}/generate_stream", self.generate_stream, methods=["POST"]),
             Route(m, self.model_metadata, methods=["GET"]),
             Route("/v2/repository/index", self.repository_index, methods=["POST"]),
+            Route("/v2/repository/models/{model:path}/load", self.repository_load, methods=["POST"]),
+            Route("/v2/repository/models/{model:path}/unload", self.repository_unload, methods=["POST"]),
         ]
 
     # -- server --
@@ -149,6 +152,30 @@ class KServeRoutes:
         names = [self.state.base_name]
         names += [a for a in self.state.repository.ids() if self.state.auth.can_use(caller, a)]
         return JSONResponse([{"name": n, "version": VERSION, "state": "READY"} for n in names])
+
+    async def repository_load(self, request: Request) -> Response:
+        """Triton's model control, on an adapter: read it into the host tier now (it is served either way)."""
+        try:
+            caller, model = self._model(request)
+            if not self.state.serving.is_base(model):
+                path = self.state.repository.path(self.state.auth.adapter_id(caller, model))
+                await run_in_threadpool(self.state.engine.prepare_adapter, path)
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        return Response(status_code=200)
+
+    async def repository_unload(self, request: Request) -> Response:
+        """Admin: drop an adapter's copies from device slots and host RAM; it stays servable from disk (what
+        requests hold right now stays until they end). The base model cannot be unloaded."""
+        try:
+            caller, model = self._model(request)
+            self.state.auth.require_admin(caller)
+            if self.state.serving.is_base(model):
+                raise InvalidRequest(f"the base model '{model}' cannot be unloaded")
+            self.state.engine.adapters.forget(self.state.repository.path(self.state.auth.adapter_id(caller, model)))
+        except MuxError as e:
+            return kserve_error(e, _path_model(request)[0])
+        return Response(status_code=200)
 
     def _describe(self, request: Request, build) -> Response:
         """`build(model)` for a model the caller may use; Triton's error otherwise."""

@@ -180,6 +180,12 @@ def openapi_document() -> dict:
             "/generate": {"post": _op("LoRAX: generate", _lorax_body())},
             "/generate_stream": {"post": _op("LoRAX: generate, SSE", _lorax_body(), ok=sse)},
             "/info": {"get": _op("LoRAX: router info (model, dtype, device, length limits)")},
+            "/v2/repository/models/{model}/load": {
+                "post": _op("KServe v2 / Triton: read an adapter into host RAM now", params=model)
+            },
+            "/v2/repository/models/{model}/unload": {
+                "post": _op("KServe v2 / Triton (admin): drop an adapter from device and host memory", params=model)
+            },
             "/v2/repository/index": {
                 "post": _op(
                     "KServe v2 / Triton: the models the caller may use, each READY",

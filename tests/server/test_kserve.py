@@ -93,8 +93,30 @@ def test_repository_index_lists_what_the_caller_may_use(client, server):
     assert post(server, "/v2/repository/index", {"ready": "yes"})[0] == 400
 
 
+def test_model_control_loads_and_unloads_adapters_memory(client, server):
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+
+    def host_count() -> int:
+        req = urllib.request.Request(f"{server}/admin/stats", headers=admin)
+        return json.loads(urllib.request.urlopen(req).read())["tiers"]["host"]["count"]
+
+    client.unload_model("acme/attn", headers=admin)  # whatever earlier requests left in memory
+    before = host_count()
+    client.load_model("acme/attn", headers=acme())  # read into the host tier
+    assert host_count() == before + 1
+    with pytest.raises(InferenceServerException, match="admin"):
+        client.unload_model("acme/attn", headers=acme())
+    client.unload_model("acme/attn", headers=admin)
+    assert host_count() == before
+    assert client.is_model_ready("acme/attn", headers=acme())  # still served, from disk on the next request
+    with pytest.raises(InferenceServerException):
+        client.load_model("beta/mlp", headers=acme())  # another tenant's: unknown
+    with pytest.raises(InferenceServerException, match="cannot be unloaded"):
+        client.unload_model("tiny", headers=admin)
+
+
 def test_unmatched_v2_urls_are_json_404s(server):
-    for path in ("/v2/nope", "/v2/repository/models/tiny/load", "/v2/repository/models/tiny/unload"):
+    for path in ("/v2/nope", "/v2/repository/models", "/v2/repository/models/tiny/explain"):
         status, headers, raw = post(server, path, {})
         assert (
             status == 404
