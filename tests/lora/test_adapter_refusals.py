@@ -272,6 +272,13 @@ def test_rank_and_alpha_patterns_match_peft(tmp_path, tiny_dir):
     assert (got - ref[n - 1 : -1]).abs().max().item() <= 1e-3
 
 
+def test_a_kept_plan_does_not_pass_a_config_that_lies(engine, good):
+    """Plans are kept per weights header and targeting keys: the same tensors under a lying config are checked."""
+    assert engine.adapters.prepare(good).rank == 4  # the plan of these tensors is now kept
+    with pytest.raises(InvalidAdapter, match="says r=8"):
+        engine.adapters.prepare(_rank_lie(copy_adapter(good, good.parent / "lie")))
+
+
 @pytest.mark.parametrize(
     "extra",
     [
