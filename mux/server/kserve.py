@@ -15,7 +15,6 @@ import json
 import math
 import re
 import struct
-import zlib
 from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
@@ -28,7 +27,6 @@ from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
 from mux.server.openai import (
-    MAX_JSON_BYTES,
     BodyTooLarge,
     read_body,
     read_json,
@@ -328,7 +326,7 @@ def _event(obj: dict) -> str:
 
 async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
     """(JSON header, binary tensor data): split at Inference-Header-Content-Length when it is present."""
-    raw = _decompressed(await read_body(request), request.headers.get("content-encoding", "identity"))
+    raw = await read_body(request)
     declared = request.headers.get("inference-header-content-length")
     split = len(raw)
     if declared is not None:
@@ -342,28 +340,6 @@ async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
     if not isinstance(body, dict):
         raise InvalidRequest("the inference request must be a JSON object")
     return body, raw[split:]
-
-
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # tritonclient's request_compression_algorithm
-
-
-def _decompressed(raw: bytes, encoding: str) -> bytes:
-    """The body as sent before gzip/deflate, decompressed through the same byte limit as a plain one."""
-    encoding = encoding.strip().lower()
-    if encoding == "identity":
-        return raw
-    if encoding not in _WBITS:
-        raise InvalidRequest(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
-    d = zlib.decompressobj(_WBITS[encoding])
-    try:
-        out = d.decompress(raw, MAX_JSON_BYTES + 1)
-    except zlib.error as e:
-        raise InvalidRequest(f"the {encoding} request body cannot be decompressed: {e}") from None
-    if len(out) > MAX_JSON_BYTES or d.unconsumed_tail:
-        raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes once decompressed")
-    if not d.eof:
-        raise InvalidRequest(f"the {encoding} request body is truncated")
-    return out
 
 
 def _input_prompts(inputs, binary: bytes) -> tuple[list[str], list[int]]:

@@ -7,6 +7,7 @@ import json
 import math
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -63,7 +64,8 @@ def error_response(exc: Exception) -> JSONResponse:
 
 
 async def read_body(request: Request) -> bytes:
-    """The raw body, read through MAX_JSON_BYTES (a missing Content-Length does not bypass it)."""
+    """The body, read through MAX_JSON_BYTES (a missing Content-Length does not bypass it) and, when it came
+    gzip- or deflate-encoded (tritonclient's request_compression_algorithm), decompressed through it too."""
     if int(request.headers.get("content-length") or 0) > MAX_JSON_BYTES:
         raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
     chunks, size = [], 0
@@ -72,7 +74,28 @@ async def read_body(request: Request) -> bytes:
         if size > MAX_JSON_BYTES:
             raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return _decompressed(b"".join(chunks), request.headers.get("content-encoding", "identity"))
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _decompressed(raw: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding == "identity":
+        return raw
+    if encoding not in _WBITS:
+        raise InvalidRequest(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
+    d = zlib.decompressobj(_WBITS[encoding])
+    try:
+        out = d.decompress(raw, MAX_JSON_BYTES + 1)
+    except zlib.error as e:
+        raise InvalidRequest(f"the {encoding} request body cannot be decompressed: {e}") from None
+    if len(out) > MAX_JSON_BYTES or d.unconsumed_tail:
+        raise BodyTooLarge(f"request body over {MAX_JSON_BYTES} bytes once decompressed")
+    if not d.eof:
+        raise InvalidRequest(f"the {encoding} request body is truncated")
+    return out
 
 
 async def read_json(request: Request) -> dict:
@@ -122,7 +145,6 @@ def sampling_params(body: dict, chat: bool = False) -> SamplingParams:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, lo=-2, hi=2),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=1e-9, hi=2),
         logit_bias=_logit_bias(body.get("logit_bias")),
-        top_logprobs=requested_logprobs(body, chat) or 0,
     )
 
 
@@ -285,6 +307,8 @@ class OpenAIRoutes:
         if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             params = replace(params, max_tokens=self._room(prompts[0]))  # vLLM: the rest of the context
         top = requested_logprobs(body, chat)
+        if top:
+            params = replace(params, top_logprobs=top)
         vllm_prompt = _number(body, "prompt_logprobs", None, int, lo=0, hi=MAX_TOP_LOGPROBS)
         if vllm_prompt is not None and stream:
             raise InvalidRequest("`prompt_logprobs` cannot stream")

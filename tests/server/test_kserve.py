@@ -147,20 +147,14 @@ def test_compressed_requests_from_tritonclient(client, server, algorithm):
     assert result.as_numpy("text_output")[0].decode() == openai_texts(server, "acme/attn", ["Hello world"])[0]
 
 
-def test_compressed_bodies_are_bounded_and_checked(server):
+def test_a_compression_bomb_is_413(server):
     import gzip
 
     from mux.server.openai import MAX_JSON_BYTES
 
-    headers = {**acme(), "Content-Encoding": "gzip"}
     bomb = gzip.compress(b" " * (MAX_JSON_BYTES + 1))  # a few KB on the wire
-    assert post(server, "/v2/models/tiny/infer", bomb, headers)[0] == 413
-    body = gzip.compress(json.dumps({"inputs": []}).encode())
-    for bad, why in ((body[:-9], "truncated"), (b"not gzip", "cannot be decompressed")):
-        status, _, raw = post(server, "/v2/models/tiny/infer", bad, headers)
-        assert status == 400 and why in json.loads(raw)["error"]
-    status, _, raw = post(server, "/v2/models/tiny/infer", body, {**acme(), "Content-Encoding": "br"})
-    assert status == 400 and "not supported" in json.loads(raw)["error"]
+    status, _, raw = post(server, "/v2/models/tiny/infer", bomb, {**acme(), "Content-Encoding": "gzip"})
+    assert status == 413 and "once decompressed" in json.loads(raw)["error"]
 
 
 def test_infer_json_only(client, server):
