@@ -27,6 +27,15 @@ class Logprobs:
         `offset`: where the first token's text starts in the choice's text (completions' text_offset)."""
         if self.chat:
             return {"content": [self._chat(t, lp, top) for t, lp, top in zip(token_ids, logprobs, tops, strict=True)]}
+        return self._completions(token_ids, logprobs, tops, offset)
+
+    def prompt(self, prompt_ids: list[int], entries: list) -> dict:
+        """Completions `echo` with `logprobs`: the prompt's tokens in the completions shape (the first has none)."""
+        logprobs = [None if e is None else e.logprob for e in entries]
+        return self._completions(prompt_ids, logprobs, [None if e is None else e.top for e in entries], 0)
+
+    def _completions(self, token_ids: list[int], logprobs: list, tops: list, offset: int) -> dict:
+        """A token without a logprob (a prompt's first) has None for it and for its alternatives."""
         texts = [self.text(t) for t in token_ids]
         offsets = []
         for text in texts:
@@ -34,10 +43,12 @@ class Logprobs:
             offset += len(text)
         return {
             "text_offset": offsets,
-            "token_logprobs": [max(lp, FLOOR) for lp in logprobs],
+            "token_logprobs": [None if lp is None else max(lp, FLOOR) for lp in logprobs],
             "tokens": texts,
             "top_logprobs": [
-                {self.text(a): max(alp, FLOOR) for a, alp in (top or ())} | {text: max(lp, FLOOR)}
+                None
+                if lp is None
+                else {self.text(a): max(alp, FLOOR) for a, alp in (top or ())} | {text: max(lp, FLOOR)}
                 for text, lp, top in zip(texts, logprobs, tops, strict=True)
             ],
         }
@@ -51,25 +62,6 @@ class Logprobs:
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.text(token_id)
         return {"token": text, "logprob": max(logprob, FLOOR), "bytes": list(text.encode())}
-
-    def prompt(self, prompt_ids: list[int], entries: list) -> dict:
-        """Completions `echo` with `logprobs`: the prompt's tokens in the completions shape (the first has none)."""
-        texts = [self.text(t) for t in prompt_ids]
-        offsets, at = [], 0
-        for text in texts:
-            offsets.append(at)
-            at += len(text)
-        return {
-            "text_offset": offsets,
-            "token_logprobs": [None if e is None else max(e.logprob, FLOOR) for e in entries],
-            "tokens": texts,
-            "top_logprobs": [
-                None
-                if e is None
-                else {self.text(a): max(alp, FLOOR) for a, alp in e.top} | {text: max(e.logprob, FLOOR)}
-                for text, e in zip(texts, entries, strict=True)
-            ],
-        }
 
     def vllm_prompt(self, prompt_ids: list[int], entries: list) -> list:
         """vLLM's `prompt_logprobs`: per prompt token (None for the first) {token id: {logprob, rank,

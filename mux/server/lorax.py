@@ -23,6 +23,7 @@ from mux.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from mux.engine.stream import RequestStream, TokenEvent
 from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, NotReady, Overloaded
 from mux.server.auth import Forbidden, Unauthorized
+from mux.server.logprobs import Logprobs
 from mux.server.openai import BodyTooLarge, read_json, retry_after_headers
 from mux.server.serving import ClientGone, client_gone
 
@@ -137,6 +138,7 @@ class LoraxRoutes:
     def __init__(self, state) -> None:
         self.state = state  # ServerState: engine, auth, serving
         self._special: frozenset[int] | None = None
+        self._texts: Logprobs | None = None  # each token's own text, kept (bounded by the vocabulary)
 
     def routes(self) -> list[Route]:
         return [
@@ -245,12 +247,16 @@ class LoraxRoutes:
 
     def _prefill(self, stream: RequestStream) -> list[dict]:
         """The prompt's tokens with the logprob of each given those before it (none for the first)."""
-        decode = self.state.engine.tokenizer.decode
         entries = stream.prompt_logprobs or [None] * len(stream.prompt_ids)
         return [
-            {"id": t, "text": decode([t]), "logprob": None if e is None else e.logprob}
+            {"id": t, "text": self._token_text(t), "logprob": None if e is None else e.logprob}
             for t, e in zip(stream.prompt_ids, entries, strict=True)
         ]
+
+    def _token_text(self, token_id: int) -> str:
+        if self._texts is None:
+            self._texts = Logprobs(self.state.engine.tokenizer, chat=False)
+        return self._texts.text(token_id)
 
     def _token(self, ev: TokenEvent) -> dict:
         if self._special is None:
@@ -258,8 +264,7 @@ class LoraxRoutes:
         special = ev.token_id in self._special
         token = {"id": ev.token_id, "text": ev.text, "logprob": ev.logprob, "special": special, "skipped": False}
         if ev.top is not None:  # return_k_alternatives
-            decode = self.state.engine.tokenizer.decode
-            token["alternative_tokens"] = [{"id": t, "text": decode([t]), "logprob": lp} for t, lp in ev.top]
+            token["alternative_tokens"] = [{"id": t, "text": self._token_text(t), "logprob": lp} for t, lp in ev.top]
         return token
 
     @staticmethod
