@@ -64,6 +64,15 @@ class AdapterRepository:
             raise AdapterNotFound(f"The model `{adapter_id}` does not exist.")
         return resolved
 
+    def identify(self, path: str | Path) -> dict:
+        """<root>/<tenant>/<name>[/v<N>] -> {"id": "tenant/name", "version": N}; paths elsewhere stay paths."""
+        try:
+            parts = Path(path).resolve().relative_to(self.root.resolve()).parts
+        except ValueError:
+            return {"id": str(path), "version": None}
+        version = int(parts[2][1:]) if len(parts) > 2 and parts[2][1:].isdigit() else 0
+        return {"id": "/".join(parts[:2]), "version": version}
+
     def directory(self, adapter_id: str) -> Path:
         """<root>/<tenant>/<name>: every version of the adapter lives below it."""
         tenant, _, name = adapter_id.partition("/")

@@ -38,7 +38,7 @@ class AdminRoutes:
         s["tiers"]["disk"] = {"count": len(ids), "bytes": sum(_size(repo.path(i)) for i in ids)}
         s["adapters"] = [
             {
-                **_identify(repo.root, a["path"]),
+                **repo.identify(a["path"]),
                 **{k: a[k] for k in ("tier", "pinned", "in_flight", "uses", "last_used", "slot")},
             }
             for a in s["adapters"]
@@ -68,13 +68,3 @@ class AdminRoutes:
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-
-
-def _identify(root: Path, path: str) -> dict:
-    """<root>/<tenant>/<name>[/v<N>] -> {"id": "tenant/name", "version": N}; paths elsewhere stay paths."""
-    try:
-        parts = Path(path).resolve().relative_to(root.resolve()).parts
-    except ValueError:
-        return {"id": path, "version": None}
-    version = int(parts[2][1:]) if len(parts) > 2 and parts[2][1:].isdigit() else 0
-    return {"id": "/".join(parts[:2]), "version": version}

@@ -35,7 +35,6 @@ def client_gone() -> Response:
 class Serving:
     def __init__(self, state) -> None:
         self.state = state  # ServerState: engine, auth, repository, limits, metrics
-        self._served: dict[int, str] = {}  # id(stream) -> what serves it (adapter id or base name), until `done`
 
     def is_base(self, model: str | None) -> bool:
         return not model or model == self.state.base_name
@@ -56,11 +55,11 @@ class Serving:
             raise InvalidRequest("the model name must be a string")
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         engine = self.state.engine
-        adapter, served = None, self.state.base_name
+        adapter = None
         if not self.is_base(model):
-            served = self.state.auth.adapter_id(caller, model)
-            self.state.auth.check(caller, served)  # another tenant's adapter: 404, as if absent
-            path = self.state.repository.path(served)
+            adapter_id = self.state.auth.adapter_id(caller, model)
+            self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
+            path = self.state.repository.path(adapter_id)
             # a host-tier hit is answered here; only a read takes a worker thread, so requests for resident
             # adapters never queue for workers behind cold reads waiting on the engine's step boundary
             adapter = engine.cached_adapter(path) or await run_in_threadpool(engine.prepare_adapter, path)
@@ -76,7 +75,6 @@ class Serving:
             limits.track(key, [], len(prompts))
             raise
         limits.track(key, streams, len(prompts))
-        self._served.update((id(s), served) for s in streams)
         return streams
 
     async def finish(self, request: Request, streams: list[RequestStream], work: Awaitable[T]) -> T:
@@ -90,20 +88,22 @@ class Serving:
             if not task.done():
                 raise ClientGone()
             return task.result()
-        finally:
-            task.cancel(), watch.cancel()  # a no-op on a finished one
+        finally:  # cancelling a finished one does nothing
+            task.cancel()
+            watch.cancel()
             self.done(streams)
 
     def done(self, streams: list[RequestStream]) -> None:
         """The response is over: cancel what still runs (frees KV and the adapter pin), count, release limits.
-        Metrics are labelled by the adapter id that served, not the name as typed (`a1` and `acme/a1` are one
-        adapter; two tenants' `a1` are two). Idempotent."""
+        Metrics are labelled by the adapter id that served (its path in the repository), not the name as typed
+        (`a1` and `acme/a1` are one adapter; two tenants' `a1` are two)."""
         for s in streams:
             if not s.finished:
                 s.cancel()
-        served = [self._served.pop(id(s), None) for s in streams]
-        if served and served[0] is not None:
-            self.state.metrics.observe(served[0], streams)
+        if streams:  # one request's streams share their adapter
+            adapter = streams[0].adapter
+            label = self.state.repository.identify(adapter)["id"] if adapter else self.state.base_name
+            self.state.metrics.observe(label, streams)
         self.state.limits.finish(streams)
 
 
