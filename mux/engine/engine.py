@@ -346,9 +346,12 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, last: TokenEvent | None = None, error: str | None = None) -> None:
         """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
         answer never sees the resources still held)."""
-        if seq.adapter is not None and self._seqs.get(seq.request_id) is seq:
-            self.adapters.unhold(seq.adapter.key)
-        self.scheduler.finish(seq, reason)
+        held = seq.adapter is not None and self._seqs.get(seq.request_id) is seq
+        try:
+            self.scheduler.finish(seq, reason)  # releases the slot's ref first: in_use then reads the hold only
+        finally:
+            if held:
+                self.adapters.unhold(seq.adapter.key)
         self.finished[reason] += 1
         self.sampler.forget(seq.seq_id)
         self._seqs.pop(seq.request_id, None)

@@ -201,8 +201,7 @@ class AdapterManager:
         """Keep an adapter in a device slot until unpinned (policy file or admin call)."""
         ref = self.prepare(path)
         with self._lock:
-            if any(_under(ref.key, retired) for retired in self.retired):
-                raise AdapterNotFound("the adapter was deleted")
+            self._refuse_retired(ref.key)
             if ref.key in self.permanent:
                 return ref
             if self.acquire(ref) is None:
@@ -241,8 +240,7 @@ class AdapterManager:
         """A sequence of this adapter was submitted: `in_use` says so until `unhold`, slot or not yet.
         Raises AdapterNotFound for an adapter being deleted (see `retire`)."""
         with self._lock:
-            if self.retired and any(_under(key, path) for path in self.retired):
-                raise AdapterNotFound("the adapter was deleted")
+            self._refuse_retired(key)
             self.queued[key] += 1
 
     def unhold(self, key: str) -> None:
@@ -252,11 +250,10 @@ class AdapterManager:
                 del self.queued[key]
 
     def in_use(self, path: Path) -> bool:
-        """Does a request (queued or running) or an operator pin hold an adapter stored at or below `path`?"""
+        """Does a request (queued or running: every one holds its adapter) or an operator pin hold an adapter
+        stored at or below `path`? (Slot refs need no look of their own: each comes from one or the other.)"""
         with self._lock:
-            return any(_under(k, path) for k in self.queued) or any(
-                e.refs for k, e in self.entries.items() if _under(k, path)
-            )
+            return any(_under(k, path) for k in (*self.queued, *self.permanent))
 
     def retire(self, path: Path) -> bool:
         """Before deleting `path`: False if it is in use; else no request can hold it from now until `forget`
@@ -268,6 +265,10 @@ class AdapterManager:
             return True
 
     # ---- internals --------------------------------------------------------------------------
+    def _refuse_retired(self, key: str) -> None:
+        if self.retired and any(_under(key, path) for path in self.retired):
+            raise AdapterNotFound("the adapter was deleted")
+
     def _free_slot(self) -> int | None:
         if self.free_slots:
             return self.free_slots.pop()

@@ -170,7 +170,10 @@ class KServeRoutes:
             self.state.auth.require_admin(caller)
             if self.state.serving.is_base(model):
                 raise InvalidRequest(f"the base model '{model}' cannot be unloaded")
-            self.state.engine.adapters.forget(self.state.repository.path(self.state.auth.adapter_id(caller, model)))
+            # every version's copies: a request still on an older version keeps only what it holds
+            self.state.engine.adapters.forget(
+                self.state.repository.directory(self.state.auth.adapter_id(caller, model))
+            )
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
         return Response(status_code=200)
