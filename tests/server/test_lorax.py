@@ -233,6 +233,8 @@ def test_errors(server):
     assert status == 422 and body["error_type"] == "validation" and "adapter_source" in body["error"]
     for bad in (
         {"repetition_penalty": 5.0},
+        {"return_k_alternatives": 21},
+        {"return_k_alternatives": 0},
         {"best_of": 2},
         {"max_new_tokens": 0},
         {"top_p": 0},

@@ -330,3 +330,34 @@ def test_vllm_prompt_logprobs(client, engine):
         client.completions.create(
             model="tiny", prompt="Hi", max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1}
         )
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "reason"),
+    [
+        ("completions", {"logit_bias": [1, 2]}, "logit_bias"),
+        ("completions", {"logit_bias": {str(i): 1 for i in range(1025)}}, "at most 1024"),
+        ("completions", {"logit_bias": {"-5": 1}}, "keys must be token ids"),
+        ("completions", {"logit_bias": {"5": 101}}, "bias"),
+        ("completions", {"logprobs": 21}, "logprobs"),
+        ("completions", {"logprobs": True}, "logprobs"),
+        ("completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
+        ("completions", {"echo": True, "max_tokens": 0, "stream": True}, "cannot stream"),
+        ("completions", {"max_tokens": 0}, "max_tokens"),
+        ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("completions", {"repetition_penalty": 0}, "repetition_penalty"),
+        ("completions", {"min_p": -0.1}, "min_p"),
+        ("chat/completions", {"logprobs": "yes"}, "must be a boolean"),
+        ("chat/completions", {"top_logprobs": 2}, "needs `logprobs: true`"),
+        ("chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)
+def test_bad_sampling_and_logprobs_values_are_400(server, path, extra, reason):
+    import httpx
+
+    base = {"model": "tiny", "max_tokens": 2}
+    base |= {"prompt": "Hi"} if path == "completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    r = httpx.post(f"{server}/v1/{path}", json={**base, **extra}, timeout=30)
+    assert r.status_code == 400 and reason in r.json()["error"]["message"], r.text
+    stats = httpx.get(f"{server}/admin/stats", timeout=30).json()["engine"]
+    assert stats["running"] == stats["waiting"] == 0  # nothing was queued
