@@ -70,16 +70,16 @@ class Sampler:
 
 def _process(row: torch.Tensor, seq: Sequence) -> None:
     """Apply the sequence's logit bias and penalties to its logits row [V], in place (vLLM's semantics)."""
-    p = seq.params
+    p, device = seq.params, row.device  # the row's own device: index_add_ and -= refuse a CPU index or operand
     if p.logit_bias:
         ids, bias = zip(*p.logit_bias, strict=True)
-        row.index_add_(0, torch.tensor(ids), torch.tensor(bias, dtype=row.dtype))
+        row.index_add_(0, torch.tensor(ids, device=device), torch.tensor(bias, dtype=row.dtype, device=device))
     if p.repetition_penalty != 1:
-        seen = torch.tensor(sorted({*seq.prompt_ids, *seq.output_ids}))
+        seen = torch.tensor(sorted({*seq.prompt_ids, *seq.output_ids}), device=device)
         values = row[seen]
         row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        ids, counts = torch.tensor(seq.output_ids).unique(return_counts=True)
+        ids, counts = torch.tensor(seq.output_ids, device=device).unique(return_counts=True)
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
 
 
