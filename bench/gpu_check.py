@@ -5,6 +5,7 @@
 2. engine: a tiny random Llama with four PEFT adapters (ranks 4/8/16, one with rsLoRA) in one batch on the
    device: greedy tokens equal PEFT's on the CPU; the manager keeps host copies in pinned memory and has its
    own copy stream for the loader thread's loads (a host-tier hit is copied in stream order by the engine).
+   Penalties, logit bias, top and prompt logprobs and seeded sampling on the device equal a CPU engine's.
 3. scaling: a Llama-7B-shaped model with random fp16 weights (no download), rank-8 adapters on q_proj/v_proj
    (PEFT's default for Llama), one request per adapter round robin: mux throughput with 5 and with 1,000
    adapters live (target: ≤ 10% loss), and PEFT's mixed batch (`adapter_names=`) on the same GPU with the 5
@@ -34,6 +35,7 @@ from bench.common import RESULTS, build_tiny_model, group_rows, machine, make_ad
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
+from mux.engine.stream import Completion
 from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference
 from mux.model.loader import BaseModel
 
@@ -58,8 +60,56 @@ def check_ops(device: str) -> dict:
     return out
 
 
+# Sampling that post-processes the logits on the device (one of each kind in one batch).
+PROCESSED = [
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.3, top_logprobs=3),
+    SamplingParams(
+        max_tokens=12,
+        temperature=0,
+        ignore_eos=True,
+        presence_penalty=0.5,
+        frequency_penalty=0.7,
+        logit_bias=((11, 5.0), (12, -100.0)),
+    ),
+    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=2),
+    SamplingParams(max_tokens=12, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=7, ignore_eos=True),
+]
+
+
+def processed_sampling_equal(got: list[Completion], want: list[Completion], tol: float = 1e-3) -> bool:
+    """Same tokens, alternatives and prompt-token ranks (exactly); logprobs within `tol`."""
+
+    def close(a: list[float], b: list[float]) -> bool:
+        return len(a) == len(b) and all(
+            x == y or abs(x - y) <= tol for x, y in zip(a, b, strict=True)
+        )  # x == y: both -inf
+
+    def same_top(a: tuple | None, b: tuple | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return [i for i, _ in a] == [i for i, _ in b] and close([p for _, p in a], [p for _, p in b])
+
+    def same_prompt(a, b) -> bool:
+        if a is None or b is None:
+            return a is b
+        return a.rank == b.rank and close([a.logprob], [b.logprob]) and same_top(a.top, b.top)
+
+    for g, w in zip(got, want, strict=True):
+        if g.token_ids != w.token_ids or not close(g.logprobs, w.logprobs) or len(g.top) != len(w.top):
+            return False
+        if not all(same_top(a, b) for a, b in zip(g.top, w.top, strict=True)):
+            return False
+        gp, wp = g.prompt_logprobs, w.prompt_logprobs
+        if (gp is None) != (wp is None) or len(gp or []) != len(wp or []):
+            return False
+        if not all(same_prompt(a, b) for a, b in zip(gp or [], wp or [], strict=True)):
+            return False
+    return True
+
+
 def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
-    """Greedy tokens of four adapters in one device batch vs PeftModel run alone on the CPU."""
+    """Greedy tokens of four adapters in one device batch vs PeftModel run alone on the CPU; processed sampling
+    (penalties, bias, logprobs, seeded) in one device batch vs the same on a CPU engine."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -67,18 +117,26 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     specs = [dict(r=4), dict(r=8, alpha=32), dict(r=16, use_rslora=True), dict(r=8, targets=["q_proj", "v_proj"])]
     adapters = [make_adapter(model_dir, root / f"tiny-a{i}", seed=i, **s) for i, s in enumerate(specs)]
     prompts = [[5 + i, 17, 300 + i, 42, 7] for i in range(len(adapters))]
-    engine = Engine(
-        EngineConfig(
-            model=ModelConfig(model=str(model_dir), device=device, dtype="float32"),
-            lora=LoRAConfig(max_loras=4, max_lora_rank=16),
-            cache=CacheConfig(kv_cache_bytes=64 << 20),
+
+    def engine_on(dev: str) -> Engine:
+        return Engine(
+            EngineConfig(
+                model=ModelConfig(model=str(model_dir), device=dev, dtype="float32"),
+                lora=LoRAConfig(max_loras=4, max_lora_rank=16),
+                cache=CacheConfig(kv_cache_bytes=64 << 20),
+            )
         )
-    )
+
+    engine = engine_on(device)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     got = [c.token_ids for c in engine.generate(prompts, params, adapters)]
+    processed = engine.generate(prompts, PROCESSED, adapters)
     pinned = all(a.is_pinned() and b.is_pinned() for w in engine.adapters.host.values() for a, b in w.modules.values())
     copy_stream = engine.adapters._stream is not None
     engine.stop()
+    reference = engine_on("cpu")
+    processed_cpu = reference.generate(prompts, PROCESSED, adapters)
+    reference.stop()
     want = []
     for ids, path in zip(prompts, adapters, strict=True):
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path).eval()
@@ -88,6 +146,7 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     on_cuda = device.startswith("cuda")
     return {
         "tokens_equal_peft": got == want,
+        "processed_equal_cpu": processed_sampling_equal(processed, processed_cpu),
         "pinned_host_copies": pinned if on_cuda else None,
         "copy_stream": copy_stream if on_cuda else None,
     }
@@ -227,7 +286,9 @@ def main() -> None:
         + ", ".join(f"{k} {v['rel_err']:.1e} {'ok' if v['ok'] else 'FAIL'}" for k, v in data["ops"].items()),
         "",
         f"Engine on {args.device}, 4 adapters in one batch: greedy tokens equal PEFT on the CPU: "
-        f"{data['engine']['tokens_equal_peft']}; pinned host copies: {data['engine']['pinned_host_copies']}; "
+        f"{data['engine']['tokens_equal_peft']}; penalties, logit bias, logprobs and seeded sampling equal the "
+        f"CPU engine: {data['engine']['processed_equal_cpu']}; "
+        f"pinned host copies: {data['engine']['pinned_host_copies']}; "
         f"copy stream: {data['engine']['copy_stream']}",
         "",
         f"| run ({s['requests']} requests × {s['new_tokens']} tokens) | tok/s |",

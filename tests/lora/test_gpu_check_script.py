@@ -1,9 +1,49 @@
-"""The GPU check script's kernel check runs on any device: keep it working where CI can run it (the CPU)."""
+"""The GPU check script runs on any device: keep its checks working where CI can run them (the CPU)."""
 
-from bench.gpu_check import check_ops
+import dataclasses
+
+from bench.gpu_check import check_engine, check_ops, processed_sampling_equal
+from mux.engine.sequence import PromptLogprob
+from mux.engine.stream import Completion
 
 
 def test_gpu_check_ops_pass_on_cpu():
     results = check_ops("cpu")
     assert set(results) == {"wave_float32", "gathered_float32", "wave_float16", "gathered_float16"}
     assert all(r["ok"] for r in results.values()), results
+
+
+def test_gpu_check_engine_part_runs_on_cpu(tmp_path, smollm2_dir):
+    results = check_engine("cpu", smollm2_dir, tmp_path)
+    assert results == {
+        "tokens_equal_peft": True,
+        "processed_equal_cpu": True,
+        "pinned_host_copies": None,
+        "copy_stream": None,
+    }
+
+
+def test_processed_sampling_equal_detects_each_difference():
+    base = Completion(
+        "r",
+        [1, 2],
+        None,
+        token_ids=[3, 4],
+        logprobs=[-0.5, -1.0],
+        top=[((3, -0.5), (8, -2.0)), None],
+        prompt_logprobs=[None, PromptLogprob(-3.0, 4, ((9, -1.0),))],
+    )
+    assert processed_sampling_equal([base], [dataclasses.replace(base, logprobs=[-0.5004, -1.0])])
+    variants = [
+        dict(token_ids=[3, 5]),
+        dict(logprobs=[-0.5, -1.1]),
+        dict(top=[((8, -2.0), (3, -0.5)), None]),
+        dict(top=[((3, -0.5), (8, -2.5)), None]),
+        dict(top=[None, None]),
+        dict(prompt_logprobs=None),
+        dict(prompt_logprobs=[None, PromptLogprob(-3.0, 5, ((9, -1.0),))]),
+        dict(prompt_logprobs=[None, PromptLogprob(-3.0, 4, ((10, -1.0),))]),
+        dict(prompt_logprobs=[None, PromptLogprob(-3.5, 4, ((9, -1.0),))]),
+    ]
+    for change in variants:
+        assert not processed_sampling_equal([base], [dataclasses.replace(base, **change)]), change
