@@ -6,6 +6,9 @@ C: 64 concurrent streaming completions × 64 tokens over 16 rank-8 adapters thro
    ratios reported. The minimal reader (asyncio sockets, one json.loads per event) beside the SDK splits the
    HTTP cost into the server's and the client's: the client runs on the same cores as the engine, and a core
    it takes stalls the engine's OpenMP team; the CPU seconds of client and server per run are reported.
+   A lever beside them: the SDK against a server started with `--stream-interval 4` (the first token at once,
+   then 4 per chunk: a quarter of the chunks for the client to parse). Tokens are counted from each response's
+   `usage` (`stream_options.include_usage`), whatever the chunks hold.
 D: Poisson arrivals keeping about 1, 8 and 32 streams busy (each level's rate: 0.9 × the requests per second that
    as many closed-loop clients complete; the streams in flight are measured and reported): time to first token
    and inter-token latency p50/p99, next to the time of one prefill forward of the same prompt alone. Target:
@@ -42,25 +45,34 @@ from mux.config import SchedulerConfig
 from mux.model.loader import default_model_dir
 
 NEW_TOKENS = 64
+STREAM_INTERVAL = 4  # the lever's server: tokens per chunk after the first
 
 
 async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
-    """(TTFT, inter-token gaps, tokens) of one streamed completion."""
+    """(TTFT, gaps between text chunks, tokens generated: the response's usage) of one streamed completion."""
     t0 = time.perf_counter()
-    times = []
+    times, tokens = [], 0
     stream = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
-    return figures(t0, times)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return (*figures(t0, times), tokens)
 
 
-def figures(t0: float, times: list[float]) -> tuple[float, list[float], int]:
-    """(TTFT, inter-token gaps, tokens) from a request's start and the arrival times of its text events."""
+def figures(t0: float, times: list[float]) -> tuple[float, list[float]]:
+    """(TTFT, inter-token gaps) from a request's start and the arrival times of its text events."""
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    return (times[0] - t0 if times else float("nan")), gaps, len(times)
+    return (times[0] - t0 if times else float("nan")), gaps
 
 
 def openai_client(base: str):
@@ -79,7 +91,7 @@ async def http_throughput(base: str, models: list[str], texts: list[str]) -> flo
 
 
 async def raw_stream_one(base: str, model: str, prompt: str, max_tokens: int) -> int:
-    """Tokens of one streamed completion read with the least client work: an HTTP/1.1 request with
+    """Tokens of one streamed completion (its usage) read with the least client work: an HTTP/1.1 request with
     `Connection: close`, the head read once, the chunked framing (or, without it, the body up to close) undone
     by hand, events split on blank lines, one json.loads each."""
     host, port = base.removeprefix("http://").split(":")
@@ -91,6 +103,7 @@ async def raw_stream_one(base: str, model: str, prompt: str, max_tokens: int) ->
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
+            "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
     ).encode()
@@ -113,8 +126,8 @@ async def raw_stream_one(base: str, model: str, prompt: str, max_tokens: int) ->
         *events, buffer = (buffer + chunk).split(b"\n\n")
         for event in events:
             if event.startswith(b"data: {"):
-                choices = json.loads(event[6:]).get("choices")
-                tokens += bool(choices and choices[0].get("text"))
+                usage = json.loads(event[6:]).get("usage")
+                tokens = usage["completion_tokens"] if usage else tokens
     writer.close()
     return tokens
 
@@ -241,15 +254,17 @@ async def http_poisson(base: str, models: list[str], texts: list[str], streams: 
 
 
 async def engine_stream_one(engine, path: Path, text: str, max_tokens: int) -> tuple[float, list[float], int]:
-    """stream_one's figures for a request submitted to the in-process engine (events with text, as SSE sends)."""
+    """stream_one's figures for a request submitted to the in-process engine (the times of events with text, as
+    SSE sends them; the tokens generated)."""
     from mux.engine.sequence import SamplingParams
 
     t0 = time.perf_counter()
-    times = []
+    times, tokens = [], 0
     async for event in engine.submit(text, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), path):
         if event.text:
             times.append(time.perf_counter())
-    return figures(t0, times)
+        tokens += event.token_id is not None
+    return (*figures(t0, times), tokens)
 
 
 def engine_poisson(engine, paths: list[Path], texts: list[str], streams: int, n: int, rate: float) -> dict:
@@ -266,6 +281,7 @@ def engine_poisson(engine, paths: list[Path], texts: list[str], streams: int, n:
 
 
 DEFAULT_ORDER = "prefill_first" if SchedulerConfig().prefill_first_max_decodes else "mixed"
+INTERVAL_RUN = f"openai {DEFAULT_ORDER}, stream interval {STREAM_INTERVAL}"  # the lever's row in C
 
 
 def write_policies(directory: Path) -> dict[str, Path]:
@@ -306,8 +322,11 @@ def main() -> None:
         order: start_server(model_dir, root, "--kv-cache-bytes", str(1 << 30), "--policy", str(policy))
         for order, policy in write_policies(root.parent).items()
     }
+    interval_proc, interval_base = start_server(
+        model_dir, root, "--kv-cache-bytes", str(1 << 30), "--stream-interval", str(STREAM_INTERVAL)
+    )
     try:
-        for _, base in servers.values():
+        for _, base in [*servers.values(), (interval_proc, interval_base)]:
             asyncio.run(http_throughput(base, models[:16], texts[:16]))  # warm-up: adapters resident
         throughput = []  # one dict per round: direct, the SDK per order, the minimal reader on the default order
         default_proc, default_base = servers[DEFAULT_ORDER]
@@ -317,6 +336,9 @@ def main() -> None:
                 r[f"openai {order}"] = measured(lambda b=base: asyncio.run(http_throughput(b, models, texts)), proc.pid)
             r["minimal reader"] = measured(
                 lambda: asyncio.run(raw_throughput(default_base, models, texts)), default_proc.pid
+            )
+            r[INTERVAL_RUN] = measured(
+                lambda: asyncio.run(http_throughput(interval_base, models, texts)), interval_proc.pid
             )
             throughput.append(r)
         ratios = {
@@ -343,7 +365,7 @@ def main() -> None:
                     r = engine_poisson(engine, paths, texts, s, n_requests, rate)
                     in_process.append({"order": DEFAULT_ORDER, "round": k, **r})
     finally:
-        for proc, _ in servers.values():
+        for proc, _ in [*servers.values(), (interval_proc, interval_base)]:
             proc.terminate()
             proc.wait(timeout=60)
     prefills.append(prefill_alone(engine, paths[0], texts[0]))
@@ -395,7 +417,8 @@ def main() -> None:
             "",
             f"C: {n} concurrent streams × {NEW_TOKENS} tokens, {rounds} interleaved round(s): HTTP with the `openai` "
             f"client = **{http_ratio:.2f}×** the engine direct (median of the rounds' ratios; target ≥ 0.9×; "
-            f"scheduling order {DEFAULT_ORDER}); with the minimal SSE reader {ratios['minimal reader']:.2f}×.",
+            f"scheduling order {DEFAULT_ORDER}); with the minimal SSE reader {ratios['minimal reader']:.2f}×; "
+            f"the SDK against a server with `--stream-interval {STREAM_INTERVAL}` {ratios[INTERVAL_RUN]:.2f}×.",
             "",
             "| run | tok/s per round | vs direct (median) | client CPU s | server CPU s |",
             "|---|---|---|---|---|",

@@ -36,6 +36,7 @@ def serve(args: argparse.Namespace) -> int:
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
             max_cpu_adapter_bytes=args.max_cpu_adapter_bytes,
+            stream_interval=args.stream_interval,
         )
     except MuxError as e:
         print(f"mux: {e}", file=sys.stderr)
@@ -60,7 +61,9 @@ def serve(args: argparse.Namespace) -> int:
         freeze_heap()  # this process keeps the engine for life
         return engine
 
-    state = ServerState(make_engine, Path(args.adapter_dir), policy.pinned, auth, allowed, limits)
+    state = ServerState(
+        make_engine, Path(args.adapter_dir), policy.pinned, auth, allowed, limits, policy.stream_interval
+    )
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "
@@ -85,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-lora-rank", type=int, default=None)
     s.add_argument("--max-cpu-adapter-bytes", type=int, default=None, help="host tier byte bound")
     s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    s.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="OpenAI streams: send tokens this many at a time after the first (overrides the policy; default 1)",
+    )
     s.add_argument("--dtype", default="auto")
     s.add_argument(
         "--allowed-lora-dir",

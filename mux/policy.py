@@ -13,6 +13,7 @@ from mux.lora.policies import POLICIES
 from mux.server.limits import TenantLimit
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.toml"
+_SECTIONS = {"eviction", "tiers", "scheduler", "streaming", "pinned", "admin", "tenants", "public", "limits"}
 _TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -28,6 +29,7 @@ class Policy:
     public: tuple[str, ...] = ()  # adapter id patterns any caller may use, e.g. "demo/*"
     limits: TenantLimit = field(default_factory=TenantLimit)  # [limits]: each tenant unless its section says
     tenant_limits: dict[str, TenantLimit] | None = None
+    stream_interval: int = 1  # [streaming] interval: OpenAI streams send tokens this many at a time after the first
 
 
 def load_policy(path: str | Path | None = None, **overrides) -> Policy:
@@ -39,7 +41,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
         raise MuxError(f"policy file {path}: {e}") from None
     if path != DEFAULT_POLICY and not path.is_file():
         raise MuxError(f"policy file {path} does not exist")
-    _only(data, {"eviction", "tiers", "scheduler", "pinned", "admin", "tenants", "public", "limits"}, "top level")
+    _only(data, _SECTIONS, "top level")
     eviction, tiers = data.get("eviction", {}), data.get("tiers", {})
     _only(eviction, {"policy"}, "[eviction]")
     _only(tiers, _TIERS, "[tiers]")
@@ -59,6 +61,12 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     _only(data.get("limits", {}), limit_keys, "[limits]")
     limits = _limit(data.get("limits", {}), TenantLimit(), "[limits]", path)
     tenant_limits = {t: _limit(v, limits, f"[tenants.{t}]", path) for t, v in tenants.items()}
+    streaming = data.get("streaming", {})
+    _only(streaming, {"interval"}, "[streaming]")
+    interval = overrides.get("stream_interval")
+    interval = streaming.get("interval", 1) if interval is None else interval
+    if type(interval) is not int or not 1 <= interval <= 1024:
+        raise MuxError(f"policy file {path}: the stream interval must be a whole number of tokens, 1 to 1024")
     try:
         if lora_values.get("eviction_policy", "lru") not in POLICIES:
             raise ValueError(f"unknown eviction policy {lora_values['eviction_policy']!r}")
@@ -71,6 +79,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
             public,
             limits,
             tenant_limits,
+            interval,
         )
     except (TypeError, ValueError) as e:  # a bad value may come from the file or from an override (a CLI flag)
         where = f"policy file {path}" + (f" with overrides {', '.join(sorted(flags))}" if flags else "")

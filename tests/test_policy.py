@@ -70,3 +70,29 @@ def test_tenant_limits_inherit_the_default(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(MuxError, match="does not exist"):
         load_policy(tmp_path / "nope.toml")
+
+
+def test_stream_interval_from_the_file_and_the_flag(tmp_path):
+    assert load_policy().stream_interval == 1
+    f = tmp_path / "p.toml"
+    f.write_text("[streaming]\ninterval = 4\n")
+    assert load_policy(f).stream_interval == 4
+    assert load_policy(f, stream_interval=None).stream_interval == 4
+    assert load_policy(f, stream_interval=2).stream_interval == 2
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "2.5", '"4"', "true"])
+def test_bad_stream_interval_is_refused(tmp_path, value):
+    f = tmp_path / "p.toml"
+    f.write_text(f"[streaming]\ninterval = {value}\n")
+    with pytest.raises(MuxError, match="stream interval"):
+        load_policy(f)
+    with pytest.raises(MuxError, match="stream interval"):
+        load_policy(None, stream_interval=0)  # the flag is checked as the file is
+
+
+def test_unknown_streaming_key_is_refused(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text("[streaming]\nstream_tokens = 2\n")
+    with pytest.raises(MuxError, match="stream_tokens"):
+        load_policy(f)

@@ -41,12 +41,14 @@ class ServerState:
         auth: Auth | None = None,
         allowed_lora_dirs: tuple[Path, ...] = (),
         limits: Limits | None = None,
+        stream_interval: int = 1,
     ) -> None:
         self.make_engine = make_engine
         self.pinned = pinned
         self.auth = auth or Auth()
         self.allowed_lora_dirs = (Path(adapter_dir), *allowed_lora_dirs)  # for /v1/load_lora_adapter
         self.limits = limits or Limits()
+        self.stream_interval = stream_interval  # OpenAI streams: tokens per chunk after the first (vLLM's flag)
         self.serving = Serving(self)
         self.metrics = Metrics(self)
         self.repository = AdapterRepository(adapter_dir)

@@ -405,6 +405,9 @@ class OpenAIRoutes:
                             ],
                         }
                     )
+            interval = self.state.stream_interval
+            pending: list[list[TokenEvent]] = [[] for _ in streams]  # per choice: events not sent yet
+            sent = [0] * len(streams)  # per choice: tokens sent
             async for i, ev in _merged(streams):  # n > 1: choices stream side by side, as they are generated
                 if not echoed[i]:  # echo: the prompt is the choice's first chunk
                     echoed[i], ids = True, streams[i].prompt_ids
@@ -412,16 +415,24 @@ class OpenAIRoutes:
                     offsets[i] = len(reply.echo[i])
                     choice = {"index": i, "text": reply.echo[i], "logprobs": lp, "finish_reason": None}
                     yield _event({**meta, "object": obj, "choices": [choice], "usage": None})
+                pending[i].append(ev)
                 if ev.token_id is not None:
                     counts[i] += 1
+                if ev.finish_reason is None and sent[i] and counts[i] - sent[i] < interval:
+                    continue  # stream interval: hold tokens back until `interval` are due (the first goes at once)
+                events = pending[i]
+                tokens = [e for e in events if e.token_id is not None]
+                text = "".join(e.text for e in events)
                 finish = FINISH[ev.finish_reason] if ev.finish_reason else None
                 lp = None
-                if logprobs is not None and ev.token_id is not None:  # one chunk per token, even if no text yet
-                    lp = logprobs.of([ev.token_id], [ev.logprob], [ev.top], offsets[i])
-                    offsets[i] += len(logprobs.text(ev.token_id))
-                elif not ev.text and finish is None:
-                    continue
-                part = {"delta": {"content": ev.text}} if chat else {"text": ev.text}
+                if logprobs is not None and tokens:  # a chunk for each token, even if no text yet
+                    ids = [e.token_id for e in tokens]
+                    lp = logprobs.of(ids, [e.logprob for e in tokens], [e.top for e in tokens], offsets[i])
+                    offsets[i] += sum(len(logprobs.text(t)) for t in ids)
+                elif not text and finish is None:
+                    continue  # no text yet (a character split across tokens): these go with the next chunk
+                pending[i], sent[i] = [], counts[i]
+                part = {"delta": {"content": text}} if chat else {"text": text}
                 yield _event(
                     {
                         **meta,
