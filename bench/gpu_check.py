@@ -1,16 +1,19 @@
 """GPU check (issue 6): the CUDA path against the CPU reference, then S-LoRA-style scaling on a 7B-shaped model.
 
-1. ops: `lora_add_` in both layouts (wave, gathered) on the device, fp32 and fp16, vs the per-token reference
-   on the CPU.
+1. ops: `lora_add_` in its layouts (wave, gathered, and per-token: the Triton kernel on CUDA) on the device,
+   fp32 and fp16, vs the per-token reference on the CPU; paged decode attention (Triton on CUDA) vs SDPA over
+   each sequence's gathered blocks on the CPU, for GQA (SmolLM2's 9/3 heads) and plain (7B's) shapes.
 2. engine: a tiny random Llama with four PEFT adapters (ranks 4/8/16, one with rsLoRA) in one batch on the
-   device: greedy tokens equal PEFT's on the CPU; the manager keeps host copies in pinned memory and has its
-   own copy stream for the loader thread's loads (a host-tier hit is copied in stream order by the engine).
+   device (decode steps replaying CUDA graphs): greedy tokens equal PEFT's on the CPU; the manager keeps host
+   copies in pinned memory and has its own copy stream for the loader thread's loads (a host-tier hit is
+   copied in stream order by the engine).
    Penalties, logit bias, top and prompt logprobs and seeded sampling on the device equal a CPU engine's.
 3. scaling: a Llama-7B-shaped model with random fp16 weights (no download), rank-8 adapters on q_proj/v_proj
    (PEFT's default for Llama), one request per adapter round robin: mux throughput with 5 and with 1,000
-   adapters live (target: ≤ 10% loss), and PEFT's mixed batch (`adapter_names=`) on the same GPU with the 5
-   adapters (target: mux ≥ 10×). The 1,000 adapter directories share 8 weight files through hard links (each
-   directory is still its own adapter to mux: its own key, host copy and slot), so the disk holds 8, not 1,000.
+   adapters live (target: ≤ 10% loss), mux with 5 adapters and no CUDA graphs (the lever), and PEFT's mixed
+   batch (`adapter_names=`) on the same GPU with the 5 adapters (target: mux ≥ 10×). The 1,000 adapter
+   directories share 8 weight files through hard links (each directory is still its own adapter to mux: its own
+   key, host copy and slot), so the disk holds 8, not 1,000.
 
 Run on a CUDA machine (a few minutes): bash bench/gpu_check.sh. `--small` runs every part at toy sizes on any
 device (the CPU included), to check the script itself.
@@ -32,31 +35,67 @@ import torch
 from tqdm import tqdm
 
 from bench.common import RESULTS, build_tiny_model, group_rows, machine, make_adapter, save, write_random_adapter
+from mux import triton_ops
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import Completion
-from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference
+from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference, per_token_batch
 from mux.model.loader import BaseModel
 
 
 def check_ops(device: str) -> dict:
     """Max |error| of the kernel on `device` vs the CPU reference, per layout and dtype."""
     out = {}
-    cases = {"wave": [0, 1, 2, 3] * 8 + [5, -1], "gathered": [1] * 300 + [0, 7]}
+    cases = {"wave": [0, 1, 2, 3] * 8 + [5, -1], "gathered": [1] * 300 + [0, 7], "per_token": [3, -1, 0, 7] * 70}
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
         for layout, token_slots in cases.items():
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(len(token_slots), 256, generator=g)
-            a = torch.randn(8, 16, 256, generator=g) * 0.1
-            b = torch.randn(8, 16, 512, generator=g) * 0.1
+            x = torch.randn(len(token_slots), 1100, generator=g)  # not a multiple of the kernels' blocks
+            a = torch.randn(8, 16, 1100, generator=g) * 0.1
+            b = torch.randn(8, 16, 520, generator=g) * 0.1
             ref = lora_delta_reference(x, a, b, token_slots)
-            batch = build_lora_batch(group_rows(token_slots), 16, device, dtype)
-            assert (batch.wave is not None) == (layout == "wave"), layout
-            y = torch.zeros(len(token_slots), 512, dtype=dtype, device=device)
+            if layout == "per_token":
+                batch = per_token_batch(torch.tensor(token_slots, device=device), 16)
+            else:
+                batch = build_lora_batch(group_rows(token_slots), 16, device, dtype)
+                assert (batch.wave is not None) == (layout == "wave"), layout
+            y = torch.zeros(len(token_slots), 520, dtype=dtype, device=device)
             lora_add_(y, x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch)
             err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
             out[f"{layout}_{str(dtype).removeprefix('torch.')}"] = {"rel_err": err, "ok": err <= tol}
+    if triton_ops.serves(device):
+        out.update(check_paged_attention(device))
+    return out
+
+
+def check_paged_attention(device: str) -> dict:
+    """The Triton decode attention over scattered blocks vs SDPA over each sequence's gathered rows (CPU)."""
+    out = {}
+    bs, g = 16, torch.Generator().manual_seed(1)
+    for heads, kv_heads, head_dim in ((9, 3, 64), (32, 32, 128)):
+        lens = [1, 5, 16, 17, 100, 333]
+        nb = max(-(-n // bs) for n in lens)
+        blocks = torch.randperm(len(lens) * nb + 4, generator=g)[: len(lens) * nb].view(len(lens), nb)  # [B, nb]
+        k = torch.randn((len(lens) * nb + 4) * bs, kv_heads, head_dim, generator=g)  # [rows, Hkv, D]
+        v = torch.randn(k.shape, generator=g)
+        q = torch.randn(len(lens), heads, head_dim, generator=g)  # [B, H, D]
+        ref = torch.empty_like(q)
+        for i, n in enumerate(lens):
+            rows = (blocks[i][:, None] * bs + torch.arange(bs)).flatten()[:n]
+            kk, vv = (t[rows].transpose(0, 1)[None] for t in (k, v))  # [1, Hkv, n, D]
+            o = torch.nn.functional.scaled_dot_product_attention(q[i][None, :, None], kk, vv, enable_gqa=True)
+            ref[i] = o[0, :, 0]
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            got = torch.empty(len(lens), heads, head_dim, dtype=dtype, device=device)
+            dev = [t.to(device, dtype) for t in (q, k, v)]
+            triton_ops.paged_decode(dev[0], dev[1], dev[2], blocks.to(device), torch.tensor(lens, device=device),
+                                    bs, head_dim**-0.5, got)  # fmt: skip
+            err = (got.float().cpu() - ref).abs().max().item()
+            out[f"paged_decode_{heads}x{head_dim}_{str(dtype).removeprefix('torch.')}"] = {
+                "rel_err": err,
+                "ok": err <= tol,
+            }
     return out
 
 
@@ -133,6 +172,7 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     processed = engine.generate(prompts, PROCESSED, adapters)
     pinned = all(a.is_pinned() and b.is_pinned() for w in engine.adapters.host.values() for a, b in w.modules.values())
     copy_stream = engine.adapters._stream is not None
+    graphs = engine.runner.graphs.num_graphs if engine.runner.graphs is not None else 0
     engine.stop()
     reference = engine_on("cpu")
     processed_cpu = reference.generate(prompts, PROCESSED, adapters)
@@ -149,7 +189,18 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
         "processed_equal_cpu": processed_sampling_equal(processed, processed_cpu),
         "pinned_host_copies": pinned if on_cuda else None,
         "copy_stream": copy_stream if on_cuda else None,
+        "decode_graphs": graphs,
     }
+
+
+def rate(engine: Engine, prompts, params, adapters, tokens: int, reps: int) -> float:
+    """The best tokens/s of `reps` runs of the whole traffic."""
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        engine.generate(prompts, params, adapters)
+        best = max(best, tokens / (time.perf_counter() - t))
+    return best
 
 
 def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
@@ -211,13 +262,16 @@ def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
         refs = [engine.prepare_adapter(p) for p in tqdm(paths[:n], desc=f"{n} adapters into the host tier")]
         per_request = [refs[i % n] for i in range(args.requests)]
         engine.generate(prompts[: max(n, 8)], SamplingParams(max_tokens=2, ignore_eos=True), per_request[: max(n, 8)])
-        best = 0.0
-        for _ in range(2):
-            t = time.perf_counter()
-            engine.generate(prompts, params, per_request)
-            best = max(best, tokens / (time.perf_counter() - t))
-        results[f"mux_{n}_adapters_tok_s"] = best
-        print(f"mux, {n} adapters live: {best:.0f} tok/s", flush=True)
+
+        results[f"mux_{n}_adapters_tok_s"] = rate(engine, prompts, params, per_request, tokens, reps=2)
+        print(f"mux, {n} adapters live: {results[f'mux_{n}_adapters_tok_s']:.0f} tok/s", flush=True)
+        graphs = engine.runner.graphs
+        if n == counts[0] and graphs is not None:  # the lever: the same traffic with every step eager
+            graphs.enabled = False
+            results[f"mux_{n}_adapters_eager_tok_s"] = rate(engine, prompts, params, per_request, tokens, reps=1)
+            graphs.enabled = True
+            print(f"mux, {n} adapters, eager: {results[f'mux_{n}_adapters_eager_tok_s']:.0f} tok/s", flush=True)
+    results["decode_graphs"] = engine.runner.graphs.num_graphs if engine.runner.graphs is not None else 0
     engine.stop()
     del engine, base
     if device.startswith("cuda"):
@@ -289,7 +343,7 @@ def main() -> None:
         f"{data['engine']['tokens_equal_peft']}; penalties, logit bias, logprobs and seeded sampling equal the "
         f"CPU engine: {data['engine']['processed_equal_cpu']}; "
         f"pinned host copies: {data['engine']['pinned_host_copies']}; "
-        f"copy stream: {data['engine']['copy_stream']}",
+        f"copy stream: {data['engine']['copy_stream']}; decode graphs captured: {data['engine']['decode_graphs']}",
         "",
         f"| run ({s['requests']} requests × {s['new_tokens']} tokens) | tok/s |",
         "|---|---|",

@@ -26,6 +26,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
     cpu_tuning: bool = True  # CPU fp32: prepacked linears + allocator settings (mux/model/cpu.py)
+    cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

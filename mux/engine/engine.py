@@ -75,7 +75,8 @@ class Engine:
         self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
         self.adapters = AdapterManager(self.lora, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
-        self.runner = ModelRunner(model, self.lora, self.cache)
+        graph_batch = config.scheduler.max_num_seqs if config.model.cuda_graphs else 0
+        self.runner = ModelRunner(model, self.lora, self.cache, graph_batch)
         self.sampler = Sampler()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("cancel", request_id)
         self._seqs: dict[str, Sequence] = {}  # request_id -> live sequence (engine thread only)

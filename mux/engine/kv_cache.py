@@ -3,9 +3,11 @@
 The cache is carved once out of a fixed byte budget into blocks of `block_size` tokens; a sequence
 owns only the blocks its tokens fill, so nothing is padded to the longest sequence. Each step the
 runner publishes an `AttentionMetadata`; the model's attention modules call `mux_attention`, which
-writes the step's new K/V into the cache and attends over each sequence's own blocks. On CPU float32 the decode
-rows go to the C kernel (`mux/csrc/attention.c`), which reads each sequence's blocks in place; elsewhere the
-blocks are gathered and attended with SDPA.
+writes the step's new K/V into the cache and attends over each sequence's own blocks. Decode rows go to a kernel
+that reads each sequence's blocks in place: in C on CPU float32 (`mux/csrc/attention.c`), in Triton on CUDA
+(`mux/triton_ops.py`); elsewhere the blocks are gathered and attended with SDPA. Prefills of equal length with no
+cached prefix share one SDPA call. One block past the budget is scratch: padded rows of a captured decode graph
+(`mux/engine/graphs.py`) write and read it, and no sequence is ever given it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from mux import native
+from mux import native, triton_ops
 from mux.config import CacheConfig
 
 ATTN_IMPLEMENTATION = "mux"
@@ -36,11 +38,14 @@ class KVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks  # the extra block, never handed out
+        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         # zeros, not empty: padded positions are masked, but 0·NaN from stale garbage would still be NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks*bs, Hkv, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.native = use_native and native.serves(device, dtype)  # decode attention in C
+        pow2 = all(n & (n - 1) == 0 for n in (block_size, head_dim))  # Triton's block shapes are powers of two
+        self.paged = not self.native and pow2 and triton_ops.serves(device)  # decode attention in Triton
 
     @classmethod
     def for_model(cls, hf_config, config: CacheConfig, dtype: torch.dtype, device) -> KVCache:
@@ -63,6 +68,15 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillGroup:
+    """Prefills of one length with no cached prefix, attended in one SDPA call."""
+
+    rows: torch.Tensor  # [count * num_tokens] int64 their rows in the flat batch, sequence by sequence
+    count: int
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     """One step's attention layout. Rows [0, num_decode) are single-token sequences; prefill spans follow."""
 
@@ -73,6 +87,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb*bs] True where a position belongs to the sequence
     prefills: tuple[PrefillSpan, ...]
     decode_lens: torch.Tensor | None  # [B] int64 cached positions of each decode (its new token included)
+    prefill_groups: tuple[PrefillGroup, ...] = ()
 
 
 def mux_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mux_attn=None, **kwargs):
@@ -89,8 +104,12 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
     out = q.new_empty(q.shape)  # [T, H, D]
     bs = cache.block_size
 
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     if meta.num_decode and cache.native:
-        _native_decode(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5 if scaling is None else scaling, out)
+        _native_decode(q, k_cache, v_cache, meta, scale, out)
+    elif meta.num_decode and cache.paged:
+        qd = q[: meta.num_decode] if q.stride(2) == 1 else q[: meta.num_decode].contiguous()
+        triton_ops.paged_decode(qd, k_cache, v_cache, meta.decode_tables, meta.decode_lens, bs, scale, out)
     elif meta.num_decode:
         # The query heads sharing a KV head become that head's query rows (GQA without expanding K/V), and the
         # blocks are gathered with index_select: 1.5× faster than enable_gqa over advanced indexing for 64
@@ -104,6 +123,11 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling)  # [B, Hkv, G, D]
         out[:b] = o.reshape(b, -1, head_dim)
 
+    for group in meta.prefill_groups:
+        shape = (group.count, group.num_tokens, -1, q.shape[-1])
+        qp, kp, vp = (t.index_select(0, group.rows).view(shape).transpose(1, 2) for t in (q, k_new, v_new))
+        o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=True)  # [c,H,n,D]
+        out.index_copy_(0, group.rows, o.transpose(1, 2).reshape(-1, *q.shape[1:]))
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]

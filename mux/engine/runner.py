@@ -1,6 +1,7 @@
 """Builds one step's flat batch (all sequences' tokens in one row), runs the model, returns the logits to sample.
 
-Per step the runner publishes the attention layout and the LoRA layout once; every layer reads them.
+Per step the runner publishes the attention layout and the LoRA layout once; every layer reads them. On CUDA a
+pure decode step replays a captured graph instead (`mux/engine/graphs.py`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mux.engine.kv_cache import ATTN_IMPLEMENTATION, AttentionMetadata, KVCache, PrefillSpan
+from mux import triton_ops
+from mux.engine.graphs import DecodeGraphs
+from mux.engine.kv_cache import ATTN_IMPLEMENTATION, AttentionMetadata, KVCache, PrefillGroup, PrefillSpan
 from mux.engine.scheduler import Scheduled
 from mux.engine.sequence import PromptLogprob, Sequence
 from mux.lora.layers import MultiLoRAModel
-from mux.lora.ops import build_lora_batch
+from mux.lora.ops import build_lora_batch, per_token_batch
 
 PROMPT_ROWS = 256  # prompt positions whose logits are made at once for prompt logprobs
 
@@ -28,18 +31,26 @@ class PromptSpan:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, lora: MultiLoRAModel, cache: KVCache) -> None:
+    def __init__(self, model: torch.nn.Module, lora: MultiLoRAModel, cache: KVCache, max_graph_batch: int = 0) -> None:
+        """max_graph_batch: on CUDA, decode steps of up to this many sequences replay CUDA graphs (0: never)."""
         self.model = model
         self.lora = lora
         self.cache = cache
         self.device = next(model.parameters()).device
+        self.per_token_lora = triton_ops.serves(self.device)  # the Triton kernel reads every row's slot in place
         model.config._attn_implementation = ATTN_IMPLEMENTATION
+        on_cuda = self.device.type == "cuda" and max_graph_batch > 0
+        self.graphs = DecodeGraphs(model, lora, cache, max_graph_batch) if on_cuda else None
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> tuple[torch.Tensor, list[PromptSpan]]:
         """Forward the scheduled tokens. Returns float32 logits [num_sampled, V] in `scheduled` order of
         sample=True, and for each prefill chunk of a sequence that asked for prompt logprobs the hidden states
         of its prompt positions (see `prompt_logprobs`)."""
+        if self.graphs is not None and self.graphs.takes(scheduled):
+            logits = self._replay(scheduled)
+            if logits is not None:
+                return logits, []
         # single-token sequences first (the attention layout), then by slot: each slot's rows form one run,
         # which the LoRA kernel serves in place when it is long enough
         order = sorted(scheduled, key=lambda s: (s.num_tokens != 1, s.seq.slot))
@@ -48,6 +59,7 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         groups: dict[int, list[int]] = {}
+        row_slots: list[int] = []
         sample_rows: dict[int, int] = {}  # seq_id -> row of its last token
         wants_prompt: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first row, rows)
         decode_tables: list[list[int]] = []
@@ -63,6 +75,7 @@ class ModelRunner:
                 slot_mapping.append(table[p // bs] * bs + p % bs)
             if seq.slot >= 0:
                 groups.setdefault(seq.slot, []).extend(range(start, start + n))
+            row_slots += [seq.slot] * n
             if s.sample:
                 sample_rows[seq.seq_id] = start + n - 1
             if seq.params.prompt_logprobs is not None and first < len(seq.prompt_ids) - 1:
@@ -77,6 +90,7 @@ class ModelRunner:
                 prefills.append(PrefillSpan(start, n, ctx, prefix))
 
         lens = self._tensor(decode_lens) if decode_lens else None  # [B]
+        prefills, prefill_groups = self._group_prefills(prefills)
         meta = AttentionMetadata(
             self.cache,
             self._tensor(slot_mapping),
@@ -84,11 +98,15 @@ class ModelRunner:
             *self._decode_layout(decode_tables, lens),
             tuple(prefills),
             lens,
+            prefill_groups,
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
-        self.lora.ctx.batch = build_lora_batch(
-            groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank, use_native=self.lora.native
-        )
+        if self.per_token_lora:
+            self.lora.ctx.batch = per_token_batch(self._tensor(row_slots), rank) if groups else None
+        else:
+            self.lora.ctx.batch = build_lora_batch(
+                groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank, use_native=self.lora.native
+            )
         try:
             hidden = self.model.model(
                 input_ids=self._tensor(ids)[None],
@@ -119,13 +137,44 @@ class ModelRunner:
                 out.append(PromptLogprob(c, rank, alts))
         return out
 
+    def _replay(self, scheduled: list[Scheduled]) -> torch.Tensor | None:
+        """A decode step through a captured graph: logits [B, V] float32 in `scheduled` order (None: no graph)."""
+        bs = self.cache.block_size
+        ids, positions, slot_mapping, slots, tables = [], [], [], [], []
+        for s in scheduled:
+            seq, p = s.seq, s.seq.num_computed
+            table = seq.block_table
+            ids += seq.token_ids(p, p + 1)
+            positions.append(p)
+            slot_mapping.append(table[p // bs] * bs + p % bs)
+            slots.append(seq.slot)
+            tables.append(table[: p // bs + 1])
+        rank = max((self.lora.slot_rank[slot] for slot in slots if slot >= 0), default=0)
+        return self.graphs.run(ids, positions, slot_mapping, slots, tables, rank)
+
+    def _group_prefills(self, spans: list[PrefillSpan]) -> tuple[list[PrefillSpan], tuple[PrefillGroup, ...]]:
+        """Spans with no cached prefix and a length some other such span shares go into one SDPA call each."""
+        by_len: dict[int, list[PrefillSpan]] = {}
+        for span in spans:
+            if span.block_table is None:
+                by_len.setdefault(span.num_tokens, []).append(span)
+        shared = {n: group for n, group in by_len.items() if len(group) > 1}
+        if not shared:
+            return spans, ()
+        groups = tuple(
+            PrefillGroup(self._tensor([r for s in group for r in range(s.start, s.start + n)]), len(group), n)
+            for n, group in shared.items()
+        )
+        rest = [s for s in spans if s.block_table is not None or s.num_tokens not in shared]
+        return rest, groups
+
     def _decode_layout(self, tables: list[list[int]], lens: torch.Tensor | None):
         if not tables:
             return None, None
         bs = self.cache.block_size
         nb = max(len(t) for t in tables)
         padded = self._tensor([t + [0] * (nb - len(t)) for t in tables])  # [B, nb]
-        if self.cache.native:  # the C kernel reads the lengths; the mask is for SDPA
+        if self.cache.native or self.cache.paged:  # the kernels read the lengths; the mask is for SDPA
             return padded, None
         mask = torch.arange(nb * bs, device=self.device)[None, :] < lens[:, None]  # [B, L]
         return padded, mask[:, None, None, :]

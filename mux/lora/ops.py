@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mux import native
+from mux import native, triton_ops
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
@@ -85,6 +85,13 @@ class LoRABatch:
     block_size: int
     rank: int  # largest rank among the blocks' slots (trailing rank columns are zero padding)
     native: NativeRows | None = None  # rows the C kernel serves (the segments and blocks serve the others)
+    token_slots: torch.Tensor | None = None  # [T] int64 slot of every row, -1 for none: the per-token layout
+
+
+def per_token_batch(token_slots: torch.Tensor, rank: int) -> LoRABatch:
+    """The per-token layout: every row reads its own slot's weights (the Triton kernel on CUDA, else a gather).
+    Its shapes depend on the row count alone, so a captured CUDA graph replays it for any slots."""
+    return LoRABatch((), None, None, None, None, None, 0, rank, token_slots=token_slots)
 
 
 def gathered_cost(counts: list[int], blk: int) -> int:
@@ -231,6 +238,12 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
     Rank-major slots keep each slot's first r rows contiguous, so trimming the rank padding reads fast.
     """
+    if batch.token_slots is not None:
+        if triton_ops.serves(y.device):
+            triton_ops.lora_add(y, x, a, b, batch.token_slots, batch.rank)
+        else:
+            _per_token_add_(y, x, a, b, batch.token_slots, batch.rank)
+        return
     for slot, lo, hi, rank in batch.segments:
         y[lo:hi].addmm_(x[lo:hi] @ a[slot, :rank].T, b[slot, :rank])  # [n, in] @ [in, r] @ [r, out]
     if batch.native is not None:
@@ -256,6 +269,15 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         y[first:end].view(-1, blk, b.shape[-1]).baddbmm_(h, b_blk)
     else:
         y.index_add_(0, batch.gather, torch.bmm(h, b_blk).view(-1, b.shape[-1]))
+
+
+def _per_token_add_(y, x, a, b, slots: torch.Tensor, rank: int) -> None:
+    """The per-token layout in torch: each row's A and B gathered out of the slot stacks (rows with slot -1
+    add zero)."""
+    live = (slots >= 0).to(x.dtype)[:, None, None]  # [T, 1, 1]
+    slot = slots.clamp(min=0)
+    h = torch.bmm(x[:, None, :], a[:, :rank].index_select(0, slot).transpose(1, 2)).mul_(live)  # [T, 1, r]
+    y.view(-1, 1, b.shape[-1]).baddbmm_(h, b[:, :rank].index_select(0, slot))
 
 
 def _native_lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: NativeRows) -> None:

@@ -1,0 +1,177 @@
+"""The CUDA kernels, in Triton: the per-token multi-LoRA add (punica's BGMV) and paged decode attention.
+
+On a GPU, torch's own ops need the slot weights or the KV blocks gathered (copied) into dense tensors before a
+batched matmul or SDPA can read them: for 256 decodes of a 7B model that copy is several times the bytes the
+step needs. These kernels read each token's slot weights, and each sequence's KV blocks, in place. They serve
+on CUDA when triton imports (it ships with torch's CUDA wheels) and they pass a self-check at first use;
+elsewhere, or with `MUX_TRITON=0`, torch's ops serve (`mux/lora/ops.py`, `mux/engine/kv_cache.py`).
+`bench/gpu_check.py` checks both against the CPU reference on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU wheels of torch ship no triton
+    triton = None
+
+
+def serves(device: torch.device | str) -> bool:
+    """Whether the Triton kernels take tensors on `device`: CUDA, triton importable, not turned off, and both
+    kernels equal to torch on a small case the first time this is asked (else torch's ops serve, logged once)."""
+    device = torch.device(device)
+    return device.type == "cuda" and _works(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _works(index: int) -> bool:
+    if triton is None:
+        log.info("triton kernels off: triton is not installed")
+        return False
+    if os.environ.get("MUX_TRITON", "1") == "0":
+        return False
+    try:
+        error = _self_check(torch.device("cuda", index))
+    except Exception:  # a failed compile or launch: torch's ops still serve
+        log.exception("triton kernels off: they failed to run")
+        return False
+    if error > 1e-3:
+        log.warning("triton kernels off: they differ from torch by %.2e", error)
+        return False
+    return True
+
+
+def _self_check(device: torch.device) -> float:
+    """Largest |difference| of both kernels from torch on a small float32 case."""
+    g = torch.Generator().manual_seed(0)
+    x, a, b = torch.randn(6, 80, generator=g), torch.randn(3, 4, 80, generator=g), torch.randn(3, 4, 48, generator=g)
+    slots = torch.tensor([2, -1, 0, 0, 1, 2])
+    live = (slots >= 0).float()[:, None]
+    want = torch.einsum("ti,tri,tro->to", x, a[slots.clamp(min=0)], b[slots.clamp(min=0)]) * live  # [6, 48]
+    y = torch.zeros(6, 48, device=device)
+    lora_add(y, x.to(device), a.to(device), b.to(device), slots.to(device), 4)
+    q, k, v = (
+        torch.randn(2, 4, 16, generator=g),
+        torch.randn(48, 2, 16, generator=g),
+        torch.randn(48, 2, 16, generator=g),
+    )
+    tables, lens = torch.tensor([[2, 0, 1], [1, 0, 0]]), torch.tensor([40, 3])
+    ref = torch.empty_like(q)
+    for i, n in enumerate(lens.tolist()):
+        rows = (tables[i][:, None] * 16 + torch.arange(16)).flatten()[:n]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[i][None, :, None], k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None], enable_gqa=True
+        )
+        ref[i] = o[0, :, 0]
+    out = torch.empty(2, 4, 16, device=device)
+    paged_decode(q.to(device), k.to(device), v.to(device), tables.to(device), lens.to(device), 16, 0.25, out)
+    return max((y.cpu() - want).abs().max().item(), (out.cpu() - ref).abs().max().item())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lora_shrink(x, x_row, a, a_slot, a_rank, slots, h, rank, in_features, SPLIT_K: tl.constexpr,
+                     R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """h[t, :rank] += x[t, ks] · A[slot[t], :rank, ks]ᵀ over this program's share ks of the input features."""
+        t, split = tl.program_id(0), tl.program_id(1)
+        slot = tl.load(slots + t)
+        valid = slot >= 0
+        slot = tl.maximum(slot, 0)
+        r = tl.arange(0, R)
+        acc = tl.zeros((R,), dtype=tl.float32)
+        for k0 in range(split * BLOCK_K, in_features, SPLIT_K * BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x + t * x_row + k, mask=(k < in_features) & valid, other=0.0).to(tl.float32)
+            mask = (r[:, None] < rank) & (k[None, :] < in_features) & valid
+            av = tl.load(a + slot * a_slot + r[:, None] * a_rank + k[None, :], mask=mask, other=0.0)
+            acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+        tl.atomic_add(h + t * R + r, acc, mask=(r < rank) & valid)
+
+    @triton.jit
+    def _lora_expand(h, b, b_slot, b_rank, slots, y, y_row, rank, out_features, R: tl.constexpr,
+                     BLOCK_N: tl.constexpr):  # fmt: skip
+        """y[t, ns] += h[t, :rank] · B[slot[t], :rank, ns] for this program's block ns of output features."""
+        t, nb = tl.program_id(0), tl.program_id(1)
+        slot = tl.load(slots + t)
+        valid = slot >= 0
+        slot = tl.maximum(slot, 0)
+        r = tl.arange(0, R)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        hv = tl.load(h + t * R + r, mask=r < rank, other=0.0)
+        mask = (r[:, None] < rank) & (n[None, :] < out_features) & valid
+        bv = tl.load(b + slot * b_slot + r[:, None] * b_rank + n[None, :], mask=mask, other=0.0)
+        delta = tl.sum(hv[:, None] * bv.to(tl.float32), axis=0)
+        out = n < out_features
+        yv = tl.load(y + t * y_row + n, mask=out & valid, other=0.0)
+        tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out & valid)
+
+    @triton.jit
+    def _paged_decode(q, q_row, q_head, k, v, kv_row, kv_head, tables, table_row, lens, o, o_row, o_head, scale,
+                      GROUP: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):  # fmt: skip
+        """One sequence's GROUP query heads that share KV head `kvh`, over its blocks, with an online softmax."""
+        seq, kvh = tl.program_id(0), tl.program_id(1)
+        g = tl.arange(0, G)
+        d = tl.arange(0, D)
+        heads = kvh * GROUP + g
+        qv = tl.load(q + seq * q_row + heads[:, None] * q_head + d[None, :], mask=g[:, None] < GROUP, other=0.0)
+        qv = qv.to(tl.float32) * scale  # [G, D]
+        n = tl.load(lens + seq)
+        m = tl.full((G,), float("-inf"), tl.float32)
+        total = tl.zeros((G,), dtype=tl.float32)
+        acc = tl.zeros((G, D), dtype=tl.float32)
+        pos = tl.arange(0, BS)
+        for j in range(0, tl.cdiv(n, BS)):
+            block = tl.load(tables + seq * table_row + j)
+            live = j * BS + pos < n
+            rows = (block * BS + pos)[:, None] * kv_row + kvh * kv_head + d[None, :]  # [BS, D]
+            kb = tl.load(k + rows, mask=live[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(qv[:, None, :] * kb[None, :, :], axis=2)  # [G, BS]
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            vb = tl.load(v + rows, mask=live[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
+            total = total * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / total[:, None]
+        dst = o + seq * o_row + heads[:, None] * o_head + d[None, :]
+        tl.store(dst, out.to(o.dtype.element_ty), mask=g[:, None] < GROUP)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int):
+    """y [T, out] += (x A_slot[:rank]ᵀ) B_slot[:rank] per row; slots [T] int64 (-1: no adapter, row untouched);
+    x [T, in], a [S, R, in], b [S, R, out], rows contiguous. Accumulates in float32."""
+    rows, in_features = x.shape
+    out_features = b.shape[2]
+    r = max(16, triton.next_power_of_2(rank))  # lanes past `rank` are masked
+    h = torch.zeros(rows, r, dtype=torch.float32, device=x.device)  # [T, r]
+    split = max(1, min(8, in_features // 512))
+    _lora_shrink[(rows, split)](
+        x, x.stride(0), a, a.stride(0), a.stride(1), slots, h, rank, in_features, SPLIT_K=split, R=r, BLOCK_K=256
+    )
+    grid = (rows, triton.cdiv(out_features, 128))
+    _lora_expand[grid](h, b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank, out_features, R=r, BLOCK_N=128)
+
+
+def paged_decode(q, k_cache, v_cache, tables, lens, block_size: int, scale: float, out: torch.Tensor) -> None:
+    """out[:B] = attention of the decode queries q [B, H, D] over each sequence's blocks; k/v_cache [rows, Hkv,
+    D] (rows = blocks * block_size), tables [B, nb] int64 (entries past a sequence's length unread), lens [B]."""
+    seqs, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    _paged_decode[(seqs, kv_heads)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), tables,
+        tables.stride(0), lens, out, out.stride(0), out.stride(1), scale,
+        GROUP=group, G=triton.next_power_of_2(group), BS=block_size, D=head_dim,
+    )  # fmt: skip

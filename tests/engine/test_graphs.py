@@ -1,0 +1,48 @@
+"""The padded decode step that CUDA graphs capture (mux/engine/graphs.py), run eagerly on the CPU: the same
+logits and tokens as PEFT whatever the padding, and the scratch block stays out of every sequence's table."""
+
+from __future__ import annotations
+
+import pytest
+from test_equivalence import GREEDY, PROMPTS, check_against_peft
+
+from conftest import make_engine, record_logits
+from mux.engine.graphs import DecodeGraphs
+from mux.engine.sequence import SamplingParams
+
+
+def padded(engine, max_batch: int) -> DecodeGraphs:
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.lora, runner.cache, max_batch, capture=False)
+    return runner.graphs
+
+
+@pytest.mark.parametrize("native", [True, False])  # the C kernels read the padded tables too
+def test_padded_decode_matches_peft(tiny_dir, tiny_adapters, native):
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=native, native_attention=native)
+    graphs = padded(engine, 8)
+    seen = record_logits(engine)
+    names = ["r4-attn", "r16-all", "r8-all-rslora", "r2-down", "r8-mlp"]
+    adapters = [tiny_adapters[n] for n in names] + [None]  # 6 rows: padded to 8; mixed ranks and a base row
+    outs = engine.generate([PROMPTS[i % 4] for i in range(6)], GREEDY, adapters)
+    for out, adapter in zip(outs, adapters, strict=True):
+        check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
+    assert graphs.num_graphs >= 1 and graphs.enabled
+    assert engine.blocks.num_free == engine.blocks.num_blocks == engine.cache.scratch_block
+
+
+def test_base_only_decodes_and_batches_past_the_largest_graph(tiny_dir, tiny_adapters):
+    """Base-only steps get a graph with no LoRA; a step of more sequences than the largest graph runs eagerly,
+    and the shorter requests' later steps, now small enough, replay."""
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16)
+    graphs = padded(engine, 2)
+    seen = record_logits(engine)
+    streams = [
+        engine.submit(PROMPTS[i], SamplingParams(max_tokens=4 + 6 * (i % 2), temperature=0, ignore_eos=True), a)
+        for i, a in enumerate([None, None, tiny_adapters["r8-mlp"], None])
+    ]
+    outs = [s.result() for s in streams]
+    for out, adapter in zip(outs, [None, None, tiny_adapters["r8-mlp"], None], strict=True):
+        check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
+    keys = set(graphs._graphs)
+    assert keys and all(batch <= 2 for batch, *_ in keys)
