@@ -203,6 +203,92 @@ def rate(engine: Engine, prompts, params, adapters, tokens: int, reps: int) -> f
     return best
 
 
+def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
+    """ms per step in each phase, prefill and decode steps apart. The forward is synchronised, so it holds the
+    device's time too (the sampler's copy of the tokens to the host would wait for it anyway)."""
+    sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
+    steps: list[dict] = []
+    originals = {"schedule": engine.scheduler.schedule, "run": engine.runner.run, "sample": engine.sampler.sample}
+    post = engine._postprocess
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if name == "run":
+                sync()
+                steps[-1]["kind"] = "decode" if all(x.num_tokens == 1 for x in a[0]) else "prefill"
+            steps[-1][name] = time.perf_counter() - t
+            return out
+
+        return wrapper
+
+    def schedule():
+        steps.append({})
+        return timed("schedule", originals["schedule"])()
+
+    engine.scheduler.schedule, engine.runner.run = schedule, timed("run", originals["run"])
+    engine.sampler.sample, engine._postprocess = timed("sample", originals["sample"]), timed("postprocess", post)
+    try:
+        engine.generate(prompts, params, adapters)
+    finally:  # the instance attributes go; the methods show through again
+        del engine.scheduler.schedule, engine.runner.run, engine.sampler.sample, engine._postprocess
+    out = {}
+    for kind in ("prefill", "decode"):
+        mine = [x for x in steps if x.get("kind") == kind]
+        if mine:
+            row = {
+                name: 1000 * sum(x.get(name, 0.0) for x in mine) / len(mine)
+                for name in ("schedule", "run", "sample", "postprocess")
+            }
+            row["postprocess"] -= row["sample"]  # the sampler runs inside postprocess
+            out[kind] = {"steps": len(mine), **{f"{k}_ms": round(v, 2) for k, v in row.items()}}
+    return out
+
+
+def kernel_times(device: str, graphs) -> dict:
+    """Device ms of the step's pieces at 7B shapes, 256 rows: a 4096×4096 base linear, the per-token LoRA add
+    over 5 and over 256 distinct slots (Triton, and torch's gather), paged decode attention at 96 positions, and
+    the replay of the largest captured decode graph."""
+    from mux.lora.ops import _per_token_add_
+
+    def ms(fn, reps: int = 20) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return round(start.elapsed_time(end) / reps, 4)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, width, rank, slots = 256, 4096, 8, 1000
+    x = torch.randn(rows, width, device=device, dtype=torch.float16, generator=g)
+    w = torch.randn(width, width, device=device, dtype=torch.float16, generator=g)
+    a = torch.randn(slots, rank, width, device=device, dtype=torch.float16, generator=g)
+    b = torch.randn(slots, rank, width, device=device, dtype=torch.float16, generator=g)
+    y = torch.zeros(rows, width, device=device, dtype=torch.float16)
+    out = {"base_linear_4096": ms(lambda: x @ w.T)}
+    for name, idx in (("5_slots", torch.arange(rows) % 5), ("256_slots", torch.arange(rows) * 3 % slots)):
+        idx = idx.to(device)
+        out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, idx, rank))
+        out[f"lora_torch_gather_{name}"] = ms(lambda idx=idx: _per_token_add_(y, x, a, b, idx, rank))
+    bs, heads, head_dim, ctx = 16, 32, 128, 96
+    nb = ctx // bs
+    k = torch.randn((rows * nb + 1) * bs, heads, head_dim, device=device, dtype=torch.float16, generator=g)
+    tables = torch.randperm(rows * nb, device=device).view(rows, nb)
+    lens = torch.full((rows,), ctx, device=device)
+    q = torch.randn(rows, heads, head_dim, device=device, dtype=torch.float16, generator=g)
+    o = torch.empty_like(q)
+    out["paged_decode_96"] = ms(lambda: triton_ops.paged_decode(q, k, k, tables, lens, bs, head_dim**-0.5, o))
+    if graphs is not None and graphs.num_graphs:
+        key = max(graphs._graphs)
+        out[f"decode_graph_replay_{key[0]}x{key[1]}"] = ms(graphs._graphs[key].graph.replay, reps=5)
+    return out
+
+
 def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
     """mux throughput with few and many adapters live, and PEFT mixed batch, on one 7B-shaped random model."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -271,7 +357,12 @@ def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
             results[f"mux_{n}_adapters_eager_tok_s"] = rate(engine, prompts, params, per_request, tokens, reps=1)
             graphs.enabled = True
             print(f"mux, {n} adapters, eager: {results[f'mux_{n}_adapters_eager_tok_s']:.0f} tok/s", flush=True)
+        results[f"steps_{n}_adapters"] = step_breakdown(engine, prompts, params, per_request)
+        print(f"steps, {n} adapters:", json.dumps(results[f"steps_{n}_adapters"]), flush=True)
     results["decode_graphs"] = engine.runner.graphs.num_graphs if engine.runner.graphs is not None else 0
+    if triton_ops.serves(device):
+        results["kernel_ms"] = kernel_times(device, engine.runner.graphs)
+        print("kernel ms:", json.dumps(results["kernel_ms"]), flush=True)
     engine.stop()
     del engine, base
     if device.startswith("cuda"):
@@ -348,6 +439,13 @@ def main() -> None:
         f"| run ({s['requests']} requests × {s['new_tokens']} tokens) | tok/s |",
         "|---|---|",
         *(f"| {k.removesuffix('_tok_s')} | {v:.0f} |" for k, v in s.items() if k.endswith("_tok_s")),
+        "",
+        *(
+            f"Step phases, {k.removeprefix('steps_')} (ms per step): {json.dumps(v)}"
+            for k, v in s.items()
+            if k.startswith("steps_")
+        ),
+        f"Kernel ms: {json.dumps(s.get('kernel_ms'))}",
         "",
         f"{many} vs {few} adapters live: **{s['many_vs_few']:.2f}×** (target ≥ 0.90×); "
         f"mux vs PEFT mixed batch ({few} adapters): **{s['mux_vs_peft_mixed']:.1f}×** (target ≥ 10×)",

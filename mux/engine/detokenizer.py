@@ -12,6 +12,11 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded as left context so leading spaces c
 class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
+        # a fast tokenizer's Rust decode gives the same text at a third of the cost (≈1 µs against 3 for a short
+        # window, twice per token, for every live sequence each step), unless the wrapper post-processes it
+        rust = getattr(tokenizer, "_tokenizer", None)
+        plain = rust is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode = rust.decode if plain else tokenizer.decode
         self.stop = stop
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0
@@ -22,7 +27,7 @@ class Detokenizer:
     def add(self, token_id: int) -> tuple[str, bool]:
         """Feed one output token; returns (text safe to emit now, whether a stop string matched)."""
         self._ids.append(token_id)
-        decode = self.tokenizer.decode
+        decode = self._decode
         before = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
         after = decode(self._ids[self._prefix :], skip_special_tokens=True)
         if len(after) <= len(before) or after.endswith("\ufffd"):

@@ -33,3 +33,14 @@ def test_stop_string_spanning_tokens_is_never_emitted(tok):
         if stopped:
             break
     assert stopped and emitted == "The answer is " and "ST" not in emitted
+
+
+def test_the_rust_decode_it_calls_equals_the_tokenizers_own(tok):
+    import random
+
+    rnd = random.Random(0)
+    d = Detokenizer(tok, [], ())
+    assert d._decode != tok.decode  # the fast path is the one taken for SmolLM2's tokenizer
+    for _ in range(500):
+        ids = [rnd.randrange(len(tok)) for _ in range(rnd.randrange(1, 8))]
+        assert d._decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)

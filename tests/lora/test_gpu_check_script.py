@@ -9,7 +9,8 @@ from mux.engine.stream import Completion
 
 def test_gpu_check_ops_pass_on_cpu():
     results = check_ops("cpu")
-    assert set(results) == {"wave_float32", "gathered_float32", "wave_float16", "gathered_float16"}
+    layouts = ("wave", "gathered", "per_token")
+    assert set(results) == {f"{layout}_{dtype}" for layout in layouts for dtype in ("float32", "float16")}
     assert all(r["ok"] for r in results.values()), results
 
 
@@ -20,6 +21,7 @@ def test_gpu_check_engine_part_runs_on_cpu(tmp_path, smollm2_dir):
         "processed_equal_cpu": True,
         "pinned_host_copies": None,
         "copy_stream": None,
+        "decode_graphs": 0,
     }
 
 
