@@ -247,21 +247,31 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 
 
 def kernel_times(device: str, graphs) -> dict:
-    """Device ms of the step's pieces at 7B shapes, 256 rows: a 4096×4096 base linear, the per-token LoRA add
-    over 5 and over 256 distinct slots (Triton, and torch's gather), paged decode attention at 96 positions, and
-    the replay of the largest captured decode graph."""
+    """Device ms of the step's pieces at 7B shapes, 256 rows, each timed as 20 calls captured in one CUDA graph
+    (no launch cost): a 4096×4096 base linear, the per-token LoRA add over 5 and over 256 distinct slots (Triton,
+    and torch's gather), paged decode attention at 96 positions; and the replay of each captured 256-row decode
+    graph (with and without LoRA: the difference is what the adapters cost a step)."""
     from mux.lora.ops import _per_token_add_
 
     def ms(fn, reps: int = 20) -> float:
         for _ in range(3):
-            fn()
+            fn()  # compiles and tunes outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        return round(replay_ms(graph, 5) / reps, 4)
+
+    def replay_ms(graph, reps: int) -> float:
+        graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
-            fn()
+            graph.replay()
         end.record()
         end.synchronize()
-        return round(start.elapsed_time(end) / reps, 4)
+        return start.elapsed_time(end) / reps
 
     g = torch.Generator(device=device).manual_seed(0)
     rows, width, rank, slots = 256, 4096, 8, 1000
@@ -283,9 +293,10 @@ def kernel_times(device: str, graphs) -> dict:
     q = torch.randn(rows, heads, head_dim, device=device, dtype=torch.float16, generator=g)
     o = torch.empty_like(q)
     out["paged_decode_96"] = ms(lambda: triton_ops.paged_decode(q, k, k, tables, lens, bs, head_dim**-0.5, o))
-    if graphs is not None and graphs.num_graphs:
-        key = max(graphs._graphs)
-        out[f"decode_graph_replay_{key[0]}x{key[1]}"] = ms(graphs._graphs[key].graph.replay, reps=5)
+    for key, captured in sorted(graphs._graphs.items(), key=str) if graphs is not None else ():
+        if key[0] == rows and captured.graph is not None:
+            lora = f"lora_rank{key[2]}_{'all' if key[4] is None else len(key[4])}_linears" if key[3] else "no_lora"
+            out[f"decode_graph_{key[0]}x{key[1]}_{lora}"] = round(replay_ms(captured.graph, 5), 3)
     return out
 
 
@@ -359,6 +370,7 @@ def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
             print(f"mux, {n} adapters, eager: {results[f'mux_{n}_adapters_eager_tok_s']:.0f} tok/s", flush=True)
         results[f"steps_{n}_adapters"] = step_breakdown(engine, prompts, params, per_request)
         print(f"steps, {n} adapters:", json.dumps(results[f"steps_{n}_adapters"]), flush=True)
+    engine.generate(prompts[: args.batch], SamplingParams(max_tokens=8, ignore_eos=True), None)  # a base-only graph
     results["decode_graphs"] = engine.runner.graphs.num_graphs if engine.runner.graphs is not None else 0
     if triton_ops.serves(device):
         results["kernel_ms"] = kernel_times(device, engine.runner.graphs)

@@ -78,10 +78,17 @@ def _self_check(device: torch.device) -> float:
 
 
 if triton is not None:
+    # Block shapes are picked by timing at first use per (features, rank, few or many rows): ≈0.6 s each, once.
+    # h starts at zero and y is restored around each timed run, so the first call's result is still exact.
 
+    @triton.autotune(
+        [triton.Config({"SPLIT_K": s, "BLOCK_K": k}, num_warps=w) for s, k, w in
+         ((8, 256, 4), (4, 512, 4), (16, 128, 2), (2, 1024, 8), (1, 512, 4))],
+        key=["in_features", "rank", "many"], reset_to_zero=["h"],
+    )  # fmt: skip
     @triton.jit
-    def _lora_shrink(x, x_row, a, a_slot, a_rank, slots, h, rank, in_features, SPLIT_K: tl.constexpr,
-                     R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    def _lora_shrink(x, x_row, a, a_slot, a_rank, slots, h, rank, in_features, many, R: tl.constexpr,
+                     SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         """h[t, :rank] += x[t, ks] · A[slot[t], :rank, ks]ᵀ over this program's share ks of the input features."""
         t, split = tl.program_id(0), tl.program_id(1)
         slot = tl.load(slots + t)
@@ -97,8 +104,12 @@ if triton is not None:
             acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
         tl.atomic_add(h + t * R + r, acc, mask=(r < rank) & valid)
 
+    @triton.autotune(
+        [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((128, 4), (256, 4), (512, 4), (512, 8), (1024, 8))],
+        key=["out_features", "rank", "many"], restore_value=["y"],
+    )  # fmt: skip
     @triton.jit
-    def _lora_expand(h, b, b_slot, b_rank, slots, y, y_row, rank, out_features, R: tl.constexpr,
+    def _lora_expand(h, b, b_slot, b_rank, slots, y, y_row, rank, out_features, many, R: tl.constexpr,
                      BLOCK_N: tl.constexpr):  # fmt: skip
         """y[t, ns] += h[t, :rank] · B[slot[t], :rank, ns] for this program's block ns of output features."""
         t, nb = tl.program_id(0), tl.program_id(1)
@@ -154,14 +165,15 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     x [T, in], a [S, R, in], b [S, R, out], rows contiguous. Accumulates in float32."""
     rows, in_features = x.shape
     out_features = b.shape[2]
-    r = max(16, triton.next_power_of_2(rank))  # lanes past `rank` are masked
+    r = max(8, triton.next_power_of_2(rank))  # lanes past `rank` are masked
     h = torch.zeros(rows, r, dtype=torch.float32, device=x.device)  # [T, r]
-    split = max(1, min(8, in_features // 512))
-    _lora_shrink[(rows, split)](
-        x, x.stride(0), a, a.stride(0), a.stride(1), slots, h, rank, in_features, SPLIT_K=split, R=r, BLOCK_K=256
+    many = int(rows > 32)  # the tuning key: a few rows or a batch
+    _lora_shrink[lambda meta: (rows, meta["SPLIT_K"])](
+        x, x.stride(0), a, a.stride(0), a.stride(1), slots, h, rank, in_features, many, R=r
     )
-    grid = (rows, triton.cdiv(out_features, 128))
-    _lora_expand[grid](h, b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank, out_features, R=r, BLOCK_N=128)
+    _lora_expand[lambda meta: (rows, triton.cdiv(out_features, meta["BLOCK_N"]))](
+        h, b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank, out_features, many, R=r
+    )
 
 
 def paged_decode(q, k_cache, v_cache, tables, lens, block_size: int, scale: float, out: torch.Tensor) -> None:

@@ -2,8 +2,9 @@
 
 One decode step of a 7B model is thousands of small kernels; launched one by one from Python they take longer
 than the GPU takes to run them (`bench/gpu_check.py` measures eager against graphs). A graph is captured per
-(padded batch, padded block-table width, LoRA rank, any adapter) the first time a step needs it, and replayed
-for every later step of that shape: the step's inputs are copied into the graph's own input buffer, one copy.
+(padded batch, padded block-table width, LoRA rank, any adapter, the linears the adapters target) the first
+time a step needs it, and replayed for every later step of that shape: the step's inputs are copied into the
+graph's own input buffer, one copy.
 Shapes are static by padding: the batch to a power of two, its pad rows writing token 0 into the KV cache's
 scratch block and using no adapter; block tables to a power-of-two width with the scratch block; LoRA rows in
 the per-token layout (`mux/lora/ops.py`). Steps with prefill rows or more sequences than the largest graph run
@@ -46,7 +47,7 @@ class DecodeGraphs:
         self.device = next(model.parameters()).device
         self.capture = capture
         self.enabled = True  # turned off for good if a capture fails
-        self._graphs: dict[tuple[int, int, int, bool], _Graph] = {}
+        self._graphs: dict[tuple, _Graph] = {}  # (batch, table width, rank, lora, layers) -> its graph
         self._pool = None  # one memory pool for all graphs: they never run at once
 
     @property
@@ -58,12 +59,13 @@ class DecodeGraphs:
         decode = all(s.num_tokens == 1 and s.sample for s in scheduled)
         return self.enabled and decode and len(scheduled) <= self.max_batch
 
-    def run(self, ids, positions, cache_rows, slots, tables, rank: int) -> torch.Tensor | None:
-        """Lists of one entry per sequence (tables: its block table up to its new token). -> logits [B, V], or
-        None when the graph could not be captured (the caller runs the step eagerly)."""
+    def run(self, ids, positions, cache_rows, slots, tables, rank: int, layers=None) -> torch.Tensor | None:
+        """Lists of one entry per sequence (tables: its block table up to its new token); layers: the wrapped
+        linears the slots target (None: all). -> logits [B, V], or None when the graph could not be captured
+        (the caller runs the step eagerly)."""
         b = len(ids)
         lora = any(slot >= 0 for slot in slots)
-        key = (_pow2(b), _pow2(max(map(len, tables))), _pow2(rank) if lora else 0, lora)
+        key = (_pow2(b), _pow2(max(map(len, tables))), _pow2(rank) if lora else 0, lora, layers if lora else None)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._build(*key)
@@ -84,7 +86,7 @@ class DecodeGraphs:
         graph.graph.replay()
         return graph.logits[:b]  # overwritten by the next replay: the step consumes it first
 
-    def _build(self, p: int, width: int, rank: int, lora: bool) -> _Graph | None:
+    def _build(self, p: int, width: int, rank: int, lora: bool, layers: frozenset[int] | None) -> _Graph | None:
         inputs = torch.zeros(p * (_FIELDS + width), dtype=torch.int64, device=self.device)
         inputs[2 * p : 3 * p] = self.cache.scratch_block * self.cache.block_size  # all pads until the first copy
         inputs[3 * p : 4 * p] = 1
@@ -99,7 +101,7 @@ class DecodeGraphs:
                 mask = torch.arange(width * self.cache.block_size, device=self.device)[None, :] < lens[:, None]
                 mask = mask[:, None, None, :]  # [P, 1, 1, W*bs]
             meta = AttentionMetadata(self.cache, rows, p, tables, mask, (), lens)
-            self.lora.ctx.batch = per_token_batch(slots, rank) if lora else None
+            self.lora.ctx.batch = per_token_batch(slots, rank, layers) if lora else None
             try:
                 out = self.model.model(
                     input_ids=ids[None], position_ids=positions[None], use_cache=False, mux_attn=meta

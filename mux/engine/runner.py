@@ -6,7 +6,7 @@ pure decode step replays a captured graph instead (`mux/engine/graphs.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -101,12 +101,14 @@ class ModelRunner:
             prefill_groups,
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
-        if self.per_token_lora:
-            self.lora.ctx.batch = per_token_batch(self._tensor(row_slots), rank) if groups else None
+        layers = self.lora.layers_of(groups)
+        if self.per_token_lora and not prefills and not prefill_groups:  # long prefill runs: matmuls serve better
+            self.lora.ctx.batch = per_token_batch(self._tensor(row_slots), rank, layers) if groups else None
         else:
-            self.lora.ctx.batch = build_lora_batch(
+            batch = build_lora_batch(
                 groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank, use_native=self.lora.native
             )
+            self.lora.ctx.batch = batch if batch is None or layers is None else replace(batch, layers=layers)
         try:
             hidden = self.model.model(
                 input_ids=self._tensor(ids)[None],
@@ -150,7 +152,7 @@ class ModelRunner:
             slots.append(seq.slot)
             tables.append(table[: p // bs + 1])
         rank = max((self.lora.slot_rank[slot] for slot in slots if slot >= 0), default=0)
-        return self.graphs.run(ids, positions, slot_mapping, slots, tables, rank)
+        return self.graphs.run(ids, positions, slot_mapping, slots, tables, rank, self.lora.layers_of(slots))
 
     def _group_prefills(self, spans: list[PrefillSpan]) -> tuple[list[PrefillSpan], tuple[PrefillGroup, ...]]:
         """Spans with no cached prefix and a length some other such span shares go into one SDPA call each."""

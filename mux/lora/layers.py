@@ -25,9 +25,10 @@ class MultiLoRALinear(nn.Module):
     lora_a [S, R, in] and lora_b [S, R, out]: rank-major, zero-padded past each adapter's rank.
     """
 
-    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, ctx: LoRAContext) -> None:
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, ctx: LoRAContext, index: int = 0) -> None:
         super().__init__()
         self.base = base
+        self.index = index  # among the model's wrapped linears: LoRABatch.layers names the ones a step uses
         self.in_features = base.in_features
         self.out_features = base.out_features
         w = base.weight
@@ -38,8 +39,8 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.ctx.batch
-        if batch is None:
-            return y
+        if batch is None or (batch.layers is not None and self.index not in batch.layers):
+            return y  # no adapter of this step targets this linear: its delta is exactly zero
         lora_add_(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b, batch)
         return y
 
@@ -60,11 +61,13 @@ class MultiLoRAModel:
         self.max_rank = max_rank
         self.layers: dict[str, MultiLoRALinear] = {}
         self.slot_rank = [0] * num_slots
+        self.slot_layers: list[frozenset[int]] = [frozenset()] * num_slots  # wrapped linears each slot targets
+        self._layer_sets: dict[tuple[int, ...], frozenset[int]] = {}  # per-layer ranks -> one shared set
         self._view_cache: dict[tuple[int, tuple[int, ...]], tuple[list, list]] = {}
         self._plans: dict[tuple, tuple[tuple[int, ...], list[int], list[int], list[int]]] = {}
         self._copy_plans: dict[tuple, tuple] = {}  # (slot, layout) -> (arrays, (their pointers, count))
-        for name, module in list(targetable_linears(model).items()):
-            layer = MultiLoRALinear(module, num_slots, max_rank, self.ctx)
+        for index, (name, module) in enumerate(targetable_linears(model).items()):
+            layer = MultiLoRALinear(module, num_slots, max_rank, self.ctx, index)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
             self.layers[name] = layer
@@ -92,6 +95,16 @@ class MultiLoRAModel:
         if zero:
             torch._foreach_zero_(zero)
         self.slot_rank[slot] = weights.rank
+        if (layers := self._layer_sets.get(ranks)) is None:
+            layers = self._layer_sets[ranks] = frozenset(i for i, r in enumerate(ranks) if r)
+        self.slot_layers[slot] = layers
+
+    def layers_of(self, slots) -> frozenset[int] | None:
+        """The wrapped linears any of these slots targets; None when that is all of them (nothing to skip).
+        Slots of one adapter layout share one set object, so the union is over a few distinct sets."""
+        distinct = {self.slot_layers[slot] for slot in slots if slot >= 0}
+        used = frozenset().union(*distinct) if len(distinct) != 1 else next(iter(distinct), frozenset())
+        return None if len(used) == len(self.layers) else used
 
     def _copy_plan(self, slot: int, layout: tuple) -> tuple[tuple[int, int, int], int]:
         """For the C copy: (pointers to the destination addresses, the source byte offsets and the byte counts of
@@ -149,6 +162,7 @@ class MultiLoRAModel:
         zero = [t for layer in self.layers.values() for t in layer.slot_views(slot, 0)[1]]
         torch._foreach_zero_(zero)
         self.slot_rank[slot] = 0
+        self.slot_layers[slot] = frozenset()
 
     @property
     def nbytes_per_slot(self) -> int:

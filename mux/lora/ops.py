@@ -86,12 +86,13 @@ class LoRABatch:
     rank: int  # largest rank among the blocks' slots (trailing rank columns are zero padding)
     native: NativeRows | None = None  # rows the C kernel serves (the segments and blocks serve the others)
     token_slots: torch.Tensor | None = None  # [T] int64 slot of every row, -1 for none: the per-token layout
+    layers: frozenset[int] | None = None  # indices of the wrapped linears some slot targets (None: all)
 
 
-def per_token_batch(token_slots: torch.Tensor, rank: int) -> LoRABatch:
+def per_token_batch(token_slots: torch.Tensor, rank: int, layers: frozenset[int] | None = None) -> LoRABatch:
     """The per-token layout: every row reads its own slot's weights (the Triton kernel on CUDA, else a gather).
     Its shapes depend on the row count alone, so a captured CUDA graph replays it for any slots."""
-    return LoRABatch((), None, None, None, None, None, 0, rank, token_slots=token_slots)
+    return LoRABatch((), None, None, None, None, None, 0, rank, token_slots=token_slots, layers=layers)
 
 
 def gathered_cost(counts: list[int], blk: int) -> int:
