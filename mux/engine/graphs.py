@@ -14,6 +14,7 @@ eagerly. With `capture=False` the same padded forward runs eagerly: tests check 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from mux.lora.ops import per_token_batch
 
 log = logging.getLogger(__name__)
 _FIELDS = 5  # per row of the packed input: token id, position, cache row, length, LoRA slot; then the table
+MAX_GRAPHS = 64  # each keeps its own [P, V] logits; steps of a shape past this many run eagerly
 
 
 def _pow2(n: int) -> int:
@@ -35,7 +37,7 @@ class _Graph:
     inputs: torch.Tensor  # [P * (5 + W)] int64: ids, positions, cache rows, lengths, slots, tables [P, W]
     logits: torch.Tensor | None  # [P, V] float32, written by each replay (None when not captured)
     graph: torch.cuda.CUDAGraph | None
-    forward: object  # the padded forward, run eagerly when not captured
+    forward: Callable[[], torch.Tensor]  # the padded forward, run eagerly when not captured
 
 
 class DecodeGraphs:
@@ -61,13 +63,15 @@ class DecodeGraphs:
 
     def run(self, ids, positions, cache_rows, slots, tables, rank: int, layers=None) -> torch.Tensor | None:
         """Lists of one entry per sequence (tables: its block table up to its new token); layers: the wrapped
-        linears the slots target (None: all). -> logits [B, V], or None when the graph could not be captured
-        (the caller runs the step eagerly)."""
+        linears the slots target (None: all). -> logits [B, V], or None when the graph could not be captured or
+        MAX_GRAPHS are (the caller runs the step eagerly)."""
         b = len(ids)
         lora = any(slot >= 0 for slot in slots)
         key = (_pow2(b), _pow2(max(map(len, tables))), _pow2(rank) if lora else 0, lora, layers if lora else None)
         graph = self._graphs.get(key)
         if graph is None:
+            if len(self._graphs) >= MAX_GRAPHS:
+                return None
             graph = self._build(*key)
             if graph is None:
                 return None

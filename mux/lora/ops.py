@@ -1,9 +1,13 @@
 """The multi-LoRA kernel and the per-step metadata it reads.
 
-On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves the rows, each at its slot's own
-rank: it was faster than the layouts below in every rank-8 scenario of `python -m bench.lora_kernel`. Runs of
->= 8 rows above rank 8 (prefill chunks of larger adapters) keep the layouts below, where MKL beat it (same
-bench, the rank rows). Elsewhere (CUDA, other dtypes, no C compiler) `lora_add_` adds each token's
+On CUDA, decode steps use the per-token layout (`per_token_batch`): every row names its slot and the Triton
+kernel (`mux/triton_ops.py`) reads that slot's weights in place; its shapes depend on the row count alone, so a
+captured decode graph replays it for any mix of adapters. Without Triton the same layout gathers each row's
+A and B in torch. On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves the rows,
+each at its slot's own rank: it was faster than the layouts below in every rank-8 scenario of
+`python -m bench.lora_kernel`. Runs of >= 8 rows above rank 8 (prefill chunks of larger adapters) keep the
+layouts below, where MKL beat it (same bench, the rank rows). Elsewhere (CUDA prefills, other dtypes, no C
+compiler) `lora_add_` adds each token's
 `(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are gathered into equal-size blocks,
 one slot per block, in one of two layouts chosen per step by a cost model:
 

@@ -46,3 +46,18 @@ def test_base_only_decodes_and_batches_past_the_largest_graph(tiny_dir, tiny_ada
         check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
     keys = set(graphs._graphs)
     assert keys and all(batch <= 2 for batch, *_ in keys)
+
+
+def test_past_the_graph_cap_steps_run_eagerly(tiny_dir, tiny_adapters, monkeypatch):
+    import mux.engine.graphs as graphs_module
+
+    monkeypatch.setattr(graphs_module, "MAX_GRAPHS", 1)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16)
+    graphs = padded(engine, 8)
+    seen = record_logits(engine)
+    adapters = [tiny_adapters["r4-attn"], None, tiny_adapters["r2-down"]]
+    outs = engine.generate(PROMPTS[:3], GREEDY, adapters)  # batch 3, then other keys: one graph, the rest eager
+    engine.generate(PROMPTS[:1], GREEDY, [None])
+    for out, adapter in zip(outs, adapters, strict=True):
+        check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
+    assert graphs.num_graphs == 1 and graphs.enabled
