@@ -47,11 +47,19 @@ def serve(args: argparse.Namespace) -> int:
             f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly", file=sys.stderr
         )
         return 2
+    try:
+        model = ModelConfig(
+            model=args.model,
+            served_model_name=args.served_model_name,
+            dtype=args.dtype,
+            device=args.device,
+            cuda_graphs=not args.enforce_eager,
+        )
+    except ValueError as e:
+        print(f"mux: {e}", file=sys.stderr)
+        return 2
     config = EngineConfig(
-        model=ModelConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype),
-        lora=policy.lora,
-        cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes),
-        scheduler=policy.scheduler,
+        model=model, lora=policy.lora, cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes), scheduler=policy.scheduler
     )
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
     limits = Limits(policy.limits, policy.tenant_limits)
@@ -94,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="OpenAI streams: send tokens this many at a time after the first (overrides the policy; default 1)",
     )
-    s.add_argument("--dtype", default="auto")
+    s.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")
+    s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    s.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs")
     s.add_argument(
         "--allowed-lora-dir",
         action="append",

@@ -29,6 +29,13 @@ def test_bad_policy_file_is_reported(tmp_path):
     assert out.returncode == 2 and "max_slots" in out.stderr
 
 
+def test_unknown_device_or_dtype_is_reported():
+    out = run("serve", "--device", "tpu")
+    assert out.returncode == 2 and "unknown device 'tpu'" in out.stderr
+    out = run("serve", "--dtype", "int4", "--enforce-eager")
+    assert out.returncode == 2 and "unknown dtype 'int4'" in out.stderr
+
+
 def test_the_package_version_is_pyprojects():
     import tomllib
     from pathlib import Path
