@@ -5,8 +5,10 @@
 # On the device machine of this workplace (torch, transformers, peft, safetensors and tqdm are there; cachetools
 # is not): once, here, `echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude`,
 # `python3 -m pip download --no-deps --only-binary=:all: -d .whl cachetools` and
-# `mkdir -p .gpu && cp ~/.cache/lora-mux/smollm2-135m-instruct/{tokenizer*,special_tokens_map.json} .gpu/`;
+# `mkdir -p .gpu && cp ~/.cache/lora-mux/smollm2-135m-instruct/tokenizer* .gpu/` (after one `mux serve` or
+# `python -c "from mux.model.loader import default_model_dir; default_model_dir()"` made that cache);
 # then run `bash bench/gpu_check.sh` with carry [".whl", ".gpu"] and a timeout that leaves room for a rerun.
+# On an H200 (2026-12-04) a run took 135-195 s, plus ≈30 s to start the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
