@@ -49,3 +49,17 @@ def test_processed_sampling_equal_detects_each_difference():
     ]
     for change in variants:
         assert not processed_sampling_equal([base], [dataclasses.replace(base, **change)]), change
+
+
+def test_step_breakdown_times_prefill_and_decode_apart_and_unpatches(tiny_dir):
+    from bench.gpu_profile import step_breakdown
+    from conftest import make_engine
+    from mux.engine.sequence import SamplingParams
+
+    engine = make_engine(tiny_dir)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    phases = step_breakdown(engine, [[5, 6, 7], [8, 9, 10]], params, [None, None])
+    assert phases["prefill"]["steps"] >= 1 and phases["decode"]["steps"] == 3
+    assert all(v >= 0 for row in phases.values() for v in row.values())
+    assert "run" not in vars(engine.runner) and "_postprocess" not in vars(engine)  # the methods are back
+    assert len(engine.generate([[5, 6]], params)[0].token_ids) == 4
