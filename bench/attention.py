@@ -8,7 +8,10 @@
 
 All three write the step's new K/V the same way. SmolLM2 shapes (9 query
 heads over 3 KV heads, head dim 64, 16-token blocks), 30 layers' caches cycled so K/V come from memory, 64
-sequences with 40–100 cached tokens. Run: python -m bench.attention
+sequences with 40–100 cached tokens.
+
+Beside it, the prefill lever: 16 prompts of 30 tokens with no cached prefix, one SDPA call per prompt (as
+before) vs one call for all of them (`PrefillGroup`, what the runner now builds). Run: python -m bench.attention
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine, save
-from mux.engine.kv_cache import AttentionMetadata, KVCache, mux_attention
+from mux.engine.kv_cache import AttentionMetadata, KVCache, PrefillGroup, PrefillSpan, mux_attention
 from mux.engine.torch_thread import TorchThread
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
@@ -90,10 +93,43 @@ def run(batch: int = 64) -> dict:
     return {"batch": batch, "us_per_layer": best, "max_abs_diff_vs_before": err}
 
 
+def run_prefill(prompts: int = 16, tokens: int = 30) -> dict:
+    """µs per layer of mux_attention over equal-length prefills: a span each vs one group."""
+    torch.manual_seed(0)
+    rows = prompts * tokens
+    cache = KVCache(LAYERS, rows // BLOCK + 8, BLOCK, KV_HEADS, HEAD_DIM, torch.float32, "cpu")
+    slot_mapping = torch.arange(rows)
+    spans = tuple(PrefillSpan(i * tokens, tokens, tokens, None) for i in range(prompts))
+    metas = {
+        "per_prompt": AttentionMetadata(cache, slot_mapping, 0, None, None, spans, None),
+        "grouped": AttentionMetadata(
+            cache, slot_mapping, 0, None, None, (), None, (PrefillGroup(torch.arange(rows), prompts, tokens),)
+        ),
+    }
+    query = torch.randn(1, HEADS, rows, HEAD_DIM)
+    key, value = torch.randn(1, KV_HEADS, rows, HEAD_DIM), torch.randn(1, KV_HEADS, rows, HEAD_DIM)
+    modules = [SimpleNamespace(layer_idx=i) for i in range(LAYERS)]
+    scale = HEAD_DIM**-0.5
+    outs = {k: [mux_attention(m, query, key, value, None, scaling=scale, mux_attn=meta)[0] for m in modules]
+            for k, meta in metas.items()}  # fmt: skip
+    err = max((a - b).abs().max().item() for a, b in zip(outs["grouped"], outs["per_prompt"], strict=True))
+    times: dict[str, list[float]] = {k: [] for k in metas}
+    for _ in range(7):  # interleaved, best of each
+        for label, meta in metas.items():
+            t = time.perf_counter()
+            for m in modules:
+                mux_attention(m, query, key, value, None, scaling=scale, mux_attn=meta)
+            times[label].append(time.perf_counter() - t)
+    best = {label: min(v) / LAYERS * 1e6 for label, v in times.items()}
+    return {"prompts": prompts, "tokens": tokens, "us_per_layer": best, "max_abs_diff": err}
+
+
 def main() -> None:
     results = TorchThread("bench").call(run)
+    results["prefill"] = TorchThread("bench-prefill").call(run_prefill)
     print(json.dumps(results), flush=True)
     t, err = results["us_per_layer"], results["max_abs_diff_vs_before"]
+    pre = results["prefill"]["us_per_layer"]
     names = {
         "before": "before: advanced-index gather, SDPA enable_gqa",
         "sdpa": "SDPA path: index_select gather, query heads folded per KV head",
@@ -108,6 +144,11 @@ def main() -> None:
             "| decode path | µs per layer | vs before | max abs diff vs before |",
             "|---|---|---|---|",
             *(f"| {names[k]} | {v:.0f} | {t['before'] / v:.2f}× | {err[k]:.1e} |" for k, v in t.items()),
+            "",
+            f"Prefill, {results['prefill']['prompts']} prompts × {results['prefill']['tokens']} tokens, no cached "
+            f"prefix: {pre['per_prompt']:.0f} µs per layer with an SDPA call per prompt, {pre['grouped']:.0f} with "
+            f"one call for all (**{pre['per_prompt'] / pre['grouped']:.2f}×**; max abs diff "
+            f"{results['prefill']['max_abs_diff']:.1e})",
         ]
     )
     print("wrote", save("attention", {"machine": machine(), **results}, table))
