@@ -81,12 +81,7 @@ def check_paged_attention(device: str) -> dict:
         k = torch.randn((len(lens) * nb + 4) * bs, kv_heads, head_dim, generator=g)  # [rows, Hkv, D]
         v = torch.randn(k.shape, generator=g)
         q = torch.randn(len(lens), heads, head_dim, generator=g)  # [B, H, D]
-        ref = torch.empty_like(q)
-        for i, n in enumerate(lens):
-            rows = (blocks[i][:, None] * bs + torch.arange(bs)).flatten()[:n]
-            kk, vv = (t[rows].transpose(0, 1)[None] for t in (k, v))  # [1, Hkv, n, D]
-            o = torch.nn.functional.scaled_dot_product_attention(q[i][None, :, None], kk, vv, enable_gqa=True)
-            ref[i] = o[0, :, 0]
+        ref = triton_ops.paged_decode_reference(q, k, v, blocks, lens, bs)
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
             got = torch.empty(len(lens), heads, head_dim, dtype=dtype, device=device)
             dev = [t.to(device, dtype) for t in (q, k, v)]

@@ -4,11 +4,13 @@ device times of the step's kernels and captured decode graphs."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 
 from mux import triton_ops
 from mux.engine.engine import Engine
+from mux.engine.kv_cache import AttentionMetadata, KVCache, decode_mask, mux_attention
 
 
 def rate(engine: Engine, prompts, params, adapters, tokens: int, reps: int) -> float:
@@ -67,8 +69,9 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 def kernel_times(device: str, graphs) -> dict:
     """Device ms of the step's pieces at 7B shapes, 256 rows, each timed as 20 calls captured in one CUDA graph
     (no launch cost): a 4096×4096 base linear, the per-token LoRA add over 5 and over 256 distinct slots (Triton,
-    and torch's gather), paged decode attention at 96 positions; and the replay of each captured 256-row decode
-    graph (with and without LoRA: the difference is what the adapters cost a step)."""
+    and torch's gather), paged decode attention at 96 positions (Triton, and the SDPA path it replaces); and the
+    replay of each captured 256-row decode graph (with and without LoRA: the difference is what the adapters
+    cost a step)."""
     from mux.lora.ops import _per_token_add_
 
     def ms(fn, reps: int = 20) -> float:
@@ -111,6 +114,15 @@ def kernel_times(device: str, graphs) -> dict:
     q = torch.randn(rows, heads, head_dim, device=device, dtype=torch.float16, generator=g)
     o = torch.empty_like(q)
     out["paged_decode_96"] = ms(lambda: triton_ops.paged_decode(q, k, k, tables, lens, bs, head_dim**-0.5, o))
+    # its baseline: the engine's attention without Triton (blocks gathered, SDPA), writes of the new K/V included
+    cache = KVCache(1, rows * nb, bs, heads, head_dim, torch.float16, device)
+    cache.paged = False
+    new_rows = tables[:, -1] * bs + bs - 1  # each sequence's last position
+    meta = AttentionMetadata(cache, new_rows, rows, tables, decode_mask(lens, ctx), (), lens)
+    qh = q.transpose(0, 1)[None]  # [1, H, B, D], as the model's attention hands it over
+    kv = torch.randn(1, heads, rows, head_dim, device=device, dtype=torch.float16, generator=g)
+    layer = SimpleNamespace(layer_idx=0)
+    out["sdpa_gather_decode_96"] = ms(lambda: mux_attention(layer, qh, kv, kv, None, mux_attn=meta))
     for key, captured in sorted(graphs._graphs.items(), key=str) if graphs is not None else ():
         if key[0] == rows and captured.graph is not None:
             lora = f"lora_rank{key[2]}_{'all' if key[4] is None else len(key[4])}_linears" if key[3] else "no_lora"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"unknown device {self.device!r}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ValueError(f"unknown device {self.device!r} (auto, cpu, cuda or cuda:N)")
 
 
 MAX_LORA_RANK = 4096  # far above the ranks adapters use (≤ a few hundred); slots are sized to max_lora_rank

@@ -65,20 +65,26 @@ def _self_check(device: torch.device) -> float:
         torch.randn(48, 2, 16, generator=g),
     )
     tables, lens = torch.tensor([[2, 0, 1], [1, 0, 0]]), torch.tensor([40, 3])
-    ref = torch.empty_like(q)
-    for i, n in enumerate(lens.tolist()):
-        rows = (tables[i][:, None] * 16 + torch.arange(16)).flatten()[:n]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[i][None, :, None], k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None], enable_gqa=True
-        )
-        ref[i] = o[0, :, 0]
+    ref = paged_decode_reference(q, k, v, tables, lens.tolist(), 16)
     out = torch.empty(2, 4, 16, device=device)
     paged_decode(q.to(device), k.to(device), v.to(device), tables.to(device), lens.to(device), 16, 0.25, out)
     return max((y.cpu() - want).abs().max().item(), (out.cpu() - ref).abs().max().item())
 
 
+def paged_decode_reference(q, k, v, tables, lens: list[int], block_size: int) -> torch.Tensor:
+    """What `paged_decode` computes, one sequence at a time: SDPA over its gathered rows. q [B, H, D]; k/v
+    [rows, Hkv, D]; tables [B, nb]. Returns [B, H, D]."""
+    out = torch.empty_like(q)
+    for i, n in enumerate(lens):
+        rows = (tables[i][:, None] * block_size + torch.arange(block_size, device=tables.device)).flatten()[:n]
+        kk, vv = (t[rows].transpose(0, 1)[None] for t in (k, v))  # [1, Hkv, n, D]
+        out[i] = torch.nn.functional.scaled_dot_product_attention(q[i][None, :, None], kk, vv, enable_gqa=True)[0, :, 0]
+    return out
+
+
 if triton is not None:
-    # Block shapes are picked by timing at first use per (features, rank, few or many rows): ≈0.6 s each, once.
+    # Block shapes are picked by timing at first use per (features, rank, few or many rows), once: Triton's
+    # default timing, 25 ms of warm-up and 100 ms of runs per config.
     # h starts at zero and y is restored around each timed run, so the first call's result is still exact.
 
     @triton.autotune(

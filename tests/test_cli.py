@@ -30,8 +30,9 @@ def test_bad_policy_file_is_reported(tmp_path):
 
 
 def test_unknown_device_or_dtype_is_reported():
-    out = run("serve", "--device", "tpu")
-    assert out.returncode == 2 and "unknown device 'tpu'" in out.stderr
+    for device in ("tpu", "cuda:abc", "cuda0"):
+        out = run("serve", "--device", device)
+        assert out.returncode == 2 and f"unknown device '{device}'" in out.stderr
     out = run("serve", "--dtype", "int4", "--enforce-eager")
     assert out.returncode == 2 and "unknown dtype 'int4'" in out.stderr
 

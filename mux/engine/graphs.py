@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mux.engine.kv_cache import AttentionMetadata, KVCache
+from mux.engine.kv_cache import AttentionMetadata, KVCache, decode_mask
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.ops import per_token_batch
 
@@ -100,10 +100,8 @@ class DecodeGraphs:
         tables = inputs[_FIELDS * p :].view(p, width)
 
         def forward() -> torch.Tensor:
-            mask = None
-            if not (self.cache.native or self.cache.paged):  # SDPA over the gathered blocks
-                mask = torch.arange(width * self.cache.block_size, device=self.device)[None, :] < lens[:, None]
-                mask = mask[:, None, None, :]  # [P, 1, 1, W*bs]
+            sdpa = not (self.cache.native or self.cache.paged)  # SDPA over the gathered blocks needs a mask
+            mask = decode_mask(lens, width * self.cache.block_size) if sdpa else None
             meta = AttentionMetadata(self.cache, rows, p, tables, mask, (), lens)
             self.lora.ctx.batch = per_token_batch(slots, rank, layers) if lora else None
             try:

@@ -90,6 +90,12 @@ class AttentionMetadata:
     prefill_groups: tuple[PrefillGroup, ...] = ()
 
 
+def decode_mask(lens: torch.Tensor, positions: int) -> torch.Tensor:
+    """[B, 1, 1, positions] True where a position belongs to the sequence (lens [B]): SDPA's mask over the
+    gathered blocks."""
+    return (torch.arange(positions, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
+
+
 def mux_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, mux_attn=None, **kwargs):
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
     meta: AttentionMetadata = mux_attn

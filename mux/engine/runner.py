@@ -12,7 +12,14 @@ import torch
 
 from mux import triton_ops
 from mux.engine.graphs import DecodeGraphs
-from mux.engine.kv_cache import ATTN_IMPLEMENTATION, AttentionMetadata, KVCache, PrefillGroup, PrefillSpan
+from mux.engine.kv_cache import (
+    ATTN_IMPLEMENTATION,
+    AttentionMetadata,
+    KVCache,
+    PrefillGroup,
+    PrefillSpan,
+    decode_mask,
+)
 from mux.engine.scheduler import Scheduled
 from mux.engine.sequence import PromptLogprob, Sequence
 from mux.lora.layers import MultiLoRAModel
@@ -59,7 +66,6 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         groups: dict[int, list[int]] = {}
-        row_slots: list[int] = []
         sample_rows: dict[int, int] = {}  # seq_id -> row of its last token
         wants_prompt: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, first row, rows)
         decode_tables: list[list[int]] = []
@@ -75,7 +81,6 @@ class ModelRunner:
                 slot_mapping.append(table[p // bs] * bs + p % bs)
             if seq.slot >= 0:
                 groups.setdefault(seq.slot, []).extend(range(start, start + n))
-            row_slots += [seq.slot] * n
             if s.sample:
                 sample_rows[seq.seq_id] = start + n - 1
             if seq.params.prompt_logprobs is not None and first < len(seq.prompt_ids) - 1:
@@ -102,8 +107,10 @@ class ModelRunner:
         )
         rank = max((self.lora.slot_rank[slot] for slot in groups), default=0)
         layers = self.lora.layers_of(groups)
-        if self.per_token_lora and not prefills and not prefill_groups:  # long prefill runs: matmuls serve better
-            self.lora.ctx.batch = per_token_batch(self._tensor(row_slots), rank, layers) if groups else None
+        # decode rows only: the Triton kernel's measured case; runs of a prefill chunk keep the matmul layouts
+        # (not yet measured side by side on a GPU)
+        if self.per_token_lora and not prefills and not prefill_groups:
+            self.lora.ctx.batch = per_token_batch(self._row_slots(groups, len(ids)), rank, layers) if groups else None
         else:
             batch = build_lora_batch(
                 groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank, use_native=self.lora.native
@@ -154,6 +161,14 @@ class ModelRunner:
         rank = max((self.lora.slot_rank[slot] for slot in slots if slot >= 0), default=0)
         return self.graphs.run(ids, positions, slot_mapping, slots, tables, rank, self.lora.layers_of(slots))
 
+    def _row_slots(self, groups: dict[int, list[int]], rows: int) -> torch.Tensor:
+        """[rows] int64 the slot of every row of the flat batch, -1 for base-only rows."""
+        slots = [-1] * rows
+        for slot, members in groups.items():
+            for row in members:
+                slots[row] = slot
+        return self._tensor(slots)
+
     def _group_prefills(self, spans: list[PrefillSpan]) -> tuple[list[PrefillSpan], tuple[PrefillGroup, ...]]:
         """Spans with no cached prefix and a length some other such span shares go into one SDPA call each."""
         by_len: dict[int, list[PrefillSpan]] = {}
@@ -173,13 +188,11 @@ class ModelRunner:
     def _decode_layout(self, tables: list[list[int]], lens: torch.Tensor | None):
         if not tables:
             return None, None
-        bs = self.cache.block_size
         nb = max(len(t) for t in tables)
         padded = self._tensor([t + [0] * (nb - len(t)) for t in tables])  # [B, nb]
         if self.cache.native or self.cache.paged:  # the kernels read the lengths; the mask is for SDPA
             return padded, None
-        mask = torch.arange(nb * bs, device=self.device)[None, :] < lens[:, None]  # [B, L]
-        return padded, mask[:, None, None, :]
+        return padded, decode_mask(lens, nb * self.cache.block_size)
 
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -103,7 +103,7 @@ class MultiLoRAModel:
         """The wrapped linears any of these slots targets; None when that is all of them (nothing to skip).
         Slots of one adapter layout share one set object, so the union is over a few distinct sets."""
         distinct = {self.slot_layers[slot] for slot in slots if slot >= 0}
-        used = frozenset().union(*distinct) if len(distinct) != 1 else next(iter(distinct), frozenset())
+        used = next(iter(distinct)) if len(distinct) == 1 else frozenset().union(*distinct)
         return None if len(used) == len(self.layers) else used
 
     def _copy_plan(self, slot: int, layout: tuple) -> tuple[tuple[int, int, int], int]:
