@@ -1,8 +1,10 @@
 """The CUDA kernels, in Triton: the per-token multi-LoRA add (punica's BGMV) and paged decode attention.
 
 On a GPU, torch's own ops need the slot weights or the KV blocks gathered (copied) into dense tensors before a
-batched matmul or SDPA can read them: for 256 decodes of a 7B model that copy is several times the bytes the
-step needs. These kernels read each token's slot weights, and each sequence's KV blocks, in place. They serve
+batched matmul or SDPA can read them. These kernels read each token's slot weights, and each sequence's KV
+blocks, in place. Measured on an H200 (`bench/gpu_profile.py`, 256 rows, 4096 features, rank 8, inside a CUDA
+graph): the LoRA add 0.018 ms vs 0.066 for torch's gather (5 slots), 0.020 vs 0.075 (256 slots); the attention
+kernel's SDPA baseline is timed beside it from 2026-12-04 on, not yet on a GPU. They serve
 on CUDA when triton imports (it ships with torch's CUDA wheels) and they pass a self-check at first use;
 elsewhere, or with `MUX_TRITON=0`, torch's ops serve (`mux/lora/ops.py`, `mux/engine/kv_cache.py`).
 `bench/gpu_check.py` checks both against the CPU reference on the device.
