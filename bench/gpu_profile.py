@@ -69,9 +69,9 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 def kernel_times(device: str, graphs) -> dict:
     """Device ms of the step's pieces at 7B shapes, 256 rows, each timed as 20 calls captured in one CUDA graph
     (no launch cost): a 4096×4096 base linear, the per-token LoRA add over 5 and over 256 distinct slots (Triton,
-    and torch's gather), paged decode attention at 96 positions (Triton, and the SDPA path it replaces); and the
-    replay of each captured 256-row decode graph (with and without LoRA: the difference is what the adapters
-    cost a step)."""
+    and torch's gather), paged decode attention at 96 positions (Triton: the tuned pick, and each of its configs
+    alone; and the SDPA path it replaces); and the replay of each captured 256-row decode graph (with and without
+    LoRA: the difference is what the adapters cost a step)."""
     from mux.lora.ops import _per_token_add_
 
     def ms(fn, reps: int = 20) -> float:
@@ -113,7 +113,15 @@ def kernel_times(device: str, graphs) -> dict:
     lens = torch.full((rows,), ctx, device=device)
     q = torch.randn(rows, heads, head_dim, device=device, dtype=torch.float16, generator=g)
     o = torch.empty_like(q)
-    out["paged_decode_96"] = ms(lambda: triton_ops.paged_decode(q, k, k, tables, lens, bs, head_dim**-0.5, o))
+    attend = lambda: triton_ops.paged_decode(q, k, k, tables, lens, bs, head_dim**-0.5, o)  # noqa: E731
+    out["paged_decode_96"] = ms(attend)  # the config the first call's timing picked
+    kernel = triton_ops._paged_decode
+    out["paged_decode_96_config"] = str(kernel.best_config)
+    configs, cache = kernel.configs, kernel.cache
+    for config in configs:  # each config alone, in a graph as above: what the pick chose among
+        kernel.configs, kernel.cache = [config], {}
+        out[f"paged_decode_96_tile{config.kwargs['TILE']}_warps{config.num_warps}"] = ms(attend)
+    kernel.configs, kernel.cache = configs, cache
     # its baseline: the engine's attention without Triton (blocks gathered, SDPA), writes of the new K/V included
     cache = KVCache(1, rows * nb, bs, heads, head_dim, torch.float16, device)
     cache.paged = False

@@ -7,7 +7,8 @@ graph): the LoRA add 0.018 ms vs 0.066 for torch's gather (5 slots), 0.020 vs 0.
 kernel's SDPA baseline is timed beside it from 2026-12-04 on, not yet on a GPU. They serve
 on CUDA when triton imports (it ships with torch's CUDA wheels) and they pass a self-check at first use;
 elsewhere, or with `MUX_TRITON=0`, torch's ops serve (`mux/lora/ops.py`, `mux/engine/kv_cache.py`).
-`bench/gpu_check.py` checks both against the CPU reference on the device.
+`bench/gpu_check.py` checks both against the CPU reference on the device; the tests run them without a GPU, in
+Triton's interpreter on CPU tensors, every tuning config (tests/test_triton_ops.py).
 """
 
 from __future__ import annotations
@@ -100,17 +101,20 @@ if triton is not None:
         """h[t, :rank] += x[t, ks] · A[slot[t], :rank, ks]ᵀ over this program's share ks of the input features."""
         t, split = tl.program_id(0), tl.program_id(1)
         slot = tl.load(slots + t)
-        valid = slot >= 0
+        # a row with no adapter (slot -1) reads and adds nothing: its bounds are zero. (Bounds, not `mask & valid`:
+        # Triton's interpreter, which runs these kernels in the CPU tests, mistypes a block mask and a scalar.)
+        limit = tl.where(slot >= 0, in_features, 0)
+        rank = tl.where(slot >= 0, rank, 0)
         slot = tl.maximum(slot, 0)
         r = tl.arange(0, R)
         acc = tl.zeros((R,), dtype=tl.float32)
-        for k0 in range(split * BLOCK_K, in_features, SPLIT_K * BLOCK_K):
+        for k0 in range(split * BLOCK_K, limit, SPLIT_K * BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x + t * x_row + k, mask=(k < in_features) & valid, other=0.0).to(tl.float32)
-            mask = (r[:, None] < rank) & (k[None, :] < in_features) & valid
+            xv = tl.load(x + t * x_row + k, mask=k < limit, other=0.0).to(tl.float32)
+            mask = (r[:, None] < rank) & (k[None, :] < limit)
             av = tl.load(a + slot * a_slot + r[:, None] * a_rank + k[None, :], mask=mask, other=0.0)
             acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-        tl.atomic_add(h + t * R + r, acc, mask=(r < rank) & valid)
+        tl.atomic_add(h + t * R + r, acc, mask=r < rank)
 
     @triton.autotune(
         [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((128, 4), (256, 4), (512, 4), (512, 8), (1024, 8))],
@@ -122,22 +126,34 @@ if triton is not None:
         """y[t, ns] += h[t, :rank] · B[slot[t], :rank, ns] for this program's block ns of output features."""
         t, nb = tl.program_id(0), tl.program_id(1)
         slot = tl.load(slots + t)
-        valid = slot >= 0
+        limit = tl.where(slot >= 0, out_features, 0)  # a row with no adapter: nothing read or written
         slot = tl.maximum(slot, 0)
         r = tl.arange(0, R)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         hv = tl.load(h + t * R + r, mask=r < rank, other=0.0)
-        mask = (r[:, None] < rank) & (n[None, :] < out_features) & valid
+        mask = (r[:, None] < rank) & (n[None, :] < limit)
         bv = tl.load(b + slot * b_slot + r[:, None] * b_rank + n[None, :], mask=mask, other=0.0)
         delta = tl.sum(hv[:, None] * bv.to(tl.float32), axis=0)
-        out = n < out_features
-        yv = tl.load(y + t * y_row + n, mask=out & valid, other=0.0)
-        tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out & valid)
+        out = n < limit
+        yv = tl.load(y + t * y_row + n, mask=out, other=0.0)
+        tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out)
 
+    # The decode attention's tile (positions per iteration, any number of KV blocks) and warps are picked by
+    # timing at first use per model shape, once, among these: the first is the kernel as first measured on an
+    # H200 (one 16-position block per iteration, Triton's default 4 warps), the others read more positions per
+    # iteration (more loads in flight) or spread them over more or fewer warps. (Which wins is not yet measured:
+    # bench/gpu_check.py reports the choice and its time.)
+    @triton.autotune(
+        [triton.Config({"TILE": t}, num_warps=w) for t, w in
+         ((16, 4), (16, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))],
+        key=["kv_row", "BS", "GROUP", "D"],
+    )  # fmt: skip
     @triton.jit
     def _paged_decode(q, q_row, q_head, k, v, kv_row, kv_head, tables, table_row, lens, o, o_row, o_head, scale,
-                      GROUP: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):  # fmt: skip
-        """One sequence's GROUP query heads that share KV head `kvh`, over its blocks, with an online softmax."""
+                      GROUP: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                      TILE: tl.constexpr):  # fmt: skip
+        """One sequence's GROUP query heads that share KV head `kvh`, over its positions TILE at a time (each
+        position's row found through its block's table entry), with an online softmax."""
         seq, kvh = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, G)
         d = tl.arange(0, D)
@@ -148,13 +164,13 @@ if triton is not None:
         m = tl.full((G,), float("-inf"), tl.float32)
         total = tl.zeros((G,), dtype=tl.float32)
         acc = tl.zeros((G, D), dtype=tl.float32)
-        pos = tl.arange(0, BS)
-        for j in range(0, tl.cdiv(n, BS)):
-            block = tl.load(tables + seq * table_row + j)
-            live = j * BS + pos < n
-            rows = (block * BS + pos)[:, None] * kv_row + kvh * kv_head + d[None, :]  # [BS, D]
+        for start in range(0, n, TILE):
+            pos = start + tl.arange(0, TILE)
+            live = pos < n
+            block = tl.load(tables + seq * table_row + pos // BS, mask=live, other=0)
+            rows = (block * BS + pos % BS)[:, None] * kv_row + kvh * kv_head + d[None, :]  # [TILE, D]
             kb = tl.load(k + rows, mask=live[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(qv[:, None, :] * kb[None, :, :], axis=2)  # [G, BS]
+            s = tl.sum(qv[:, None, :] * kb[None, :, :], axis=2)  # [G, TILE]
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without CUDA, the Triton kernels (mux/triton_ops.py) are built for Triton's interpreter, so the tests can
+    # run them on CPU tensors; the engine never calls them off CUDA. Set before mux/triton_ops.py is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import AutoModelForCausalLM
 
 from bench.common import ALL, ATTN, MLP, build_tiny_model, make_adapter

@@ -1,10 +1,18 @@
 """mux/triton_ops.py off CUDA: the kernels do not serve, and the reference they are checked against on a GPU
-(`bench/gpu_check.py`, the first-use self-check) equals the engine's own SDPA decode path."""
+(`bench/gpu_check.py`, the first-use self-check) equals the engine's own SDPA decode path.
+
+The kernels themselves run here too, in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET without CUDA; with CUDA they compile and run on the GPU), each of their tuning configs in turn:
+the timing that picks one needs a GPU, and whichever it picks must be right.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mux import triton_ops
@@ -33,3 +41,89 @@ def test_paged_decode_reference_equals_the_sdpa_decode_path():
     )[0][0]  # fmt: skip
     want = triton_ops.paged_decode_reference(q, cache.k[0], cache.v[0], tables, lens, bs)  # after the write
     assert torch.allclose(got, want, atol=1e-6)
+
+
+needs_triton = pytest.mark.skipif(triton_ops.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def only(kernel, config):
+    """Run the autotuned `kernel` with `config` alone (no timing)."""
+    configs, cache = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = configs, cache
+
+
+def lora_reference(x, a, b, slots, rank):
+    live = (slots >= 0).to(x.dtype)[:, None]
+    i = slots.clamp(min=0)
+    return torch.einsum("ti,tri,tro->to", x, a[i, :rank], b[i, :rank]) * live  # [T, out]
+
+
+@needs_triton
+@pytest.mark.parametrize("rank", [1, 4, 8, 16])
+def test_lora_add_every_config_equals_the_reference(rank):
+    """Each shrink config with the first expand config and each expand config with the first shrink config;
+    rows with no adapter (-1) untouched; y a column slice of a wider output, as a packed projection hands over."""
+    g = torch.Generator().manual_seed(rank)
+    rows, in_features, out_features, slots_n = 7, 80, 48, 3
+    x = torch.randn(rows, in_features, generator=g)
+    a = torch.randn(slots_n, 16, in_features, generator=g)  # [S, R, in]: rank padded to 16
+    b = torch.randn(slots_n, 16, out_features, generator=g)
+    slots = torch.tensor([2, -1, 0, 0, 1, 2, -1])
+    base = torch.randn(rows, out_features + 20, generator=g)
+    want = base.clone()
+    want[:, 5 : 5 + out_features] += lora_reference(x, a, b, slots, rank)
+    shrink, expand = triton_ops._lora_shrink, triton_ops._lora_expand
+    pairs = [(c, expand.configs[0]) for c in shrink.configs] + [(shrink.configs[0], c) for c in expand.configs[1:]]
+    for cs, ce in pairs:
+        y = base.clone().to(DEVICE)
+        with only(shrink, cs), only(expand, ce):
+            triton_ops.lora_add(
+                y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, a, b, slots)), rank
+            )  # fmt: skip
+        assert torch.allclose(y.cpu(), want, atol=1e-4), (cs, ce)
+
+
+def paged_case(heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0):
+    """Decode queries over scattered blocks of a cache, lengths from one position to several blocks, the query
+    a transposed view as the model's attention hands it over: (q, k, v, tables, lens)."""
+    g = torch.Generator().manual_seed(seed)
+    bs, dim, lens = 16, 32, [1, 16, 17, 40, 64]
+    k = torch.randn(24 * bs, kv_heads, dim, generator=g).to(dtype)  # [rows, Hkv, D]
+    v = torch.randn(24 * bs, kv_heads, dim, generator=g).to(dtype)
+    tables = torch.randperm(24, generator=g)[:20].view(5, 4)  # [B, nb]
+    q = torch.randn(heads, len(lens), dim, generator=g).to(dtype).transpose(0, 1)  # [B, H, D], strides (D, B*D, 1)
+    return q, k, v, tables, lens
+
+
+@needs_triton
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 2)])  # no GQA, SmolLM2's 3 per KV head, 4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_decode_every_config_equals_the_reference(heads, kv_heads, dtype):
+    q, k, v, tables, lens = paged_case(heads, kv_heads, dtype)
+    want = triton_ops.paged_decode_reference(q.float(), k.float(), v.float(), tables, lens, 16)
+    kernel = triton_ops._paged_decode
+    for config in kernel.configs:
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+        with only(kernel, config):
+            triton_ops.paged_decode(
+                *(t.to(DEVICE) for t in (q, k, v, tables, torch.tensor(lens))), 16, q.shape[-1] ** -0.5, out
+            )  # fmt: skip
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert torch.allclose(out.float().cpu(), want, atol=tol), config
+
+
+@needs_triton
+def test_self_check_passes_on_every_config():
+    """The first-use check the engine runs before it serves with the kernels, on this device."""
+    kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._paged_decode)
+    for configs in itertools.product(*(k.configs[:2] for k in kernels)):
+        with contextlib.ExitStack() as stack:
+            for kernel, config in zip(kernels, configs, strict=True):
+                stack.enter_context(only(kernel, config))
+            assert triton_ops._self_check(torch.device(DEVICE)) < 1e-4
