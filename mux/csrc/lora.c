@@ -1,58 +1,90 @@
 /* The CPU multi-LoRA kernel: y[row] += (x[row] . A_slot^T) . B_slot for the rows of every work item.
  *
- * Built by mux/native.py, called from mux/lora/ops.py. Each row reads its slot's A [r, in] and B [r, out] in place
- * (from cache after the item's first row) at the slot's own rank, so a decode step reads every adapter it uses
- * once, with no gather, padding or scatter: torch's batched matmuls on the same rows run far from the memory
+ * Built by mux/native.py, called from mux/lora/ops.py. Rows read their slot's A [r, in] and B [r, out] in place, four
+ * rows per pass (from cache after the item's first pass) at the slot's own rank, so a decode step reads every adapter
+ * it uses once, with no gather, padding or scatter: torch's batched matmuls on the same rows run far from the memory
  * bandwidth that reading the weights needs (`python -m bench.lora_kernel`). OpenMP is the libgomp torch already
  * loaded: one thread team for both.
  */
 #include "simd.h"
 
-/* h[k] = x . A_k for k < r, four ranks at a time (x is read once per four ranks) */
-static void shrink(const float *restrict x, const float *restrict A, int64_t in, int64_t r, float *restrict h)
+#define ROWS 4 /* rows of an item served per pass over its slot's weights */
+#define INLINE static inline __attribute__((always_inline))
+
+/* h[i * r + k] = x_i . A_k for the n rows x_i and every rank k < r, four ranks at a time: each vector of A is
+ * loaded once for the n rows, each vector of x once for four ranks. (n is a constant once inlined, so the
+ * n x 4 sums live in registers.) Each sum runs in the same order whatever n is. */
+INLINE void shrink(const float *const *x, const float *restrict A, int64_t in, int64_t r, float *restrict h, int n)
 {
     const int64_t nv = in / W * W;
     int64_t k = 0;
     for (; k + 4 <= r; k += 4) {
-        const float *a0 = A + k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
-        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        vf s[ROWS][4] = {{{0}}};
         for (int64_t j = 0; j < nv; j += W) {
-            const vf xv = load(x + j);
-            s0 += xv * load(a0 + j);
-            s1 += xv * load(a1 + j);
-            s2 += xv * load(a2 + j);
-            s3 += xv * load(a3 + j);
+            vf a[4];
+            for (int q = 0; q < 4; q++) a[q] = load(A + (k + q) * in + j);
+            for (int i = 0; i < n; i++) {
+                const vf xv = load(x[i] + j);
+                for (int q = 0; q < 4; q++) s[i][q] += xv * a[q];
+            }
         }
-        float t0 = hsum(s0), t1 = hsum(s1), t2 = hsum(s2), t3 = hsum(s3);
-        for (int64_t j = nv; j < in; j++) {
-            t0 += x[j] * a0[j];
-            t1 += x[j] * a1[j];
-            t2 += x[j] * a2[j];
-            t3 += x[j] * a3[j];
-        }
-        h[k] = t0, h[k + 1] = t1, h[k + 2] = t2, h[k + 3] = t3;
+        for (int i = 0; i < n; i++)
+            for (int q = 0; q < 4; q++) {
+                float t = hsum(s[i][q]);
+                for (int64_t j = nv; j < in; j++) t += x[i][j] * A[(k + q) * in + j];
+                h[i * r + k + q] = t;
+            }
     }
-    for (; k < r; k++) h[k] = dot(x, A + k * in, in);
+    for (; k < r; k++)
+        for (int i = 0; i < n; i++) h[i * r + k] = dot(x[i], A + k * in, in);
 }
 
-/* y += sum_k h[k] B_k (each y vector loaded and stored once) */
-static void expand(float *restrict y, const float *restrict B, int64_t out, int64_t r, const float *restrict h)
+/* y_i += sum_k h[i * r + k] B_k for the n rows: each vector of B loaded once for the n rows, each y vector
+ * loaded and stored once, two vectors of columns at a time */
+INLINE void expand(float *const *y, const float *restrict B, int64_t out, int64_t r, const float *restrict h, int n)
 {
-    const int64_t nv = out / W * W;
-    for (int64_t j = 0; j < nv; j += W) {
-        vf acc = load(y + j);
-        for (int64_t k = 0; k < r; k++) acc += h[k] * load(B + k * out + j);
-        store(y + j, acc);
+    int64_t j = 0;
+    for (; j + 2 * W <= out; j += 2 * W) {
+        vf acc[ROWS][2];
+        for (int i = 0; i < n; i++) acc[i][0] = load(y[i] + j), acc[i][1] = load(y[i] + j + W);
+        for (int64_t k = 0; k < r; k++) {
+            const vf b0 = load(B + k * out + j), b1 = load(B + k * out + j + W);
+            for (int i = 0; i < n; i++) {
+                const float hk = h[i * r + k];
+                acc[i][0] += hk * b0;
+                acc[i][1] += hk * b1;
+            }
+        }
+        for (int i = 0; i < n; i++) store(y[i] + j, acc[i][0]), store(y[i] + j + W, acc[i][1]);
     }
-    for (int64_t j = nv; j < out; j++) {
-        float acc = y[j];
-        for (int64_t k = 0; k < r; k++) acc += h[k] * B[k * out + j];
-        y[j] = acc;
+    for (; j + W <= out; j += W) {
+        vf acc[ROWS];
+        for (int i = 0; i < n; i++) acc[i] = load(y[i] + j);
+        for (int64_t k = 0; k < r; k++) {
+            const vf b = load(B + k * out + j);
+            for (int i = 0; i < n; i++) acc[i] += h[i * r + k] * b;
+        }
+        for (int i = 0; i < n; i++) store(y[i] + j, acc[i]);
     }
+    for (; j < out; j++)
+        for (int i = 0; i < n; i++) {
+            float acc = y[i][j];
+            for (int64_t k = 0; k < r; k++) acc += h[i * r + k] * B[k * out + j];
+            y[i][j] = acc;
+        }
+}
+
+INLINE void serve(const float *const *x, float *const *y, const float *A, const float *B, int64_t in, int64_t out,
+                  int64_t r, float *h, int n)
+{
+    shrink(x, A, in, r, h, n);
+    expand(y, B, out, r, h, n);
 }
 
 /* x [T, in] and y [T, out]: rows of stride xs, ys (unit column stride); a [S, R, in], b [S, R, out] contiguous.
- * Item i: slot[i], rank[i] <= R, rows[off[i] .. off[i+1]). Items never share a row, so they run in parallel. */
+ * Item i: slot[i], rank[i] <= R, rows[off[i] .. off[i+1]). Items never share a row, so they run in parallel.
+ * An item's rows go ROWS at a time: a decode step's few rows of one adapter read its weights once from cache,
+ * not once per row (`python -m bench.lora_kernel`, the rank rows). */
 void mux_lora_add(const float *restrict x, int64_t xs, float *restrict y, int64_t ys, const float *restrict a,
                   const float *restrict b, int64_t R, int64_t in, int64_t out, const int64_t *slot,
                   const int64_t *rank, const int64_t *off, const int64_t *rows, int64_t items)
@@ -61,10 +93,18 @@ void mux_lora_add(const float *restrict x, int64_t xs, float *restrict y, int64_
     for (int64_t i = 0; i < items; i++) {
         const int64_t r = rank[i];
         const float *A = a + slot[i] * R * in, *B = b + slot[i] * R * out;
-        float h[R];
-        for (int64_t t = off[i]; t < off[i + 1]; t++) {
-            shrink(x + rows[t] * xs, A, in, r, h);
-            expand(y + rows[t] * ys, B, out, r, h);
+        float h[ROWS * R];
+        for (int64_t t = off[i]; t < off[i + 1]; t += ROWS) {
+            const int n = off[i + 1] - t < ROWS ? (int)(off[i + 1] - t) : ROWS;
+            const float *xr[ROWS];
+            float *yr[ROWS];
+            for (int q = 0; q < n; q++) xr[q] = x + rows[t + q] * xs, yr[q] = y + rows[t + q] * ys;
+            switch (n) { /* a constant n for each copy, so the compiler unrolls the rows */
+            case 4: serve(xr, yr, A, B, in, out, r, h, 4); break;
+            case 3: serve(xr, yr, A, B, in, out, r, h, 3); break;
+            case 2: serve(xr, yr, A, B, in, out, r, h, 2); break;
+            default: serve(xr, yr, A, B, in, out, r, h, 1);
+            }
         }
     }
 }

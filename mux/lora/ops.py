@@ -49,8 +49,9 @@ _SEGMENT_COST = 32  # one run served in place (two matmul calls), on top of its 
 _SEGMENT_ROWS = 8  # shorter runs always go into blocks
 NATIVE_ITEM_ROWS = 16  # the C kernel's work items: a long prefill run is split so both cores share it
 # Runs of >= _SEGMENT_ROWS rows of a slot above this rank get torch's layouts even with the C kernel. 16 prefills of
-# 30 tokens, ms per step (`python -m bench.lora_kernel`, rank rows): torch 154 vs C 300 at rank 32, 83 vs 124 at 16;
-# at rank 8 C won, 65 vs 77. Decodes (4 rows a slot) stay in C at every rank (62 vs 67 at rank 32).
+# 30 tokens, ms per step (`python -m bench.lora_kernel`, rank rows, 2026-12-04, the kernel serving 4 rows a pass):
+# torch 97 vs C 146 at rank 32, 51 vs 68 at 16; at rank 8 C won, 36 vs 39. Decodes (4 rows a slot) stay in C at
+# every rank (42.3 vs 42.4 at rank 32).
 NATIVE_MAX_RUN_RANK = 8
 
 
