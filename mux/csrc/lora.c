@@ -39,39 +39,40 @@ INLINE void shrink(const float *const *x, const float *restrict A, int64_t in, i
         for (int i = 0; i < n; i++) h[i * r + k] = dot(x[i], A + k * in, in);
 }
 
-/* y_i += sum_k h[i * r + k] B_k for the n rows: each vector of B loaded once for the n rows, each y vector
- * loaded and stored once, two vectors of columns at a time */
+#define PASS 4 /* ranks per pass of the expand over y */
+/* y_i += sum_k h[i * r + k] B_k for the n rows, PASS ranks per pass over y: PASS streams of B read at a time (all r
+ * at once ran 1.2x slower at rank 32: more streams than the prefetchers follow), each vector of B loaded once for
+ * the n rows. Each sum runs in the order of k, as one row at a time. */
 INLINE void expand(float *const *y, const float *restrict B, int64_t out, int64_t r, const float *restrict h, int n)
 {
-    int64_t j = 0;
-    for (; j + 2 * W <= out; j += 2 * W) {
-        vf acc[ROWS][2];
-        for (int i = 0; i < n; i++) acc[i][0] = load(y[i] + j), acc[i][1] = load(y[i] + j + W);
-        for (int64_t k = 0; k < r; k++) {
-            const vf b0 = load(B + k * out + j), b1 = load(B + k * out + j + W);
-            for (int i = 0; i < n; i++) {
-                const float hk = h[i * r + k];
-                acc[i][0] += hk * b0;
-                acc[i][1] += hk * b1;
+    const int64_t nv = out / W * W;
+    for (int64_t k = 0; k < r; k += PASS) {
+        const int64_t m = r - k < PASS ? r - k : PASS; /* ranks this pass */
+        if (m == PASS) {
+            for (int64_t j = 0; j < nv; j += W) {
+                vf v[PASS];
+                for (int q = 0; q < PASS; q++) v[q] = load(B + (k + q) * out + j);
+                for (int i = 0; i < n; i++) {
+                    vf acc = load(y[i] + j);
+                    for (int q = 0; q < PASS; q++) acc += h[i * r + k + q] * v[q];
+                    store(y[i] + j, acc);
+                }
             }
+        } else {
+            for (int64_t j = 0; j < nv; j += W)
+                for (int i = 0; i < n; i++) {
+                    vf acc = load(y[i] + j);
+                    for (int64_t q = 0; q < m; q++) acc += h[i * r + k + q] * load(B + (k + q) * out + j);
+                    store(y[i] + j, acc);
+                }
         }
-        for (int i = 0; i < n; i++) store(y[i] + j, acc[i][0]), store(y[i] + j + W, acc[i][1]);
+        for (int64_t j = nv; j < out; j++)
+            for (int i = 0; i < n; i++) {
+                float acc = y[i][j];
+                for (int64_t q = 0; q < m; q++) acc += h[i * r + k + q] * B[(k + q) * out + j];
+                y[i][j] = acc;
+            }
     }
-    for (; j + W <= out; j += W) {
-        vf acc[ROWS];
-        for (int i = 0; i < n; i++) acc[i] = load(y[i] + j);
-        for (int64_t k = 0; k < r; k++) {
-            const vf b = load(B + k * out + j);
-            for (int i = 0; i < n; i++) acc[i] += h[i * r + k] * b;
-        }
-        for (int i = 0; i < n; i++) store(y[i] + j, acc[i]);
-    }
-    for (; j < out; j++)
-        for (int i = 0; i < n; i++) {
-            float acc = y[i][j];
-            for (int64_t k = 0; k < r; k++) acc += h[i * r + k] * B[k * out + j];
-            y[i][j] = acc;
-        }
 }
 
 INLINE void serve(const float *const *x, float *const *y, const float *A, const float *B, int64_t in, int64_t out,
