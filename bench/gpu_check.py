@@ -8,6 +8,8 @@
    copies in pinned memory and has its own copy stream for the loader thread's loads (a host-tier hit is
    copied in stream order by the engine).
    Penalties, logit bias, top and prompt logprobs and seeded sampling on the device equal a CPU engine's.
+   In fp16 and bf16 on the device: the share of greedy tokens equal to PEFT's in the same dtype on the device,
+   and each one's against PEFT in fp32 (reported, not judged: rounding may flip a near tie).
 3. scaling: a Llama-7B-shaped model with random fp16 weights (no download), rank-8 adapters on q_proj/v_proj
    (PEFT's default for Llama), one request per adapter round robin: mux throughput with 5 and with 1,000
    adapters live (target: ≤ 10% loss), mux with 5 adapters and no CUDA graphs (the lever), and PEFT's mixed
@@ -153,10 +155,10 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     adapters = [make_adapter(model_dir, root / f"tiny-a{i}", seed=i, **s) for i, s in enumerate(specs)]
     prompts = [[5 + i, 17, 300 + i, 42, 7] for i in range(len(adapters))]
 
-    def engine_on(dev: str) -> Engine:
+    def engine_on(dev: str, dtype: str = "float32") -> Engine:
         return Engine(
             EngineConfig(
-                model=ModelConfig(model=str(model_dir), device=dev, dtype="float32"),
+                model=ModelConfig(model=str(model_dir), device=dev, dtype=dtype),
                 lora=LoRAConfig(max_loras=4, max_lora_rank=16),
                 cache=CacheConfig(kv_cache_bytes=64 << 20),
             )
@@ -182,10 +184,48 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     on_cuda = device.startswith("cuda")
     return {
         "tokens_equal_peft": got == want,
+        "half_precision": {d: half_agreement(device, d, engine_on, model_dir, prompts, adapters, want) for d in HALF},
         "processed_equal_cpu": processed_sampling_equal(processed, processed_cpu),
         "pinned_host_copies": pinned if on_cuda else None,
         "copy_stream": copy_stream if on_cuda else None,
         "decode_graphs": graphs,
+    }
+
+
+HALF = ("float16", "bfloat16")
+
+
+def half_agreement(device: str, dtype: str, engine_on, model_dir: Path, prompts, adapters, fp32) -> dict:
+    """Greedy tokens of the engine in `dtype` on `device` against PeftModel's in the same dtype on the same
+    device, and both against PEFT's in float32 on the CPU (`fp32`): the share of tokens equal up to each
+    request's first difference (rounding may flip a near tie, after which the two continue from different
+    text). mux's half path is as good as PEFT's when its agreement with fp32 is at least PEFT's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine = engine_on(device, dtype)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    mine = [c.token_ids for c in engine.generate(prompts, params, adapters)]
+    engine.stop()
+    theirs = []
+    for ids, path in zip(prompts, adapters, strict=True):
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
+        peft = PeftModel.from_pretrained(base, path).eval()
+        with torch.no_grad():
+            out = peft.generate(
+                torch.tensor([ids], device=device), max_new_tokens=16, min_new_tokens=16, do_sample=False
+            )
+        theirs.append(out[0, len(ids) :].tolist())
+
+    def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+        pairs = zip(a, b, strict=True)
+        same = [next((i for i, (x, y) in enumerate(zip(u, v, strict=True)) if x != y), len(u)) for u, v in pairs]
+        return round(sum(same) / sum(len(u) for u in a), 3)
+
+    return {
+        "mux_vs_peft": agreement(mine, theirs),
+        "mux_vs_fp32": agreement(mine, fp32),
+        "peft_vs_fp32": agreement(theirs, fp32),
     }
 
 
@@ -335,7 +375,9 @@ def main() -> None:
         f"{data['engine']['tokens_equal_peft']}; penalties, logit bias, logprobs and seeded sampling equal the "
         f"CPU engine: {data['engine']['processed_equal_cpu']}; "
         f"pinned host copies: {data['engine']['pinned_host_copies']}; "
-        f"copy stream: {data['engine']['copy_stream']}; decode graphs captured: {data['engine']['decode_graphs']}",
+        f"copy stream: {data['engine']['copy_stream']}; decode graphs captured: {data['engine']['decode_graphs']}; "
+        "half precision, share of greedy tokens equal (up to the first difference) mux vs PEFT in the same dtype, "
+        "and each vs PEFT in fp32: " + json.dumps(data["engine"]["half_precision"]),
         "",
         f"| run ({s['requests']} requests × {s['new_tokens']} tokens) | tok/s |",
         "|---|---|",

@@ -16,6 +16,9 @@ def test_gpu_check_ops_pass_on_cpu():
 
 def test_gpu_check_engine_part_runs_on_cpu(tmp_path, smollm2_dir):
     results = check_engine("cpu", smollm2_dir, tmp_path)
+    half = results.pop("half_precision")
+    assert set(half) == {"float16", "bfloat16"}
+    assert all(0 <= v <= 1 for h in half.values() for v in h.values())
     assert results == {
         "tokens_equal_peft": True,
         "processed_equal_cpu": True,
