@@ -7,10 +7,12 @@ import time
 from types import SimpleNamespace
 
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from mux import triton_ops
 from mux.engine.engine import Engine
 from mux.engine.kv_cache import AttentionMetadata, KVCache, decode_mask, mux_attention
+from mux.model.cuda import FusedRMSNorm
 
 
 def rate(engine: Engine, prompts, params, adapters, tokens: int, reps: int) -> float:
@@ -68,10 +70,11 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 
 def kernel_times(device: str, graphs) -> dict:
     """Device ms of the step's pieces at 7B shapes, 256 rows, each timed as 20 calls captured in one CUDA graph
-    (no launch cost): a 4096×4096 base linear, the per-token LoRA add over 5 and over 256 distinct slots (Triton,
-    and torch's gather), paged decode attention at 96 positions (Triton: the tuned pick, and each of its configs
-    alone; and the SDPA path it replaces); and the replay of each captured 256-row decode graph (with and without
-    LoRA: the difference is what the adapters cost a step)."""
+    (no launch cost): a 4096×4096 base linear, an RMSNorm (transformers' and the fused one the engine uses on
+    CUDA), the per-token LoRA add over 5 and over 256 distinct slots (Triton, and torch's gather), paged decode
+    attention at 96 positions (Triton: the tuned pick, and each of its configs alone; and the SDPA path it
+    replaces); and the replay of each captured 256-row decode graph (with and without LoRA: the difference is
+    what the adapters cost a step)."""
     from mux.lora.ops import _per_token_add_
 
     def ms(fn, reps: int = 20) -> float:
@@ -102,6 +105,9 @@ def kernel_times(device: str, graphs) -> dict:
     b = torch.randn(slots, rank, width, device=device, dtype=torch.float16, generator=g)
     y = torch.zeros(rows, width, device=device, dtype=torch.float16)
     out = {"base_linear_4096": ms(lambda: x @ w.T)}
+    norm = LlamaRMSNorm(width, eps=1e-5).to(device, torch.float16)  # 65 a 7B decode step: transformers' vs fused
+    out["rms_norm_transformers_4096"] = ms(lambda: norm(x))
+    out["rms_norm_fused_4096"] = ms(lambda: FusedRMSNorm(norm)(x))
     for name, idx in (("5_slots", torch.arange(rows) % 5), ("256_slots", torch.arange(rows) * 3 % slots)):
         idx = idx.to(device)
         out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, idx, rank))

@@ -33,6 +33,7 @@ from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
 from mux.model.cpu import can_pack, keep_freed_memory, pack_linears
+from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ class Engine:
         if config.model.cpu_tuning and can_pack(model):
             pack_linears(model)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
             keep_freed_memory()
-        self.cache = KVCache.for_model(model.config, config.cache, model.dtype, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            fuse_rms_norms(model)
+        self.cache = KVCache.for_model(model.config, config.cache, model.dtype, device)
         self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
         self.adapters = AdapterManager(self.lora, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
