@@ -25,7 +25,7 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ),
     (
         "B: throughput, mixed ranks 4/8/16/32 vs all rank 8",
-        ["bench.throughput", "--skip-peft", "--mixed-ranks", "4,8,16,32"],
+        ["bench.throughput", "--skip-peft", "--mixed-ranks", "4,8,16,32", "--repeat", "4"],
         ["--repeat", "1"],
     ),
     ("Roofline: batch-64 decode vs a large GEMM", ["bench.roofline"], ["--new-tokens", "16"]),
