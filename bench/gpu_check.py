@@ -12,7 +12,8 @@
    and each one's against PEFT in fp32 (reported, not judged: rounding may flip a near tie).
 3. scaling: a Llama-7B-shaped model with random fp16 weights (no download), rank-8 adapters on q_proj/v_proj
    (PEFT's default for Llama), one request per adapter round robin: mux throughput with 5 and with 1,000
-   adapters live (target: ≤ 10% loss), mux with 5 adapters and no CUDA graphs (the lever), and PEFT's mixed
+   adapters live (target: ≤ 10% loss), mux with 5 adapters and no CUDA graphs, and with each step's text and
+   stream pushes after it rather than during the next step (the levers), and PEFT's mixed
    batch (`adapter_names=`) on the same GPU with the 5 adapters (target: mux ≥ 10×). The 1,000 adapter
    directories share 8 weight files through hard links (each directory is still its own adapter to mux: its own
    key, host copy and slot), so the disk holds 8, not 1,000.
@@ -297,6 +298,11 @@ def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
             results[f"mux_{n}_adapters_eager_tok_s"] = rate(engine, prompts, params, per_request, tokens, reps=1)
             graphs.enabled = True
             print(f"mux, {n} adapters, eager: {results[f'mux_{n}_adapters_eager_tok_s']:.0f} tok/s", flush=True)
+        if n == counts[0]:  # the lever: each step's text and pushes after the step, not during the next one
+            overlap, engine.overlap_output = engine.overlap_output, False
+            results[f"mux_{n}_adapters_no_overlap_tok_s"] = rate(engine, prompts, params, per_request, tokens, reps=1)
+            engine.overlap_output = overlap
+            print(f"mux, {n} adapters, no overlap: {results[f'mux_{n}_adapters_no_overlap_tok_s']:.0f} tok/s")
         results[f"steps_{n}_adapters"] = step_breakdown(engine, prompts, params, per_request)
         print(f"steps, {n} adapters:", json.dumps(results[f"steps_{n}_adapters"]), flush=True)
     engine.generate(prompts[: args.batch], SamplingParams(max_tokens=8, ignore_eos=True), None)  # a base-only graph

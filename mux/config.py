@@ -28,6 +28,10 @@ class ModelConfig:
     max_model_len: int | None = None
     cpu_tuning: bool = True  # CPU fp32: prepacked linears + allocator settings (mux/model/cpu.py)
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
+    # A step's detokenizing and stream pushes run while the device computes the next step (each token after a
+    # request's first reaches its stream one step later). None: on CUDA only, where the forward runs
+    # asynchronously; on the CPU the forward is the host's own work, so there is nothing to overlap.
+    overlap_output: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

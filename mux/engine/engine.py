@@ -81,6 +81,9 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         graph_batch = config.scheduler.max_num_seqs if config.model.cuda_graphs else 0
         self.runner = ModelRunner(model, self.lora, self.cache, graph_batch)
+        overlap = config.model.overlap_output
+        self.overlap_output = device.type == "cuda" if overlap is None else overlap
+        self._pending: list[Sequence] = []  # sequences whose last token's text waits for the next step
         self.sampler = Sampler()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Sequence) | ("cancel", request_id)
         self._seqs: dict[str, Sequence] = {}  # request_id -> live sequence (engine thread only)
@@ -216,9 +219,10 @@ class Engine:
             self._expire()
             out = self.scheduler.schedule()
             if not out.scheduled:  # idle, or waiting on adapter loads: give the loader a moment
-                return self.adapters.wait_for_load(0.01) or bool(out.preempted) or read
+                return self._push_pending() or self.adapters.wait_for_load(0.01) or bool(out.preempted) or read
             try:
                 logits, prompt_spans = self.runner.run(out.scheduled)
+                self._push_pending()  # the last step's text, while the device runs this one (overlap_output)
                 for span in prompt_spans:
                     self._prompt_logprobs(span)
                 self._postprocess(out, logits)
@@ -326,6 +330,9 @@ class Engine:
         for s in out.scheduled:
             s.seq.num_computed += s.num_tokens
         for seq, token, logprob, top in zip(sampled, tokens, logprobs, tops, strict=True):
+            if seq.status is Status.FINISHED:  # a stop string in its pending text ended it after it was scheduled
+                self.sampler.forget(seq.seq_id)  # (sampling it again made its generator anew)
+                continue
             self._append(seq, token, logprob, top)
 
     def _append(self, seq: Sequence, token: int, logprob: float, top=None) -> None:
@@ -339,6 +346,24 @@ class Engine:
             return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos", top=top))
         if token in p.stop_token_ids:
             return self._finish(seq, "stop", TokenEvent(token, seq.detok.flush(), logprob, "stop", top=top))
+        n = len(seq.output_ids)
+        if self.overlap_output and 1 < n < p.max_tokens and seq.num_tokens < self.base.max_model_len:
+            seq.pending = (token, logprob, top)  # its text goes out during the next step (a first token at once)
+            return self._pending.append(seq)
+        self._push_text(seq, token, logprob, top)
+
+    def _push_pending(self) -> bool:
+        """Detokenize and push the tokens the last step left pending; True if there were any."""
+        pending, self._pending = self._pending, []
+        for seq in pending:
+            if seq.pending is not None:  # else it finished meanwhile, and _finish pushed it
+                token, logprob, top = seq.pending
+                seq.pending = None
+                self._push_text(seq, token, logprob, top)
+        return bool(pending)
+
+    def _push_text(self, seq: Sequence, token: int, logprob: float, top) -> None:
+        p = seq.params
         text, stopped = seq.detok.add(token)
         if stopped:
             reason = "stop"
@@ -350,7 +375,11 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, last: TokenEvent | None = None, error: str | None = None) -> None:
         """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
-        answer never sees the resources still held)."""
+        answer never sees the resources still held). A token whose text was pending goes out first."""
+        if seq.pending is not None:  # cancelled, timed out or failed before its last token's text was pushed
+            token, logprob, top = seq.pending
+            seq.pending = None
+            seq.stream.push(TokenEvent(token, seq.detok.add(token)[0], logprob, top=top))
         held = seq.adapter is not None and self._seqs.get(seq.request_id) is seq
         try:
             self.scheduler.finish(seq, reason)  # releases the slot's ref first: in_use then reads the hold only

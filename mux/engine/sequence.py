@@ -122,6 +122,7 @@ class Sequence:
     stream: RequestStream | None = None
     detok: Detokenizer | None = None
     prompt_lp: list[PromptLogprob] = field(default_factory=list)  # [i]: prompt token i + 1 (prompt_logprobs)
+    pending: tuple | None = None  # (token, logprob, top) whose text the engine has not yet pushed (overlap_output)
 
     @property
     def num_tokens(self) -> int:
