@@ -8,7 +8,9 @@
 # `mkdir -p .gpu && cp ~/.cache/lora-mux/smollm2-135m-instruct/tokenizer* .gpu/` (after one `mux serve` or
 # `python -c "from mux.model.loader import default_model_dir; default_model_dir()"` made that cache);
 # then run `bash bench/gpu_check.sh` with carry [".whl", ".gpu"] and a timeout that leaves room for a rerun.
-# On an H200 (2026-12-04) a run took 135-195 s, plus ≈30 s to start the machine.
+# On an H200 (2026-12-04) a run took 135-195 s, plus ≈30 s to start the machine. Since then it also tunes the
+# attention kernel (7 configs, compiled at first use), runs the engine in fp16 and bf16 and the traffic once
+# more without the output overlap: expect ≈40-60 s more (not yet measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
