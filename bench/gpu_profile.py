@@ -27,11 +27,12 @@ def rate(engine: Engine, prompts, params, adapters, tokens: int, reps: int) -> f
 
 def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
     """ms per step in each phase, prefill and decode steps apart. The forward is synchronised, so it holds the
-    device's time too (the sampler's copy of the tokens to the host would wait for it anyway)."""
+    device's time too (the sampler's copy of the tokens to the host would wait for it anyway); with
+    overlap_output that sync also undoes the overlap, and push_pending shows the host time it hides."""
     sync = torch.cuda.synchronize if engine.runner.device.type == "cuda" else (lambda: None)
     steps: list[dict] = []
     originals = {"schedule": engine.scheduler.schedule, "run": engine.runner.run, "sample": engine.sampler.sample}
-    post = engine._postprocess
+    post, push = engine._postprocess, engine._push_pending
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -51,17 +52,19 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 
     engine.scheduler.schedule, engine.runner.run = schedule, timed("run", originals["run"])
     engine.sampler.sample, engine._postprocess = timed("sample", originals["sample"]), timed("postprocess", post)
+    engine._push_pending = timed("push_pending", push)  # with overlap_output: the last step's text, during this one
     try:
         engine.generate(prompts, params, adapters)
     finally:  # the instance attributes go; the methods show through again
         del engine.scheduler.schedule, engine.runner.run, engine.sampler.sample, engine._postprocess
+        del engine._push_pending
     out = {}
     for kind in ("prefill", "decode"):
         mine = [x for x in steps if x.get("kind") == kind]
         if mine:
             row = {
                 name: 1000 * sum(x.get(name, 0.0) for x in mine) / len(mine)
-                for name in ("schedule", "run", "sample", "postprocess")
+                for name in ("schedule", "run", "push_pending", "sample", "postprocess")
             }
             row["postprocess"] -= row["sample"]  # the sampler runs inside postprocess
             out[kind] = {"steps": len(mine), **{f"{k}_ms": round(v, 2) for k, v in row.items()}}

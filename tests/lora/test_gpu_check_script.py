@@ -65,4 +65,5 @@ def test_step_breakdown_times_prefill_and_decode_apart_and_unpatches(tiny_dir):
     assert phases["prefill"]["steps"] >= 1 and phases["decode"]["steps"] == 3
     assert all(v >= 0 for row in phases.values() for v in row.values())
     assert "run" not in vars(engine.runner) and "_postprocess" not in vars(engine)  # the methods are back
+    assert "_push_pending" not in vars(engine) and "push_pending_ms" in phases["decode"]
     assert len(engine.generate([[5, 6]], params)[0].token_ids) == 4
