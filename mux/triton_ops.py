@@ -13,6 +13,7 @@ Triton's interpreter on CPU tensors, every tuning config (tests/test_triton_ops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -43,7 +44,8 @@ def _works(index: int) -> bool:
     if os.environ.get("MUX_TRITON", "1") == "0":
         return False
     try:
-        error = _self_check(torch.device("cuda", index))
+        with _untuned():
+            error = _self_check(torch.device("cuda", index))
     except Exception:  # a failed compile or launch: torch's ops still serve
         log.exception("triton kernels off: they failed to run")
         return False
@@ -51,6 +53,22 @@ def _works(index: int) -> bool:
         log.warning("triton kernels off: they differ from torch by %.2e", error)
         return False
     return True
+
+
+@contextlib.contextmanager
+def _untuned():
+    """Each kernel with its first config only, and its tuning cache back after: the self-check's tiny shapes are
+    never served, so timing every config for them would only cost compiles at first use. (Every config is
+    checked against torch in the tests, tests/test_triton_ops.py.)"""
+    kernels = (_lora_shrink, _lora_expand, _paged_decode)
+    saved = [(k.configs, k.cache) for k in kernels]
+    for k in kernels:
+        k.configs, k.cache = k.configs[:1], {}
+    try:
+        yield
+    finally:
+        for k, (configs, cache) in zip(kernels, saved, strict=True):
+            k.configs, k.cache = configs, cache
 
 
 def _self_check(device: torch.device) -> float:

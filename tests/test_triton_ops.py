@@ -127,3 +127,13 @@ def test_self_check_passes_on_every_config():
             for kernel, config in zip(kernels, configs, strict=True):
                 stack.enter_context(only(kernel, config))
             assert triton_ops._self_check(torch.device(DEVICE)) < 1e-4
+
+
+@needs_triton
+def test_the_first_use_check_tunes_nothing_and_restores_the_configs():
+    kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._paged_decode)
+    before = [(k.configs, k.cache) for k in kernels]
+    with triton_ops._untuned():
+        assert all(len(k.configs) == 1 for k in kernels)
+        assert triton_ops._self_check(torch.device(DEVICE)) < 1e-4
+    assert [(k.configs, k.cache) for k in kernels] == before
