@@ -9,6 +9,7 @@ import pytest
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
+from mux.errors import MuxError
 
 
 def engine_with(tiny_dir, overlap: bool) -> Engine:
@@ -99,3 +100,28 @@ def test_a_cancel_while_text_is_pending_sends_that_text_first(engines):
     assert same(events[:4], want[:4])  # the four tokens, the pending one's text included
     assert len(events) == 5 and events[-1].finish_reason == "cancelled"
     assert overlapped.blocks.num_free == overlapped.blocks.num_blocks and not overlapped._pending
+
+
+def test_a_failed_step_sends_the_pending_text_before_the_error(engines):
+    plain, overlapped = engines
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    want = events_of(plain, ["Hello world"], [params], [None])[0]
+    stream = overlapped.submit("Hello world", params)
+    for _ in range(3):  # the prefill and two decodes: the second decode's token is pending
+        overlapped.step()
+    run = overlapped.runner.run
+
+    def failing(*args):
+        raise RuntimeError("injected fault")
+
+    overlapped.runner.run = failing
+    try:
+        overlapped.step()
+    finally:
+        overlapped.runner.run = run
+    events = []
+    with pytest.raises(MuxError, match="injected fault"):
+        events.extend(stream)
+    assert same(events, want[:3])  # the three tokens, the pending one's text included, then the error raised
+    assert stream.finish_reason == "error" and all(s.pending is None for s in overlapped._pending)
+    assert overlapped.blocks.num_free == overlapped.blocks.num_blocks
