@@ -164,3 +164,24 @@ def test_prompt_logprobs_match_peft(tiny_dir, tiny_adapters, budget):
         above = [int((row > row[ids[i]] + d).sum()) + 1 for d in (1e-3, -1e-3)]  # ties within the tolerance
         assert above[0] <= entry.rank <= above[1]
         assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA path itself serves there")
+def test_the_triton_path_matches_peft_through_the_interpreter(tiny_dir, tiny_adapters, monkeypatch):
+    """The engine as it runs on CUDA minus the graphs (per-token LoRA rows and paged decode attention in Triton),
+    here with the kernels in Triton's interpreter on the CPU (tests/conftest.py): a mixed batch equal to PEFT."""
+    from mux import triton_ops
+
+    if triton_ops.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(triton_ops, "serves", lambda device: True)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=False, native_attention=False)
+    assert engine.runner.per_token_lora and engine.cache.paged and not engine.lora.native
+    seen = record_logits(engine)
+    names = ["r4-attn", "r8-mlp", "r16-all", "r8-all-rslora"]
+    adapters = [tiny_adapters[n] for n in names] + [None]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(adapters))]
+    with triton_ops._untuned():  # one config each: the timing that picks one needs a GPU
+        outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters)
+    for out, adapter in zip(outs, adapters, strict=True):
+        check_against_peft(tiny_dir, adapter, out, seen[out.request_id])

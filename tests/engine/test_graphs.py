@@ -31,6 +31,30 @@ def test_padded_decode_matches_peft(tiny_dir, tiny_adapters, native):
     assert engine.blocks.num_free == engine.blocks.num_blocks == engine.cache.scratch_block
 
 
+def test_padded_decode_with_the_triton_kernels_matches_peft(tiny_dir, tiny_adapters, monkeypatch):
+    """The CUDA decode path but the capture: padded steps with per-token LoRA rows (pads: slot -1) and paged
+    attention (pads: the scratch block) in Triton, run in Triton's interpreter on the CPU (tests/conftest.py)."""
+    import torch
+
+    from mux import triton_ops
+
+    if triton_ops.triton is None or torch.cuda.is_available():
+        pytest.skip("needs triton, and no CUDA (there the real path serves)")
+    monkeypatch.setattr(triton_ops, "serves", lambda device: True)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=False, native_attention=False)
+    assert engine.runner.per_token_lora and engine.cache.paged
+    graphs = padded(engine, 8)
+    seen = record_logits(engine)
+    adapters = [tiny_adapters[n] for n in ("r4-attn", "r16-all", "r8-all-rslora", "r2-down")] + [None]  # 5 → 8
+    with triton_ops._untuned():  # one config each: the timing that picks one needs a GPU
+        outs = engine.generate(
+            [PROMPTS[i % 4] for i in range(5)], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters
+        )
+    for out, adapter in zip(outs, adapters, strict=True):
+        check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
+    assert graphs.num_graphs >= 1
+
+
 def test_base_only_decodes_and_batches_past_the_largest_graph(tiny_dir, tiny_adapters):
     """Base-only steps get a graph with no LoRA; a step of more sequences than the largest graph runs eagerly,
     and the shorter requests' later steps, now small enough, replay."""
