@@ -122,17 +122,17 @@ if triton is not None:
         # a row with no adapter (slot -1) reads and adds nothing: its bounds are zero. (Bounds, not `mask & valid`:
         # Triton's interpreter, which runs these kernels in the CPU tests, mistypes a block mask and a scalar.)
         limit = tl.where(slot >= 0, in_features, 0)
-        rank = tl.where(slot >= 0, rank, 0)
+        ranks = tl.where(slot >= 0, rank, 0)  # (a new name: Triton may pass `rank` as a constant, 1)
         slot = tl.maximum(slot, 0)
         r = tl.arange(0, R)
         acc = tl.zeros((R,), dtype=tl.float32)
         for k0 in range(split * BLOCK_K, limit, SPLIT_K * BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x + t * x_row + k, mask=k < limit, other=0.0).to(tl.float32)
-            mask = (r[:, None] < rank) & (k[None, :] < limit)
+            mask = (r[:, None] < ranks) & (k[None, :] < limit)
             av = tl.load(a + slot * a_slot + r[:, None] * a_rank + k[None, :], mask=mask, other=0.0)
             acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-        tl.atomic_add(h + t * R + r, acc, mask=r < rank)
+        tl.atomic_add(h + t * R + r, acc, mask=r < ranks)
 
     @triton.autotune(
         [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((128, 4), (256, 4), (512, 4), (512, 8), (1024, 8))],
