@@ -56,19 +56,23 @@ def _works(index: int) -> bool:
 
 
 @contextlib.contextmanager
-def _untuned():
-    """Each kernel with its first config only, and its tuning cache back after: the self-check's tiny shapes are
-    never served, so timing every config for them would only cost compiles at first use. (Every config is
-    checked against torch in the tests, tests/test_triton_ops.py.)"""
-    kernels = (_lora_shrink, _lora_expand, _paged_decode)
-    saved = [(k.configs, k.cache) for k in kernels]
-    for k in kernels:
-        k.configs, k.cache = k.configs[:1], {}
+def pinned(choice: dict):
+    """Run each autotuned kernel in `choice` ({kernel: config}) with that config alone (no timing), its configs
+    and tuning cache back after."""
+    saved = [(k, k.configs, k.cache) for k in choice]
+    for k, config in choice.items():
+        k.configs, k.cache = [config], {}
     try:
         yield
     finally:
-        for k, (configs, cache) in zip(kernels, saved, strict=True):
+        for k, configs, cache in saved:
             k.configs, k.cache = configs, cache
+
+
+def _untuned():
+    """Each kernel with its first config: the self-check's tiny shapes are never served, so timing every config
+    for them would only cost compiles at first use. (Every config is checked against torch in the tests.)"""
+    return pinned({k: k.configs[0] for k in (_lora_shrink, _lora_expand, _paged_decode)})
 
 
 def _self_check(device: torch.device) -> float:

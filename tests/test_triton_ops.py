@@ -8,7 +8,6 @@ the timing that picks one needs a GPU, and whichever it picks must be right.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from types import SimpleNamespace
 
@@ -47,17 +46,6 @@ needs_triton = pytest.mark.skipif(triton_ops.triton is None, reason="triton is n
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@contextlib.contextmanager
-def only(kernel, config):
-    """Run the autotuned `kernel` with `config` alone (no timing)."""
-    configs, cache = kernel.configs, kernel.cache
-    kernel.configs, kernel.cache = [config], {}
-    try:
-        yield
-    finally:
-        kernel.configs, kernel.cache = configs, cache
-
-
 def lora_reference(x, a, b, slots, rank):
     live = (slots >= 0).to(x.dtype)[:, None]
     i = slots.clamp(min=0)
@@ -82,7 +70,7 @@ def test_lora_add_every_config_equals_the_reference(rank):
     pairs = [(c, expand.configs[0]) for c in shrink.configs] + [(shrink.configs[0], c) for c in expand.configs[1:]]
     for cs, ce in pairs:
         y = base.clone().to(DEVICE)
-        with only(shrink, cs), only(expand, ce):
+        with triton_ops.pinned({shrink: cs, expand: ce}):
             triton_ops.lora_add(
                 y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, a, b, slots)), rank
             )  # fmt: skip
@@ -110,7 +98,7 @@ def test_paged_decode_every_config_equals_the_reference(heads, kv_heads, dtype):
     kernel = triton_ops._paged_decode
     for config in kernel.configs:
         out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
-        with only(kernel, config):
+        with triton_ops.pinned({kernel: config}):
             triton_ops.paged_decode(
                 *(t.to(DEVICE) for t in (q, k, v, tables, torch.tensor(lens))), 16, q.shape[-1] ** -0.5, out
             )  # fmt: skip
@@ -123,9 +111,7 @@ def test_self_check_passes_on_every_config():
     """The first-use check the engine runs before it serves with the kernels, on this device."""
     kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._paged_decode)
     for configs in itertools.product(*(k.configs[:2] for k in kernels)):
-        with contextlib.ExitStack() as stack:
-            for kernel, config in zip(kernels, configs, strict=True):
-                stack.enter_context(only(kernel, config))
+        with triton_ops.pinned(dict(zip(kernels, configs, strict=True))):
             assert triton_ops._self_check(torch.device(DEVICE)) < 1e-4
 
 

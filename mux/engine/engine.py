@@ -346,8 +346,7 @@ class Engine:
             return self._finish(seq, "eos", TokenEvent(token, seq.detok.flush(), logprob, "eos", top=top))
         if token in p.stop_token_ids:
             return self._finish(seq, "stop", TokenEvent(token, seq.detok.flush(), logprob, "stop", top=top))
-        n = len(seq.output_ids)
-        if self.overlap_output and 1 < n < p.max_tokens and seq.num_tokens < self.base.max_model_len:
+        if self.overlap_output and len(seq.output_ids) > 1 and not self._at_limit(seq):
             seq.pending = (token, logprob, top)  # its text goes out during the next step (a first token at once)
             return self._pending.append(seq)
         self._push_text(seq, token, logprob, top)
@@ -363,15 +362,18 @@ class Engine:
         return bool(pending)
 
     def _push_text(self, seq: Sequence, token: int, logprob: float, top) -> None:
-        p = seq.params
         text, stopped = seq.detok.add(token)
         if stopped:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.base.max_model_len:
+        elif self._at_limit(seq):
             reason, text = "length", text + seq.detok.flush()
         else:
             return seq.stream.push(TokenEvent(token, text, logprob, top=top))
         self._finish(seq, reason, TokenEvent(token, text, logprob, reason, top=top))
+
+    def _at_limit(self, seq: Sequence) -> bool:
+        """Its last token ends it by length: max_tokens, or the model's context."""
+        return len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.base.max_model_len
 
     def _finish(self, seq: Sequence, reason: str, last: TokenEvent | None = None, error: str | None = None) -> None:
         """Free the sequence's KV blocks and adapter pin, then send its last event (so a caller that has its
