@@ -1,7 +1,8 @@
 """Per-step op levers, side by side at SmolLM2 shapes: the sampler's argmax + log-normaliser (torch vs the C pass
-in mux/csrc/sampling.c) over [B, 49152] logits, and the 61 RMSNorms of a step (transformers' six-op module vs one
-`F.rms_norm` each; measured 1.12-1.64x at batch 1-8 and 0.94-1.12x at 64 in two runs, at most ~0.4 ms a
-step, so not adopted). Best of interleaved repetitions.
+in mux/csrc/sampling.c) over [B, 49152] logits, and a decoder step's elementwise ops (transformers' torch ops vs the
+C passes of mux/csrc/layers.c the engine's layers call): the 61 RMSNorms (also `F.rms_norm`, which on the CPU is
+the same ops composed: 0.94-1.17x at batch 64), 30 RoPEs of q [B, 9*64] and k [B, 3*64], 30 SiLU(gate) * up of
+[B, 1536]. Best of interleaved repetitions.
 Run: python -m bench.step_ops
 """
 
@@ -11,13 +12,14 @@ import json
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from bench.common import best_time, machine, save
 from mux.engine.sampler import _argmax_logsumexp
 from mux.engine.torch_thread import TorchThread
+from mux.model.cpu_layers import rms_norm, rope_, silu_mul_
 
-VOCAB, HIDDEN, NORMS = 49152, 576, 61
+VOCAB, HIDDEN, NORMS, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 49152, 576, 61, 30, 9, 3, 64, 1536
 
 
 def measure(batch: int) -> dict[str, float]:
@@ -25,11 +27,21 @@ def measure(batch: int) -> dict[str, float]:
     hidden = torch.randn(batch, HIDDEN)
     plain = [LlamaRMSNorm(HIDDEN, eps=1e-5) for _ in range(NORMS)]
     weights = [n.weight for n in plain]
+    q, k = torch.randn(batch, HEADS * HEAD_DIM), torch.randn(batch, KV_HEADS * HEAD_DIM)
+    angles = torch.rand(batch, HEAD_DIM // 2) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, -1) for f in (torch.cos, torch.sin))  # [B, D]
+    q4, k4 = (t.view(1, batch, -1, HEAD_DIM).transpose(1, 2) for t in (q, k))  # as transformers holds them
+    gate, up = torch.randn(batch, INTERMEDIATE), torch.randn(batch, INTERMEDIATE)
     ops = {
         "sampler torch": lambda: (logits.argmax(-1), torch.logsumexp(logits, -1)),
         "sampler C": lambda: _argmax_logsumexp(logits),
         "61 RMSNorms, transformers": lambda: [n(hidden) for n in plain],
-        "61 RMSNorms, fused": lambda: [F.rms_norm(hidden, (HIDDEN,), w, 1e-5) for w in weights],
+        "61 RMSNorms, F.rms_norm": lambda: [F.rms_norm(hidden, (HIDDEN,), w, 1e-5) for w in weights],
+        "61 RMSNorms, C": lambda: [rms_norm(n, hidden) for n in plain],
+        "30 RoPEs, transformers": lambda: [apply_rotary_pos_emb(q4, k4, cos[None], sin[None]) for _ in range(LAYERS)],
+        "30 RoPEs, C": lambda: [rope_(q, k, cos, sin, HEAD_DIM) for _ in range(LAYERS)],  # in place: values drift
+        "30 SiLU·up, torch": lambda: [F.silu(gate) * up for _ in range(LAYERS)],
+        "30 SiLU·up, C": lambda: [silu_mul_(gate.clone(), up) for _ in range(LAYERS)],  # the clone: in place
     }
     times: dict[str, float] = {}
     with torch.inference_mode():
@@ -48,27 +60,33 @@ def run() -> dict:
     return out
 
 
+PAIRS = (  # (what, the torch way, the C way)
+    ("sampler", "sampler torch", "sampler C"),
+    ("61 RMSNorms", "61 RMSNorms, transformers", "61 RMSNorms, C"),
+    ("61 RMSNorms, F.rms_norm", "61 RMSNorms, transformers", "61 RMSNorms, F.rms_norm"),
+    ("30 RoPEs", "30 RoPEs, transformers", "30 RoPEs, C"),
+    ("30 SiLU·up (C with a copy of gate)", "30 SiLU·up, torch", "30 SiLU·up, C"),
+)
+
+
 def main() -> None:
     results = TorchThread("bench").call(run)
     lines = [
-        "# Per-step op levers (SmolLM2 shapes: vocabulary 49152, hidden 576, 61 RMSNorms per step)",
+        "# Per-step op levers (SmolLM2 shapes: vocabulary 49152, hidden 576, 30 layers, 61 RMSNorms per step)",
         "",
-        "The C sampler pass is the engine's (CPU float32); the fused RMSNorm (`F.rms_norm`) is not adopted.",
+        "The engine's CPU float32 path uses the C passes (the sampler's, and mux/csrc/layers.c in the decoder",
+        "layers); `F.rms_norm` is not adopted.",
         "",
         f"Machine: {json.dumps(machine())}",
         "",
         "µs per step, best of interleaved repetitions.",
         "",
-        "| batch | sampler torch | sampler C | speed-up | 61 RMSNorms transformers | F.rms_norm | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | ops | torch | other | speed-up |",
+        "|---|---|---|---|---|",
     ]
     for batch, t in results.items():
-        s_torch, s_c = t["sampler torch"], t["sampler C"]
-        n_hf, n_fused = t["61 RMSNorms, transformers"], t["61 RMSNorms, fused"]
-        lines.append(
-            f"| {batch} | {s_torch:.0f} | {s_c:.0f} | {s_torch / s_c:.2f}× | {n_hf:.0f} | {n_fused:.0f} | "
-            f"{n_hf / n_fused:.2f}× |"
-        )
+        for what, slow, fast in PAIRS:
+            lines.append(f"| {batch} | {what} | {t[slow]:.0f} | {t[fast]:.0f} | {t[slow] / t[fast]:.2f}× |")
     print("wrote", save("step-ops", {"machine": machine(), "us_per_step": results}, "\n".join(lines)))
 
 

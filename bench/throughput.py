@@ -72,7 +72,9 @@ def run(thread: TorchThread) -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--set-adapter-requests", type=int, default=8, help="requests timed for PEFT set_adapter")
     ap.add_argument(
-        "--levers", action="store_true", help="also run it unpacked, with torch's LoRA kernel, with SDPA attention"
+        "--levers",
+        action="store_true",
+        help="also run it unpacked, with torch's LoRA kernel, with SDPA attention, with transformers' layer ops",
     )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
@@ -120,10 +122,12 @@ def run(thread: TorchThread) -> None:
         k = args.set_adapter_requests  # sequential, so a few requests give the rate
         runs["peft_set_adapter_per_request"] = lambda: peft_per_request(peft, tok, texts[:k], new, mixed[:k]) * n / k
 
-    def make_engine(cpu_tuning: bool, native_kernel: bool = True, native_attention: bool = True) -> Engine:
+    def make_engine(
+        cpu_tuning: bool, native_kernel: bool = True, native_attention: bool = True, native_layers: bool = True
+    ) -> Engine:
         engine = Engine(
             EngineConfig(
-                model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning),
+                model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning, native_layers=native_layers),
                 lora=LoRAConfig(
                     # with mixed ranks every set of adapters stays resident: no slot loads timed
                     max_loras=args.adapters * (2 + len(rank_paths)) if mixed_paths else max(16, args.adapters),
@@ -156,6 +160,8 @@ def run(thread: TorchThread) -> None:
         runs[f"mux_{args.adapters}_adapters_torch_kernel"] = lambda: mux_generate(torch_kernel, texts, new, per_request)
         sdpa = make_engine(cpu_tuning=True, native_attention=False)
         runs[f"mux_{args.adapters}_adapters_sdpa_attention"] = lambda: mux_generate(sdpa, texts, new, per_request)
+        torch_layers = make_engine(cpu_tuning=True, native_layers=False)
+        runs[f"mux_{args.adapters}_adapters_torch_layers"] = lambda: mux_generate(torch_layers, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -190,6 +196,7 @@ def run(thread: TorchThread) -> None:
             r["packed_vs_unpacked_linears"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_unpacked"]
             r["native_vs_torch_lora_kernel"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_torch_kernel"]
             r["native_vs_sdpa_attention"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_sdpa_attention"]
+            r["native_vs_torch_layers"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_torch_layers"]
         return r
 
     # Two readings of the same runs: the ratio of each run's best, and the median of the ratios within each

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mux import native
 from mux.config import EngineConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.detokenizer import Detokenizer
@@ -33,6 +34,7 @@ from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
 from mux.model.cpu import can_pack, keep_freed_memory, pack_linears
+from mux.model.cpu_layers import fuse_layers
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
 
@@ -75,6 +77,8 @@ class Engine:
         device = next(model.parameters()).device
         if device.type == "cuda":
             fuse_rms_norms(model)
+        elif config.model.native_layers and native.serves(device, model.dtype):
+            fuse_layers(model)
         self.cache = KVCache.for_model(model.config, config.cache, model.dtype, device)
         self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
         self.adapters = AdapterManager(self.lora, config.lora)

@@ -1,0 +1,115 @@
+"""mux/model/cpu_layers.py: the C forwards of Llama-family decoder layers compute what transformers' compute (RoPE
+bit for bit), change only the model they are applied to, and leave other families and activations alone."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from bench.common import tiny_config
+from mux.model.cpu_layers import fuse_layers, rms_norm, rope_, silu_mul_
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+
+
+def tiny(family: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = tiny_config(family, vocab_size=512)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.uniform_(0.5, 1.5)  # norm weights away from 1 too
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_fused_layers_give_transformers_logits_and_tokens(family):
+    plain = tiny(family)
+    fused = copy.deepcopy(plain)
+    assert fuse_layers(fused) == plain.config.num_hidden_layers
+    ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = plain(ids).logits, fused(ids).logits  # [3, 37, V], through SDPA attention
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_generation_with_a_kv_cache_takes_transformers_attention():
+    plain = tiny("llama")
+    fused = copy.deepcopy(plain)
+    fuse_layers(fused)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=2)
+    with torch.inference_mode():
+        assert torch.equal(fused.generate(ids, generation_config=cfg), plain.generate(ids, generation_config=cfg))
+
+
+def test_rope_equals_transformers_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    model = tiny("llama")
+    pos = torch.arange(100, 111)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1), pos)  # [1, 11, 16]
+    q, k = torch.randn(1, 11, 4 * 16, generator=g) * 5, torch.randn(1, 11, 2 * 16, generator=g) * 5
+    want_q, want_k = apply_rotary_pos_emb(
+        q.view(1, 11, 4, 16).transpose(1, 2), k.view(1, 11, 2, 16).transpose(1, 2), cos, sin
+    )  # [1, H, 11, 16]
+    got_q, got_k = rope_(q, k, cos, sin, 16)
+    assert got_q is q and got_k is k  # in place
+    assert torch.equal(q.view(1, 11, 4, 16).transpose(1, 2), want_q)
+    assert torch.equal(k.view(1, 11, 2, 16).transpose(1, 2), want_k)
+    odd = torch.randn(2, 3 * 6, generator=g)  # head size 6: halves of 3, no vector lanes
+    c6, s6 = model.model.rotary_emb(torch.zeros(1), torch.arange(2)[None])
+    c6, s6 = c6[0, :, :6].contiguous(), s6[0, :, :6].contiguous()
+    want6 = apply_rotary_pos_emb(odd.view(2, 3, 6).transpose(0, 1), odd.view(2, 3, 6).transpose(0, 1), c6, s6, 0)[0]
+    rope_(odd, torch.zeros(2, 0), c6, s6, 6)
+    assert torch.equal(odd.view(2, 3, 6).transpose(0, 1), want6)
+
+
+def test_rms_norm_with_the_residual_add():
+    g = torch.Generator().manual_seed(4)
+    norm = LlamaRMSNorm(200, eps=1e-5)  # 200: vector lanes and a scalar tail
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(200, generator=g))
+    x, residual = torch.randn(5, 3, 200, generator=g) * 3, torch.randn(5, 3, 200, generator=g)
+    total = x + residual
+    want = norm(total)
+    got = rms_norm(norm, x, residual=residual)
+    assert torch.equal(x, total)  # the sum is left in x: the residual stream
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(rms_norm(norm, residual), norm(residual), rtol=1e-6, atol=1e-6)
+    strided = torch.randn(200, 4, generator=g).T  # a non-contiguous input is read, not written
+    assert torch.allclose(rms_norm(norm, strided), norm(strided), rtol=1e-6, atol=1e-6)
+
+
+def test_silu_times_up_over_the_whole_range():
+    model = tiny("llama")
+    mlp = copy.deepcopy(model.model.layers[0].mlp)
+    fuse_layers(model)
+    fused = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 64, generator=g) * torch.logspace(-3, 2, 6)[:, None]  # gate values from ~0 to ±hundreds
+    with torch.no_grad():
+        want, got = mlp(x), fused(x)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    gate = torch.tensor([-200.0, -90.0, -20.0, -1.0, -1e-6, 0.0, 1e-6, 1.0, 20.0, 90.0, 200.0] * 2)[None]
+    up = torch.linspace(-2, 2, gate.numel())[None]
+    want = torch.nn.functional.silu(gate) * up
+    assert torch.allclose(silu_mul_(gate.clone(), up), want, rtol=1e-6, atol=1e-12)
+
+
+def test_other_activations_and_families_keep_transformers_forwards():
+    gelu = tiny("llama", hidden_act="gelu")
+    assert fuse_layers(gelu) == 0
+    layer = gelu.model.layers[0]
+    assert all("forward" not in vars(m) for m in (layer, layer.self_attn, layer.mlp, gelu.model.norm))
+    plain = tiny("llama")
+    fuse_layers(copy.deepcopy(plain))
+    assert "forward" not in vars(plain.model.layers[0])  # only the model it was applied to
