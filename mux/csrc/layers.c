@@ -1,6 +1,6 @@
 /* The elementwise parts of a Llama-family decoder layer on the CPU (mux/model/cpu_layers.py): the RMSNorms (with
- * the residual add before the second one), RoPE on q and k, and SiLU(gate) * up. In transformers they are ~25
- * small torch ops a layer, each its own pass over memory and its own parallel region; here each is one pass.
+ * the residual add before the second one) and RoPE on q and k. In transformers they are ~22 small torch ops a
+ * layer, each its own pass over memory and its own parallel region; here each is one pass.
  *
  * Built by mux/native.py. Rows are shared out over the thread team; every row is independent.
  */
@@ -74,29 +74,5 @@ void mux_rope(float *q, int64_t qs, int64_t qh, float *k, int64_t ks, int64_t kh
         const float *c = cos + t * cs, *s = sin + t * cs;
         for (int64_t h = 0; h < qh; h++) rotate(q + t * qs + h * D, c, s, D);
         for (int64_t h = 0; h < kh; h++) rotate(k + t * ks + h * D, c, s, D);
-    }
-}
-
-/* g[i] = silu(g[i]) * u[i] in place over rows of n floats (row strides gs, us); silu(x) = x / (1 + e^-x), with e^-|x|
- * (vexp's range) so that no lane overflows. */
-void mux_silu_mul(float *restrict g, int64_t gs, const float *restrict u, int64_t us, int64_t rows, int64_t n)
-{
-    const int64_t nv = n / W * W;
-    const vf one = (vf){0} + 1.0f;
-#pragma omp parallel for schedule(static) if (rows > 1)
-    for (int64_t i = 0; i < rows; i++) {
-        float *gr = g + i * gs;
-        const float *ur = u + i * us;
-        int64_t j = 0;
-        for (; j < nv; j += W) {
-            const vf x = load(gr + j);
-            const vf e = vexp(vselect(x < 0, x, -x)); /* e^-|x| */
-            const vf sig = vselect(x < 0, e, one) / (one + e);
-            store(gr + j, x * sig * load(ur + j));
-        }
-        for (; j < n; j++) {
-            const float x = gr[j];
-            gr[j] = x / (1.0f + expf(-x)) * ur[j];
-        }
     }
 }

@@ -3,8 +3,9 @@
 HF's Llama-family RMSNorm is ~7 small kernels a call (to fp32, pow, mean, add, rsqrt, mul, cast, mul by the
 weight); a Llama-7B decode step has 65 of them. `torch.nn.functional.rms_norm` on CUDA is one fused kernel
 (`aten::_fused_rms_norm`) with the same formula, accumulating in fp32. Unmeasured on a GPU when written
-(2026-12-04, a session without one): `bench/gpu_check.py` times both (`kernel_ms`). On the CPU the HF module
-stays: `F.rms_norm` was 0.94-1.12x at batch 64 there (`python -m bench.step_ops`).
+(2026-12-04, a session without one): `bench/gpu_check.py` times both (`kernel_ms`). On the CPU `F.rms_norm` is
+the same ops composed (0.94-1.44x at batch 64, `python -m bench.step_ops`); the C pass of mux/model/cpu_layers.py
+serves there.
 """
 
 from __future__ import annotations
