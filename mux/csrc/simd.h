@@ -22,11 +22,16 @@ static inline vf vselect(vi m, vf a, vf b)
     return a;
 }
 
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+
+/* ((t0 + t4) + (t1 + t5)) + ((t2 + t6) + (t3 + t7)): the halves added as vectors, then four lanes */
 static inline float hsum(vf v)
 {
-    float t[W];
-    memcpy(t, &v, sizeof t);
-    return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    vf4 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    lo += hi;
+    return (lo[0] + lo[1]) + (lo[2] + lo[3]);
 }
 
 /* a . b over n floats */
