@@ -31,7 +31,7 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("Roofline: batch-64 decode vs a large GEMM", ["bench.roofline"], ["--new-tokens", "16"]),
     ("Lever: LoRA kernel (C vs torch's layouts)", ["bench.lora_kernel"], []),
     ("Lever: decode attention, C vs SDPA vs before", ["bench.attention"], []),
-    ("Lever: per-step ops (sampler pass, RMSNorms)", ["bench.step_ops"], []),
+    ("Lever: per-step ops (sampler pass, RMSNorms, RoPE)", ["bench.step_ops"], []),
     ("Lever: one torch thread vs a second OpenMP team", ["bench.threads"], []),
     ("Fairness: a light tenant's TTFT under a flood", ["bench.fairness"], ["--requests", "10", "--flood", "16"]),
     ("C+D: HTTP streaming vs the engine; TTFT and ITL under Poisson load", ["bench.serving"], ["--quick"]),
