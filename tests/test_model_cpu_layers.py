@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from bench.common import tiny_config
-from mux.model.cpu_layers import fuse_layers, rms_norm, rope_
+from mux.model.cpu_layers import add_rms_norm_, fuse_layers, rms_norm, rope_
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 
@@ -35,8 +35,8 @@ def test_fused_layers_give_transformers_logits_and_tokens(family):
     fused = copy.deepcopy(plain)
     assert fuse_layers(fused) == plain.config.num_hidden_layers
     ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        want, got = plain(ids).logits, fused(ids).logits  # [3, 37, V], through SDPA attention
+    with torch.inference_mode():  # no KV cache: with one, the attention is transformers' (the next test)
+        want, got = plain(ids, use_cache=False).logits, fused(ids, use_cache=False).logits  # [3, 37, V], SDPA
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
@@ -70,6 +70,18 @@ def test_rope_equals_transformers_bit_for_bit():
     want6 = apply_rotary_pos_emb(odd.view(2, 3, 6).transpose(0, 1), odd.view(2, 3, 6).transpose(0, 1), c6, s6, 0)[0]
     rope_(odd, torch.zeros(2, 0), c6, s6, 6)
     assert torch.equal(odd.view(2, 3, 6).transpose(0, 1), want6)
+    batched = torch.randn(2, 11, 4 * 16, generator=g)  # cos/sin [1, T, D] broadcast over a batch of 2
+    want_b = apply_rotary_pos_emb(
+        batched.view(2, 11, 4, 16).transpose(1, 2), batched.view(2, 11, 4, 16).transpose(1, 2), cos, sin
+    )[0]
+    rope_(batched, torch.zeros(2, 11, 0), cos, sin, 16)
+    assert torch.equal(batched.view(2, 11, 4, 16).transpose(1, 2), want_b)
+    for bad_q, bad_k in (
+        (torch.zeros(1, 11, 60), torch.zeros(1, 11, 32)),
+        (torch.zeros(1, 11, 64), torch.zeros(1, 9, 32)),
+    ):
+        with pytest.raises(ValueError):
+            rope_(bad_q, bad_k, cos, sin, 16)
 
 
 def test_rms_norm_with_the_residual_add():
@@ -80,9 +92,14 @@ def test_rms_norm_with_the_residual_add():
     x, residual = torch.randn(5, 3, 200, generator=g) * 3, torch.randn(5, 3, 200, generator=g)
     total = x + residual
     want = norm(total)
-    got = rms_norm(norm, x, residual=residual)
-    assert torch.equal(x, total)  # the sum is left in x: the residual stream
+    summed, got = add_rms_norm_(norm, x, residual)
+    assert summed is x and torch.equal(x, total)  # the sum is left in x: the residual stream
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    xt, rt = torch.randn(200, 4, generator=g).T, torch.randn(4, 200, generator=g)  # a strided x: a copy holds the sum
+    summed, got = add_rms_norm_(norm, xt, rt)
+    assert torch.equal(summed, xt + rt) and torch.allclose(got, norm(xt + rt), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        add_rms_norm_(norm, torch.randn(3, 200), torch.randn(200))
     assert torch.allclose(rms_norm(norm, residual), norm(residual), rtol=1e-6, atol=1e-6)
     strided = torch.randn(200, 4, generator=g).T  # a non-contiguous input is read, not written
     assert torch.allclose(rms_norm(norm, strided), norm(strided), rtol=1e-6, atol=1e-6)

@@ -24,20 +24,9 @@ void mux_rms_norm(float *restrict x, int64_t xs, const float *restrict res, int6
             for (; j < nv; j += W) store(xr + j, load(xr + j) + load(r + j));
             for (; j < n; j++) xr[j] += r[j];
         }
-        vf s0 = {0}, s1 = {0};
+        const float inv = 1.0f / sqrtf(dot(xr, xr, n) / (float)n + eps);
         int64_t j = 0;
-        for (; j + 2 * W <= nv; j += 2 * W) {
-            const vf a = load(xr + j), b = load(xr + j + W);
-            s0 += a * a, s1 += b * b;
-        }
-        for (; j < nv; j += W) {
-            const vf a = load(xr + j);
-            s0 += a * a;
-        }
-        float ss = hsum(s0 + s1);
-        for (; j < n; j++) ss += xr[j] * xr[j];
-        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
-        for (j = 0; j < nv; j += W) store(o + j, load(w + j) * (load(xr + j) * inv));
+        for (; j < nv; j += W) store(o + j, load(w + j) * (load(xr + j) * inv));
         for (; j < n; j++) o[j] = w[j] * (xr[j] * inv);
     }
 }

@@ -8,9 +8,10 @@ modules and the final norm forwards that call `mux/csrc/layers.c` instead:
 - each RMSNorm is one pass; the post-attention one also adds the attention output to the residual stream;
 - RoPE runs in place on the q and k projections' outputs, then the attention function transformers would call.
 
-`python -m bench.step_ops` at batch 64 (2026-12-04): 61 norms 1,764 → 448 µs, 30 RoPEs 1,874 → 181 µs; in the A
-workload (64 × 64 tokens, 3 interleaved rounds) base-only 364 → 403 tok/s and 16 adapters 330 → 365 (medians),
-greedy tokens identical. SiLU(gate) * up in C (a vector e^x and a division) was measured too and not adopted:
+`python -m bench.step_ops` at batch 64 (2026-12-04/05): 61 norms 1,685 → 446 µs, 30 RoPEs 1,908 → 182 µs (207
+with the shape checks). In the A workload (`python -m bench.throughput --levers --repeat 3`, beside
+`native_layers=False`): 1.08× of the best runs, 1.13× the median of rounds (1.05× in a 2-round suite run); greedy
+tokens identical (ad hoc). SiLU(gate) * up in C (a vector e^x and a division) was measured too and not adopted:
 0.77×, 1.22×, 1.00× torch's two ops at batch 1, 8, 64.
 
 Only those module instances change (a benchmark's HF and PEFT baselines in the same process keep transformers'
@@ -44,9 +45,10 @@ def fuse_layers(model: nn.Module) -> int:
         module.forward = types.MethodType(_layer_forward, module)
         module.self_attn.forward = types.MethodType(_attention_forward, module.self_attn)
         count += 1
-    for module in model.modules():
-        if count and type(module).__name__ in {f"{f}RMSNorm" for f in FAMILIES}:
-            module.forward = types.MethodType(rms_norm, module)  # the final norm (the layers' call rms_norm)
+    norms = {f"{f}RMSNorm" for f in FAMILIES}
+    for module in model.modules() if count else ():
+        if type(module).__name__ in norms:
+            module.forward = types.MethodType(rms_norm, module)  # for the final norm (the layers call rms_norm)
     return count
 
 
@@ -57,14 +59,23 @@ def _fusable(layer: nn.Module, family: str) -> bool:
     )
 
 
-def rms_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """norm(x) for x [..., n]; with `residual`, x += residual first (x must then be a fresh tensor: it becomes
-    the residual stream's sum)."""
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) for x [..., n]."""
+    return _rms_norm(norm, x if x.is_contiguous() else x.contiguous(), None)
+
+
+def add_rms_norm_(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, norm(x + residual)) in one pass, the sum written into x (a non-contiguous x is copied
+    first; the sum is the first tensor returned either way)."""
+    x = x if x.is_contiguous() else x.contiguous()
+    residual = residual if residual.is_contiguous() else residual.contiguous()
+    if residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} for x {tuple(x.shape)}")
+    return x, _rms_norm(norm, x, residual)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     n = x.shape[-1]
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if residual is not None and not residual.is_contiguous():
-        residual = residual.contiguous()
     out = torch.empty_like(x)
     native.library().mux_rms_norm(
         x.data_ptr(), n, None if residual is None else residual.data_ptr(), n, norm.weight.data_ptr(),
@@ -78,8 +89,8 @@ def _layer_forward(self, hidden_states, attention_mask=None, position_embeddings
     a, _ = self.self_attn(
         hidden_states=h, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
     )
-    h = rms_norm(self.post_attention_layernorm, a, residual=hidden_states)  # a (o_proj's fresh output) += residual
-    return self.mlp(h).add_(a)
+    residual, h = add_rms_norm_(self.post_attention_layernorm, a, hidden_states)  # into o_proj's fresh output
+    return self.mlp(h).add_(residual)
 
 
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
@@ -90,10 +101,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
     k = self.k_proj(hidden_states)  # [B, T, Hkv*D]
     v = self.v_proj(hidden_states)
     q, k = rope_(q, k, *position_embeddings, self.head_dim)
-    if type(self).__name__ == "MistralAttention":
-        window = {"sliding_window": getattr(self.config, "sliding_window", None)}
-    else:
-        window = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
+    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))  # as Qwen2's, Mistral's
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, sys.modules[type(self).__module__].eager_attention_forward
     )
@@ -105,19 +113,25 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask=
         attention_mask,
         dropout=0.0,
         scaling=self.scaling,
-        **window,
+        sliding_window=window,
         **kwargs,
     )
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
-    """q [..., T, H*D] and k [..., T, Hkv*D] rotated in place by cos/sin [..., T, D] (transformers' RoPE); a
-    non-contiguous q or k is copied first. Returns (q, k)."""
-    q, k, cos, sin = (t if t.is_contiguous() else t.contiguous() for t in (q, k, cos, sin))
+    """q [B, T, H*D] and k [B, T, Hkv*D] rotated in place by cos/sin [B or 1, T, D] (transformers' RoPE: its
+    cos/sin broadcast over the batch when the positions do); a non-contiguous q or k is copied first. Returns
+    (q, k)."""
     d = head_dim
+    if q.shape[:-1] != k.shape[:-1] or q.shape[-1] % d or k.shape[-1] % d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} for head size {d}")
+    rows = q.numel() // q.shape[-1]
+    if cos.numel() != rows * d:  # broadcast: a copy per row (the engine's batch of 1 never needs one)
+        cos, sin = (t.expand(*q.shape[:-1], d).contiguous() for t in (cos, sin))
+    q, k, cos, sin = (t if t.is_contiguous() else t.contiguous() for t in (q, k, cos, sin))
     native.library().mux_rope(
         q.data_ptr(), q.shape[-1], q.shape[-1] // d, k.data_ptr(), k.shape[-1], k.shape[-1] // d,
-        cos.data_ptr(), sin.data_ptr(), d, q.numel() // q.shape[-1], d,
+        cos.data_ptr(), sin.data_ptr(), d, rows, d,
     )  # fmt: skip
     return q, k
