@@ -103,9 +103,22 @@ def load_base_model(config: ModelConfig) -> BaseModel:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     name = config.served_model_name or (DEFAULT_MODEL_NAME if not config.model else path.name)
     max_len = getattr(hf_config, "max_position_embeddings", 2048)
+    if (window := _sliding_window(hf_config)) is not None:
+        max_len = min(max_len, window)  # our attention is full: within the window the two are the same
     if config.max_model_len:
         max_len = min(max_len, config.max_model_len)
     return BaseModel(model, tokenizer, path, name, _eos_ids(path, hf_config, tokenizer), max_len)
+
+
+def _sliding_window(hf_config) -> int | None:
+    """The attention window of a model some of whose layers attend over the last W positions only (Mistral's
+    `sliding_window`, Qwen2's with `use_sliding_window`), else None. mux's attention (C, Triton, SDPA) attends
+    over the whole context, so the context is capped at the window, as vLLM does where its backend has none."""
+    window = getattr(hf_config, "sliding_window", None)
+    types = getattr(hf_config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
 
 def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:
