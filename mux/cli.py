@@ -59,7 +59,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mux: {e}", file=sys.stderr)
         return 2
     config = EngineConfig(
-        model=model, lora=policy.lora, cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes), scheduler=policy.scheduler
+        model=model,
+        lora=policy.lora,
+        cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes, prefix_caching=args.enable_prefix_caching),
+        scheduler=policy.scheduler,
     )
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
     limits = Limits(policy.limits, policy.tenant_limits)
@@ -96,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-lora-rank", type=int, default=None)
     s.add_argument("--max-cpu-adapter-bytes", type=int, default=None, help="host tier byte bound")
     s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    s.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the K/V of prompts' shared first blocks within a tenant and adapter (vLLM's flag; default on)",
+    )
     s.add_argument(
         "--stream-interval",
         type=int,

@@ -78,6 +78,7 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 << 30  # fixed KV budget; blocks are carved out of it once
     native_attention: bool = True  # CPU float32: decode attention in C (mux/csrc/attention.c); False: SDPA
+    prefix_caching: bool = True  # reuse the K/V of a prompt's first full blocks within a tenant (block_manager.py)
 
     def __post_init__(self) -> None:
         _positive(block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes)

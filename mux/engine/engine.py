@@ -80,7 +80,7 @@ class Engine:
         elif config.model.native_layers and native.serves(device, model.dtype):
             fuse_layers(model)
         self.cache = KVCache.for_model(model.config, config.cache, model.dtype, device)
-        self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size)
+        self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size, config.cache.prefix_caching)
         self.adapters = AdapterManager(self.lora, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         graph_batch = config.scheduler.max_num_seqs if config.model.cuda_graphs else 0
@@ -204,7 +204,12 @@ class Engine:
             "steps": self.num_steps,
             "generated_tokens": self.num_generated,
             "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0,
-            "kv_blocks": {"total": self.blocks.num_blocks, "free": self.blocks.num_free},
+            "kv_blocks": {
+                "total": self.blocks.num_blocks,
+                "free": self.blocks.num_free,
+                "cached": self.blocks.num_cached,
+            },
+            "prefix_cache": {"queried_tokens": self.blocks.queried_tokens, "hit_tokens": self.blocks.hit_tokens},
             "finished": dict(self.finished),
             "faults": {"step": self.faults["step"], "loop": self.faults["loop"]},
         }
@@ -333,6 +338,7 @@ class Engine:
         tokens, logprobs, tops = self.sampler.sample(logits, sampled)
         for s in out.scheduled:
             s.seq.num_computed += s.num_tokens
+            self.blocks.commit(s.seq)
         for seq, token, logprob, top in zip(sampled, tokens, logprobs, tops, strict=True):
             if seq.status is Status.FINISHED:  # a stop string in its pending text ended it after it was scheduled
                 self.sampler.forget(seq.seq_id)  # (sampling it again made its generator anew)
@@ -395,6 +401,7 @@ class Engine:
         self.finished[reason] += 1
         self.sampler.forget(seq.seq_id)
         self._seqs.pop(seq.request_id, None)
+        seq.stream.num_cached_tokens = seq.num_cached
         seq.stream.push(last or TokenEvent(None, "", None, reason, error))
 
     def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -6,7 +6,8 @@ is full the newest running sequence is preempted (its KV freed, recomputed later
 holds a pinned LoRA slot, so one step never carries more distinct adapters than there are slots. A waiting
 sequence reserves (pins) its slot when it gets one; the manager loads the adapter meanwhile and the sequence
 is admitted once it is ready, while sequences whose adapters are resident go ahead. Across tenants admission
-is fair: the tenant with the fewest running sequences goes next.
+is fair: the tenant with the fewest running sequences goes next. An admitted sequence whose first blocks are in
+the prefix cache (block_manager.py) starts its prefill after them.
 
 Prefill first (TGI's and vLLM v0's order) while few sequences decode: a step that can admit waiting sequences
 runs only prefills, so a new request's first token costs one prefill forward instead of a prefill plus every
@@ -134,13 +135,14 @@ class Scheduler:
                     continue
                 if not self.adapters.is_ready(seq.adapter.key):
                     continue  # its slot is loading; others go ahead
-            n = min(seq.num_pending, budget)
-            if not self.blocks.can_allocate(seq, n):
+            hit = self.blocks.cached_prefix(seq)  # its first blocks' K/V, already computed
+            n = min(seq.num_pending - len(hit) * self.blocks.block_size, budget)
+            if not self.blocks.can_allocate(seq, n, hit):
                 break  # FCFS on KV space so long prompts are not starved by short ones
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self.blocks.allocate(seq, n)
+            self.blocks.allocate(seq, n, hit)
             out.scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
         return out

@@ -115,6 +115,9 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache digests of its full blocks, so far
+    num_registered: int = 0  # of its blocks, those the prefix cache knows (BlockManager.commit)
+    num_cached: int = 0  # prompt tokens the prefix cache served at admission (usage's cached_tokens)
     slot: int = -1  # device LoRA slot, pinned from reservation until finish/preemption; -1 = none
     finish_reason: str | None = None  # length | stop | eos | cancelled | timeout | error
     waited_steps: int = 0

@@ -67,6 +67,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.num_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens whose K/V came from the prefix cache (set when it finishes)
         self.finish_reason: str | None = None
 
     # -- engine side --

@@ -75,6 +75,14 @@ class _EngineCollector:
         yield _gauge("mux_waiting_requests", "Admission queue depth", e["waiting"])
         yield _gauge("mux_kv_blocks_free", "Free KV cache blocks", e["kv_blocks"]["free"])
         yield _gauge("mux_kv_blocks_total", "KV cache blocks", e["kv_blocks"]["total"])
+        yield _gauge(
+            "mux_kv_blocks_cached", "KV blocks the prefix cache holds (in use or free)", e["kv_blocks"]["cached"]
+        )
+        pc = e["prefix_cache"]
+        yield _counter(
+            "mux_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", None, pc["queried_tokens"]
+        )
+        yield _counter("mux_prefix_cache_hits", "Prompt tokens served from the prefix cache", None, pc["hit_tokens"])
         yield _counter("mux_engine_faults", "Engine faults survived, by where (step, loop)", "where", e["faults"])
         dev, host = a["tiers"]["device"], a["tiers"]["host"]
         yield _gauge("mux_device_slots_used", "Device LoRA slots holding an adapter", dev["used"])

@@ -520,7 +520,13 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Toke
 
 def _usage(first_of_each_prompt: list[RequestStream], completion: int) -> dict:
     prompt = sum(len(s.prompt_ids) for s in first_of_each_prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(s.num_cached_tokens for s in first_of_each_prompt)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

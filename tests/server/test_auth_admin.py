@@ -137,4 +137,6 @@ def test_metrics_prometheus_format(server):
     assert 'mux_adapter_evictions_total{path="device_to_host"}' in text
     assert 'mux_adapter_loads_total{path="host_to_device"}' in text
     assert 'mux_engine_faults_total{where="step"} 0.0' in text and 'mux_engine_faults_total{where="loop"}' in text
+    assert "mux_prefix_cache_queries_total" in text and "mux_prefix_cache_hits_total" in text
+    assert "mux_kv_blocks_cached" in text
     assert call(server, "/metrics", KEYS["acme"])[0] == 403

@@ -91,6 +91,29 @@ def test_chat_and_chat_stream(client, engine, repo):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.text
 
 
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, engine, repo):
+    """A repeated long prompt starts after its cached blocks: the SDK reads `cached_tokens`; the text is the same."""
+    prompt = "You are a terse assistant who answers in one line. " * 3 + "What is two plus two?"
+    first = client.completions.create(model="acme/all", prompt=prompt, max_tokens=6, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="acme/all",
+            prompt=prompt,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == first.choices[0].text
+    assert first.choices[0].text == expected(engine, repo, prompt, "acme/all", max_tokens=6).text
+    other = client.completions.create(model="acme/attn", prompt=prompt, max_tokens=6, temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter's K/V is not this one's
+
+
 def test_unknown_model_is_404_never_base(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="acme/nope", prompt="Hi", max_tokens=2)
