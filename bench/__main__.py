@@ -35,6 +35,7 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("Lever: one torch thread vs a second OpenMP team", ["bench.threads"], []),
     ("Fairness: a light tenant's TTFT under a flood", ["bench.fairness"], ["--requests", "10", "--flood", "16"]),
     ("C+D: HTTP streaming vs the engine; TTFT and ITL under Poisson load", ["bench.serving"], ["--quick"]),
+    ("Lever: prefix cache, chat requests sharing a system prompt", ["bench.prefix_cache"], ["--quick"]),
     ("E: adapter scaling and cold loads", ["bench.adapter_scaling"], ["--quick"]),
     (
         "E: 8 vs 1,000 Zipf adapters with 48 slots (one per concurrent request)",

@@ -303,7 +303,7 @@ def main() -> None:
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir)),
         lora=LoRAConfig(max_loras=slots, max_lora_rank=8, **({} if warm else {"max_cpu_loras": HOST_COUNT})),
-        cache=CacheConfig(kv_cache_bytes=1 << 30),
+        cache=CacheConfig(kv_cache_bytes=1 << 30, prefix_caching=False),
     )
     engine = Engine(config)
     freeze_heap()  # as the server does (mux serve)

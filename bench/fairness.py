@@ -91,7 +91,9 @@ def scenario(model_dir: Path, repo: Path, work: Path, cap: int | None, args) -> 
         f'[tenants.light]\nkeys = ["{hash_key(KEYS["light"])}"]\n'
         f'[tenants.flood]\nkeys = ["{hash_key(KEYS["flood"])}"]\n{flood_limit}'
     )
-    proc, base = start_server(model_dir, repo, "--policy", str(policy), "--kv-cache-bytes", str(1 << 30))
+    proc, base = start_server(
+        model_dir, repo, "--policy", str(policy), "--kv-cache-bytes", str(1 << 30), "--no-enable-prefix-caching"
+    )
     texts = prompts(16)
     try:
         light_run(base, texts, 3, 0.1)  # warm-up: both adapters in slots, allocator warm

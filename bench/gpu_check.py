@@ -161,7 +161,7 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
             EngineConfig(
                 model=ModelConfig(model=str(model_dir), device=dev, dtype=dtype),
                 lora=LoRAConfig(max_loras=4, max_lora_rank=16),
-                cache=CacheConfig(kv_cache_bytes=64 << 20),
+                cache=CacheConfig(kv_cache_bytes=64 << 20, prefix_caching=False),
             )
         )
 
@@ -279,7 +279,7 @@ def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
             lora=LoRAConfig(
                 max_loras=max(counts), max_lora_rank=8, max_cpu_loras=max(counts), max_cpu_adapter_bytes=64 << 30
             ),
-            cache=CacheConfig(kv_cache_bytes=(40 << 30) if not args.small else (256 << 20)),
+            cache=CacheConfig(kv_cache_bytes=(40 << 30) if not args.small else (256 << 20), prefix_caching=False),
             scheduler=SchedulerConfig(max_num_seqs=args.batch, max_num_batched_tokens=8192),
         ),
         base=base,

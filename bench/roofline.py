@@ -73,7 +73,10 @@ def run(thread: TorchThread, args) -> None:
     model_dir = default_model_dir()
     root = Path(tempfile.mkdtemp(prefix="mux-roofline-"))
     paths = [write_random_adapter(model_dir, root / f"a{i}", r=8, seed=i, std=0.02) for i in range(16)]
-    engine = Engine(EngineConfig(cache=CacheConfig(kv_cache_bytes=1 << 30), lora=LoRAConfig()), torch_thread=thread)
+    engine = Engine(
+        EngineConfig(cache=CacheConfig(kv_cache_bytes=1 << 30, prefix_caching=False), lora=LoRAConfig()),
+        torch_thread=thread,
+    )
     texts = prompts(args.batch)
     per_request = [paths[i % len(paths)] for i in range(args.batch)]
     decode_rate(engine, texts[:16], 4, paths)  # warm-up: adapters resident, allocator warm

@@ -46,6 +46,8 @@ from mux.model.loader import default_model_dir
 
 NEW_TOKENS = 64
 STREAM_INTERVAL = 4  # the lever's server: tokens per chunk after the first
+# each round sends the same prompts, and the in-process engine and the prefill baseline cache nothing: no prefix cache
+SERVER_FLAGS = ("--kv-cache-bytes", str(1 << 30), "--no-enable-prefix-caching")
 
 
 async def stream_one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
@@ -160,7 +162,7 @@ def in_process_engine(paths: list[Path], texts: list[str]):
     from mux.engine.engine import Engine
     from mux.engine.sequence import SamplingParams
 
-    engine = Engine(EngineConfig(cache=CacheConfig(kv_cache_bytes=1 << 30)))
+    engine = Engine(EngineConfig(cache=CacheConfig(kv_cache_bytes=1 << 30, prefix_caching=False)))
     engine.generate(texts[: len(paths)], SamplingParams(max_tokens=2, temperature=0), paths)  # adapters resident
     return engine
 
@@ -319,11 +321,11 @@ def main() -> None:
     # One server per scheduling order, both up at once (the idle one sleeps); every measurement runs on each in
     # turn, so the two orders are compared side by side.
     servers = {
-        order: start_server(model_dir, root, "--kv-cache-bytes", str(1 << 30), "--policy", str(policy))
+        order: start_server(model_dir, root, *SERVER_FLAGS, "--policy", str(policy))
         for order, policy in write_policies(root.parent).items()
     }
     interval_proc, interval_base = start_server(
-        model_dir, root, "--kv-cache-bytes", str(1 << 30), "--stream-interval", str(STREAM_INTERVAL)
+        model_dir, root, *SERVER_FLAGS, "--stream-interval", str(STREAM_INTERVAL)
     )
     try:
         for _, base in [*servers.values(), (interval_proc, interval_base)]:

@@ -134,7 +134,7 @@ def run(thread: TorchThread) -> None:
                     max_lora_rank=max(16, args.rank, *mixed_ranks),
                     native_kernel=native_kernel,
                 ),
-                cache=CacheConfig(kv_cache_bytes=1 << 30, native_attention=native_attention),
+                cache=CacheConfig(kv_cache_bytes=1 << 30, native_attention=native_attention, prefix_caching=False),
             ),
             torch_thread=thread,
         )
