@@ -156,12 +156,12 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     adapters = [make_adapter(model_dir, root / f"tiny-a{i}", seed=i, **s) for i, s in enumerate(specs)]
     prompts = [[5 + i, 17, 300 + i, 42, 7] for i in range(len(adapters))]
 
-    def engine_on(dev: str, dtype: str = "float32") -> Engine:
+    def engine_on(dev: str, dtype: str = "float32", prefix_caching: bool = False) -> Engine:
         return Engine(
             EngineConfig(
                 model=ModelConfig(model=str(model_dir), device=dev, dtype=dtype),
                 lora=LoRAConfig(max_loras=4, max_lora_rank=16),
-                cache=CacheConfig(kv_cache_bytes=64 << 20, prefix_caching=False),
+                cache=CacheConfig(kv_cache_bytes=64 << 20, prefix_caching=prefix_caching),
             )
         )
 
@@ -173,20 +173,29 @@ def check_engine(device: str, tokenizer_dir: Path, root: Path) -> dict:
     copy_stream = engine.adapters._stream is not None
     graphs = engine.runner.graphs.num_graphs if engine.runner.graphs is not None else 0
     engine.stop()
+    # the prefix cache on the device: a 40-token start shared by the prompts, each run twice (the second time its
+    # first two blocks come from the cache and its prefill attends to them in place)
+    long_prompts = [list(range(100, 140)) + ids for ids in prompts]
+    engine = engine_on(device, prefix_caching=True)
+    cached = [[c.token_ids for c in engine.generate(long_prompts, params, adapters)] for _ in range(2)]
+    hit_tokens = engine.blocks.hit_tokens
+    engine.stop()
     reference = engine_on("cpu")
     processed_cpu = reference.generate(prompts, PROCESSED, adapters)
     reference.stop()
-    want = []
-    for ids, path in zip(prompts, adapters, strict=True):
+    want, want_long = [], []
+    for ids, long_ids, path in zip(prompts, long_prompts, adapters, strict=True):
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path).eval()
-        with torch.no_grad():
-            out = peft.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        want.append(out[0, len(ids) :].tolist())
+        for x, into in ((ids, want), (long_ids, want_long)):
+            with torch.no_grad():
+                out = peft.generate(torch.tensor([x]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            into.append(out[0, len(x) :].tolist())
     on_cuda = device.startswith("cuda")
     return {
         "tokens_equal_peft": got == want,
         "half_precision": {d: half_agreement(device, d, engine_on, model_dir, prompts, adapters, want) for d in HALF},
         "processed_equal_cpu": processed_sampling_equal(processed, processed_cpu),
+        "prefix_cache": {"hit_tokens": hit_tokens, "tokens_equal_peft": cached == [want_long, want_long]},
         "pinned_host_copies": pinned if on_cuda else None,
         "copy_stream": copy_stream if on_cuda else None,
         "decode_graphs": graphs,
@@ -380,6 +389,7 @@ def main() -> None:
         f"Engine on {args.device}, 4 adapters in one batch: greedy tokens equal PEFT on the CPU: "
         f"{data['engine']['tokens_equal_peft']}; penalties, logit bias, logprobs and seeded sampling equal the "
         f"CPU engine: {data['engine']['processed_equal_cpu']}; "
+        f"prefix cache (hit tokens, greedy tokens equal PEFT): {json.dumps(data['engine']['prefix_cache'])}; "
         f"pinned host copies: {data['engine']['pinned_host_copies']}; "
         f"copy stream: {data['engine']['copy_stream']}; decode graphs captured: {data['engine']['decode_graphs']}; "
         "half precision, share of greedy tokens equal (up to the first difference) mux vs PEFT in the same dtype, "

@@ -22,6 +22,7 @@ def test_gpu_check_engine_part_runs_on_cpu(tmp_path, smollm2_dir):
     assert results == {
         "tokens_equal_peft": True,
         "processed_equal_cpu": True,
+        "prefix_cache": {"hit_tokens": 4 * 32, "tokens_equal_peft": True},  # each prompt's 2 blocks, the 2nd time
         "pinned_host_copies": None,
         "copy_stream": None,
         "decode_graphs": 0,
