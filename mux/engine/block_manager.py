@@ -70,6 +70,16 @@ class BlockManager:
                 self._digest_of[block] = digest
         seq.num_registered = max(seq.num_registered, seq.num_computed // self.block_size)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every registered block (vLLM's reset_prefix_cache): the idle ones become plain free blocks, the
+        held ones stay with their sequences, unshared from now on. Returns how many blocks were forgotten."""
+        forgotten = len(self._cached)
+        self._free.extend(self._idle)
+        self._idle.clear()
+        self._cached.clear()
+        self._digest_of.clear()
+        return forgotten
+
     def _digest(self, seq: Sequence, i: int) -> bytes:
         """Digest of `seq`'s block i (the tokens are fixed once they exist, so each is computed once)."""
         hashes, bs = seq.block_hashes, self.block_size

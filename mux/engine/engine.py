@@ -177,6 +177,11 @@ class Engine:
                 if (self._running is None or self._running.done()) and future.cancel():
                     return self.adapters.prepare(path)
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's K/V (between two steps); returns how many cached blocks were forgotten."""
+        with self._step_lock:
+            return self.blocks.reset_prefix_cache()
+
     def start(self) -> None:
         """Run the loop on the engine's torch thread; callers only submit and read streams."""
         if self._running is None:

@@ -1,4 +1,5 @@
-"""Admin routes (admin key): /admin/stats and per-adapter evict/pin/unpin."""
+"""Admin routes (admin key): /admin/stats, per-adapter evict/pin/unpin, and dropping the prefix cache
+(`/admin/prefix_cache/reset`, and vLLM's `/reset_prefix_cache`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class AdminRoutes:
         return [
             Route("/admin/stats", self.stats, methods=["GET"]),
             Route("/admin/adapters/{tenant}/{name}/{action}", self.act, methods=["POST"]),
+            Route("/admin/prefix_cache/reset", self.reset_prefix_cache, methods=["POST"]),
+            Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
         ]
 
     def _admin(self, request: Request) -> None:
@@ -64,6 +67,15 @@ class AdminRoutes:
             return JSONResponse({"id": adapter_id, "action": action, "done": done})
         except MuxError as e:
             return error_response(e)
+
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        try:
+            self._admin(request)
+        except MuxError as e:
+            return error_response(e)
+        forgotten = await run_in_threadpool(self.state.engine.reset_prefix_cache)  # waits for the step in flight
+        return JSONResponse({"forgotten_blocks": forgotten})
 
 
 def _size(path: Path) -> int:

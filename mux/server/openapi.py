@@ -151,6 +151,8 @@ def openapi_document() -> dict:
             "/admin/adapters/{tenant}/{name}/{action}": {
                 "post": _op("evict | pin | unpin (admin)", params=(*adapter, "action"))
             },
+            "/admin/prefix_cache/reset": {"post": _op("drop the prefix cache's K/V blocks (admin)")},
+            "/reset_prefix_cache": {"post": _op("vLLM: drop the prefix cache's K/V blocks (admin)")},
             "/metrics": {"get": _op("Prometheus metrics (admin)", ok={"description": "text exposition"})},
             "/v2": {"get": _op("KServe v2: server metadata")},
             "/v2/health/live": {"get": _op("KServe v2: live (200, empty body)")},

@@ -101,6 +101,22 @@ def test_eviction_takes_a_chains_tail_first():
     assert blocks.cached_prefix(seq(range(13))) == table[:2]  # its first two blocks still hit
 
 
+def test_reset_forgets_every_block_and_leaks_none():
+    blocks = BlockManager(8, BS)
+    held, idle = seq(range(9)), seq(range(50, 59))
+    compute(blocks, held)
+    compute(blocks, idle)
+    blocks.free(idle)
+    assert blocks.reset_prefix_cache() == 4 and blocks.num_cached == 0
+    assert blocks.cached_prefix(seq(range(9))) == [] and blocks.num_free == 8 - 3
+    held.num_computed += 4  # its next tokens fill a block: registered, but its chain's head is gone
+    held.prompt_ids += [9, 10, 11, 12]
+    blocks.allocate(held, 0)
+    blocks.commit(held)
+    blocks.free(held)
+    assert blocks.num_free == 8 and blocks.cached_prefix(seq(range(13))) == []
+
+
 def test_can_allocate_counts_taking_idle_hits():
     blocks = BlockManager(3, BS)
     a = seq(range(9))

@@ -115,6 +115,24 @@ def test_admin_pin_evict_unpin(server):
     assert call(server, "/admin/adapters/beta/qv/explode", key, "POST")[0] == 404
 
 
+def test_admin_resets_the_prefix_cache(server):
+    acme = client(server, "acme")
+    prompt = "Reply with one word, please, whatever the question is. " * 3 + "Which colour is the sky?"
+
+    def cached_tokens() -> int:
+        r = acme.completions.create(model="acme/attn", prompt=prompt, max_tokens=2, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    cached_tokens()
+    assert cached_tokens() > 0
+    for path in ("/admin/prefix_cache/reset", "/reset_prefix_cache"):  # ours, and vLLM's name for it
+        assert call(server, path, KEYS["acme"], "POST")[0] == 403
+        status, body = call(server, path, KEYS["admin"], "POST")
+        assert status == 200 and body["forgotten_blocks"] > 0
+        assert cached_tokens() == 0  # computed again (and cached again for the next reset)
+    assert call(server, "/admin/stats", KEYS["admin"])[1]["engine"]["prefix_cache"]["hit_tokens"] > 0
+
+
 def scrape(server) -> str:
     req = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"})
     with urllib.request.urlopen(req) as r:
