@@ -68,7 +68,6 @@ class AdminRoutes:
         except MuxError as e:
             return error_response(e)
 
-
     async def reset_prefix_cache(self, request: Request) -> Response:
         try:
             self._admin(request)
