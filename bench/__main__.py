@@ -33,7 +33,11 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("Lever: decode attention, C vs SDPA vs before", ["bench.attention"], []),
     ("Lever: per-step ops (sampler pass, RMSNorms, RoPE)", ["bench.step_ops"], []),
     ("Lever: one torch thread vs a second OpenMP team", ["bench.threads"], []),
-    ("Fairness: a light tenant's TTFT under a flood", ["bench.fairness"], ["--requests", "10", "--flood", "16"]),
+    (
+        "Fairness: a light tenant's TTFT under a flood",
+        ["bench.fairness", "--repeat", "3"],
+        ["--requests", "10", "--flood", "16", "--repeat", "1"],
+    ),
     ("C+D: HTTP streaming vs the engine; TTFT and ITL under Poisson load", ["bench.serving"], ["--quick"]),
     ("Lever: prefix cache, chat requests sharing a system prompt", ["bench.prefix_cache"], ["--quick"]),
     ("E: adapter scaling and cold loads", ["bench.adapter_scaling"], ["--quick"]),
