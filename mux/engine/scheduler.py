@@ -11,7 +11,9 @@ the prefix cache (block_manager.py) starts its prefill after them.
 
 Prefill first (TGI's and vLLM v0's order) while few sequences decode: a step that can admit waiting sequences
 runs only prefills, so a new request's first token costs one prefill forward instead of a prefill plus every
-running decode. The decodes run in the next step whatever arrives meanwhile (they skip at most one step in
+running decode. Only prompts it finishes go in it: a chunk that leaves its prompt unfinished brings no first
+token sooner, so a long prompt's chunks each ride with the decodes, and the decodes wait one chunk's step at
+most, not two. The decodes run in the next step whatever arrives meanwhile (they skip at most one step in
 two), and past `prefill_first_max_decodes` decoding sequences every step mixes prefills and decodes, where
 skipping them would cost more inter-token latency than it saves in time to first token (bench.serving). Nor
 while a request waits for a slot: every running sequence pins one, so finishing them is what admits the next
@@ -99,11 +101,11 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            if not decodes and seq.num_pending == 1:
-                continue
-            if not decodes and not self.blocks.can_allocate(seq, min(seq.num_pending, budget)):
-                return SchedulerOutput()  # the cache is full: a normal step preempts
             n = min(seq.num_pending, budget)
+            if not decodes and (seq.num_pending == 1 or n < seq.num_pending):
+                continue  # a decode, or a chunk that leaves its prompt unfinished: it rides with the decodes
+            if not decodes and not self.blocks.can_allocate(seq, n):
+                return SchedulerOutput()  # the cache is full: a normal step preempts
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -136,9 +138,12 @@ class Scheduler:
                 if not self.adapters.is_ready(seq.adapter.key):
                     continue  # its slot is loading; others go ahead
             hit = self.blocks.cached_prefix(seq)  # its first blocks' K/V, already computed
-            n = min(seq.num_pending - len(hit) * self.blocks.block_size, budget)
+            pending = seq.num_pending - len(hit) * self.blocks.block_size
+            n = min(pending, budget)
             if not self.blocks.can_allocate(seq, n, hit):
                 break  # FCFS on KV space so long prompts are not starved by short ones
+            if not decodes and n < pending:
+                continue  # its first token is steps away: its first chunk goes with the next step's decodes
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -138,20 +138,42 @@ def test_prefill_first_never_skips_decodes_two_steps_running():
     assert decoded == [False, True] * 3
 
 
-def test_prefill_first_continues_chunked_prefills_and_falls_back_when_the_cache_is_full():
-    sched, blocks, _ = make(num_blocks=4, block_size=4, max_num_batched_tokens=4)
-    a, b = seq(6, max_tokens=100), seq(6, max_tokens=100)
+def test_prefill_first_carries_only_chunks_that_finish_a_prompt():
+    """A chunk that leaves its prompt unfinished brings no first token sooner: it rides with the decodes."""
+    sched, _, _ = make(num_blocks=256, block_size=4, max_num_batched_tokens=4)
+    a = seq(6, max_tokens=100)
     sched.add(a)
-    run_step(sched)  # a's first chunk
+    assert [(s.seq, s.num_tokens) for s in run_step(sched).scheduled] == [(a, 4)]  # a normal step
+    b, c = seq(6, max_tokens=100), seq(2, max_tokens=100)
     sched.add(b)
-    out = run_step(sched)  # prefill-only: a's last chunk (2 tokens) and b's first (2 tokens)
-    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 2), (b, 2)]
-    out = run_step(sched)  # a decodes, b's next chunk fills the cache
+    sched.add(c)
+    out = run_step(sched)  # prefill-only: a's last chunk and all of c; b's first chunk would not finish b
+    assert [(s.seq, s.num_tokens, s.sample) for s in out.scheduled] == [(a, 2, True), (c, 2, True)]
+    out = run_step(sched)  # b's first chunk goes with the decodes
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (c, 1), (b, 2)]
+
+
+def test_a_long_prompt_never_makes_the_decodes_skip_a_step():
+    sched, _, _ = make(num_blocks=256, max_num_batched_tokens=8)
+    a = seq(max_tokens=100)
+    sched.add(a)
+    run_step(sched)
+    sched.add(seq(30))  # four chunks of 8 (then 7 + a's decode)
+    assert all(a in [s.seq for s in run_step(sched).scheduled] for _ in range(5))
+
+
+def test_prefill_first_falls_back_to_a_normal_step_when_the_cache_is_full():
+    sched, blocks, _ = make(num_blocks=3, block_size=4, max_num_batched_tokens=4)
+    a, b = seq(4, max_tokens=100), seq(8, max_tokens=100)
+    sched.add(a)
+    run_step(sched)
+    sched.add(b)
+    out = run_step(sched)  # a decodes; b's first chunk fills the cache
     assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (b, 3)] and blocks.num_free == 0
     c = seq(3)
     sched.add(c)
     out = run_step(sched)  # no room for c's prefill: a normal step instead of an empty one
-    assert [s.seq for s in out.scheduled] == [a, b] and c.status is Status.WAITING
+    assert a in [s.seq for s in out.scheduled] and c.status is Status.WAITING
 
 
 def test_blocks_grow_with_tokens_not_max_length():
