@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,6 +76,7 @@ class Engine:
             pack_linears(model)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
             keep_freed_memory()
         device = next(model.parameters()).device
+        config = self.config = replace(config, scheduler=config.scheduler.for_device(device.type))
         if device.type == "cuda":
             fuse_rms_norms(model)
         elif config.model.native_layers and native.serves(device, model.dtype):

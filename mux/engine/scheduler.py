@@ -58,6 +58,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: Adapters) -> None:
+        """`config` with its token budget filled in (SchedulerConfig.for_device)."""
+        assert config.max_num_batched_tokens is not None, "SchedulerConfig.for_device fills in the budget"
         self.config = config
         self.blocks = blocks
         self.adapters = adapters

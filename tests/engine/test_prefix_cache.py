@@ -133,7 +133,7 @@ def test_can_allocate_counts_taking_idle_hits():
 
 def test_scheduler_starts_a_hit_after_its_cached_blocks_and_a_preempted_sequence_resumes_from_them():
     blocks = BlockManager(64, BS)
-    sched = Scheduler(SchedulerConfig(), blocks, FakeAdapters(2))
+    sched = Scheduler(SchedulerConfig().for_device("cpu"), blocks, FakeAdapters(2))
     first, second = seq(range(11), adapter="x"), seq(range(11), adapter="x")
     sched.add(first)
     step(sched, blocks)

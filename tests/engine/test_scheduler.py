@@ -57,7 +57,7 @@ class FakeAdapters:
 def make(num_blocks=64, block_size=4, slots=2, **cfg):  # prefill first below 16 decodes by default
     blocks = BlockManager(num_blocks, block_size)
     table = FakeAdapters(slots)
-    return Scheduler(SchedulerConfig(**cfg), blocks, table), blocks, table
+    return Scheduler(SchedulerConfig(**cfg).for_device("cpu"), blocks, table), blocks, table
 
 
 def seq(n_prompt=5, adapter=None, max_tokens=4):
@@ -318,3 +318,11 @@ def test_decodes_are_not_skipped_while_a_request_waits_for_a_slot():
     sched.finish(hot[0], "length")
     sched.finish(hot[1], "length")
     assert [s.seq for s in run_step(sched).scheduled] == [cold]  # a free slot: back to prefill first
+
+
+def test_the_step_budget_defaults_by_device_and_an_explicit_one_stays():
+    assert SchedulerConfig().for_device("cpu").max_num_batched_tokens == 512
+    assert SchedulerConfig().for_device("cuda").max_num_batched_tokens == 2048
+    assert SchedulerConfig(max_num_batched_tokens=64).for_device("cpu").max_num_batched_tokens == 64
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SchedulerConfig(max_num_batched_tokens=0)
