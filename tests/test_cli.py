@@ -27,6 +27,9 @@ def test_bad_policy_file_is_reported(tmp_path):
     f.write_text("[tiers]\nmax_slots = 3\n")
     out = run("serve", "--policy", str(f))
     assert out.returncode == 2 and "max_slots" in out.stderr
+    f.write_text("[scheduler]\nmax_num_batched_tokens = 0\n")
+    out = run("serve", "--policy", str(f))
+    assert out.returncode == 2 and "max_num_batched_tokens must be ≥ 1, got 0" in out.stderr
 
 
 def test_unknown_device_or_dtype_is_reported():

@@ -114,6 +114,15 @@ def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, engine
     assert other.usage.prompt_tokens_details.cached_tokens == 0  # another adapter's K/V is not this one's
 
 
+def test_a_server_without_prefix_caching_reuses_nothing(tiny_dir, repo):
+    prompt = "You are a terse assistant who answers in one line. " * 3 + "What is two plus two?"
+    with run_server(tiny_dir, repo, "--no-enable-prefix-caching") as base:
+        plain = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        for _ in range(2):
+            r = plain.completions.create(model="acme/all", prompt=prompt, max_tokens=2, temperature=0)
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_unknown_model_is_404_never_base(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="acme/nope", prompt="Hi", max_tokens=2)
