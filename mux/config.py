@@ -108,9 +108,10 @@ class SchedulerConfig:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
     def for_device(self, device_type: str) -> SchedulerConfig:
-        """The budget filled in for the device. A CPU prefills ≈650 tokens/s of SmolLM2 here: a 2,048-token step
-        held every other stream ≈2 s when a long prompt arrived, a 512-token one ≈0.9 s, for a few percent of
-        prefill throughput (README, "The step token budget"). A GPU runs 2,048 tokens in tens of milliseconds."""
+        """The budget filled in for the device. A CPU prefills ≈650 tokens/s of SmolLM2 here: with a long prompt
+        arriving, a 2,048-token step held every other stream 2.1-2.5 s, a 512-token one 0.95 s, for ≈5-20% on the
+        long prompt's first token and ≈10% on a burst of prefills (`python -m bench.long_prompt`). A GPU runs
+        2,048 tokens in tens of milliseconds."""
         if self.max_num_batched_tokens is not None:
             return self
         return replace(self, max_num_batched_tokens=CPU_BATCHED_TOKENS if device_type == "cpu" else 2048)
