@@ -6,8 +6,10 @@ is full the newest running sequence is preempted (its KV freed, recomputed later
 holds a pinned LoRA slot, so one step never carries more distinct adapters than there are slots. A waiting
 sequence reserves (pins) its slot when it gets one; the manager loads the adapter meanwhile and the sequence
 is admitted once it is ready, while sequences whose adapters are resident go ahead. Across tenants admission
-is fair: the tenant with the fewest running sequences goes next. An admitted sequence whose first blocks are in
-the prefix cache (block_manager.py) starts its prefill after them.
+is fair: the tenant with the fewest running sequences goes next, and a step that admits its prompts admits none
+of busier tenants' (they go in the next step), so a light tenant's first token waits for its own prompt, not for
+a flood's. An admitted sequence whose first blocks are in the prefix cache (block_manager.py) starts its prefill
+after them.
 
 Prefill first (TGI's and vLLM v0's order) while few sequences decode: a step that can admit waiting sequences
 runs only prefills, so a new request's first token costs one prefill forward instead of a prefill plus every
@@ -123,9 +125,13 @@ class Scheduler:
         # 2. Admit waiting sequences (not in a step that had to preempt: the cache is full).
         if out.preempted:
             return out
-        for seq in self._fair_waiting():
+        load = Counter(s.tenant for s in self.running)  # running sequences per tenant as the step begins
+        lightest = None  # the load of the first admitted sequence's tenant
+        for seq in self._fair_waiting(load.copy()):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if lightest is not None and load[seq.tenant] > lightest:
+                continue  # a busier tenant's prompt would lengthen a lighter tenant's step: it goes in the next one
             if seq.adapter is not None:
                 if seq.slot < 0 and (slot := self.adapters.acquire(seq.adapter)) is not None:
                     seq.slot = slot
@@ -147,6 +153,7 @@ class Scheduler:
             if not decodes and n < pending:
                 continue  # its first token is steps away: its first chunk goes with the next step's decodes
             self.waiting.remove(seq)
+            lightest = load[seq.tenant] if lightest is None else lightest
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.blocks.allocate(seq, n, hit)
@@ -154,17 +161,16 @@ class Scheduler:
             budget -= n
         return out
 
-    def _fair_waiting(self) -> Iterator[Sequence]:
+    def _fair_waiting(self, load: Counter) -> Iterator[Sequence]:
         """Waiting sequences in admission order: FIFO within a tenant; across tenants, the next one always comes
-        from the tenant with the fewest sequences running (ties: the tenant that queued first), so a tenant
-        flooding the queue cannot starve a light one."""
+        from the tenant with the fewest sequences running (`load`, counted up as they come; ties: the tenant that
+        queued first), so a tenant flooding the queue cannot starve a light one."""
         queues: dict[str | None, deque[Sequence]] = {}
         for seq in self.waiting:
             queues.setdefault(seq.tenant, deque()).append(seq)
         if len(queues) <= 1:
             yield from list(self.waiting)
             return
-        load = Counter(s.tenant for s in self.running)
         while queues:
             tenant = min(queues, key=load.__getitem__)
             queue = queues[tenant]

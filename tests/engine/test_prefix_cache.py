@@ -15,7 +15,7 @@ from mux.config import SchedulerConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.scheduler import Scheduler
 from mux.engine.sequence import SamplingParams, Sequence
-from tests.engine.test_scheduler import FakeAdapter, FakeAdapters
+from tests.engine.fakes import FakeAdapter, FakeAdapters
 
 BS = 4
 

@@ -2,56 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from mux.config import SchedulerConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.scheduler import Scheduler
 from mux.engine.sequence import SamplingParams, Sequence, Status
-
-
-@dataclass
-class FakeAdapter:
-    key: str
-
-
-class FakeAdapters:
-    """Slots with pins and LRU reuse, loads finishing at once unless `loading` names the key."""
-
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self.slot_of: dict[str, int] = {}
-        self.refs: dict[str, int] = {}
-        self.loading: set[str] = set()
-
-    def acquire(self, ref) -> int | None:
-        if ref.key not in self.slot_of:
-            used = set(self.slot_of.values())
-            free = [s for s in range(self.num_slots) if s not in used]
-            idle = [k for k, n in self.refs.items() if n == 0]
-            if free:
-                slot = free[0]
-            elif idle:
-                slot = self.slot_of.pop(idle[0])
-                del self.refs[idle[0]]
-            else:
-                return None
-            self.slot_of[ref.key] = slot
-            self.refs[ref.key] = 0
-        self.refs[ref.key] += 1
-        return self.slot_of[ref.key]
-
-    def is_ready(self, key: str) -> bool:
-        return key not in self.loading
-
-    def release(self, key: str) -> None:
-        self.refs[key] -= 1
-
-    @property
-    def num_pinned(self) -> int:
-        return sum(1 for n in self.refs.values() if n)
+from tests.engine.fakes import FakeAdapter, FakeAdapters
 
 
 def make(num_blocks=64, block_size=4, slots=2, **cfg):  # prefill first below 16 decodes by default
@@ -288,6 +245,40 @@ def test_a_flooding_tenant_does_not_starve_a_light_one():
     assert light in admitted  # fewest running goes next: the light tenant gets the second place
     assert [s.tenant for s in admitted] == ["flood", "light", "flood", "flood"]
     assert admitted[0] is flood[0] and admitted[2] is flood[1]  # FIFO within a tenant
+
+
+def test_a_light_tenants_prompt_gets_a_step_without_the_floods_prompts():
+    """A tenant with fewer sequences running is not made to wait for a busier tenant's prompts in the same step:
+    those go in the next step. Both orders of step (prefill-only and mixed with the decodes)."""
+    for max_decodes in (16, 0):  # prefill first while few decode; every step mixed
+        sched, _, _ = make(num_blocks=256, prefill_first_max_decodes=max_decodes)
+        running = [Sequence([1, 2, 3], SamplingParams(max_tokens=50), tenant="flood") for _ in range(4)]
+        for s in running:
+            sched.add(s)
+        run_step(sched)
+        run_step(sched)  # four flood sequences decoding
+        waiting = [Sequence([1] * 9, SamplingParams(max_tokens=4), tenant="flood") for _ in range(2)]
+        light = Sequence([1, 2, 3], SamplingParams(max_tokens=4), tenant="light")
+        for s in [*waiting, light]:
+            sched.add(s)  # the flood's prompts queued first
+        admitted = {s.seq for s in run_step(sched).scheduled if s.seq not in running}
+        assert admitted == {light}
+        later = set()
+        for _ in range(2):  # the next prefill-only step, or the next mixed step, takes them
+            later |= {s.seq for s in run_step(sched).scheduled}
+        assert set(waiting) <= later
+
+
+def test_equally_busy_tenants_share_a_step():
+    sched, _, _ = make(num_blocks=256)
+    for tenant in ("a", "b"):
+        sched.add(Sequence([1, 2, 3], SamplingParams(max_tokens=50), tenant=tenant))
+    run_step(sched)
+    new = [Sequence([1, 2], SamplingParams(), tenant=t) for t in ("a", "b", "a")]
+    for s in new:
+        sched.add(s)
+    admitted = [s.seq for s in sched.schedule().scheduled]
+    assert admitted == new  # one running each: all three in one step, in fair order
 
 
 def test_one_tenant_keeps_plain_fifo():
