@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mux.config import SchedulerConfig
 from mux.engine.block_manager import BlockManager
@@ -267,6 +269,32 @@ def test_a_light_tenants_prompt_gets_a_step_without_the_floods_prompts():
         for _ in range(2):  # the next prefill-only step, or the next mixed step, takes them
             later |= {s.seq for s in run_step(sched).scheduled}
         assert set(waiting) <= later
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 12), st.integers(1, 6), st.integers(0, 3)), max_size=40))
+def test_every_tenants_requests_finish(arrivals):
+    """Requests of three tenants arriving over time, in a small cache with two slots (so steps preempt, wait for
+    slots and skip busier tenants' prompts): every request finishes within a bounded number of steps, and the
+    cache and slots are all free at the end."""
+    sched, blocks, table = make(num_blocks=16, slots=2, max_num_batched_tokens=16, max_num_seqs=6)
+    pending = list(arrivals)
+    live: list[Sequence] = []
+    for _ in range(2000):
+        if pending:
+            tenant, length, max_tokens, adapter = pending.pop(0)
+            params = SamplingParams(max_tokens=max_tokens)
+            s = Sequence(list(range(length)), params, FakeAdapter(f"a{adapter}"), tenant=f"t{tenant}")
+            sched.add(s)
+            live.append(s)
+        run_step(sched)
+        for s in list(sched.running):
+            if len(s.output_ids) >= s.params.max_tokens:
+                sched.finish(s, "length")
+        if not pending and not sched.has_work():
+            break
+    assert all(s.status is Status.FINISHED for s in live)
+    assert blocks.num_free == blocks.num_blocks and table.num_pinned == 0
 
 
 def test_equally_busy_tenants_share_a_step():
