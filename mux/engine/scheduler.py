@@ -125,12 +125,11 @@ class Scheduler:
         # 2. Admit waiting sequences (not in a step that had to preempt: the cache is full).
         if out.preempted:
             return out
-        load = Counter(s.tenant for s in self.running)  # running sequences per tenant as the step begins
-        lightest = None  # the load of the first admitted sequence's tenant
-        for seq in self._fair_waiting(load.copy()):
+        lightest = None  # how busy the first admitted sequence's tenant was
+        for seq, busy in self._fair_waiting():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if lightest is not None and load[seq.tenant] > lightest:
+            if lightest is not None and busy > lightest:
                 continue  # a busier tenant's prompt would lengthen a lighter tenant's step: it goes in the next one
             if seq.adapter is not None:
                 if seq.slot < 0 and (slot := self.adapters.acquire(seq.adapter)) is not None:
@@ -153,7 +152,7 @@ class Scheduler:
             if not decodes and n < pending:
                 continue  # its first token is steps away: its first chunk goes with the next step's decodes
             self.waiting.remove(seq)
-            lightest = load[seq.tenant] if lightest is None else lightest
+            lightest = busy if lightest is None else lightest
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.blocks.allocate(seq, n, hit)
@@ -161,20 +160,23 @@ class Scheduler:
             budget -= n
         return out
 
-    def _fair_waiting(self, load: Counter) -> Iterator[Sequence]:
-        """Waiting sequences in admission order: FIFO within a tenant; across tenants, the next one always comes
-        from the tenant with the fewest sequences running (`load`, counted up as they come; ties: the tenant that
-        queued first), so a tenant flooding the queue cannot starve a light one."""
+    def _fair_waiting(self) -> Iterator[tuple[Sequence, int]]:
+        """Waiting sequences in admission order, each with its tenant's running sequences as the step began:
+        FIFO within a tenant; across tenants, the next one always comes from the tenant with the fewest sequences
+        running, counting those taken before it (ties: the tenant that queued first), so a tenant flooding the
+        queue cannot starve a light one. (One tenant waiting: plain FIFO, each with 0.)"""
         queues: dict[str | None, deque[Sequence]] = {}
         for seq in self.waiting:
             queues.setdefault(seq.tenant, deque()).append(seq)
         if len(queues) <= 1:
-            yield from list(self.waiting)
+            yield from ((seq, 0) for seq in list(self.waiting))
             return
+        start = Counter(s.tenant for s in self.running)
+        load = start.copy()
         while queues:
             tenant = min(queues, key=load.__getitem__)
             queue = queues[tenant]
-            yield queue.popleft()
+            yield queue.popleft(), start[tenant]
             load[tenant] += 1
             if not queue:
                 del queues[tenant]
