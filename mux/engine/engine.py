@@ -73,7 +73,9 @@ class Engine:
             model, config.lora.max_loras, config.lora.max_lora_rank, use_native=config.lora.native_kernel
         )
         if config.model.cpu_tuning and can_pack(model):
-            pack_linears(model)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
+            few_rows = config.model.few_row_linears and native.serves("cpu", torch.float32)
+            # after the LoRA wrap: packs each wrapped base linear and the lm_head
+            pack_linears(model, native.library().mux_small_linear if few_rows else None)
             keep_freed_memory()
         device = next(model.parameters()).device
         config = self.config = replace(config, scheduler=config.scheduler.for_device(device.type))

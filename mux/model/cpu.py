@@ -2,7 +2,11 @@
 
 - PackedLinear: fp32 weights reordered once into oneDNN's blocked layout. Measured on this 2-core machine
   (M=64 decode rows): 576→1536 went from 130 to 190 GFLOP/s, the 49152-wide lm_head from 66 to 182 GFLOP/s;
-  prefill shapes gain ≈1.5×.
+  prefill shapes gain ≈1.5×. At a few rows (a decode step of 1-4 sequences) a linear is a stream over its
+  weights, which the packed GEMM reads at about half the memory's speed: there a C kernel (mux/csrc/linear.c,
+  given as `few_rows`) reads the plain weights instead (`python -m bench.small_linear`). The plain weights are
+  the model's own tensors, kept beside the packed ones: for a model loaded from fp32 safetensors they are the
+  file's mapped pages (no memory of their own); converted from another dtype, they are one more copy.
 - keep_freed_memory: glibc returns large freed blocks to the OS and page-faults them back on the next step;
   keeping them cut a 1920-token SmolLM2 prefill from 3.8 s to 2.5 s.
 """
@@ -15,22 +19,36 @@ import ctypes.util
 import functools
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
+FEW_ROWS = 4  # up to this many rows the `few_rows` kernel serves (mux/csrc/linear.c; its limit too)
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, few_rows: Callable | None = None) -> None:
+        """`few_rows`: the C kernel `mux_small_linear` for inputs of ≤ FEW_ROWS rows, or None (oneDNN for all)."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _BATCH_HINT)  # opaque
+        weight = linear.weight.detach()  # [out, in]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)  # opaque
         self.bias = None if linear.bias is None else linear.bias.detach()
+        plain = few_rows is not None and weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())
+        self.few_rows = few_rows if plain else None
+        self.weight = weight if plain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.few_rows is not None and 0 < rows <= FEW_ROWS and x.is_contiguous():
+            y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
+            bias = None if self.bias is None else self.bias.data_ptr()
+            n, k = self.out_features, self.in_features
+            self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
+            return y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -39,13 +57,14 @@ def can_pack(model: nn.Module) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in `model` (including ones wrapped by LoRA layers) by a PackedLinear."""
+def pack_linears(model: nn.Module, few_rows: Callable | None = None) -> int:
+    """Replace every nn.Linear in `model` (including ones wrapped by LoRA layers) by a PackedLinear (`few_rows`:
+    see PackedLinear)."""
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, PackedLinear(getattr(owner, child)))
+        setattr(owner, child, PackedLinear(getattr(owner, child), few_rows))
     return len(names)
 
 

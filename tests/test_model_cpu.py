@@ -1,0 +1,61 @@
+"""mux/model/cpu.py: prepacked linears compute nn.Linear's output, a few rows through the C kernel and more through
+oneDNN, whatever the shapes (a tail past the vectors, an output count off the kernel's blocks, a bias)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from mux import native
+from mux.model.cpu import FEW_ROWS, PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(
+    not can_pack(nn.Linear(2, 2)) or (shutil.which("cc") is None and shutil.which("gcc") is None),
+    reason="no oneDNN or no C compiler",
+)
+
+
+def kernel():
+    return native.library().mux_small_linear
+
+
+@pytest.mark.parametrize(("features", "bias"), [((576, 192), False), ((37, 50), True), ((16, 7), False)])
+def test_packed_linears_equal_nn_linear_at_every_row_count(features, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(*features, bias=bias)
+    fast, packed = PackedLinear(linear, kernel()), PackedLinear(linear)
+    assert fast.few_rows is not None and packed.few_rows is None
+    for rows in range(1, FEW_ROWS + 3):  # the C kernel's rows, then oneDNN's
+        x = torch.randn(rows, features[0])
+        want = linear(x)
+        for got in (fast(x), packed(x)):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), rows
+    x = torch.randn(1, 3, features[0])  # [B, T, in]: T rows
+    assert torch.allclose(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert fast(torch.randn(0, features[0])).shape == (0, features[1])  # no rows: oneDNN's (the kernel needs one)
+
+
+def test_a_non_contiguous_input_takes_onednn():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    calls = []
+    fast = PackedLinear(linear, lambda *a: calls.append(a))  # records instead of computing
+    x = torch.randn(64, 2).T  # 2 rows, strided
+    assert torch.allclose(fast(x), linear(x), rtol=1e-5, atol=1e-5) and not calls
+    fast(x.contiguous())
+    assert len(calls) == 1
+
+
+def test_pack_linears_keeps_the_model_s_own_weights_for_the_few_rows_kernel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 8, bias=False))
+    want = model(torch.randn(2, 24, generator=torch.Generator().manual_seed(1)))
+    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+    assert pack_linears(model, kernel()) == 2
+    packed = [m for m in model if isinstance(m, PackedLinear)]
+    assert all(p.weight.data_ptr() == w.data_ptr() for p, w in zip(packed, weights, strict=True))  # no copy
+    got = model(torch.randn(2, 24, generator=torch.Generator().manual_seed(1)))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
