@@ -30,7 +30,9 @@ class ModelConfig:
     max_model_len: int | None = None
     cpu_tuning: bool = True  # CPU fp32: prepacked linears + allocator settings (mux/model/cpu.py)
     native_layers: bool = True  # CPU fp32, Llama family: the norms and RoPE in C (mux/model/cpu_layers.py)
-    few_row_linears: bool = True  # CPU fp32, with cpu_tuning: linears of ≤ 4 rows in C (mux/model/cpu.py)
+    # CPU fp32, with cpu_tuning: linears of ≤ 4 rows in C over the plain weights kept beside the packed ones
+    # (mux/model/cpu.py). None: when keeping them costs no memory (weights mapped from an fp32 safetensors file).
+    few_row_linears: bool | None = None
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
     # A step's detokenizing and stream pushes run while the device computes the next step (each token after a
     # request's first reaches its stream one step later). None: on CUDA only, where the forward runs

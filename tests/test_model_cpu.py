@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mux import native
-from mux.model.cpu import FEW_ROWS, PackedLinear, can_pack, pack_linears
+from mux.model.cpu import FEW_ROWS, PackedLinear, can_pack, file_mapped, pack_linears, plain_weights_are_free
 
 pytestmark = pytest.mark.skipif(
     not can_pack(nn.Linear(2, 2)) or (shutil.which("cc") is None and shutil.which("gcc") is None),
@@ -59,3 +59,24 @@ def test_pack_linears_keeps_the_model_s_own_weights_for_the_few_rows_kernel():
     assert all(p.weight.data_ptr() == w.data_ptr() for p, w in zip(packed, weights, strict=True))  # no copy
     got = model(torch.randn(2, 24, generator=torch.Generator().manual_seed(1)))
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_file_mapped_tells_weights_read_from_a_file_from_weights_of_their_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"w": torch.randn(64, 32)}, tmp_path / "a.safetensors")
+    assert file_mapped([load_file(tmp_path / "a.safetensors")["w"]])  # safetensors maps the file
+    assert not file_mapped([torch.randn(64, 32)])
+    assert not file_mapped([])
+
+
+def test_the_engine_takes_the_few_rows_kernel_where_it_costs_no_memory(tiny_dir):
+    """The tiny test model is fp32 safetensors, so the engine's PEFT equivalence tests run through the kernel; a
+    model whose weights are its own (converted, or built in memory) keeps oneDNN alone unless told."""
+    from tests.conftest import make_engine
+
+    engine = make_engine(tiny_dir)
+    packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.few_rows is not None for m in packed)
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert not plain_weights_are_free(model)

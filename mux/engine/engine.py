@@ -34,7 +34,7 @@ from mux.engine.torch_thread import TorchThread
 from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
-from mux.model.cpu import can_pack, keep_freed_memory, pack_linears
+from mux.model.cpu import can_pack, keep_freed_memory, pack_linears, plain_weights_are_free
 from mux.model.cpu_layers import fuse_layers
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
@@ -73,7 +73,9 @@ class Engine:
             model, config.lora.max_loras, config.lora.max_lora_rank, use_native=config.lora.native_kernel
         )
         if config.model.cpu_tuning and can_pack(model):
-            few_rows = config.model.few_row_linears and native.serves("cpu", torch.float32)
+            few_rows = config.model.few_row_linears
+            few_rows = plain_weights_are_free(model) if few_rows is None else few_rows
+            few_rows = few_rows and native.serves("cpu", torch.float32)
             # after the LoRA wrap: packs each wrapped base linear and the lm_head
             pack_linears(model, native.library().mux_small_linear if few_rows else None)
             keep_freed_memory()

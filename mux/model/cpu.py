@@ -5,8 +5,9 @@
   prefill shapes gain ≈1.5×. At a few rows (a decode step of 1-4 sequences) a linear is a stream over its
   weights, which the packed GEMM reads at about half the memory's speed: there a C kernel (mux/csrc/linear.c,
   given as `few_rows`) reads the plain weights instead (`python -m bench.small_linear`). The plain weights are
-  the model's own tensors, kept beside the packed ones: for a model loaded from fp32 safetensors they are the
-  file's mapped pages (no memory of their own); converted from another dtype, they are one more copy.
+  the model's own tensors, kept beside the packed ones: for a model loaded from fp32 safetensors (the embedded
+  default) they are the file's mapped pages, no memory of their own (`plain_weights_are_free`); converted from
+  another dtype they would be one more copy of the linears, so by default the kernel is not used there.
 - keep_freed_memory: glibc returns large freed blocks to the OS and page-faults them back on the next step;
   keeping them cut a 1920-token SmolLM2 prefill from 3.8 s to 2.5 s.
 """
@@ -55,6 +56,26 @@ class PackedLinear(nn.Module):
 def can_pack(model: nn.Module) -> bool:
     p = next(model.parameters())
     return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def file_mapped(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor's memory lies in a mapped file (as fp32 safetensors loads are): pages the kernel can
+    drop and read again, no memory of their own. Linux; False elsewhere."""
+    spans = []
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/maps"):  # noqa: SIM115 (read once)
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/"):
+                lo, hi = fields[0].split("-")
+                spans.append((int(lo, 16), int(hi, 16)))
+    return bool(tensors) and all(
+        any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in spans) for t in tensors
+    )
+
+
+def plain_weights_are_free(model: nn.Module) -> bool:
+    """Whether keeping the linears' plain weights beside the packed ones costs no memory (see file_mapped)."""
+    return file_mapped([m.weight for m in model.modules() if type(m) is nn.Linear])
 
 
 def pack_linears(model: nn.Module, few_rows: Callable | None = None) -> int:
