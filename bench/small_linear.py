@@ -58,8 +58,12 @@ def linears(rounds: int) -> dict:
 
 
 def engines(rounds: int, thread: TorchThread) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mux-small-linear-") as work:  # the adapters, removed after
+        return _engines(rounds, thread, Path(work))
+
+
+def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     model_dir = default_model_dir()
-    work = Path(tempfile.mkdtemp(prefix="mux-small-linear-"))
     paths = [str(write_random_adapter(model_dir, work / f"a{i}", r=8, seed=i)) for i in range(8)]
     built = {
         on: Engine(

@@ -49,6 +49,15 @@ def test_a_non_contiguous_input_takes_onednn():
     assert len(calls) == 1
 
 
+def test_an_input_of_the_wrong_width_is_refused_as_onednn_refuses_it():
+    """The C kernel trusts its shapes: a wrong width must never reach it (it would read past the input)."""
+    linear = nn.Linear(64, 32)
+    fast, packed = PackedLinear(linear, kernel()), PackedLinear(linear)
+    for module in (fast, packed):
+        with pytest.raises(RuntimeError):
+            module(torch.randn(1, 80))  # 80 // 64 = one row: without the check the kernel would take it
+
+
 def test_pack_linears_keeps_the_model_s_own_weights_for_the_few_rows_kernel():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 8, bias=False))

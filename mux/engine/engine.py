@@ -74,10 +74,10 @@ class Engine:
         )
         if config.model.cpu_tuning and can_pack(model):
             few_rows = config.model.few_row_linears
-            few_rows = plain_weights_are_free(model) if few_rows is None else few_rows
-            few_rows = few_rows and native.serves("cpu", torch.float32)
-            # after the LoRA wrap: packs each wrapped base linear and the lm_head
-            pack_linears(model, native.library().mux_small_linear if few_rows else None)
+            if few_rows is None:  # only where keeping the plain weights costs no memory
+                few_rows = plain_weights_are_free(model)
+            kernel = native.library().mux_small_linear if few_rows and native.library() else None
+            pack_linears(model, kernel)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
             keep_freed_memory()
         device = next(model.parameters()).device
         config = self.config = replace(config, scheduler=config.scheduler.for_device(device.type))

@@ -42,14 +42,15 @@ class PackedLinear(nn.Module):
         self.few_rows = few_rows if plain else None
         self.weight = weight if plain else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.few_rows is not None and 0 < rows <= FEW_ROWS and x.is_contiguous():
-            y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
-            bias = None if self.bias is None else self.bias.data_ptr()
-            n, k = self.out_features, self.in_features
-            self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
-            return y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in]
+        if self.few_rows is not None and x.shape[-1] == self.in_features and x.is_contiguous():
+            rows = x.numel() // self.in_features
+            if 0 < rows <= FEW_ROWS:
+                y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
+                bias = None if self.bias is None else self.bias.data_ptr()
+                n, k = self.out_features, self.in_features
+                self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
+                return y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -58,16 +59,22 @@ def can_pack(model: nn.Module) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of each file this process has mapped (/proc/self/maps; none off Linux)."""
+    out = []
+    with contextlib.suppress(OSError), open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)  # the path, the sixth field, may hold spaces
+            if len(fields) == 6 and fields[5].startswith("/"):
+                lo, hi = fields[0].split("-")
+                out.append((int(lo, 16), int(hi, 16), fields[5].rstrip("\n")))
+    return out
+
+
 def file_mapped(tensors: list[torch.Tensor]) -> bool:
     """Whether every tensor's memory lies in a mapped file (as fp32 safetensors loads are): pages the kernel can
     drop and read again, no memory of their own. Linux; False elsewhere."""
-    spans = []
-    with contextlib.suppress(OSError):
-        for line in open("/proc/self/maps"):  # noqa: SIM115 (read once)
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].startswith("/"):
-                lo, hi = fields[0].split("-")
-                spans.append((int(lo, 16), int(hi, 16)))
+    spans = [(lo, hi) for lo, hi, _ in file_mappings()]
     return bool(tensors) and all(
         any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in spans) for t in tensors
     )
@@ -117,10 +124,9 @@ def parallel_torch_here() -> None:
 @functools.cache
 def libgomp():
     """The libgomp torch loaded (None with another OpenMP runtime, or none)."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/self/maps"):  # noqa: SIM115 (read once, at first use)
-            path = line.split()[-1]
-            if "libgomp" in path.rsplit("/", 1)[-1]:
+    for _, _, path in file_mappings():
+        if "libgomp" in path.rsplit("/", 1)[-1]:
+            with contextlib.suppress(OSError):
                 return ctypes.CDLL(path)
     return None
 
