@@ -32,7 +32,7 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("Lever: LoRA kernel (C vs torch's layouts)", ["bench.lora_kernel"], []),
     ("Lever: decode attention, C vs SDPA vs before", ["bench.attention"], []),
     ("Lever: per-step ops (sampler pass, RMSNorms, RoPE)", ["bench.step_ops"], []),
-    ("Lever: linears at a few rows, C vs oneDNN", ["bench.small_linear"], ["--rounds", "1"]),
+    ("Lever: linears at a few rows, C vs oneDNN, LoRA in the same call", ["bench.small_linear"], ["--rounds", "1"]),
     ("Lever: one torch thread vs a second OpenMP team", ["bench.threads"], []),
     (
         "Fairness: a light tenant's TTFT under a flood",

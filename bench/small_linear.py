@@ -5,8 +5,9 @@ reads the plain weights (`ModelConfig.few_row_linears`, on by default for ≤ 4 
    streams them from memory, as a decode step does), at 1-6 rows: ms per pass, the GB/s of weights it reads, and
    the machine's read speed beside it (a sum over 512 MB).
 2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4 and 8 concurrent
-   streams with the kernel and without it (two engines, interleaved rounds), and whether both give the same
-   tokens.
+   streams, three engines in interleaved rounds: the kernel with each linear's LoRA deltas in the same call
+   (`LoRAConfig.fused_few_rows`, the default), the kernel then the LoRA kernel (two calls), oneDNN only; and the
+   base model's step (no adapter) on the first, for what the adapters cost; whether all give the same tokens.
 
 Best of interleaved repetitions (this machine is noisy). Run: python -m bench.small_linear [--rounds 3]
 """
@@ -24,7 +25,7 @@ from torch import nn
 
 from bench.common import best_time, machine, prompts, save, write_random_adapter
 from mux import native
-from mux.config import CacheConfig, EngineConfig, ModelConfig
+from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.torch_thread import TorchThread
@@ -65,31 +66,34 @@ def engines(rounds: int, thread: TorchThread) -> dict:
 def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     model_dir = default_model_dir()
     paths = [str(write_random_adapter(model_dir, work / f"a{i}", r=8, seed=i)) for i in range(8)]
+    variants = {"fused": (True, True), "C kernel": (True, False), "oneDNN packed": (False, False)}
     built = {
-        on: Engine(
+        name: Engine(
             EngineConfig(
-                model=ModelConfig(model=str(model_dir), few_row_linears=on),
+                model=ModelConfig(model=str(model_dir), few_row_linears=few),
+                lora=LoRAConfig(fused_few_rows=fused),
                 cache=CacheConfig(kv_cache_bytes=1 << 28, prefix_caching=False),
             ),
             torch_thread=thread,
         )
-        for on in (True, False)
+        for name, (few, fused) in variants.items()
     }
+    runs = [(name, engine, True) for name, engine in built.items()] + [("fused, no adapter", built["fused"], False)]
     texts = prompts(8)
     out: dict = {"streams": {}, "same_tokens": True}
     for streams in (1, 2, 4, 8):
-        args = (texts[:streams], [paths[i] for i in range(streams)])
-        ms = {True: float("inf"), False: float("inf")}
+        ms = {name: float("inf") for name, _, _ in runs}
         tokens = {}
         for engine in built.values():
-            decode(engine, *args, 2)  # warm-up: adapters resident
+            decode(engine, texts[:streams], paths[:streams], 2)  # warm-up: adapters resident
         for _ in range(rounds):
-            for on, engine in built.items():
-                step_ms, tokens[on] = decode(engine, *args, 33)
-                ms[on] = min(ms[on], step_ms)
-        out["same_tokens"] &= tokens[True] == tokens[False]
-        out["streams"][streams] = {"C kernel": ms[True], "oneDNN packed": ms[False]}
-        print(streams, json.dumps(out["streams"][streams]), flush=True)
+            for name, engine, with_adapters in runs:
+                adapters = paths[:streams] if with_adapters else [None] * streams
+                step_ms, tokens[name] = decode(engine, texts[:streams], adapters, 33)
+                ms[name] = min(ms[name], step_ms)
+        out["same_tokens"] &= tokens["fused"] == tokens["C kernel"] == tokens["oneDNN packed"]
+        out["streams"][streams] = ms
+        print(streams, json.dumps(ms), flush=True)
     return out
 
 
@@ -130,14 +134,16 @@ def main() -> None:
     lines += [
         "",
         f"2. The engine (SmolLM2, one rank-8 adapter per stream, greedy), ms per decode step, best of "
-        f"{args.rounds} interleaved rounds; the same tokens with and without the kernel: {eng['same_tokens']}.",
+        f"{args.rounds} interleaved rounds; the same tokens on all three: {eng['same_tokens']}. Fused = the C "
+        "kernel with each linear's LoRA deltas in the same call (the default); C kernel = it, then the LoRA "
+        "kernel; no adapter = the fused engine on the base model (the adapters' cost is the difference).",
         "",
-        "| streams | with the C kernel | oneDNN only | speed-up |",
-        "|---|---|---|---|",
+        "| streams | fused | C kernel, two calls | oneDNN only | no adapter | fused vs two calls | vs oneDNN |",
+        "|---|---|---|---|---|---|---|",
     ]
     for streams, r in eng["streams"].items():
-        c, p = r["C kernel"], r["oneDNN packed"]
-        lines.append(f"| {streams} | {c:.1f} | {p:.1f} | **{p / c:.2f}×** |")
+        f, c, p, base = r["fused"], r["C kernel"], r["oneDNN packed"], r["fused, no adapter"]
+        lines.append(f"| {streams} | {f:.1f} | {c:.1f} | {p:.1f} | {base:.1f} | **{c / f:.2f}×** | **{p / f:.2f}×** |")
     save("small-linear", data, "\n".join(lines))
     print("\n".join(lines))
 

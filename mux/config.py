@@ -61,6 +61,9 @@ class LoRAConfig:
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
     native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/csrc/lora.c); False: torch's matmuls
+    # steps of <= 4 rows with the few-row linears (ModelConfig.few_row_linears): each wrapped linear and its LoRA
+    # deltas in one C call, not two (`python -m bench.small_linear` measures both)
+    fused_few_rows: bool = True
     # while the engine loop runs, a disk read asked for by a request thread (Engine.prepare_adapter) runs on the
     # engine's thread between steps instead of beside them (`python -m bench.adapter_scaling --compare reads`)
     reads_between_steps: bool = True

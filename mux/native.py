@@ -4,7 +4,9 @@
 - `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`);
 - `sampling.c`: greedy tokens and log-normalisers of a step's logits (called from `mux/engine/sampler.py`);
 - `layers.c`: a decoder layer's RMSNorms and RoPE (called from `mux/model/cpu_layers.py`);
-- `linear.c`: linears at 1-4 rows, over the plain weights (given to `mux/model/cpu.py`'s packed linears);
+- `linear.c`: linears at 1-4 rows, over the plain weights (given to `mux/model/cpu.py`'s packed linears), alone
+  or with their LoRA deltas in the same call (`mux/lora/ops.py`);
+- `lora.h`: the LoRA shrink both LoRA paths share;
 - `simd.h`: the vector helpers they share.
 
 On this 2-core CPU both replace many small torch calls (a batched matmul per layer per adapter group, an SDPA
@@ -54,6 +56,10 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
     "mux_rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _F32]),
     "mux_rope": (None, [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64]),
     "mux_small_linear": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64]),
+    "mux_small_linear_lora": (
+        None,
+        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR],
+    ),
 }
 
 

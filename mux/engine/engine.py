@@ -70,7 +70,11 @@ class Engine:
         self.tokenizer = self.base.tokenizer
         self.eos_ids = frozenset(self.base.eos_token_ids)
         self.lora = MultiLoRAModel(
-            model, config.lora.max_loras, config.lora.max_lora_rank, use_native=config.lora.native_kernel
+            model,
+            config.lora.max_loras,
+            config.lora.max_lora_rank,
+            use_native=config.lora.native_kernel,
+            fused_few_rows=config.lora.fused_few_rows,
         )
         if config.model.cpu_tuning and can_pack(model):
             few_rows = config.model.few_row_linears

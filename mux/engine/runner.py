@@ -113,7 +113,13 @@ class ModelRunner:
             self.lora.ctx.batch = per_token_batch(self._row_slots(groups, len(ids)), rank, layers) if groups else None
         else:
             batch = build_lora_batch(
-                groups, rank, self.device, self.lora.dtype, slot_ranks=self.lora.slot_rank, use_native=self.lora.native
+                groups,
+                rank,
+                self.device,
+                self.lora.dtype,
+                slot_ranks=self.lora.slot_rank,
+                use_native=self.lora.native,
+                rows=len(ids) if self.lora.fused_few_rows else None,
             )
             self.lora.ctx.batch = batch if batch is None or layers is None else replace(batch, layers=layers)
         try:

@@ -7,7 +7,7 @@ from torch import nn
 
 from mux import native
 from mux.lora.adapter import LoRAWeights, ModuleShape
-from mux.lora.ops import LoRABatch, lora_add_
+from mux.lora.ops import LoRABatch, few_rows_linear_lora, lora_add_
 
 
 class LoRAContext:
@@ -37,10 +37,15 @@ class MultiLoRALinear(nn.Module):
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         batch = self.ctx.batch
         if batch is None or (batch.layers is not None and self.index not in batch.layers):
-            return y  # no adapter of this step targets this linear: its delta is exactly zero
+            return self.base(x)  # no adapter of this step targets this linear: its delta is exactly zero
+        if (
+            batch.few is not None
+            and (y := few_rows_linear_lora(self.base, x, self.lora_a, self.lora_b, batch.few)) is not None
+        ):
+            return y
+        y = self.base(x)
         lora_add_(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a, self.lora_b, batch)
         return y
 
@@ -55,7 +60,9 @@ class MultiLoRALinear(nn.Module):
 class MultiLoRAModel:
     """Owns the MultiLoRALinear layers of one base model and fills their slots."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, use_native: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, num_slots: int, max_rank: int, use_native: bool = True, fused_few_rows: bool = True
+    ) -> None:
         self.ctx = LoRAContext()
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -75,6 +82,7 @@ class MultiLoRAModel:
         weight = next(iter(self.layers.values())).base.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.native = use_native and native.serves(self.device, self.dtype)  # the C kernel serves LoRA rows
+        self.fused_few_rows = self.native and fused_few_rows  # a few-row step's linears with their deltas, in C
 
     def load(self, slot: int, weights: LoRAWeights) -> None:
         """Copy A [r, in] and B·s [r, out] of every targeted module into `slot`; zero everything else.

@@ -5,9 +5,10 @@ kernel (`mux/triton_ops.py`) reads that slot's weights in place; its shapes depe
 captured decode graph replays it for any mix of adapters. Without Triton the same layout gathers each row's
 A and B in torch. On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves the rows,
 each at its slot's own rank: it was faster than the layouts below in every rank-8 scenario of
-`python -m bench.lora_kernel`. Runs of >= 8 rows above rank 8 (prefill chunks of larger adapters) keep the
-layouts below, where MKL beat it (same bench, the rank rows). Elsewhere (CUDA prefills, other dtypes, no C
-compiler) `lora_add_` adds each token's
+`python -m bench.lora_kernel`; in a step of at most FEW_ROWS rows each linear and its deltas are one C call
+(`few_rows_linear_lora`, `python -m bench.small_linear`). Runs of >= 8 rows above rank 8 (prefill chunks of
+larger adapters) keep the layouts below, where MKL beat it (same bench, the rank rows). Elsewhere (CUDA
+prefills, other dtypes, no C compiler) `lora_add_` adds each token's
 `(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are gathered into equal-size blocks,
 one slot per block, in one of two layouts chosen per step by a cost model:
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mux import native, triton_ops
+from mux.model.cpu import FEW_ROWS
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
@@ -78,6 +80,25 @@ def native_rows(groups: dict[int, list[int]], ranks: dict[int, int]) -> NativeRo
 
 
 @dataclass(frozen=True, slots=True)
+class RowSlots:
+    """A step of at most FEW_ROWS rows on the C kernels: each row's slot (-1: none) and rank, for the fused
+    few-row linear (`few_rows_linear_lora`)."""
+
+    tensor: torch.Tensor  # [2, T] int64: slot, rank of each row; kept alive for the pointers
+    pointers: tuple[int, int]
+    rows: int
+
+
+def row_slots(groups: dict[int, list[int]], ranks: dict[int, int], rows: int) -> RowSlots:
+    slot = [-1] * rows
+    for s, rs in groups.items():
+        for row in rs:
+            slot[row] = s
+    table = torch.tensor([slot, [ranks.get(s, 0) for s in slot]], dtype=torch.int64)  # [2, T]
+    return RowSlots(table, (table[0].data_ptr(), table[1].data_ptr()), rows)
+
+
+@dataclass(frozen=True, slots=True)
 class LoRABatch:
     """Which token rows use which slot this step; built once by the runner, read by every layer."""
 
@@ -92,6 +113,7 @@ class LoRABatch:
     native: NativeRows | None = None  # rows the C kernel serves (the segments and blocks serve the others)
     token_slots: torch.Tensor | None = None  # [T] int64 slot of every row, -1 for none: the per-token layout
     layers: frozenset[int] | None = None  # indices of the wrapped linears some slot targets (None: all)
+    few: RowSlots | None = None  # a step of <= FEW_ROWS rows: each linear and its deltas in one C call
 
 
 def per_token_batch(token_slots: torch.Tensor, rank: int, layers: frozenset[int] | None = None) -> LoRABatch:
@@ -123,12 +145,15 @@ def build_lora_batch(
     slot_ranks: list[int] | None = None,
     segment_rows: int | None = _SEGMENT_ROWS,
     use_native: bool = False,
+    rows: int | None = None,
 ) -> LoRABatch | None:
     """groups: slot -> token rows using it, ascending (base-only rows are left out). None when no row uses an
     adapter. rank: the largest rank among the groups' slots; slot_ranks[slot]: each slot's own (default: rank).
 
     layout: "wave" or "gathered" to force one for the blocks, and every run of at least `segment_rows` rows in
     place (benchmarks, tests); None lets the cost model choose both. segment_rows=None: every row in blocks.
+    rows: the step's row count, given to fuse each linear with its deltas when it is at most FEW_ROWS (with
+    use_native; the C kernel still serves a linear that cannot take the fused call).
     """
     if layout not in (None, "wave", "gathered"):
         raise ValueError(f"unknown LoRA layout {layout!r} (wave, gathered or None)")
@@ -147,7 +172,8 @@ def build_lora_batch(
         rest = _without(groups, runs)
         native_part = native_rows(rest, ranks) if rest else None
         if not runs:
-            return LoRABatch((), None, None, None, None, None, 0, rank, native_part)
+            few = row_slots(groups, ranks, rows) if rows is not None and rows <= FEW_ROWS else None
+            return LoRABatch((), None, None, None, None, None, 0, rank, native_part, few=few)
         long: dict[int, list[int]] = {}
         for slot, lo, hi in runs:
             long.setdefault(slot, []).extend(range(lo, hi))
@@ -284,6 +310,29 @@ def _per_token_add_(y, x, a, b, slots: torch.Tensor, rank: int) -> None:
     slot = slots.clamp(min=0)
     h = torch.bmm(x[:, None, :], a[:, :rank].index_select(0, slot).transpose(1, 2)).mul_(live)  # [T, 1, r]
     y.view(-1, 1, b.shape[-1]).baddbmm_(h, b[:, :rank].index_select(0, slot))
+
+
+def few_rows_linear_lora(
+    base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots
+) -> torch.Tensor | None:
+    """base(x) plus each row's (x A_slot) B_slot in one C call (`mux_small_linear_lora`, bitwise the two calls it
+    replaces: one Python round and one parallel region fewer per linear), when `base` is a packed linear with the
+    few-row kernel (mux/model/cpu.py) and x [..., in] is its contiguous input of the step's rows; else None."""
+    if (
+        getattr(base, "few_rows", None) is None
+        or x.shape[-1] != base.in_features
+        or x.numel() != rows.rows * base.in_features
+        or not x.is_contiguous()
+    ):
+        return None
+    y = x.new_empty(*x.shape[:-1], base.out_features)  # [..., out]
+    bias = None if base.bias is None else base.bias.data_ptr()
+    k, n = base.in_features, base.out_features
+    native.library().mux_small_linear_lora(
+        x.data_ptr(), k, y.data_ptr(), n, base.weight.data_ptr(), bias, rows.rows, k, n,
+        a.data_ptr(), b.data_ptr(), a.shape[1], *rows.pointers,
+    )  # fmt: skip
+    return y
 
 
 def _native_lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: NativeRows) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from bench.common import group_rows
 from mux import native
-from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference, native_rows
+from mux.lora.ops import build_lora_batch, few_rows_linear_lora, lora_add_, lora_delta_reference, native_rows
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 
@@ -222,3 +222,85 @@ def test_slot_loads_in_c_equal_torch_copies(tiny_dir, tiny_adapters):
         for name in c.layers:
             assert torch.equal(c.layers[name].lora_a, py.layers[name].lora_a), name
             assert torch.equal(c.layers[name].lora_b, py.layers[name].lora_b), name
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(seed):
+    """A step of <= 4 rows: each linear and its deltas in one call (`few_rows_linear_lora`) gives exactly what the
+    few-row linear then the LoRA kernel give, and PEFT's sum: rows with and without adapters, one adapter on
+    several rows, ranks off the groups of four, widths off the vectors and the output blocks, a bias."""
+    from torch import nn
+
+    from mux.model.cpu import FEW_ROWS, PackedLinear
+
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    in_f, out_f = rnd.choice([(80, 50), (576, 192), (37, 130), (16, 7)])
+    rows, slots, max_rank = rnd.randint(1, FEW_ROWS), 4, 16
+    linear = nn.Linear(in_f, out_f, bias=seed % 2 == 0)
+    base = PackedLinear(linear, native.library().mux_small_linear)
+    ranks = [rnd.choice([1, 3, 4, 5, 8, 13, 16]) for _ in range(slots)]
+    a = torch.randn(slots, max_rank, in_f, generator=g)
+    b = torch.randn(slots, max_rank, out_f, generator=g)
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, r:] = 0
+    token_slots = [rnd.randrange(slots), *(rnd.choice([-1, *range(slots)]) for _ in range(rows - 1))]
+    x = torch.randn(rows, in_f, generator=g)
+    batch = build_lora_batch(group_rows(token_slots), max(ranks), "cpu", slot_ranks=ranks, use_native=True, rows=rows)
+    assert batch.few is not None and batch.few.rows == rows
+    two_calls = base(x)
+    lora_add_(two_calls, x, a, b, batch)
+    fused = few_rows_linear_lora(base, x, a, b, batch.few)
+    assert torch.equal(fused, two_calls)
+    want = linear(x) + lora_delta_reference(x, a, b, token_slots)
+    assert torch.allclose(fused, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_fused_call_is_declined_where_its_kernel_cannot_serve():
+    """None (the two calls serve) for a base without the few-row kernel, an input of another width, another row
+    count than the step's, or a strided input; no fused rows past FEW_ROWS or without the C kernel."""
+    from torch import nn
+
+    from mux.model.cpu import FEW_ROWS, PackedLinear
+
+    linear = nn.Linear(64, 32)
+    base = PackedLinear(linear, native.library().mux_small_linear)
+    a, b = torch.randn(2, 4, 64), torch.randn(2, 4, 32)
+    few = build_lora_batch({0: [0], 1: [1]}, 4, "cpu", use_native=True, rows=2).few
+    assert few_rows_linear_lora(base, torch.randn(2, 64), a, b, few) is not None
+    for module, x in (
+        (PackedLinear(linear), torch.randn(2, 64)),
+        (linear, torch.randn(2, 64)),
+        (base, torch.randn(2, 80)),
+        (base, torch.randn(3, 64)),
+        (base, torch.randn(64, 2).T),
+    ):
+        assert few_rows_linear_lora(module, x, a, b, few) is None
+    rows = FEW_ROWS + 1
+    assert build_lora_batch({0: list(range(rows))}, 4, "cpu", use_native=True, rows=rows).few is None
+    assert build_lora_batch({0: [0]}, 4, "cpu", use_native=True).few is None  # no row count given
+    assert build_lora_batch({0: [0]}, 4, "cpu", rows=1).few is None  # torch's layouts
+
+
+def test_the_engine_fuses_few_row_steps_and_gives_the_same_tokens(tiny_dir, tiny_adapters, monkeypatch):
+    """Decode steps of 1-4 sequences with adapters take the fused call for every targeted linear, with the same
+    greedy tokens as the two calls (LoRAConfig.fused_few_rows=False)."""
+    from mux.engine.sequence import SamplingParams
+    from mux.lora import layers
+    from tests.conftest import make_engine
+
+    calls = []
+    fused_call = layers.few_rows_linear_lora
+    monkeypatch.setattr(layers, "few_rows_linear_lora", lambda *a: calls.append(fused_call(*a)) or calls[-1])
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    adapters = [tiny_adapters["r4-attn"], tiny_adapters["r16-all"], None, tiny_adapters["r2-down"]]
+    prompts = ["the quick brown fox", "hello there", "a b c d e", "one two"]
+    fused, plain = make_engine(tiny_dir, max_loras=4), make_engine(tiny_dir, max_loras=4, fused_few_rows=False)
+    for n in (1, 4):
+        got = [o.token_ids for o in fused.generate(prompts[:n], greedy, adapters[:n])]
+        assert calls and all(y is not None for y in calls)
+        calls.clear()
+        assert got == [o.token_ids for o in plain.generate(prompts[:n], greedy, adapters[:n])]
+        assert not calls
