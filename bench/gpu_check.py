@@ -48,26 +48,34 @@ from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference, per_
 from mux.model.loader import BaseModel
 
 
-def check_ops(device: str) -> dict:
-    """Max |error| of the kernel on `device` vs the CPU reference, per layout and dtype."""
+def check_ops(device: str, features: tuple[int, int] = (1100, 520)) -> dict:
+    """Max |error| of the kernel on `device` vs the CPU reference, per layout and dtype; features (in, out), by
+    default not multiples of the kernels' blocks."""
     out = {}
     cases = {"wave": [0, 1, 2, 3] * 8 + [5, -1], "gathered": [1] * 300 + [0, 7], "per_token": [3, -1, 0, 7] * 70}
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
         for layout, token_slots in cases.items():
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(len(token_slots), 1100, generator=g)  # not a multiple of the kernels' blocks
-            a = torch.randn(8, 16, 1100, generator=g) * 0.1
-            b = torch.randn(8, 16, 520, generator=g) * 0.1
+            x = torch.randn(len(token_slots), features[0], generator=g)
+            a = torch.randn(8, 16, features[0], generator=g) * 0.1
+            b = torch.randn(8, 16, features[1], generator=g) * 0.1
             ref = lora_delta_reference(x, a, b, token_slots)
             if layout == "per_token":
                 batch = per_token_batch(torch.tensor(token_slots, device=device), 16)
             else:
                 batch = build_lora_batch(group_rows(token_slots), 16, device, dtype)
                 assert (batch.wave is not None) == (layout == "wave"), layout
-            y = torch.zeros(len(token_slots), 520, dtype=dtype, device=device)
+            y = torch.zeros(len(token_slots), features[1], dtype=dtype, device=device)
             lora_add_(y, x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch)
             err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
             out[f"{layout}_{str(dtype).removeprefix('torch.')}"] = {"rel_err": err, "ok": err <= tol}
+            if layout == "per_token" and triton_ops.serves(device):  # both Triton paths, whichever the pick is
+                for name, fused in (("two_kernels", False), ("one_kernel", True)):
+                    y.zero_()
+                    args = (x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch.token_slots, 16)
+                    triton_ops.lora_add(y, *args, fused)
+                    err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+                    out[f"per_token_{name}_{str(dtype).removeprefix('torch.')}"] = {"rel_err": err, "ok": err <= tol}
     if triton_ops.serves(device):
         out.update(check_paged_attention(device))
     return out
@@ -317,6 +325,9 @@ def scaling(device: str, tokenizer_dir: Path, root: Path, args) -> dict:
     engine.generate(prompts[: args.batch], SamplingParams(max_tokens=8, ignore_eos=True), None)  # a base-only graph
     results["decode_graphs"] = engine.runner.graphs.num_graphs if engine.runner.graphs is not None else 0
     if triton_ops.serves(device):
+        # the engine's LoRA add per shape, timed at first use: (in, out, rank, many) -> ms of two kernels, of one
+        results["lora_add_pick_ms"] = {str(k): v for k, v in triton_ops.FUSED_TIMES.items()}
+        print("LoRA add, two kernels vs one:", json.dumps(results["lora_add_pick_ms"]), flush=True)
         results["kernel_ms"] = kernel_times(device, engine.runner.graphs)
         print("kernel ms:", json.dumps(results["kernel_ms"]), flush=True)
     engine.stop()
@@ -405,6 +416,8 @@ def main() -> None:
             if k.startswith("steps_")
         ),
         f"Kernel ms: {json.dumps(s.get('kernel_ms'))}",
+        f"LoRA add timed at first use, (in, out, rank, many rows) -> ms of two kernels, of one: "
+        f"{json.dumps(s.get('lora_add_pick_ms'))}",
         "",
         f"{many} vs {few} adapters live: **{s['many_vs_few']:.2f}×** (target ≥ 0.90×); "
         f"mux vs PEFT mixed batch ({few} adapters): **{s['mux_vs_peft_mixed']:.1f}×** (target ≥ 10×)",

@@ -74,7 +74,8 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 def kernel_times(device: str, graphs) -> dict:
     """Device ms of the step's pieces at 7B shapes, 256 rows, each timed as 20 calls captured in one CUDA graph
     (no launch cost): a 4096×4096 base linear, an RMSNorm (transformers' and the fused one the engine uses on
-    CUDA), the per-token LoRA add over 5 and over 256 distinct slots (Triton, and torch's gather), paged decode
+    CUDA), the per-token LoRA add over 5 and over 256 distinct slots (Triton: the pick, its two kernels and its
+    one kernel; and torch's gather), paged decode
     attention at 96 positions (Triton: the tuned pick, and each of its configs alone; and the SDPA path it
     replaces); and the replay of each captured 256-row decode graph (with and without LoRA: the difference is
     what the adapters cost a step)."""
@@ -113,7 +114,11 @@ def kernel_times(device: str, graphs) -> dict:
     out["rms_norm_fused_4096"] = ms(lambda: FusedRMSNorm(norm)(x))
     for name, idx in (("5_slots", torch.arange(rows) % 5), ("256_slots", torch.arange(rows) * 3 % slots)):
         idx = idx.to(device)
-        out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, idx, rank))
+        out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, idx, rank))  # the pick
+        for label, fused in (("two_kernels", False), ("one_kernel", True)):  # what the pick chose between
+            out[f"lora_triton_{label}_{name}"] = ms(
+                lambda idx=idx, f=fused: triton_ops.lora_add(y, x, a, b, idx, rank, f)
+            )
         out[f"lora_torch_gather_{name}"] = ms(lambda idx=idx: _per_token_add_(y, x, a, b, idx, rank))
     bs, heads, head_dim, ctx = 16, 32, 128, 96
     nb = ctx // bs

@@ -4,7 +4,9 @@ On a GPU, torch's own ops need the slot weights or the KV blocks gathered (copie
 batched matmul or SDPA can read them. These kernels read each token's slot weights, and each sequence's KV
 blocks, in place. Measured on an H200 (`bench/gpu_profile.py`, 256 rows, 4096 features, rank 8, inside a CUDA
 graph): the LoRA add 0.018 ms vs 0.066 for torch's gather (5 slots), 0.020 vs 0.075 (256 slots); the attention
-kernel's SDPA baseline is timed beside it from 2026-12-04 on, not yet on a GPU. They serve
+kernel's SDPA baseline is timed beside it from 2026-12-04 on, not yet on a GPU. The LoRA add also has a
+one-kernel form (no zeroed buffer, no atomics), chosen per shape by timing at first use (not yet on a GPU
+either). They serve
 on CUDA when triton imports (it ships with torch's CUDA wheels) and they pass a self-check at first use;
 elsewhere, or with `MUX_TRITON=0`, torch's ops serve (`mux/lora/ops.py`, `mux/engine/kv_cache.py`).
 `bench/gpu_check.py` checks both against the CPU reference on the device; the tests run them without a GPU, in
@@ -72,7 +74,7 @@ def pinned(choice: dict):
 def _untuned():
     """Each kernel with its first config: the self-check's tiny shapes are never served, so timing every config
     for them would only cost compiles at first use. (Every config is checked against torch in the tests.)"""
-    return pinned({k: k.configs[0] for k in (_lora_shrink, _lora_expand, _paged_decode)})
+    return pinned({k: k.configs[0] for k in (_lora_shrink, _lora_expand, _lora_fused, _paged_decode)})
 
 
 def _self_check(device: torch.device) -> float:
@@ -82,8 +84,11 @@ def _self_check(device: torch.device) -> float:
     slots = torch.tensor([2, -1, 0, 0, 1, 2])
     live = (slots >= 0).float()[:, None]
     want = torch.einsum("ti,tri,tro->to", x, a[slots.clamp(min=0)], b[slots.clamp(min=0)]) * live  # [6, 48]
-    y = torch.zeros(6, 48, device=device)
-    lora_add(y, x.to(device), a.to(device), b.to(device), slots.to(device), 4)
+    error = 0.0
+    for fused in (False, True):
+        y = torch.zeros(6, 48, device=device)
+        lora_add(y, x.to(device), a.to(device), b.to(device), slots.to(device), 4, fused)
+        error = max(error, (y.cpu() - want).abs().max().item())
     q, k, v = (
         torch.randn(2, 4, 16, generator=g),
         torch.randn(48, 2, 16, generator=g),
@@ -93,7 +98,7 @@ def _self_check(device: torch.device) -> float:
     ref = paged_decode_reference(q, k, v, tables, lens.tolist(), 16)
     out = torch.empty(2, 4, 16, device=device)
     paged_decode(q.to(device), k.to(device), v.to(device), tables.to(device), lens.to(device), 16, 0.25, out)
-    return max((y.cpu() - want).abs().max().item(), (out.cpu() - ref).abs().max().item())
+    return max(error, (out.cpu() - ref).abs().max().item())
 
 
 def paged_decode_reference(q, k, v, tables, lens: list[int], block_size: int) -> torch.Tensor:
@@ -160,6 +165,45 @@ if triton is not None:
         yv = tl.load(y + t * y_row + n, mask=out, other=0.0)
         tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out)
 
+    # One kernel for the whole add (no zeroed h, no atomics): each program computes its row's h = x A_slotᵀ in
+    # registers, over all the input features, then adds h B_slot to its share of the output features. N_SPLIT
+    # programs a row share the outputs, each recomputing h (A read again, from cache). Whether this beats the
+    # two kernels above is timed at first use per shape (`lora_add`); not yet run on a GPU.
+    @triton.autotune(
+        [triton.Config({"N_SPLIT": s, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w) for s, k, n, w in
+         ((1, 512, 512, 4), (4, 256, 256, 4), (8, 256, 512, 4), (16, 512, 256, 4), (32, 256, 128, 2))],
+        key=["in_features", "out_features", "rank", "many"], restore_value=["y"],
+    )  # fmt: skip
+    @triton.jit
+    def _lora_fused(x, x_row, a, a_slot, a_rank, b, b_slot, b_rank, slots, y, y_row, rank, in_features,
+                    out_features, many, R: tl.constexpr, N_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
+        """y[t, ns] += (x[t] · A[slot[t], :rank]ᵀ) · B[slot[t], :rank, ns] for this program's share ns."""
+        t, split = tl.program_id(0), tl.program_id(1)
+        slot = tl.load(slots + t)
+        k_limit = tl.where(slot >= 0, in_features, 0)  # a row with no adapter: nothing read or written
+        n_limit = tl.where(slot >= 0, out_features, 0)
+        ranks = tl.where(slot >= 0, rank, 0)
+        slot = tl.maximum(slot, 0)
+        r = tl.arange(0, R)
+        h = tl.zeros((R,), dtype=tl.float32)
+        for k0 in range(0, k_limit, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x + t * x_row + k, mask=k < k_limit, other=0.0).to(tl.float32)
+            mask = (r[:, None] < ranks) & (k[None, :] < k_limit)
+            av = tl.load(a + slot * a_slot + r[:, None] * a_rank + k[None, :], mask=mask, other=0.0)
+            h += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
+        share = tl.cdiv(tl.cdiv(out_features, N_SPLIT), BLOCK_N) * BLOCK_N
+        end = tl.minimum(split * share + share, n_limit)
+        for n0 in range(split * share, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            out = n < end
+            mask = (r[:, None] < ranks) & out[None, :]
+            bv = tl.load(b + slot * b_slot + r[:, None] * b_rank + n[None, :], mask=mask, other=0.0)
+            delta = tl.sum(h[:, None] * bv.to(tl.float32), axis=0)
+            yv = tl.load(y + t * y_row + n, mask=out, other=0.0)
+            tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out)
+
     # The decode attention's tile (positions per iteration, any number of KV blocks) and warps are picked by
     # timing at first use per model shape, once, among these: the first is the kernel as first measured on an
     # H200 (one 16-position block per iteration, Triton's default 4 warps), the others read more positions per
@@ -206,20 +250,60 @@ if triton is not None:
         tl.store(dst, out.to(o.dtype.element_ty), mask=g[:, None] < GROUP)
 
 
-def lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int):
+def lora_add(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int,
+    fused: bool | None = None,
+):  # fmt: skip
     """y [T, out] += (x A_slot[:rank]ᵀ) B_slot[:rank] per row; slots [T] int64 (-1: no adapter, row untouched);
-    x [T, in], a [S, R, in], b [S, R, out], rows contiguous. Accumulates in float32."""
+    x [T, in], a [S, R, in], b [S, R, out], rows contiguous. Accumulates in float32. fused: one kernel
+    (`_lora_fused`) or two (`_lora_shrink`, `_lora_expand`); None: whichever was faster for this shape, timed
+    at its first call outside a CUDA graph capture (before one, the two kernels)."""
     rows, in_features = x.shape
     out_features = b.shape[2]
     r = max(8, triton.next_power_of_2(rank))  # lanes past `rank` are masked
-    h = torch.zeros(rows, r, dtype=torch.float32, device=x.device)  # [T, r]
     many = int(rows > 32)  # the tuning key: a few rows or a batch
+    if fused is None:
+        fused = _fused_is_faster(y, x, a, b, slots, rank, (in_features, out_features, rank, many))
+    if fused:
+        _lora_fused[lambda meta: (rows, meta["N_SPLIT"])](
+            x, x.stride(0), a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank,
+            in_features, out_features, many, R=r,
+        )  # fmt: skip
+        return
+    h = torch.zeros(rows, r, dtype=torch.float32, device=x.device)  # [T, r]
     _lora_shrink[lambda meta: (rows, meta["SPLIT_K"])](
         x, x.stride(0), a, a.stride(0), a.stride(1), slots, h, rank, in_features, many, R=r
     )
     _lora_expand[lambda meta: (rows, triton.cdiv(out_features, meta["BLOCK_N"]))](
         h, b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank, out_features, many, R=r
     )
+
+
+_FUSED: dict[tuple, bool] = {}  # (in, out, rank, many) -> whether the one kernel was faster
+FUSED_TIMES: dict[tuple, tuple[float, float]] = {}  # the same keys -> (ms of the two kernels, of the one)
+
+
+def _fused_is_faster(y, x, a, b, slots, rank: int, key: tuple) -> bool:
+    """Time both paths on these tensors once per shape (each tuned first; y restored after), remember the faster.
+    Inside a capture (no timing possible), or off CUDA (Triton's interpreter, in the tests), an untimed shape
+    takes the two kernels."""
+    if key in _FUSED:
+        return _FUSED[key]
+    if y.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return False
+    from triton.testing import do_bench
+
+    saved = y.clone()
+    times = []
+    for fused in (False, True):
+        run = functools.partial(lora_add, y, x, a, b, slots, rank, fused)
+        run()  # tunes its kernels' block shapes first
+        times.append(do_bench(run, warmup=5, rep=20))
+    y.copy_(saved)
+    FUSED_TIMES[key] = tuple(times)
+    _FUSED[key] = times[1] < times[0]
+    log.info("LoRA add %s: two kernels %.4f ms, one %.4f ms", key, *times)
+    return _FUSED[key]
 
 
 def paged_decode(q, k_cache, v_cache, tables, lens, block_size: int, scale: float, out: torch.Tensor) -> None:

@@ -77,6 +77,42 @@ def test_lora_add_every_config_equals_the_reference(rank):
         assert torch.allclose(y.cpu(), want, atol=1e-4), (cs, ce)
 
 
+@needs_triton
+@pytest.mark.parametrize("rank", [1, 4, 8, 16])
+def test_the_one_kernel_lora_add_equals_the_reference_in_every_config(rank):
+    """`_lora_fused` (one kernel: h in registers, outputs shared out over N_SPLIT programs a row), each config; rows
+    with no adapter untouched; y a column slice of a wider output; more output features than one program's share
+    and fewer than the splits (7 outputs over up to 32 programs a row)."""
+    g = torch.Generator().manual_seed(rank)
+    for rows, in_features, out_features in ((7, 80, 48), (3, 600, 700), (5, 16, 7)):
+        x = torch.randn(rows, in_features, generator=g)
+        a = torch.randn(3, 16, in_features, generator=g)  # [S, R, in]: rank padded to 16
+        b = torch.randn(3, 16, out_features, generator=g)
+        slots = torch.tensor([2, -1, 0, 0, 1, 2, -1][:rows])
+        base = torch.randn(rows, out_features + 20, generator=g)
+        want = base.clone()
+        want[:, 5 : 5 + out_features] += lora_reference(x, a, b, slots, rank)
+        kernel = triton_ops._lora_fused
+        for config in kernel.configs:
+            y = base.clone().to(DEVICE)
+            with triton_ops.pinned({kernel: config}):
+                triton_ops.lora_add(
+                    y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, a, b, slots)), rank, fused=True
+                )  # fmt: skip
+            assert torch.allclose(y.cpu(), want, atol=1e-3), (rows, in_features, out_features, config)
+
+
+@needs_triton
+def test_off_cuda_an_unpinned_lora_add_takes_the_two_kernels_untimed():
+    """The choice between one kernel and two is timed on a GPU only; the interpreter (these tests) takes two."""
+    x, a, b = torch.randn(2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 8)
+    y = torch.zeros(2, 8)
+    with triton_ops.pinned({k: k.configs[0] for k in (triton_ops._lora_shrink, triton_ops._lora_expand)}):
+        triton_ops.lora_add(y, x, a, b, torch.tensor([0, 0]), 8)
+    assert torch.allclose(y, lora_reference(x, a, b, torch.tensor([0, 0]), 8), atol=1e-4)
+    assert not triton_ops._FUSED and not triton_ops.FUSED_TIMES
+
+
 def paged_case(heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0):
     """Decode queries over scattered blocks of a cache, lengths from one position to several blocks, the query
     a transposed view as the model's attention hands it over: (q, k, v, tables, lens)."""
@@ -109,7 +145,7 @@ def test_paged_decode_every_config_equals_the_reference(heads, kv_heads, dtype):
 @needs_triton
 def test_self_check_passes_on_every_config():
     """The first-use check the engine runs before it serves with the kernels, on this device."""
-    kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._paged_decode)
+    kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._lora_fused, triton_ops._paged_decode)
     for configs in itertools.product(*(k.configs[:2] for k in kernels)):
         with triton_ops.pinned(dict(zip(kernels, configs, strict=True))):
             assert triton_ops._self_check(torch.device(DEVICE)) < 1e-4
@@ -117,7 +153,7 @@ def test_self_check_passes_on_every_config():
 
 @needs_triton
 def test_the_first_use_check_tunes_nothing_and_restores_the_configs():
-    kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._paged_decode)
+    kernels = (triton_ops._lora_shrink, triton_ops._lora_expand, triton_ops._lora_fused, triton_ops._paged_decode)
     before = [(k.configs, k.cache) for k in kernels]
     with triton_ops._untuned():
         assert all(len(k.configs) == 1 for k in kernels)

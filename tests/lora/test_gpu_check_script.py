@@ -14,6 +14,25 @@ def test_gpu_check_ops_pass_on_cpu():
     assert all(r["ok"] for r in results.values()), results
 
 
+def test_gpu_check_ops_check_both_triton_lora_paths(monkeypatch):
+    """Where the kernels serve, the per-token case is checked through the engine's pick and through each of the
+    two Triton paths (here in Triton's interpreter, one config each: the timing that picks needs a GPU)."""
+    import pytest
+    import torch
+
+    from mux import triton_ops
+
+    if triton_ops.triton is None or torch.cuda.is_available():
+        pytest.skip("needs triton, and no CUDA (there gpu_check itself runs this)")
+    monkeypatch.setattr(triton_ops, "serves", lambda device: True)
+    monkeypatch.setattr("bench.gpu_check.check_paged_attention", lambda device: {})  # tested in test_triton_ops
+    with triton_ops._untuned():
+        results = check_ops("cpu", features=(40, 24))  # small: the interpreter runs each program in Python
+    for name in ("per_token", "per_token_two_kernels", "per_token_one_kernel"):
+        for dtype in ("float32", "float16"):
+            assert results[f"{name}_{dtype}"]["ok"], (name, dtype, results)
+
+
 def test_gpu_check_engine_part_runs_on_cpu(tmp_path, smollm2_dir):
     results = check_engine("cpu", smollm2_dir, tmp_path)
     half = results.pop("half_precision")
