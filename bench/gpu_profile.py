@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from mux import triton_ops
 from mux.engine.engine import Engine
@@ -74,11 +74,11 @@ def step_breakdown(engine: Engine, prompts, params, adapters) -> dict:
 def kernel_times(device: str, graphs) -> dict:
     """Device ms of the step's pieces at 7B shapes, 256 rows, each timed as 20 calls captured in one CUDA graph
     (no launch cost): a 4096×4096 base linear, an RMSNorm (transformers' and the fused one the engine uses on
-    CUDA), the per-token LoRA add over 5 and over 256 distinct slots (Triton: the pick, its two kernels and its
-    one kernel; and torch's gather), paged decode
-    attention at 96 positions (Triton: the tuned pick, and each of its configs alone; and the SDPA path it
-    replaces); and the replay of each captured 256-row decode graph (with and without LoRA: the difference is
-    what the adapters cost a step)."""
+    CUDA), RoPE on a layer's q and k (transformers' ops and the Triton kernel), the per-token LoRA add over 5 and
+    over 256 distinct slots (Triton: the pick, its two kernels and its one kernel; and torch's gather), paged
+    decode attention at 96 positions (Triton: the tuned pick, and each of its configs alone; and the SDPA path
+    it replaces); and the replay of each captured 256-row decode graph (with and without LoRA: the difference
+    is what the adapters cost a step)."""
     from mux.lora.ops import _per_token_add_
 
     def ms(fn, reps: int = 20) -> float:
@@ -112,6 +112,13 @@ def kernel_times(device: str, graphs) -> dict:
     norm = LlamaRMSNorm(width, eps=1e-5).to(device, torch.float16)  # 65 a 7B decode step: transformers' vs fused
     out["rms_norm_transformers_4096"] = ms(lambda: norm(x))
     out["rms_norm_fused_4096"] = ms(lambda: FusedRMSNorm(norm)(x))
+    # RoPE on a 7B layer's q and k (32 heads of 128 each, 256 rows): transformers' ops vs the one Triton kernel
+    qk = torch.randn(2, 1, rows, width, device=device, dtype=torch.float16, generator=g)  # [2, B=1, T, H*D]
+    angles = torch.randn(1, rows, 64, device=device, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos().half(), angles.sin().half()  # [1, T, 128]
+    heads = qk.view(2, 1, rows, 32, 128).transpose(2, 3)  # [2, B, H, T, D]
+    out["rope_transformers_32x128"] = ms(lambda: apply_rotary_pos_emb(heads[0], heads[1], cos, sin))
+    out["rope_triton_32x128"] = ms(lambda: triton_ops.rope_(qk[0], qk[1], cos[0], sin[0], 128))
     for name, idx in (("5_slots", torch.arange(rows) % 5), ("256_slots", torch.arange(rows) * 3 % slots)):
         idx = idx.to(device)
         out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, idx, rank))  # the pick

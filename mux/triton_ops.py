@@ -98,7 +98,20 @@ def _self_check(device: torch.device) -> float:
     ref = paged_decode_reference(q, k, v, tables, lens.tolist(), 16)
     out = torch.empty(2, 4, 16, device=device)
     paged_decode(q.to(device), k.to(device), v.to(device), tables.to(device), lens.to(device), 16, 0.25, out)
-    return max(error, (out.cpu() - ref).abs().max().item())
+    error = max(error, (out.cpu() - ref).abs().max().item())
+    q, k = torch.randn(3, 2 * 16, generator=g), torch.randn(3, 16, generator=g)  # [rows, H*D], [rows, Hkv*D]
+    cos, sin = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    want = [rope_reference(t, cos, sin, 16) for t in (q, k)]
+    got = rope_(*(t.to(device) for t in (q, k, cos, sin)), 16)
+    return max(error, *((t.cpu() - w).abs().max().item() for t, w in zip(got, want, strict=True)))
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """What `rope_` does to x [rows, H*D] with cos/sin [rows, D], as transformers writes it (rotate_half)."""
+    heads = x.view(x.shape[0], -1, head_dim)  # [rows, H, D]
+    x1, x2 = heads.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (heads * cos[:, None] + rotated * sin[:, None]).view_as(x)
 
 
 def paged_decode_reference(q, k, v, tables, lens: list[int], block_size: int) -> torch.Tensor:
@@ -204,6 +217,33 @@ if triton is not None:
             yv = tl.load(y + t * y_row + n, mask=out, other=0.0)
             tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out)
 
+    @triton.jit
+    def _rope(q, q_row, q_heads, k, k_row, k_heads, cos, sin, cs_row, HALF: tl.constexpr, HP: tl.constexpr,
+              KP: tl.constexpr, DP: tl.constexpr):  # fmt: skip
+        """One row's q and k heads rotated in place: x1·cos1 − x2·sin1 and x2·cos2 + x1·sin2 for each head's
+        halves x1, x2 (transformers' rotate_half), in float32, rounded once."""
+        t = tl.program_id(0)
+        d = tl.arange(0, DP)
+        dm = d < HALF
+        c1 = tl.load(cos + t * cs_row + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos + t * cs_row + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin + t * cs_row + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin + t * cs_row + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        hq = tl.arange(0, HP)
+        at = q + t * q_row + hq[:, None] * (2 * HALF) + d[None, :]  # [HP, DP]: first halves
+        mask = (hq[:, None] < q_heads) & dm[None, :]
+        x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, (x1 * c1 - x2 * s1).to(q.dtype.element_ty), mask=mask)
+        tl.store(at + HALF, (x2 * c2 + x1 * s2).to(q.dtype.element_ty), mask=mask)
+        hk = tl.arange(0, KP)
+        at = k + t * k_row + hk[:, None] * (2 * HALF) + d[None, :]
+        mask = (hk[:, None] < k_heads) & dm[None, :]
+        x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, (x1 * c1 - x2 * s1).to(k.dtype.element_ty), mask=mask)
+        tl.store(at + HALF, (x2 * c2 + x1 * s2).to(k.dtype.element_ty), mask=mask)
+
     # The decode attention's tile (positions per iteration, any number of KV blocks) and warps are picked by
     # timing at first use per model shape, once, among these: the first is the kernel as first measured on an
     # H200 (one 16-position block per iteration, Triton's default 4 warps), the others read more positions per
@@ -304,6 +344,20 @@ def _fused_is_faster(y, x, a, b, slots, rank: int, key: tuple) -> bool:
     _FUSED[key] = times[1] < times[0]
     log.info("LoRA add %s: two kernels %.4f ms, one %.4f ms", key, *times)
     return _FUSED[key]
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """q [..., H*D] and k [..., Hkv*D] (contiguous, the same rows) rotated in place by cos/sin [rows, D] (row
+    stride given by their last two dims: one row per token); one kernel for what transformers runs as ten.
+    Returns (q, k)."""
+    rows = q.numel() // q.shape[-1]
+    q_heads, k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
+    _rope[(rows,)](
+        q, q.shape[-1], q_heads, k, k.shape[-1], k_heads, cos, sin, cos.shape[-1], HALF=head_dim // 2,
+        HP=triton.next_power_of_2(q_heads), KP=triton.next_power_of_2(k_heads),
+        DP=triton.next_power_of_2(head_dim // 2),
+    )  # fmt: skip
+    return q, k
 
 
 def paged_decode(q, k_cache, v_cache, tables, lens, block_size: int, scale: float, out: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from bench.common import tiny_config
-from mux.model.cpu_layers import add_rms_norm_, fuse_layers, rms_norm, rope_
+from mux.model.cpu_layers import add_rms_norm_, fuse_layers, fuse_rope, rms_norm, rope_
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 
@@ -39,6 +39,19 @@ def test_fused_layers_give_transformers_logits_and_tokens(family):
         want, got = plain(ids, use_cache=False).logits, fused(ids, use_cache=False).logits  # [3, 37, V], SDPA
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_the_attention_forward_alone_in_transformers_layers(family):
+    """`fuse_rope` (the CUDA path: the attention forward with RoPE in place, transformers' layers otherwise; here
+    with the C RoPE, on CUDA the Triton one of the same contract) keeps transformers' logits."""
+    plain = tiny(family)
+    fused = copy.deepcopy(plain)
+    assert fuse_rope(fused) == plain.config.num_hidden_layers
+    ids = torch.randint(0, 512, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = plain(ids, use_cache=False).logits, fused(ids, use_cache=False).logits  # [3, 37, V]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_generation_with_a_kv_cache_takes_transformers_attention():

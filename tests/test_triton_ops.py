@@ -159,3 +159,32 @@ def test_the_first_use_check_tunes_nothing_and_restores_the_configs():
         assert all(len(k.configs) == 1 for k in kernels)
         assert triton_ops._self_check(torch.device(DEVICE)) < 1e-4
     assert [(k.configs, k.cache) for k in kernels] == before
+
+
+@needs_triton
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 128), (5, 1, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_equals_transformers(heads, kv_heads, head_dim, dtype):
+    """RoPE in place in one kernel equals transformers' apply_rotary_pos_emb (SmolLM2's heads, a 7B's head size,
+    heads and half-dims off the powers of two), through the attention forward's `rope_` as the engine calls it:
+    q [B, T, H*D] and k [B, T, Hkv*D] fresh projection outputs, cos/sin [1, T, D] broadcast over the batch."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from mux.model import cpu_layers
+
+    g = torch.Generator().manual_seed(head_dim)
+    batch, tokens = 2, 5
+    q = torch.randn(batch, tokens, heads * head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, tokens, kv_heads * head_dim, generator=g).to(dtype)
+    angles = torch.randn(1, tokens, head_dim // 2, generator=g).repeat(1, 1, 2)  # [1, T, D], halves equal as HF's
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    split = lambda t, h: t.view(batch, tokens, h, head_dim).transpose(1, 2)  # noqa: E731  [B, H, T, D]
+    want_q, want_k = apply_rotary_pos_emb(split(q, heads), split(k, kv_heads), cos, sin)
+    rows_cos, rows_sin = (t.expand(batch, -1, -1).contiguous() for t in (cos, sin))  # [B, T, D]: a row per token
+    got_q, got_k = triton_ops.rope_(*(t.to(DEVICE) for t in (q.clone(), k.clone(), rows_cos, rows_sin)), head_dim)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # half: rounded once here, after each op in transformers
+    assert torch.allclose(split(got_q.cpu(), heads).float(), want_q.float(), atol=tol)
+    assert torch.allclose(split(got_k.cpu(), kv_heads).float(), want_k.float(), atol=tol)
+    if DEVICE == "cpu" and dtype == torch.float32:  # the C kernel's contract, which the CUDA path shares
+        c_q, c_k = cpu_layers.rope_(q.clone(), k.clone(), cos, sin, head_dim)
+        assert torch.allclose(c_q, got_q, atol=1e-6) and torch.allclose(c_k, got_k, atol=1e-6)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mux import native
+from mux import native, triton_ops
 from mux.config import EngineConfig
 from mux.engine.block_manager import BlockManager
 from mux.engine.detokenizer import Detokenizer
@@ -35,7 +35,7 @@ from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
 from mux.model.cpu import can_pack, keep_freed_memory, pack_linears, plain_weights_are_free
-from mux.model.cpu_layers import fuse_layers
+from mux.model.cpu_layers import fuse_layers, fuse_rope
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
 
@@ -87,6 +87,8 @@ class Engine:
         config = self.config = replace(config, scheduler=config.scheduler.for_device(device.type))
         if device.type == "cuda":
             fuse_rms_norms(model)
+            if triton_ops.serves(device):
+                fuse_rope(model)  # RoPE in place in one Triton kernel
         elif config.model.native_layers and native.serves(device, model.dtype):
             fuse_layers(model)
         self.cache = KVCache.for_model(model.config, config.cache, model.dtype, device)

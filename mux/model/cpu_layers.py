@@ -14,6 +14,10 @@ with the shape checks). In the A workload (`python -m bench.throughput --levers 
 tokens identical (ad hoc). SiLU(gate) * up in C (a vector e^x and a division) was measured too and not adopted:
 0.77×, 1.22×, 1.00× torch's two ops at batch 1, 8, 64.
 
+On CUDA the attention forward alone is given (`fuse_rope`, when the Triton kernels serve): RoPE in place is one
+Triton kernel (`mux/triton_ops.py`) where transformers runs ten small ones a layer; the CUDA norms are
+mux/model/cuda.py's.
+
 Only those module instances change (a benchmark's HF and PEFT baselines in the same process keep transformers'
 code). Same formulas: RoPE equals transformers' bit for bit; the norms differ in the last bits (the order of the sum
 of squares). An attention module given a KV cache (transformers' own generation) falls back to transformers'
@@ -29,7 +33,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mux import native
+from mux import native, triton_ops
 
 FAMILIES = ("Llama", "Mistral", "Qwen2")  # decoder layers, attention and MLPs with the same forward (read in 5.25)
 
@@ -49,6 +53,18 @@ def fuse_layers(model: nn.Module) -> int:
     for module in model.modules() if count else ():
         if type(module).__name__ in norms:
             module.forward = types.MethodType(rms_norm, module)  # for the final norm (the layers call rms_norm)
+    return count
+
+
+def fuse_rope(model: nn.Module) -> int:
+    """Give each Llama-family attention module of `model` the forward that rotates q and k in place (`rope_`);
+    returns how many. For CUDA, where the rest of the layer keeps transformers' forward."""
+    count = 0
+    for module in model.modules():
+        family = next((f for f in FAMILIES if type(module).__name__ == f"{f}DecoderLayer"), None)
+        if family is not None and type(getattr(module, "self_attn", None)).__name__ == f"{family}Attention":
+            module.self_attn.forward = types.MethodType(_attention_forward, module.self_attn)
+            count += 1
     return count
 
 
@@ -130,6 +146,8 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if cos.numel() != rows * d:  # broadcast: a copy per row (the engine's batch of 1 never needs one)
         cos, sin = (t.expand(*q.shape[:-1], d).contiguous() for t in (cos, sin))
     q, k, cos, sin = (t if t.is_contiguous() else t.contiguous() for t in (q, k, cos, sin))
+    if q.is_cuda:
+        return triton_ops.rope_(q, k, cos, sin, d)
     native.library().mux_rope(
         q.data_ptr(), q.shape[-1], q.shape[-1] // d, k.data_ptr(), k.shape[-1], k.shape[-1] // d,
         cos.data_ptr(), sin.data_ptr(), d, rows, d,
