@@ -1,7 +1,8 @@
 """`python -m bench`: the benchmark suite, one process per workload, then one summary of their tables.
 
 Each workload writes its own JSON + markdown (+ PNG) into bench/results/ with the machine description; the
-summary (`<date>-summary-<host>.md` and `.json`) puts the tables of this run together. `--quick` runs smaller sizes.
+summary (`<date>-summary-<host>.md` and `.json`; a later run of the day adds -2, -3, ..., as every workload's
+files do) puts the tables of this run together. `--quick` runs smaller sizes.
 Long workloads show a progress bar (tqdm, on stderr). The GPU check runs apart, on a CUDA machine: bench/gpu_check.sh.
 """
 
@@ -9,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, machine
+from bench.common import RESULTS, machine, new_stem
 
 SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("A: throughput, 16 adapters vs HF and PEFT", ["bench.throughput", "--levers"], ["--repeat", "1"]),
@@ -69,7 +69,7 @@ def main() -> None:
         fresh = [p for p in RESULTS.glob("*.md") if p.stat().st_mtime >= began and "summary" not in p.name]
         parts += [f"## {title}\n\n" + p.read_text() for p in sorted(fresh)]
         data[title] = {p.stem: json.loads(p.with_suffix(".json").read_text()) for p in sorted(fresh)}
-    stem = f"{time.strftime('%Y-%m-%d')}-summary-{platform.node() or 'host'}"
+    stem = new_stem("summary")
     text = "\n\n".join([f"# Benchmark suite ({'quick' if args.quick else 'full'})", *parts])
     if failed:
         text += "\n\nFailed: " + ", ".join(failed) + "\n"

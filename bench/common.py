@@ -138,9 +138,20 @@ def best_time(fn, reps: int = 5) -> float:
     return best
 
 
-def save(name: str, data: dict, table: str) -> Path:
+def new_stem(name: str) -> str:
+    """`<date>-<name>-<host>` in bench/results, or with -2, -3, ... after it when a run of the day has that name:
+    a rerun never overwrites results already written (and maybe committed)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y-%m-%d')}-{name}-{platform.node() or 'host'}"
+    base = f"{time.strftime('%Y-%m-%d')}-{name}-{platform.node() or 'host'}"
+    stem, n = base, 1
+    while (RESULTS / f"{stem}.md").exists() or (RESULTS / f"{stem}.json").exists():
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
+
+
+def save(name: str, data: dict, table: str) -> Path:
+    stem = new_stem(name)
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table + "\n")
     return RESULTS / f"{stem}.json"
