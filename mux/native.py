@@ -6,7 +6,7 @@
 - `layers.c`: a decoder layer's RMSNorms and RoPE (called from `mux/model/cpu_layers.py`);
 - `linear.c`: linears at 1-4 rows, over the plain weights (given to `mux/model/cpu.py`'s packed linears), alone
   or with their LoRA deltas in the same call (`mux/lora/ops.py`);
-- `lora.h`: the LoRA shrink both LoRA paths share;
+- `lora.h`: the LoRA shrink and expand both LoRA paths share;
 - `simd.h`: the vector helpers they share.
 
 On this 2-core CPU both replace many small torch calls (a batched matmul per layer per adapter group, an SDPA

@@ -38,6 +38,18 @@ static inline void rows_of(const float *const *xr, float *const *yr, const float
     }
 }
 
+/* rows_of for m <= MAX_ROWS rows, m made a constant for each inlined copy */
+static inline void rows_any(const float *const *xr, float *const *yr, const float *restrict w, int64_t in,
+                            int64_t j0, int64_t j1, const float *bias, int64_t m)
+{
+    switch (m) {
+    case 4: rows_of(xr, yr, w, in, j0, j1, bias, 4); break;
+    case 3: rows_of(xr, yr, w, in, j0, j1, bias, 3); break;
+    case 2: rows_of(xr, yr, w, in, j0, j1, bias, 2); break;
+    default: rows_of(xr, yr, w, in, j0, j1, bias, 1);
+    }
+}
+
 /* x [m, in] rows of stride xs, y [m, out] rows of stride ys, w [out, in] contiguous, bias [out] or NULL; m <= 4.
  * The output features are shared out over the thread team in blocks (each block's weights one stream). */
 void mux_small_linear(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict w,
@@ -47,15 +59,7 @@ void mux_small_linear(const float *x, int64_t xs, float *y, int64_t ys, const fl
     float *yr[MAX_ROWS];
     for (int q = 0; q < m; q++) xr[q] = x + q * xs, yr[q] = y + q * ys;
 #pragma omp parallel for schedule(static)
-    for (int64_t j0 = 0; j0 < out; j0 += 16) {
-        const int64_t j1 = j0 + 16 < out ? j0 + 16 : out;
-        switch (m) {
-        case 4: rows_of(xr, yr, w, in, j0, j1, bias, 4); break;
-        case 3: rows_of(xr, yr, w, in, j0, j1, bias, 3); break;
-        case 2: rows_of(xr, yr, w, in, j0, j1, bias, 2); break;
-        default: rows_of(xr, yr, w, in, j0, j1, bias, 1);
-        }
-    }
+    for (int64_t j0 = 0; j0 < out; j0 += 16) rows_any(xr, yr, w, in, j0, j0 + 16 < out ? j0 + 16 : out, bias, m);
 }
 
 /* mux_small_linear followed by mux_lora_add in one call, for a decode step of a few sequences with adapters: y =
@@ -81,14 +85,9 @@ void mux_small_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, con
             if (row_slot[q] >= 0 && k0 < k1)
                 shrink(xr + q, a + (row_slot[q] * R + k0) * in, in, k1 - k0, h + q * R + k0, 1);
         }
-        const int64_t blocks = (out + 15) / 16;
-        const int64_t j0 = t * blocks / team * 16, j1 = (t + 1) * blocks / team * 16 < out ? (t + 1) * blocks / team * 16 : out;
-        if (j0 < j1) switch (m) {
-            case 4: rows_of(xr, yr, w, in, j0, j1, bias, 4); break;
-            case 3: rows_of(xr, yr, w, in, j0, j1, bias, 3); break;
-            case 2: rows_of(xr, yr, w, in, j0, j1, bias, 2); break;
-            default: rows_of(xr, yr, w, in, j0, j1, bias, 1);
-            }
+        const int64_t blocks = (out + 15) / 16, end = (t + 1) * blocks / team * 16; /* this thread's outputs */
+        const int64_t j0 = t * blocks / team * 16, j1 = end < out ? end : out;
+        if (j0 < j1) rows_any(xr, yr, w, in, j0, j1, bias, m);
 #pragma omp barrier
         for (int q = 0; q < m; q++)
             if (row_slot[q] >= 0 && j0 < j1) {

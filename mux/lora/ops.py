@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mux import native, triton_ops
-from mux.model.cpu import FEW_ROWS
+from mux.model.cpu import FEW_ROWS, PackedLinear
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
@@ -316,14 +316,9 @@ def few_rows_linear_lora(
     base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots
 ) -> torch.Tensor | None:
     """base(x) plus each row's (x A_slot) B_slot in one C call (`mux_small_linear_lora`, bitwise the two calls it
-    replaces: one Python round and one parallel region fewer per linear), when `base` is a packed linear with the
-    few-row kernel (mux/model/cpu.py) and x [..., in] is its contiguous input of the step's rows; else None."""
-    if (
-        getattr(base, "few_rows", None) is None
-        or x.shape[-1] != base.in_features
-        or x.numel() != rows.rows * base.in_features
-        or not x.is_contiguous()
-    ):
+    replaces: one Python round and one parallel region fewer per linear), when `base` is a packed linear whose
+    few-row kernel takes x [..., in], the step's rows (mux/model/cpu.py); else None."""
+    if not isinstance(base, PackedLinear) or base.kernel_rows(x) != rows.rows:
         return None
     y = x.new_empty(*x.shape[:-1], base.out_features)  # [..., out]
     bias = None if base.bias is None else base.bias.data_ptr()

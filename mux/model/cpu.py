@@ -42,15 +42,21 @@ class PackedLinear(nn.Module):
         self.few_rows = few_rows if plain else None
         self.weight = weight if plain else None
 
+    def kernel_rows(self, x: torch.Tensor) -> int:
+        """How many rows of x [..., in] the few-row kernel takes: all of them (1..FEW_ROWS) for a contiguous input
+        of this linear's width, else 0 (oneDNN serves it; the kernel trusts its shapes)."""
+        if self.few_rows is None or x.shape[-1] != self.in_features or not x.is_contiguous():
+            return 0
+        rows = x.numel() // self.in_features
+        return rows if rows <= FEW_ROWS else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in]
-        if self.few_rows is not None and x.shape[-1] == self.in_features and x.is_contiguous():
-            rows = x.numel() // self.in_features
-            if 0 < rows <= FEW_ROWS:
-                y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
-                bias = None if self.bias is None else self.bias.data_ptr()
-                n, k = self.out_features, self.in_features
-                self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
-                return y
+        if rows := self.kernel_rows(x):
+            y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
+            bias = None if self.bias is None else self.bias.data_ptr()
+            n, k = self.out_features, self.in_features
+            self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
+            return y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
