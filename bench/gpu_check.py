@@ -65,20 +65,25 @@ def check_ops(device: str, features: tuple[int, int] = (1100, 520)) -> dict:
             else:
                 batch = build_lora_batch(group_rows(token_slots), 16, device, dtype)
                 assert (batch.wave is not None) == (layout == "wave"), layout
+            xd, ad, bd = (t.to(device, dtype) for t in (x, a, b))
+            kind = str(dtype).removeprefix("torch.")
             y = torch.zeros(len(token_slots), features[1], dtype=dtype, device=device)
-            lora_add_(y, x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch)
-            err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-            out[f"{layout}_{str(dtype).removeprefix('torch.')}"] = {"rel_err": err, "ok": err <= tol}
+            lora_add_(y, xd, ad, bd, batch)
+            out[f"{layout}_{kind}"] = _error(y, ref, tol)
             if layout == "per_token" and triton_ops.serves(device):  # both Triton paths, whichever the pick is
-                for name, fused in (("two_kernels", False), ("one_kernel", True)):
+                for path, fused in (("two_kernels", False), ("one_kernel", True)):
                     y.zero_()
-                    args = (x.to(device, dtype), a.to(device, dtype), b.to(device, dtype), batch.token_slots, 16)
-                    triton_ops.lora_add(y, *args, fused)
-                    err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-                    out[f"per_token_{name}_{str(dtype).removeprefix('torch.')}"] = {"rel_err": err, "ok": err <= tol}
+                    triton_ops.lora_add(y, xd, ad, bd, batch.token_slots, 16, fused)
+                    out[f"per_token_{path}_{kind}"] = _error(y, ref, tol)
     if triton_ops.serves(device):
         out.update(check_paged_attention(device))
     return out
+
+
+def _error(y: torch.Tensor, ref: torch.Tensor, tol: float) -> dict:
+    """y's largest error from the CPU reference, relative to the reference's scale (at least 1)."""
+    err = (y.float().cpu() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+    return {"rel_err": err, "ok": err <= tol}
 
 
 def check_paged_attention(device: str) -> dict:

@@ -99,19 +99,14 @@ def _self_check(device: torch.device) -> float:
     out = torch.empty(2, 4, 16, device=device)
     paged_decode(q.to(device), k.to(device), v.to(device), tables.to(device), lens.to(device), 16, 0.25, out)
     error = max(error, (out.cpu() - ref).abs().max().item())
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     q, k = torch.randn(3, 2 * 16, generator=g), torch.randn(3, 16, generator=g)  # [rows, H*D], [rows, Hkv*D]
-    cos, sin = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
-    want = [rope_reference(t, cos, sin, 16) for t in (q, k)]
+    cos, sin = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)  # [rows, D]
+    heads = lambda t: t.view(1, 3, -1, 16).transpose(1, 2)  # noqa: E731  [1, H, rows, D], as transformers takes it
+    want = apply_rotary_pos_emb(heads(q), heads(k), cos[None], sin[None])
     got = rope_(*(t.to(device) for t in (q, k, cos, sin)), 16)
-    return max(error, *((t.cpu() - w).abs().max().item() for t, w in zip(got, want, strict=True)))
-
-
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """What `rope_` does to x [rows, H*D] with cos/sin [rows, D], as transformers writes it (rotate_half)."""
-    heads = x.view(x.shape[0], -1, head_dim)  # [rows, H, D]
-    x1, x2 = heads.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (heads * cos[:, None] + rotated * sin[:, None]).view_as(x)
+    return max(error, *((heads(t.cpu()) - w).abs().max().item() for t, w in zip(got, want, strict=True)))
 
 
 def paged_decode_reference(q, k, v, tables, lens: list[int], block_size: int) -> torch.Tensor:
@@ -218,10 +213,21 @@ if triton is not None:
             tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out)
 
     @triton.jit
+    def _rotate(x, heads, c1, c2, s1, s2, d, dm, HALF: tl.constexpr, P: tl.constexpr):
+        """x's `heads` heads (one row, P >= heads) rotated in place: x1·cos1 − x2·sin1 and x2·cos2 + x1·sin2 for
+        each head's halves x1, x2 (transformers' rotate_half), in float32, rounded once."""
+        h = tl.arange(0, P)
+        at = x + h[:, None] * (2 * HALF) + d[None, :]  # [P, DP]: first halves
+        mask = (h[:, None] < heads) & dm[None, :]
+        x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, (x1 * c1 - x2 * s1).to(x.dtype.element_ty), mask=mask)
+        tl.store(at + HALF, (x2 * c2 + x1 * s2).to(x.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rope(q, q_row, q_heads, k, k_row, k_heads, cos, sin, cs_row, HALF: tl.constexpr, HP: tl.constexpr,
               KP: tl.constexpr, DP: tl.constexpr):  # fmt: skip
-        """One row's q and k heads rotated in place: x1·cos1 − x2·sin1 and x2·cos2 + x1·sin2 for each head's
-        halves x1, x2 (transformers' rotate_half), in float32, rounded once."""
+        """One row's q and k heads rotated in place by its cos and sin."""
         t = tl.program_id(0)
         d = tl.arange(0, DP)
         dm = d < HALF
@@ -229,20 +235,8 @@ if triton is not None:
         c2 = tl.load(cos + t * cs_row + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
         s1 = tl.load(sin + t * cs_row + d, mask=dm, other=0.0).to(tl.float32)[None, :]
         s2 = tl.load(sin + t * cs_row + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-        hq = tl.arange(0, HP)
-        at = q + t * q_row + hq[:, None] * (2 * HALF) + d[None, :]  # [HP, DP]: first halves
-        mask = (hq[:, None] < q_heads) & dm[None, :]
-        x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(at + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(at, (x1 * c1 - x2 * s1).to(q.dtype.element_ty), mask=mask)
-        tl.store(at + HALF, (x2 * c2 + x1 * s2).to(q.dtype.element_ty), mask=mask)
-        hk = tl.arange(0, KP)
-        at = k + t * k_row + hk[:, None] * (2 * HALF) + d[None, :]
-        mask = (hk[:, None] < k_heads) & dm[None, :]
-        x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(at + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(at, (x1 * c1 - x2 * s1).to(k.dtype.element_ty), mask=mask)
-        tl.store(at + HALF, (x2 * c2 + x1 * s2).to(k.dtype.element_ty), mask=mask)
+        _rotate(q + t * q_row, q_heads, c1, c2, s1, s2, d, dm, HALF, HP)
+        _rotate(k + t * k_row, k_heads, c1, c2, s1, s2, d, dm, HALF, KP)
 
     # The decode attention's tile (positions per iteration, any number of KV blocks) and warps are picked by
     # timing at first use per model shape, once, among these: the first is the kernel as first measured on an
@@ -319,31 +313,26 @@ def lora_add(
     )
 
 
-_FUSED: dict[tuple, bool] = {}  # (in, out, rank, many) -> whether the one kernel was faster
-FUSED_TIMES: dict[tuple, tuple[float, float]] = {}  # the same keys -> (ms of the two kernels, of the one)
+FUSED_TIMES: dict[tuple, tuple[float, float]] = {}  # (in, out, rank, many) -> ms of the two kernels, of the one
 
 
 def _fused_is_faster(y, x, a, b, slots, rank: int, key: tuple) -> bool:
-    """Time both paths on these tensors once per shape (each tuned first; y restored after), remember the faster.
+    """Time both paths on these tensors once per shape (each tuned first; y restored after), remember the times.
     Inside a capture (no timing possible), or off CUDA (Triton's interpreter, in the tests), an untimed shape
     takes the two kernels."""
-    if key in _FUSED:
-        return _FUSED[key]
-    if y.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return False
-    from triton.testing import do_bench
+    if (times := FUSED_TIMES.get(key)) is None:
+        if y.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return False
+        from triton.testing import do_bench
 
-    saved = y.clone()
-    times = []
-    for fused in (False, True):
-        run = functools.partial(lora_add, y, x, a, b, slots, rank, fused)
-        run()  # tunes its kernels' block shapes first
-        times.append(do_bench(run, warmup=5, rep=20))
-    y.copy_(saved)
-    FUSED_TIMES[key] = tuple(times)
-    _FUSED[key] = times[1] < times[0]
-    log.info("LoRA add %s: two kernels %.4f ms, one %.4f ms", key, *times)
-    return _FUSED[key]
+        saved = y.clone()
+        times = FUSED_TIMES[key] = tuple(
+            do_bench(functools.partial(lora_add, y, x, a, b, slots, rank, fused), warmup=5, rep=20)
+            for fused in (False, True)
+        )  # do_bench's first call tunes that path's block shapes
+        y.copy_(saved)
+        log.info("LoRA add %s: two kernels %.4f ms, one %.4f ms", key, *times)
+    return times[1] < times[0]
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
