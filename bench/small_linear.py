@@ -5,9 +5,11 @@ reads the plain weights (`ModelConfig.few_row_linears`, on by default for ≤ 4 
    streams them from memory, as a decode step does), at 1-6 rows: ms per pass, the GB/s of weights it reads, and
    the machine's read speed beside it (a sum over 512 MB).
 2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4 and 8 concurrent
-   streams, three engines in interleaved rounds: the kernel with each linear's LoRA deltas in the same call
-   (`LoRAConfig.fused_few_rows`, the default), the kernel then the LoRA kernel (two calls), oneDNN only; and the
-   base model's step (no adapter) on the first, for what the adapters cost; whether all give the same tokens.
+   streams, four engines in interleaved rounds: the default (decode steps of ≤ 4 sequences as one loop of C calls,
+   `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py, each linear with its LoRA deltas in one call); the same
+   kernels through transformers' forward; the kernel then the LoRA kernel (two calls,
+   `LoRAConfig.fused_few_rows=False`, through transformers' forward); oneDNN only; and the base model's step (no
+   adapter) on the first, for what the adapters cost; whether all give the same tokens.
 
 Best of interleaved repetitions (this machine is noisy). Run: python -m bench.small_linear [--rounds 3]
 """
@@ -66,19 +68,24 @@ def engines(rounds: int, thread: TorchThread) -> dict:
 def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     model_dir = default_model_dir()
     paths = [str(write_random_adapter(model_dir, work / f"a{i}", r=8, seed=i)) for i in range(8)]
-    variants = {"fused": (True, True), "C kernel": (True, False), "oneDNN packed": (False, False)}
+    variants = {  # name: (few-row linears, each with its deltas in one call, the loop of C calls)
+        "loop": (True, True, True),
+        "transformers": (True, True, False),
+        "two calls": (True, False, False),
+        "oneDNN": (False, False, False),
+    }
     built = {
         name: Engine(
             EngineConfig(
-                model=ModelConfig(model=str(model_dir), few_row_linears=few),
+                model=ModelConfig(model=str(model_dir), few_row_linears=few, cpu_decode=loop),
                 lora=LoRAConfig(fused_few_rows=fused),
                 cache=CacheConfig(kv_cache_bytes=1 << 28, prefix_caching=False),
             ),
             torch_thread=thread,
         )
-        for name, (few, fused) in variants.items()
+        for name, (few, fused, loop) in variants.items()
     }
-    runs = [(name, engine, True) for name, engine in built.items()] + [("fused, no adapter", built["fused"], False)]
+    runs = [(name, engine, True) for name, engine in built.items()] + [("no adapter", built["loop"], False)]
     texts = prompts(8)
     out: dict = {"streams": {}, "same_tokens": True}
     for streams in (1, 2, 4, 8):
@@ -91,7 +98,7 @@ def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
                 adapters = paths[:streams] if with_adapters else [None] * streams
                 step_ms, tokens[name] = decode(engine, texts[:streams], adapters, 33)
                 ms[name] = min(ms[name], step_ms)
-        out["same_tokens"] &= tokens["fused"] == tokens["C kernel"] == tokens["oneDNN packed"]
+        out["same_tokens"] &= all(tokens[name] == tokens["loop"] for name in variants)
         out["streams"][streams] = ms
         print(streams, json.dumps(ms), flush=True)
     return out
@@ -134,16 +141,22 @@ def main() -> None:
     lines += [
         "",
         f"2. The engine (SmolLM2, one rank-8 adapter per stream, greedy), ms per decode step, best of "
-        f"{args.rounds} interleaved rounds; the same tokens on all three: {eng['same_tokens']}. Fused = the C "
-        "kernel with each linear's LoRA deltas in the same call (the default); C kernel = it, then the LoRA "
-        "kernel; no adapter = the fused engine on the base model (the adapters' cost is the difference).",
+        f"{args.rounds} interleaved rounds; the same tokens on all four: {eng['same_tokens']}. Loop = the default: "
+        "steps of ≤ 4 sequences as one loop of C calls (mux/engine/cpu_decode.py), each linear with its LoRA deltas "
+        "in one call; transformers = the same kernels through transformers' forward; two calls = the C kernel, "
+        "then the LoRA kernel (through transformers' forward); no adapter = the loop on the base model (the "
+        "adapters' cost is the difference).",
         "",
-        "| streams | fused | C kernel, two calls | oneDNN only | no adapter | fused vs two calls | vs oneDNN |",
-        "|---|---|---|---|---|---|---|",
+        "| streams | loop | transformers | two calls | oneDNN only | no adapter | loop vs transformers | vs two calls "
+        "| vs oneDNN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for streams, r in eng["streams"].items():
-        f, c, p, base = r["fused"], r["C kernel"], r["oneDNN packed"], r["fused, no adapter"]
-        lines.append(f"| {streams} | {f:.1f} | {c:.1f} | {p:.1f} | {base:.1f} | **{c / f:.2f}×** | **{p / f:.2f}×** |")
+        f, t, c, p, base = (r[k] for k in ("loop", "transformers", "two calls", "oneDNN", "no adapter"))
+        lines.append(
+            f"| {streams} | {f:.1f} | {t:.1f} | {c:.1f} | {p:.1f} | {base:.1f} | **{t / f:.2f}×** | **{c / f:.2f}×** "
+            f"| **{p / f:.2f}×** |"
+        )
     save("small-linear", data, "\n".join(lines))
     print("\n".join(lines))
 

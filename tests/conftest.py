@@ -86,12 +86,14 @@ def peft_logits(base_dir: Path, adapter: Path | None, ids: list[int]) -> torch.T
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def make_engine(model_dir: Path, native_attention: bool = True, **lora):
+def make_engine(model_dir: Path, native_attention: bool = True, model: dict | None = None, **lora):
+    """An engine on `model_dir`; `model`: ModelConfig fields, `lora`: LoRAConfig fields."""
     from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
     from mux.engine.engine import Engine
 
     cache = CacheConfig(kv_cache_bytes=64 << 20, native_attention=native_attention)
-    return Engine(EngineConfig(model=ModelConfig(model=str(model_dir)), lora=LoRAConfig(**lora), cache=cache))
+    model_config = ModelConfig(model=str(model_dir), **(model or {}))
+    return Engine(EngineConfig(model=model_config, lora=LoRAConfig(**lora), cache=cache))
 
 
 def write_policy(path: Path, keys: dict[str, str], extra: dict[str, str] | None = None, tail: str = "") -> Path:

@@ -96,7 +96,7 @@ class Engine:
         self.adapters = AdapterManager(self.lora, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         graph_batch = config.scheduler.max_num_seqs if config.model.cuda_graphs else 0
-        self.runner = ModelRunner(model, self.lora, self.cache, graph_batch)
+        self.runner = ModelRunner(model, self.lora, self.cache, graph_batch, config.model.cpu_decode)
         overlap = config.model.overlap_output
         self.overlap_output = device.type == "cuda" if overlap is None else overlap
         self._pending: list[Sequence] = []  # sequences whose last token's text waits for the next step

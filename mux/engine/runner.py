@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mux import triton_ops
+from mux.engine.cpu_decode import CPUDecode
 from mux.engine.graphs import DecodeGraphs
 from mux.engine.kv_cache import (
     ATTN_IMPLEMENTATION,
@@ -38,8 +39,17 @@ class PromptSpan:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, lora: MultiLoRAModel, cache: KVCache, max_graph_batch: int = 0) -> None:
-        """max_graph_batch: on CUDA, decode steps of up to this many sequences replay CUDA graphs (0: never)."""
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lora: MultiLoRAModel,
+        cache: KVCache,
+        max_graph_batch: int = 0,
+        cpu_decode: bool = True,
+    ) -> None:
+        """max_graph_batch: on CUDA, decode steps of up to this many sequences replay CUDA graphs (0: never).
+        cpu_decode: on the CPU, decode steps of a few sequences run as one loop of C calls where the model
+        qualifies (`mux/engine/cpu_decode.py`)."""
         self.model = model
         self.lora = lora
         self.cache = cache
@@ -48,6 +58,7 @@ class ModelRunner:
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         on_cuda = self.device.type == "cuda" and max_graph_batch > 0
         self.graphs = DecodeGraphs(model, lora, cache, max_graph_batch) if on_cuda else None
+        self.cpu_decode = CPUDecode.for_model(model, cache) if cpu_decode else None
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> tuple[torch.Tensor, list[PromptSpan]]:
@@ -123,12 +134,15 @@ class ModelRunner:
             )
             self.lora.ctx.batch = batch if batch is None or layers is None else replace(batch, layers=layers)
         try:
-            hidden = self.model.model(
-                input_ids=self._tensor(ids)[None],
-                position_ids=self._tensor(positions)[None],
-                use_cache=False,
-                mux_attn=meta,
-            ).last_hidden_state[0]  # [T, hidden]
+            if self.cpu_decode is not None and self.cpu_decode.takes(len(ids), meta, self.lora.ctx.batch):
+                hidden = self.cpu_decode.run(self._tensor(ids), self._tensor(positions), meta, self.lora.ctx.batch)
+            else:
+                hidden = self.model.model(
+                    input_ids=self._tensor(ids)[None],
+                    position_ids=self._tensor(positions)[None],
+                    use_cache=False,
+                    mux_attn=meta,
+                ).last_hidden_state[0]  # [T, hidden]
         finally:
             self.lora.ctx.batch = None
         rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.sample]

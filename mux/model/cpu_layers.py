@@ -68,6 +68,11 @@ def fuse_rope(model: nn.Module) -> int:
     return count
 
 
+def is_fused(layer: nn.Module) -> bool:
+    """Whether `fuse_layers` gave this decoder layer its C forwards."""
+    return getattr(layer.forward, "__func__", None) is _layer_forward
+
+
 def _fusable(layer: nn.Module, family: str) -> bool:
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     return type(getattr(layer, "self_attn", None)).__name__ == f"{family}Attention" and all(

@@ -1,0 +1,182 @@
+"""CPU decode steps of 1-4 sequences as one loop of C calls (the CPU's counterpart of mux/engine/graphs.py).
+
+At a few rows a decode step is a stream over the weights (SmolLM2: ≈14 ms here), and transformers' forward around
+the C kernels added 5-9 ms more of Python: ≈11 nn.Module calls a layer, its model forward's mask and output
+plumbing, each linear's checks and its pointers fetched anew. This runs the same C kernels in the same order, with
+every weight's, slot stack's and work buffer's address looked up once (per row count): each layer is its norms,
+linears (with their LoRA deltas in the same call), RoPE, K/V writes, attention, SiLU·up and residual add. The
+result is bitwise transformers' forward with mux/model/cpu_layers.py's layers (tested). `python -m
+bench.small_linear`, SmolLM2 with a rank-8 adapter a stream: 1.27-1.45× transformers' forward at 1, 2 and 4
+streams (bench/results/2026-12-06-small-linear-vm-loop-run1.md, -run2.md).
+
+Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all have the
+few-row kernel (`mux/model/cpu.py`), on pure decode steps of at most FEW_ROWS rows with the C attention; any
+other step, or a LoRA layout other than the fused few-row one, runs through transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mux import native
+from mux.engine.kv_cache import AttentionMetadata, KVCache
+from mux.lora.layers import MultiLoRALinear
+from mux.lora.ops import LoRABatch
+from mux.model import cpu_layers
+from mux.model.cpu import FEW_ROWS, PackedLinear
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, slots=True)
+class _Linear:
+    base: PackedLinear
+    lora: MultiLoRALinear | None  # None: not wrapped (no adapter can target it)
+
+
+@dataclass(frozen=True, slots=True)
+class _Buffers:
+    """One row count's work tensors; their addresses go into the precomputed calls."""
+
+    h: torch.Tensor  # [T, hidden] the residual stream (a layer's input, then its output)
+    x: torch.Tensor  # [T, hidden] a norm's output
+    q: torch.Tensor  # [T, H*D]
+    k: torch.Tensor  # [T, Hkv*D]
+    v: torch.Tensor  # [T, Hkv*D]
+    a: torch.Tensor  # [T, H*D] attention output
+    o: torch.Tensor  # [T, hidden] o_proj's output, then the residual sum
+    g: torch.Tensor  # [T, inter] gate, then SiLU(gate)·up
+    u: torch.Tensor  # [T, inter]
+
+
+class CPUDecode:
+    def __init__(self, model: nn.Module, cache: KVCache) -> None:
+        """Use `for_model`, which checks that the model qualifies."""
+        body = model.model
+        self.embed = body.embed_tokens.weight  # [V, hidden]
+        self.rotary = body.rotary_emb
+        self.final_norm = body.norm
+        self.layers = list(body.layers[: model.config.num_hidden_layers])
+        self.cache = cache
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        self.heads = attn.q_proj.out_features // self.head_dim
+        self.kv_heads = attn.k_proj.out_features // self.head_dim
+        self.linears = [[_linear(_projection(layer, name)) for name in _PROJECTIONS] for layer in self.layers]
+        self._calls: dict[int, tuple[_Buffers, list[tuple]]] = {}  # rows -> (buffers, per-layer precomputed args)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cache: KVCache) -> CPUDecode | None:
+        """A CPUDecode when the model and cache qualify (see the module's docstring), else None."""
+        body = getattr(model, "model", None)
+        layers = getattr(body, "layers", None)
+        if not (cache.native and layers and getattr(model.config, "hidden_act", None) == "silu"):
+            return None
+        if not all(hasattr(body, n) for n in ("embed_tokens", "rotary_emb", "norm")):
+            return None
+        for layer in layers[: model.config.num_hidden_layers]:
+            if not cpu_layers.is_fused(layer):
+                return None
+            for name in _PROJECTIONS:
+                base = _linear(_projection(layer, name)).base
+                if not (isinstance(base, PackedLinear) and base.few_rows is not None):
+                    return None
+        return cls(model, cache)
+
+    def takes(self, rows: int, meta: AttentionMetadata, batch: LoRABatch | None) -> bool:
+        """Whether this step is this path's: rows decodes (no prefill) of at most FEW_ROWS, their LoRA rows (if
+        any) in the fused few-row layout."""
+        pure = meta.num_decode == rows and not meta.prefills and not meta.prefill_groups
+        return 0 < rows <= FEW_ROWS and pure and (batch is None or batch.few is not None)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch | None):
+        """ids, positions [T] int64 -> the final norm's hidden states [T, hidden] (transformers' last_hidden_state)."""
+        lib = native.library()
+        linear, linear_lora = lib.mux_small_linear, lib.mux_small_linear_lora
+        rows = ids.shape[0]
+        buf, calls = self._prepared(rows)
+        torch.index_select(self.embed, 0, ids, out=buf.h)
+        cos, sin = (t.contiguous() for t in self.rotary(buf.h, positions[None]))  # [1, T, D] each
+        rope_tail = (cos.data_ptr(), sin.data_ptr(), self.head_dim, rows, self.head_dim)
+        tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
+        attn_mid = (tables.data_ptr(), tables.shape[1], lens.data_ptr())
+        lora = batch.few.pointers if batch is not None else None
+        used = batch.layers if batch is not None else None
+        slots = meta.slot_mapping
+        k_rows, v_rows = buf.k.view(rows, self.kv_heads, -1), buf.v.view(rows, self.kv_heads, -1)  # [T, Hkv, D]
+        for norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache in calls:
+            lib.mux_rms_norm(*norm1)
+            for i, (args, lora_args, index) in enumerate(projections):
+                if lora is not None and lora_args is not None and (used is None or index in used):
+                    linear_lora(*args, *lora_args, *lora)
+                else:
+                    linear(*args)
+                if i == 2:  # q, k, v made: RoPE, the cache writes, the attention
+                    lib.mux_rope(*rope_head, *rope_tail)
+                    k_cache.index_copy_(0, slots, k_rows)
+                    v_cache.index_copy_(0, slots, v_rows)
+                    if lib.mux_decode_attention(*attn_head, *attn_mid, *attn_tail):
+                        raise MemoryError("decode attention: no memory for the scores")
+                elif i == 3:  # o: the residual sum and the second norm
+                    lib.mux_rms_norm(*norm2)
+                elif i == 5:  # gate, up: SiLU(gate)·up, as transformers' act_fn(gate) * up
+                    F.silu(buf.g, inplace=True).mul_(buf.u)
+            buf.h.add_(buf.o)  # down's output (written into h) + the residual
+        return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
+
+    def _prepared(self, rows: int) -> tuple[_Buffers, list[tuple]]:
+        if (entry := self._calls.get(rows)) is None:
+            entry = self._calls[rows] = self._prepare(rows)
+        return entry
+
+    def _prepare(self, rows: int) -> tuple[_Buffers, list[tuple]]:
+        hidden, d = self.embed.shape[1], self.head_dim
+        inter = self.linears[0][4].base.out_features
+
+        widths = (hidden, hidden, self.heads * d, self.kv_heads * d, self.kv_heads * d, self.heads * d, hidden, inter,
+                  inter)  # fmt: skip
+        buf = _Buffers(*(self.embed.new_empty(rows, n) for n in widths))
+        flow = [(buf.x, buf.q), (buf.x, buf.k), (buf.x, buf.v), (buf.a, buf.o), (buf.x, buf.g), (buf.x, buf.u),
+                (buf.g, buf.h)]  # fmt: skip
+        calls = []
+        for layer, linears, k_cache, v_cache in zip(self.layers, self.linears, self.cache.k, self.cache.v, strict=True):
+            w1, w2 = layer.input_layernorm, layer.post_attention_layernorm
+            norm1 = (buf.h.data_ptr(), hidden, None, hidden, w1.weight.data_ptr(), buf.x.data_ptr(), hidden, rows,
+                     hidden, w1.variance_epsilon)  # fmt: skip
+            norm2 = (buf.o.data_ptr(), hidden, buf.h.data_ptr(), hidden, w2.weight.data_ptr(), buf.x.data_ptr(),
+                     hidden, rows, hidden, w2.variance_epsilon)  # fmt: skip
+            projections = tuple(_linear_args(lin, x, y, rows) for lin, (x, y) in zip(linears, flow, strict=True))
+            q, k = buf.q, buf.k
+            rope_head = (q.data_ptr(), q.shape[1], self.heads, k.data_ptr(), k.shape[1], self.kv_heads)
+            attn_head = (q.data_ptr(), q.shape[1], d, k_cache.data_ptr(), v_cache.data_ptr())
+            attn_tail = (self.cache.block_size, rows, self.heads, self.kv_heads, d, self.scale, buf.a.data_ptr())
+            calls.append((norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache))
+        return buf, calls
+
+
+def _projection(layer: nn.Module, name: str) -> nn.Module:
+    return getattr(layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn, name)
+
+
+def _linear(module: nn.Module) -> _Linear:
+    if isinstance(module, MultiLoRALinear):
+        return _Linear(module.base, module)
+    return _Linear(module, None)
+
+
+def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple:
+    """(mux_small_linear's arguments, the LoRA slot stacks' for mux_small_linear_lora or None, the wrapped
+    linear's index) for x [T, in] -> y [T, out]."""
+    base = lin.base
+    k, n = base.in_features, base.out_features
+    bias = None if base.bias is None else base.bias.data_ptr()
+    args = (x.data_ptr(), k, y.data_ptr(), n, base.weight.data_ptr(), bias, rows, k, n)
+    if lin.lora is None:
+        return args, None, -1
+    a, b = lin.lora.lora_a, lin.lora.lora_b  # [S, R, in], [S, R, out] contiguous
+    return args, (a.data_ptr(), b.data_ptr(), a.shape[1]), lin.lora.index
