@@ -74,7 +74,8 @@ def run(thread: TorchThread) -> None:
     ap.add_argument(
         "--levers",
         action="store_true",
-        help="also run it unpacked, with torch's LoRA kernel, with SDPA attention, with transformers' layer ops",
+        help="also run it unpacked, with torch's LoRA kernel, with SDPA attention, with transformers' layer ops, "
+        "with decode steps through transformers' forward",
     )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
@@ -123,11 +124,17 @@ def run(thread: TorchThread) -> None:
         runs["peft_set_adapter_per_request"] = lambda: peft_per_request(peft, tok, texts[:k], new, mixed[:k]) * n / k
 
     def make_engine(
-        cpu_tuning: bool, native_kernel: bool = True, native_attention: bool = True, native_layers: bool = True
+        cpu_tuning: bool,
+        native_kernel: bool = True,
+        native_attention: bool = True,
+        native_layers: bool = True,
+        cpu_decode: bool = True,
     ) -> Engine:
         engine = Engine(
             EngineConfig(
-                model=ModelConfig(model=str(model_dir), cpu_tuning=cpu_tuning, native_layers=native_layers),
+                model=ModelConfig(
+                    model=str(model_dir), cpu_tuning=cpu_tuning, native_layers=native_layers, cpu_decode=cpu_decode
+                ),
                 lora=LoRAConfig(
                     # with mixed ranks every set of adapters stays resident: no slot loads timed
                     max_loras=args.adapters * (2 + len(rank_paths)) if mixed_paths else max(16, args.adapters),
@@ -162,6 +169,10 @@ def run(thread: TorchThread) -> None:
         runs[f"mux_{args.adapters}_adapters_sdpa_attention"] = lambda: mux_generate(sdpa, texts, new, per_request)
         torch_layers = make_engine(cpu_tuning=True, native_layers=False)
         runs[f"mux_{args.adapters}_adapters_torch_layers"] = lambda: mux_generate(torch_layers, texts, new, per_request)
+        forward = make_engine(cpu_tuning=True, cpu_decode=False)
+        runs[f"mux_{args.adapters}_adapters_transformers_forward"] = lambda: mux_generate(
+            forward, texts, new, per_request
+        )
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -197,6 +208,9 @@ def run(thread: TorchThread) -> None:
             r["native_vs_torch_lora_kernel"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_torch_kernel"]
             r["native_vs_sdpa_attention"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_sdpa_attention"]
             r["native_vs_torch_layers"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_torch_layers"]
+            r["decode_loop_vs_transformers_forward"] = (
+                tok_s[adapters_key] / tok_s[f"{adapters_key}_transformers_forward"]
+            )
         return r
 
     # Two readings of the same runs: the ratio of each run's best, and the median of the ratios within each

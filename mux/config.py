@@ -33,8 +33,8 @@ class ModelConfig:
     # CPU fp32, with cpu_tuning: linears of ≤ 4 rows in C over the plain weights kept beside the packed ones
     # (mux/model/cpu.py). None: when keeping them costs no memory (weights mapped from an fp32 safetensors file).
     few_row_linears: bool | None = None
-    # CPU, with native_layers and the few-row linears: decode steps of <= 4 sequences as one loop of C calls,
-    # not transformers' forward (mux/engine/cpu_decode.py; `python -m bench.small_linear` measures both)
+    # CPU, with native_layers and the few-row linears: decode steps make the C and oneDNN calls of transformers'
+    # forward without it (1-4 sequences: one loop of C calls; mux/engine/cpu_decode.py; bench.small_linear)
     cpu_decode: bool = True
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
     # A step's detokenizing and stream pushes run while the device computes the next step (each token after a

@@ -1,17 +1,20 @@
-"""CPU decode steps of 1-4 sequences as one loop of C calls (the CPU's counterpart of mux/engine/graphs.py).
+"""CPU decode steps without transformers' forward (the CPU's counterpart of mux/engine/graphs.py).
 
 At a few rows a decode step is a stream over the weights (SmolLM2: ≈14 ms here), and transformers' forward around
 the C kernels added 5-9 ms more of Python: ≈11 nn.Module calls a layer, its model forward's mask and output
-plumbing, each linear's checks and its pointers fetched anew. This runs the same C kernels in the same order, with
-every weight's, slot stack's and work buffer's address looked up once (per row count): each layer is its norms,
-linears (with their LoRA deltas in the same call), RoPE, K/V writes, attention, SiLU·up and residual add. The
-result is bitwise transformers' forward with mux/model/cpu_layers.py's layers (tested). `python -m
-bench.small_linear`, SmolLM2 with a rank-8 adapter a stream: 1.27-1.45× transformers' forward at 1, 2 and 4
-streams (bench/results/2026-12-06-small-linear-vm-loop-run1.md, -run2.md).
+plumbing, each linear's checks and its pointers fetched anew. This makes the same calls in the same order, so the
+result is bitwise that forward with mux/model/cpu_layers.py's layers (tested): each layer is its norms, linears
+with their LoRA deltas, RoPE, K/V writes, attention, SiLU·up and residual add.
+
+- 1-4 rows: one loop of C calls (the few-row linears with their deltas in the same call) over every weight's, slot
+  stack's and work buffer's address looked up once per row count.
+- More rows: oneDNN's linears make fresh outputs, so each tensor's address is taken as it comes, and each linear's
+  LoRA rows take the step's layout (`lora_add_`).
 
 Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all have the
-few-row kernel (`mux/model/cpu.py`), on pure decode steps of at most FEW_ROWS rows with the C attention; any
-other step, or a LoRA layout other than the fused few-row one, runs through transformers' forward.
+few-row kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of
+1-4 rows whose LoRA rows are not in the fused few-row layout, run through transformers' forward.
+`python -m bench.small_linear` measures both side by side.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 from mux import native
 from mux.engine.kv_cache import AttentionMetadata, KVCache
 from mux.lora.layers import MultiLoRALinear
-from mux.lora.ops import LoRABatch
+from mux.lora.ops import LoRABatch, lora_add_
 from mux.model import cpu_layers
 from mux.model.cpu import FEW_ROWS, PackedLinear
 
@@ -89,13 +92,15 @@ class CPUDecode:
         return cls(model, cache)
 
     def takes(self, rows: int, meta: AttentionMetadata, batch: LoRABatch | None) -> bool:
-        """Whether this step is this path's: rows decodes (no prefill) of at most FEW_ROWS, their LoRA rows (if
-        any) in the fused few-row layout."""
-        pure = meta.num_decode == rows and not meta.prefills and not meta.prefill_groups
-        return 0 < rows <= FEW_ROWS and pure and (batch is None or batch.few is not None)
+        """Whether this step is this path's: rows decodes (no prefill); at most FEW_ROWS of them only with their
+        LoRA rows (if any) in the fused few-row layout, which the few-row linears serve."""
+        pure = meta.num_decode == rows > 0 and not meta.prefills and not meta.prefill_groups
+        return pure and (rows > FEW_ROWS or batch is None or batch.few is not None)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch | None):
         """ids, positions [T] int64 -> the final norm's hidden states [T, hidden] (transformers' last_hidden_state)."""
+        if ids.shape[0] > FEW_ROWS:
+            return self._run_many(ids, positions, meta, batch)
         lib = native.library()
         linear, linear_lora = lib.mux_small_linear, lib.mux_small_linear_lora
         rows = ids.shape[0]
@@ -128,6 +133,34 @@ class CPUDecode:
                     F.silu(buf.g, inplace=True).mul_(buf.u)
             buf.h.add_(buf.o)  # down's output (written into h) + the residual
         return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
+
+    def _run_many(self, ids, positions, meta: AttentionMetadata, batch: LoRABatch | None) -> torch.Tensor:
+        """The same sequence for more rows, where oneDNN's linears make fresh outputs (so each tensor's address is
+        taken as it comes) and each linear's LoRA rows take the step's layout (`lora_add_`)."""
+        lib = native.library()
+        rows, d = ids.shape[0], self.head_dim
+        h = self.embed.index_select(0, ids)  # [T, hidden]
+        cos, sin = (t.contiguous() for t in self.rotary(h, positions[None]))  # [1, T, D] each
+        tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
+        slots = meta.slot_mapping
+        for layer, linears, k_cache, v_cache in zip(self.layers, self.linears, self.cache.k, self.cache.v, strict=True):
+            x = cpu_layers.rms_norm(layer.input_layernorm, h)
+            q, k, v = (_many(lin, x, batch) for lin in linears[:3])  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
+            lib.mux_rope(q.data_ptr(), q.shape[1], self.heads, k.data_ptr(), k.shape[1], self.kv_heads,
+                         cos.data_ptr(), sin.data_ptr(), d, rows, d)  # fmt: skip
+            k_cache.index_copy_(0, slots, k.view(rows, self.kv_heads, d))
+            v_cache.index_copy_(0, slots, v.view(rows, self.kv_heads, d))
+            a = torch.empty_like(q)  # [T, H*D]
+            if lib.mux_decode_attention(
+                q.data_ptr(), q.shape[1], d, k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                tables.shape[1], lens.data_ptr(), self.cache.block_size, rows, self.heads, self.kv_heads, d,
+                self.scale, a.data_ptr(),
+            ):  # fmt: skip
+                raise MemoryError("decode attention: no memory for the scores")
+            o, x = cpu_layers.add_rms_norm_(layer.post_attention_layernorm, _many(linears[3], a, batch), h)
+            g, u = _many(linears[4], x, batch), _many(linears[5], x, batch)  # [T, inter] each
+            h = _many(linears[6], F.silu(g, inplace=True).mul_(u), batch).add_(o)
+        return cpu_layers.rms_norm(self.final_norm, h)
 
     def _prepared(self, rows: int) -> tuple[_Buffers, list[tuple]]:
         if (entry := self._calls.get(rows)) is None:
@@ -167,6 +200,15 @@ def _linear(module: nn.Module) -> _Linear:
     if isinstance(module, MultiLoRALinear):
         return _Linear(module.base, module)
     return _Linear(module, None)
+
+
+def _many(lin: _Linear, x: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
+    """x [T, in] -> [T, out]: the packed linear (oneDNN), then the LoRA rows of the step's batch if any adapter of
+    the step targets this linear (as MultiLoRALinear.forward at more than FEW_ROWS rows)."""
+    y = torch.ops.mkldnn._linear_pointwise(x, lin.base.packed, lin.base.bias, "none", [], "")
+    if batch is not None and lin.lora is not None and (batch.layers is None or lin.lora.index in batch.layers):
+        lora_add_(y, x, lin.lora.lora_a, lin.lora.lora_b, batch)
+    return y
 
 
 def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple:

@@ -1,5 +1,6 @@
-"""CPU decode steps of a few sequences as one loop of C calls (mux/engine/cpu_decode.py): bitwise transformers'
-forward with the C layers, for adapters of every kind and for the base model, and declined where it cannot serve."""
+"""CPU decode steps without transformers' forward (mux/engine/cpu_decode.py): bitwise that forward with the C layers,
+at 1-4 sequences (one loop of C calls) and more (oneDNN's linears, the step's LoRA layout), for adapters of every
+kind and for the base model, and declined where it cannot serve."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mux.engine.sequence import SamplingParams
 from tests.conftest import make_engine, record_logits
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-PROMPTS = ["the quick brown fox", "hello there", "a b c d e", "one two three four five six"]
+PROMPTS = ["the quick brown fox", "hello there", "a b c d e", "one two three four five six", "five", "six seven"]
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -38,12 +39,14 @@ def _same_logits(fast, slow, prompts, adapters, params=GREEDY):
     return a
 
 
-def test_few_sequence_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monkeypatch):
-    """1-4 sequences with adapters of different ranks, targets, alpha and rslora beside base-model rows: every
-    decode step takes the loop, and every logit equals transformers' forward with the same C kernels."""
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monkeypatch, native_kernel):
+    """1-6 sequences with adapters of different ranks, targets, alpha and rslora beside base-model rows: every
+    decode step takes the loop (with torch's LoRA layouts only past 4 rows: below, the fused few-row call needs
+    the C kernel), and every logit equals transformers' forward with the same kernels."""
     steps = _counting(monkeypatch)
-    fast = make_engine(tiny_dir, max_loras=4)
-    slow = make_engine(tiny_dir, max_loras=4, model={"cpu_decode": False})
+    fast = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel)
+    slow = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel, model={"cpu_decode": False})
     assert fast.runner.cpu_decode is not None and slow.runner.cpu_decode is None
     mixes = [
         [tiny_adapters["r16-all"]],
@@ -51,11 +54,15 @@ def test_few_sequence_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_ad
         [tiny_adapters["r4-attn"], None],
         [tiny_adapters["r8-mlp"], tiny_adapters["r8-all-rslora"], tiny_adapters["r2-down"]],
         [tiny_adapters["r8-qv"], None, tiny_adapters["r16-attn-rslora"], tiny_adapters["r4-all"]],
+        [tiny_adapters["r4-attn"], None, tiny_adapters["r16-all"], tiny_adapters["r8-qv"], None],
+        [tiny_adapters[n] for n in ("r8-mlp", "r2-down", "r8-mlp", "r8-all-rslora", "r4-all", "r16-attn-rslora")],
+        [None] * 5,
     ]
     for adapters in mixes:
         steps.clear()
         _same_logits(fast, slow, PROMPTS[: len(adapters)], adapters)
-        assert steps and set(steps) == {len(adapters)}  # every step after the prefill, at its row count
+        served = native_kernel or len(adapters) > 4 or set(adapters) == {None}
+        assert set(steps) == ({len(adapters)} if served else set())  # every step after the prefill
 
 
 def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypatch):
@@ -83,35 +90,28 @@ def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypa
     assert outs["fast"] == outs["slow"]
 
 
-def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters, monkeypatch):
-    """No loop without the C attention, the C layers or the few-row linears, nor for steps of more than 4
-    sequences or with the LoRA rows in another layout; those engines give the same tokens all the same."""
-    steps = _counting(monkeypatch)
+def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters):
+    """No loop without the C attention, the C layers or the few-row linears."""
     for engine in (
         make_engine(tiny_dir, native_attention=False),
         make_engine(tiny_dir, model={"native_layers": False}),
         make_engine(tiny_dir, model={"few_row_linears": False}),
     ):
         assert engine.runner.cpu_decode is None
-    five = make_engine(tiny_dir, max_loras=4)
-    adapters = [tiny_adapters["r4-attn"], None, tiny_adapters["r16-all"], None, tiny_adapters["r2-down"]]
-    prompts = [*PROMPTS, "five"]
-    five.generate(prompts, GREEDY, adapters)
-    assert not steps  # 5 sequences all along
-    two_calls = make_engine(tiny_dir, max_loras=4, fused_few_rows=False)
-    assert two_calls.runner.cpu_decode is not None
-    two_calls.generate(PROMPTS[:2], GREEDY, adapters[:2])
-    assert not steps  # adapter rows but no fused few-row layout: transformers' forward
 
 
-@pytest.mark.parametrize("rows", [1, 4])
-def test_takes_only_pure_decode_steps_of_a_few_rows(rows):
+def test_takes_pure_decode_steps_only():
     from mux.engine.kv_cache import AttentionMetadata, PrefillSpan
+    from mux.lora.ops import build_lora_batch
 
     def meta(num_decode, prefills=()):
         return AttentionMetadata(None, None, num_decode, None, None, prefills, None)
 
     take = CPUDecode.takes
-    assert take(None, rows, meta(rows), None)
-    assert not take(None, rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)), None)
-    assert not take(None, 5, meta(5), None) and not take(None, 0, meta(0), None)
+    fused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True, rows=1)
+    unfused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True)
+    for rows in (1, 4, 5, 64):
+        assert take(None, rows, meta(rows), None) and take(None, rows, meta(rows), fused)
+        assert not take(None, rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)), None)
+        assert take(None, rows, meta(rows), unfused) == (rows > 4)  # 1-4 rows: the few-row layout only
+    assert not take(None, 0, meta(0), None)
