@@ -5,11 +5,12 @@ reads the plain weights (`ModelConfig.few_row_linears`, on by default for ≤ 4 
    streams them from memory, as a decode step does), at 1-6 rows: ms per pass, the GB/s of weights it reads, and
    the machine's read speed beside it (a sum over 512 MB).
 2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4 and 8 concurrent
-   streams, four engines in interleaved rounds: the default (decode steps of ≤ 4 sequences as one loop of C calls,
-   `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py, each linear with its LoRA deltas in one call); the same
-   kernels through transformers' forward; the kernel then the LoRA kernel (two calls,
-   `LoRAConfig.fused_few_rows=False`, through transformers' forward); oneDNN only; and the base model's step (no
-   adapter) on the first, for what the adapters cost; whether all give the same tokens.
+   streams, four engines in interleaved rounds: the default (decode steps without transformers' forward,
+   `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py: ≤ 4 sequences as one loop of C calls, each linear with its
+   LoRA deltas in one call; 8 over oneDNN's linears); the same kernels through transformers' forward; the kernel
+   then the LoRA kernel (two calls, `LoRAConfig.fused_few_rows=False`, through transformers' forward); oneDNN only;
+   and the base model's step (no adapter) on the first, for what the adapters cost; whether all give the same
+   tokens.
 
 Best of interleaved repetitions (this machine is noisy). Run: python -m bench.small_linear [--rounds 3]
 """
@@ -142,8 +143,9 @@ def main() -> None:
         "",
         f"2. The engine (SmolLM2, one rank-8 adapter per stream, greedy), ms per decode step, best of "
         f"{args.rounds} interleaved rounds; the same tokens on all four: {eng['same_tokens']}. Loop = the default: "
-        "steps of ≤ 4 sequences as one loop of C calls (mux/engine/cpu_decode.py), each linear with its LoRA deltas "
-        "in one call; transformers = the same kernels through transformers' forward; two calls = the C kernel, "
+        "decode steps without transformers' forward (mux/engine/cpu_decode.py; ≤ 4 sequences as one loop of C "
+        "calls, each linear with its LoRA deltas in one call; 8 over oneDNN's linears); transformers = the same "
+        "kernels through transformers' forward; two calls = the C kernel, "
         "then the LoRA kernel (through transformers' forward); no adapter = the loop on the base model (the "
         "adapters' cost is the difference).",
         "",
