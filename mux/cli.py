@@ -54,6 +54,7 @@ def serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             cuda_graphs=not args.enforce_eager,
+            cpu_decode=not args.enforce_eager,
         )
     except ValueError as e:
         print(f"mux: {e}", file=sys.stderr)
@@ -113,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
-    s.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs")
+    s.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="decode steps through the model's own forward: no CUDA graphs (CUDA), no decode loop of C calls (CPU)",
+    )
     s.add_argument(
         "--allowed-lora-dir",
         action="append",

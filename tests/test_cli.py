@@ -48,3 +48,23 @@ def test_the_package_version_is_pyprojects():
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     assert mux.__version__ == project["version"]
+
+
+def test_enforce_eager_turns_off_graphs_and_the_cpu_decode_loop(monkeypatch, tmp_path):
+    """--enforce-eager: decode steps through the model's own forward on both devices (vLLM's flag)."""
+    import uvicorn
+
+    from mux import cli
+    from mux.engine import engine
+    from mux.server import app
+
+    configs = []
+    monkeypatch.setattr(engine, "Engine", configs.append)  # the config the server's engine would be built with
+    monkeypatch.setattr(engine, "freeze_heap", lambda: None)
+    monkeypatch.setattr(app, "create_app", lambda state: state.make_engine())
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    for flags in ((), ("--enforce-eager",)):
+        cli.main(["serve", "--adapter-dir", str(tmp_path), *flags])
+    (default, eager) = (c.model for c in configs)
+    assert default.cuda_graphs and default.cpu_decode
+    assert not eager.cuda_graphs and not eager.cpu_decode
