@@ -6,8 +6,9 @@ C: 64 concurrent streaming completions × 64 tokens over 16 rank-8 adapters thro
    ratios reported. The minimal reader (asyncio sockets, one json.loads per event) beside the SDK splits the
    HTTP cost into the server's and the client's: the client runs on the same cores as the engine, and a core
    it takes stalls the engine's OpenMP team; the CPU seconds of client and server per run are reported.
-   A lever beside them: the SDK against a server started with `--stream-interval 4` (the first token at once,
-   then 4 per chunk: a quarter of the chunks for the client to parse). Tokens are counted from each response's
+   Levers beside them: the SDK against a server started with `--stream-interval 4` (the first token at once,
+   then 4 per chunk: a quarter of the chunks for the client to parse); and against a server started with
+   `--enforce-eager` (decode steps through transformers' forward). Tokens are counted from each response's
    `usage` (`stream_options.include_usage`), whatever the chunks hold.
 D: Poisson arrivals keeping about 1, 8 and 32 streams busy (each level's rate: 0.9 × the requests per second that
    as many closed-loop clients complete; the streams in flight are measured and reported): time to first token
@@ -284,6 +285,7 @@ def engine_poisson(engine, paths: list[Path], texts: list[str], streams: int, n:
 
 DEFAULT_ORDER = "prefill_first" if SchedulerConfig().prefill_first_max_decodes else "mixed"
 INTERVAL_RUN = f"openai {DEFAULT_ORDER}, stream interval {STREAM_INTERVAL}"  # the lever's row in C
+EAGER_RUN = f"openai {DEFAULT_ORDER}, --enforce-eager"  # the other lever's row: transformers' forward for decodes
 
 
 def write_policies(directory: Path) -> dict[str, Path]:
@@ -324,11 +326,12 @@ def main() -> None:
         order: start_server(model_dir, root, *SERVER_FLAGS, "--policy", str(policy))
         for order, policy in write_policies(root.parent).items()
     }
-    interval_proc, interval_base = start_server(
-        model_dir, root, *SERVER_FLAGS, "--stream-interval", str(STREAM_INTERVAL)
-    )
+    levers = {
+        INTERVAL_RUN: start_server(model_dir, root, *SERVER_FLAGS, "--stream-interval", str(STREAM_INTERVAL)),
+        EAGER_RUN: start_server(model_dir, root, *SERVER_FLAGS, "--enforce-eager"),
+    }
     try:
-        for _, base in [*servers.values(), (interval_proc, interval_base)]:
+        for _, base in [*servers.values(), *levers.values()]:
             asyncio.run(http_throughput(base, models[:16], texts[:16]))  # warm-up: adapters resident
         throughput = []  # one dict per round: direct, the SDK per order, the minimal reader on the default order
         default_proc, default_base = servers[DEFAULT_ORDER]
@@ -339,9 +342,8 @@ def main() -> None:
             r["minimal reader"] = measured(
                 lambda: asyncio.run(raw_throughput(default_base, models, texts)), default_proc.pid
             )
-            r[INTERVAL_RUN] = measured(
-                lambda: asyncio.run(http_throughput(interval_base, models, texts)), interval_proc.pid
-            )
+            for label, (proc, base) in levers.items():
+                r[label] = measured(lambda b=base: asyncio.run(http_throughput(b, models, texts)), proc.pid)
             throughput.append(r)
         ratios = {
             k: statistics.median(r[k]["tok_s"] / r["direct"]["tok_s"] for r in throughput)
@@ -367,7 +369,7 @@ def main() -> None:
                     r = engine_poisson(engine, paths, texts, s, n_requests, rate)
                     in_process.append({"order": DEFAULT_ORDER, "round": k, **r})
     finally:
-        for proc, _ in [*servers.values(), (interval_proc, interval_base)]:
+        for proc, _ in [*servers.values(), *levers.values()]:
             proc.terminate()
             proc.wait(timeout=60)
     prefills.append(prefill_alone(engine, paths[0], texts[0]))
@@ -420,7 +422,9 @@ def main() -> None:
             f"C: {n} concurrent streams × {NEW_TOKENS} tokens, {rounds} interleaved round(s): HTTP with the `openai` "
             f"client = **{http_ratio:.2f}×** the engine direct (median of the rounds' ratios; target ≥ 0.9×; "
             f"scheduling order {DEFAULT_ORDER}); with the minimal SSE reader {ratios['minimal reader']:.2f}×; "
-            f"the SDK against a server with `--stream-interval {STREAM_INTERVAL}` {ratios[INTERVAL_RUN]:.2f}×.",
+            f"the SDK against a server with `--stream-interval {STREAM_INTERVAL}` {ratios[INTERVAL_RUN]:.2f}×, "
+            f"against one with `--enforce-eager` (decode steps through transformers' forward, not "
+            f"mux/engine/cpu_decode.py) {ratios[EAGER_RUN]:.2f}×.",
             "",
             "| run | tok/s per round | vs direct (median) | client CPU s | server CPU s |",
             "|---|---|---|---|---|",
