@@ -1,7 +1,8 @@
 """Builds one step's flat batch (all sequences' tokens in one row), runs the model, returns the logits to sample.
 
 Per step the runner publishes the attention layout and the LoRA layout once; every layer reads them. On CUDA a
-pure decode step replays a captured graph instead (`mux/engine/graphs.py`).
+pure decode step replays a captured graph instead (`mux/engine/graphs.py`); on the CPU it makes the same kernel
+calls without transformers' forward (`mux/engine/cpu_decode.py`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class ModelRunner:
         cpu_decode: bool = True,
     ) -> None:
         """max_graph_batch: on CUDA, decode steps of up to this many sequences replay CUDA graphs (0: never).
-        cpu_decode: on the CPU, decode steps of a few sequences run as one loop of C calls where the model
-        qualifies (`mux/engine/cpu_decode.py`)."""
+        cpu_decode: on the CPU, decode steps make the model's kernel calls without transformers' forward where the
+        model qualifies (`mux/engine/cpu_decode.py`)."""
         self.model = model
         self.lora = lora
         self.cache = cache
