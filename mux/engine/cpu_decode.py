@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mux import native
-from mux.engine.kv_cache import AttentionMetadata, KVCache
+from mux.engine.kv_cache import AttentionMetadata, KVCache, native_decode
 from mux.lora.layers import MultiLoRALinear
 from mux.lora.ops import LoRABatch, lora_add_
 from mux.model import cpu_layers
@@ -91,7 +91,8 @@ class CPUDecode:
                     return None
         return cls(model, cache)
 
-    def takes(self, rows: int, meta: AttentionMetadata, batch: LoRABatch | None) -> bool:
+    @staticmethod
+    def takes(rows: int, meta: AttentionMetadata, batch: LoRABatch | None) -> bool:
         """Whether this step is this path's: rows decodes (no prefill); at most FEW_ROWS of them only with their
         LoRA rows (if any) in the fused few-row layout, which the few-row linears serve."""
         pure = meta.num_decode == rows > 0 and not meta.prefills and not meta.prefill_groups
@@ -111,52 +112,50 @@ class CPUDecode:
         tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
         attn_mid = (tables.data_ptr(), tables.shape[1], lens.data_ptr())
         lora = batch.few.pointers if batch is not None else None
-        used = batch.layers if batch is not None else None
         slots = meta.slot_mapping
         k_rows, v_rows = buf.k.view(rows, self.kv_heads, -1), buf.v.view(rows, self.kv_heads, -1)  # [T, Hkv, D]
+
+        def project(args: tuple, lora_args: tuple | None, index: int) -> None:
+            if lora_args is not None and batch is not None and batch.targets(index):
+                linear_lora(*args, *lora_args, *lora)
+            else:
+                linear(*args)
+
         for norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache in calls:
+            q, k, v, o, gate, up, down = projections
             lib.mux_rms_norm(*norm1)
-            for i, (args, lora_args, index) in enumerate(projections):
-                if lora is not None and lora_args is not None and (used is None or index in used):
-                    linear_lora(*args, *lora_args, *lora)
-                else:
-                    linear(*args)
-                if i == 2:  # q, k, v made: RoPE, the cache writes, the attention
-                    lib.mux_rope(*rope_head, *rope_tail)
-                    k_cache.index_copy_(0, slots, k_rows)
-                    v_cache.index_copy_(0, slots, v_rows)
-                    if lib.mux_decode_attention(*attn_head, *attn_mid, *attn_tail):
-                        raise MemoryError("decode attention: no memory for the scores")
-                elif i == 3:  # o: the residual sum and the second norm
-                    lib.mux_rms_norm(*norm2)
-                elif i == 5:  # gate, up: SiLU(gate)·up, as transformers' act_fn(gate) * up
-                    F.silu(buf.g, inplace=True).mul_(buf.u)
-            buf.h.add_(buf.o)  # down's output (written into h) + the residual
+            for projection in (q, k, v):
+                project(*projection)
+            lib.mux_rope(*rope_head, *rope_tail)
+            k_cache.index_copy_(0, slots, k_rows)
+            v_cache.index_copy_(0, slots, v_rows)
+            if lib.mux_decode_attention(*attn_head, *attn_mid, *attn_tail):
+                raise MemoryError("decode attention: no memory for the scores")
+            project(*o)
+            lib.mux_rms_norm(*norm2)  # the residual sum into o, the second norm into x
+            project(*gate)
+            project(*up)
+            F.silu(buf.g, inplace=True).mul_(buf.u)  # as transformers' act_fn(gate) * up
+            project(*down)  # into h
+            buf.h.add_(buf.o)  # down's output + the residual
         return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
 
     def _run_many(self, ids, positions, meta: AttentionMetadata, batch: LoRABatch | None) -> torch.Tensor:
         """The same sequence for more rows, where oneDNN's linears make fresh outputs (so each tensor's address is
         taken as it comes) and each linear's LoRA rows take the step's layout (`lora_add_`)."""
-        lib = native.library()
         rows, d = ids.shape[0], self.head_dim
         h = self.embed.index_select(0, ids)  # [T, hidden]
-        cos, sin = (t.contiguous() for t in self.rotary(h, positions[None]))  # [1, T, D] each
-        tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
+        cos, sin = self.rotary(h, positions[None])  # [1, T, D] each
         slots = meta.slot_mapping
         for layer, linears, k_cache, v_cache in zip(self.layers, self.linears, self.cache.k, self.cache.v, strict=True):
             x = cpu_layers.rms_norm(layer.input_layernorm, h)
             q, k, v = (_many(lin, x, batch) for lin in linears[:3])  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
-            lib.mux_rope(q.data_ptr(), q.shape[1], self.heads, k.data_ptr(), k.shape[1], self.kv_heads,
-                         cos.data_ptr(), sin.data_ptr(), d, rows, d)  # fmt: skip
+            q, k = cpu_layers.rope_(q, k, cos, sin, d)
             k_cache.index_copy_(0, slots, k.view(rows, self.kv_heads, d))
             v_cache.index_copy_(0, slots, v.view(rows, self.kv_heads, d))
             a = torch.empty_like(q)  # [T, H*D]
-            if lib.mux_decode_attention(
-                q.data_ptr(), q.shape[1], d, k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                tables.shape[1], lens.data_ptr(), self.cache.block_size, rows, self.heads, self.kv_heads, d,
-                self.scale, a.data_ptr(),
-            ):  # fmt: skip
-                raise MemoryError("decode attention: no memory for the scores")
+            shape = (rows, self.heads, d)
+            native_decode(q.view(shape), k_cache, v_cache, meta, self.scale, a.view(shape))
             o, x = cpu_layers.add_rms_norm_(layer.post_attention_layernorm, _many(linears[3], a, batch), h)
             g, u = _many(linears[4], x, batch), _many(linears[5], x, batch)  # [T, inter] each
             h = _many(linears[6], F.silu(g, inplace=True).mul_(u), batch).add_(o)
@@ -205,8 +204,8 @@ def _linear(module: nn.Module) -> _Linear:
 def _many(lin: _Linear, x: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
     """x [T, in] -> [T, out]: the packed linear (oneDNN), then the LoRA rows of the step's batch if any adapter of
     the step targets this linear (as MultiLoRALinear.forward at more than FEW_ROWS rows)."""
-    y = torch.ops.mkldnn._linear_pointwise(x, lin.base.packed, lin.base.bias, "none", [], "")
-    if batch is not None and lin.lora is not None and (batch.layers is None or lin.lora.index in batch.layers):
+    y = lin.base.onednn(x)
+    if batch is not None and lin.lora is not None and batch.targets(lin.lora.index):
         lora_add_(y, x, lin.lora.lora_a, lin.lora.lora_b, batch)
     return y
 

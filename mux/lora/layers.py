@@ -38,8 +38,8 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self.ctx.batch
-        if batch is None or (batch.layers is not None and self.index not in batch.layers):
-            return self.base(x)  # no adapter of this step targets this linear: its delta is exactly zero
+        if batch is None or not batch.targets(self.index):
+            return self.base(x)
         if (
             batch.few is not None
             and (y := few_rows_linear_lora(self.base, x, self.lora_a, self.lora_b, batch.few)) is not None

@@ -115,6 +115,10 @@ class LoRABatch:
     layers: frozenset[int] | None = None  # indices of the wrapped linears some slot targets (None: all)
     few: RowSlots | None = None  # a step of <= FEW_ROWS rows: each linear and its deltas in one C call
 
+    def targets(self, index: int) -> bool:
+        """Whether some adapter of this step targets the wrapped linear `index` (else its delta is exactly zero)."""
+        return self.layers is None or index in self.layers
+
 
 def per_token_batch(token_slots: torch.Tensor, rank: int, layers: frozenset[int] | None = None) -> LoRABatch:
     """The per-token layout: every row reads its own slot's weights (the Triton kernel on CUDA, else a gather).

@@ -57,6 +57,10 @@ class PackedLinear(nn.Module):
             n, k = self.out_features, self.in_features
             self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
             return y
+        return self.onednn(x)
+
+    def onednn(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        """The prepacked GEMM, whatever the row count."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

@@ -111,7 +111,7 @@ def test_takes_pure_decode_steps_only():
     fused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True, rows=1)
     unfused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True)
     for rows in (1, 4, 5, 64):
-        assert take(None, rows, meta(rows), None) and take(None, rows, meta(rows), fused)
-        assert not take(None, rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)), None)
-        assert take(None, rows, meta(rows), unfused) == (rows > 4)  # 1-4 rows: the few-row layout only
-    assert not take(None, 0, meta(0), None)
+        assert take(rows, meta(rows), None) and take(rows, meta(rows), fused)
+        assert not take(rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)), None)
+        assert take(rows, meta(rows), unfused) == (rows > 4)  # 1-4 rows: the few-row layout only
+    assert not take(0, meta(0), None)
