@@ -1,14 +1,16 @@
-"""Linears at a few rows, side by side: oneDNN's prepacked GEMM vs the C kernel of mux/csrc/linear.c, which
-reads the plain weights (`ModelConfig.few_row_linears`, on by default for ≤ 4 rows).
+"""The CPU linears side by side: oneDNN's prepacked GEMM vs the C kernel of mux/csrc/linear.c over weights packed
+in panels (`ModelConfig.native_linears`, the default).
 
 1. Every linear of a SmolLM2-shaped model (30 layers × 7 + the lm_head, 538 MB of fp32 weights, so each pass
-   streams them from memory, as a decode step does), at 1-6 rows: ms per pass, the GB/s of weights it reads, and
-   the machine's read speed beside it (a sum over 512 MB).
-2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4 and 8 concurrent
+   streams them from memory, as a decode step does), at 1-64 rows (decode steps of as many sequences) and 256
+   (a prefill chunk): ms per pass, the GB/s of weights it reads and the GFLOP/s, and the machine's read speed
+   beside it (a sum over 512 MB).
+2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4, 8 and 16 concurrent
    streams, four engines in interleaved rounds: the default (decode steps without transformers' forward,
    `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py: ≤ 4 sequences as one loop of C calls, each linear with its
-   LoRA deltas in one call; 8 over oneDNN's linears); the same kernels through transformers' forward; the kernel
-   then the LoRA kernel (two calls, `LoRAConfig.fused_few_rows=False`, through transformers' forward); oneDNN only;
+   LoRA deltas in one call; more as calls of the C linears and the LoRA kernel); the same kernels through
+   transformers' forward; the linear then the LoRA kernel (two calls, `LoRAConfig.fused_few_rows=False`, through
+   transformers' forward); oneDNN's linears (`native_linears=False`, through transformers' forward);
    and the base model's step (no adapter) on the first, for what the adapters cost; whether all give the same
    tokens.
 
@@ -32,10 +34,11 @@ from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.torch_thread import TorchThread
-from mux.model.cpu import FEW_ROWS, PackedLinear
+from mux.model.cpu import PackedLinear
 from mux.model.loader import default_model_dir
 
 HIDDEN, INTER, Q, KV, LAYERS, VOCAB = 576, 1536, 576, 192, 30, 49152
+ROWS = (1, 2, 3, 4, 6, 8, 16, 32, 64, 256)
 SHAPES = [(HIDDEN, Q), (HIDDEN, KV), (HIDDEN, KV), (Q, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER), (INTER, HIDDEN)]
 
 
@@ -44,19 +47,22 @@ def linears(rounds: int) -> dict:
     shapes = SHAPES * LAYERS + [(HIDDEN, VOCAB)]
     plain = [nn.Linear(i, o, bias=False) for i, o in shapes]
     nbytes = sum(m.weight.numel() * 4 for m in plain)
-    kernel = native.library().mux_small_linear
-    few, packed = [PackedLinear(m, kernel) for m in plain], [PackedLinear(m) for m in plain]
+    kernel = native.library().mux_linear
+    panels, packed = [PackedLinear(m, kernel) for m in plain], [PackedLinear(m) for m in plain]
+    flops = 2 * nbytes / 4
     big = torch.randn(128 << 20)  # 512 MB
     read_gbs = big.numel() * 4 / best_time(big.sum, 5) / 1e9
     out: dict = {"weights_mb": nbytes / 1e6, "read_gb_s": read_gbs, "rows": {}}
-    for rows in range(1, FEW_ROWS + 3):
+    for rows in ROWS:
         xs = {f: torch.randn(rows, f) for f in (HIDDEN, INTER)}
         ms = {"C kernel": float("inf"), "oneDNN packed": float("inf")}
         for _ in range(rounds):
-            for label, layers in (("C kernel", few), ("oneDNN packed", packed)):
+            for label, layers in (("C kernel", panels), ("oneDNN packed", packed)):
                 run = lambda ls=layers, xs=xs: [m(xs[m.in_features]) for m in ls]  # noqa: E731
                 ms[label] = min(ms[label], best_time(run, 3) * 1e3)
-        out["rows"][rows] = {k: {"ms": v, "gb_s": nbytes / v / 1e6} for k, v in ms.items()}
+        out["rows"][rows] = {
+            k: {"ms": v, "gb_s": nbytes / v / 1e6, "gflop_s": rows * flops / v / 1e6} for k, v in ms.items()
+        }
         print(rows, json.dumps(out["rows"][rows]), flush=True)
     return out
 
@@ -68,8 +74,8 @@ def engines(rounds: int, thread: TorchThread) -> dict:
 
 def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     model_dir = default_model_dir()
-    paths = [str(write_random_adapter(model_dir, work / f"a{i}", r=8, seed=i)) for i in range(8)]
-    variants = {  # name: (few-row linears, each with its deltas in one call, the loop of C calls)
+    paths = [str(write_random_adapter(model_dir, work / f"a{i}", r=8, seed=i)) for i in range(16)]
+    variants = {  # name: (the C linears, each with its deltas in one call at <= 4 rows, the loop of C calls)
         "loop": (True, True, True),
         "transformers": (True, True, False),
         "two calls": (True, False, False),
@@ -78,18 +84,18 @@ def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     built = {
         name: Engine(
             EngineConfig(
-                model=ModelConfig(model=str(model_dir), few_row_linears=few, cpu_decode=loop),
+                model=ModelConfig(model=str(model_dir), native_linears=c, cpu_decode=loop),
                 lora=LoRAConfig(fused_few_rows=fused),
                 cache=CacheConfig(kv_cache_bytes=1 << 28, prefix_caching=False),
             ),
             torch_thread=thread,
         )
-        for name, (few, fused, loop) in variants.items()
+        for name, (c, fused, loop) in variants.items()
     }
     runs = [(name, engine, True) for name, engine in built.items()] + [("no adapter", built["loop"], False)]
-    texts = prompts(8)
+    texts = prompts(16)
     out: dict = {"streams": {}, "same_tokens": True}
-    for streams in (1, 2, 4, 8):
+    for streams in (1, 2, 4, 8, 16):
         ms = {name: float("inf") for name, _, _ in runs}
         tokens = {}
         for engine in built.values():
@@ -123,20 +129,21 @@ def main() -> None:
     data = {"machine": machine(), "linears": thread.call(linears, args.rounds), "engine": engines(args.rounds, thread)}
     lin, eng = data["linears"], data["engine"]
     lines = [
-        "# Linears at a few rows: the C kernel (plain weights) vs oneDNN's prepacked GEMM",
+        "# CPU linears: the C kernel (weights in panels) vs oneDNN's prepacked GEMM",
         "",
         f"Machine: {data['machine']}",
         "",
         f"1. Every linear of a SmolLM2-shaped model ({lin['weights_mb']:.0f} MB of fp32 weights) per pass; the "
         f"machine reads {lin['read_gb_s']:.0f} GB/s (a sum over 512 MB).",
         "",
-        "| rows | C kernel ms (GB/s) | oneDNN packed ms (GB/s) | C vs oneDNN |",
+        "| rows | C kernel ms (GB/s, GFLOP/s) | oneDNN packed ms (GB/s, GFLOP/s) | C vs oneDNN |",
         "|---|---|---|---|",
     ]
     for rows, r in lin["rows"].items():
         c, p = r["C kernel"], r["oneDNN packed"]
         lines.append(
-            f"| {rows} | {c['ms']:.1f} ({c['gb_s']:.0f}) | {p['ms']:.1f} ({p['gb_s']:.0f}) | "
+            f"| {rows} | {c['ms']:.1f} ({c['gb_s']:.0f}, {c['gflop_s']:.0f}) | {p['ms']:.1f} ({p['gb_s']:.0f}, "
+            f"{p['gflop_s']:.0f}) | "
             f"**{p['ms'] / c['ms']:.2f}×** |"
         )
     lines += [
@@ -144,12 +151,13 @@ def main() -> None:
         f"2. The engine (SmolLM2, one rank-8 adapter per stream, greedy), ms per decode step, best of "
         f"{args.rounds} interleaved rounds; the same tokens on all four: {eng['same_tokens']}. Loop = the default: "
         "decode steps without transformers' forward (mux/engine/cpu_decode.py; ≤ 4 sequences as one loop of C "
-        "calls, each linear with its LoRA deltas in one call; 8 over oneDNN's linears); transformers = the same "
-        "kernels through transformers' forward; two calls = the C kernel, "
-        "then the LoRA kernel (through transformers' forward); no adapter = the loop on the base model (the "
+        "calls, each linear with its LoRA deltas in one call; more: the C linears, then the LoRA kernel); transformers "
+        "= the same kernels through transformers' forward; two calls = the C linear, then the LoRA kernel (through "
+        "transformers' forward); oneDNN = oneDNN's linears through transformers' forward; no adapter = the loop on "
+        "the base model (the "
         "adapters' cost is the difference).",
         "",
-        "| streams | loop | transformers | two calls | oneDNN only | no adapter | loop vs transformers | vs two calls "
+        "| streams | loop | transformers | two calls | oneDNN | no adapter | loop vs transformers | vs two calls "
         "| vs oneDNN |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

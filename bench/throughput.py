@@ -75,7 +75,7 @@ def run(thread: TorchThread) -> None:
         "--levers",
         action="store_true",
         help="also run it unpacked, with torch's LoRA kernel, with SDPA attention, with transformers' layer ops, "
-        "with decode steps through transformers' forward",
+        "with decode steps through transformers' forward, with oneDNN's linears instead of the C ones",
     )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
@@ -129,11 +129,16 @@ def run(thread: TorchThread) -> None:
         native_attention: bool = True,
         native_layers: bool = True,
         cpu_decode: bool = True,
+        native_linears: bool = True,
     ) -> Engine:
         engine = Engine(
             EngineConfig(
                 model=ModelConfig(
-                    model=str(model_dir), cpu_tuning=cpu_tuning, native_layers=native_layers, cpu_decode=cpu_decode
+                    model=str(model_dir),
+                    cpu_tuning=cpu_tuning,
+                    native_layers=native_layers,
+                    cpu_decode=cpu_decode,
+                    native_linears=native_linears,
                 ),
                 lora=LoRAConfig(
                     # with mixed ranks every set of adapters stays resident: no slot loads timed
@@ -173,6 +178,8 @@ def run(thread: TorchThread) -> None:
         runs[f"mux_{args.adapters}_adapters_transformers_forward"] = lambda: mux_generate(
             forward, texts, new, per_request
         )
+        onednn = make_engine(cpu_tuning=True, cpu_decode=False, native_linears=False)
+        runs[f"mux_{args.adapters}_adapters_onednn_linears"] = lambda: mux_generate(onednn, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -210,6 +217,10 @@ def run(thread: TorchThread) -> None:
             # both without the decode loop (it needs the C layers): the C layer ops alone
             r["native_vs_torch_layers"] = (
                 tok_s[f"{adapters_key}_transformers_forward"] / tok_s[f"{adapters_key}_torch_layers"]
+            )
+            # both without the decode loop (it needs the C linears)
+            r["c_vs_onednn_linears"] = (
+                tok_s[f"{adapters_key}_transformers_forward"] / tok_s[f"{adapters_key}_onednn_linears"]
             )
             r["decode_loop_vs_transformers_forward"] = (
                 tok_s[adapters_key] / tok_s[f"{adapters_key}_transformers_forward"]

@@ -4,8 +4,8 @@
 - `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`);
 - `sampling.c`: greedy tokens and log-normalisers of a step's logits (called from `mux/engine/sampler.py`);
 - `layers.c`: a decoder layer's RMSNorms and RoPE (called from `mux/model/cpu_layers.py`);
-- `linear.c`: linears at 1-4 rows, over the plain weights (given to `mux/model/cpu.py`'s packed linears), alone
-  or with their LoRA deltas in the same call (`mux/lora/ops.py`);
+- `linear.c`: the linears, over weights packed in panels of 16 output features (`mux/model/cpu.py`'s packed
+  linears), and at 1-4 rows a linear with its LoRA deltas in the same call (`mux/lora/ops.py`);
 - `lora.h`: the LoRA shrink and expand both LoRA paths share;
 - `simd.h`: the vector helpers they share.
 
@@ -55,8 +55,8 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
     "mux_copy_pieces": (None, [_PTR, _PTR, _PTR, _PTR, _I64]),
     "mux_rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _F32]),
     "mux_rope": (None, [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64]),
-    "mux_small_linear": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64]),
-    "mux_small_linear_lora": (
+    "mux_linear": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64]),
+    "mux_linear_lora": (
         None,
         [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR],
     ),

@@ -6,14 +6,14 @@ plumbing, each linear's checks and its pointers fetched anew. This makes the sam
 result is bitwise that forward with mux/model/cpu_layers.py's layers (tested): each layer is its norms, linears
 with their LoRA deltas, RoPE, K/V writes, attention, SiLU·up and residual add.
 
-- 1-4 rows: one loop of C calls (the few-row linears with their deltas in the same call) over every weight's, slot
+- 1-4 rows: one loop of C calls (the linears with their deltas in the same call) over every weight's, slot
   stack's and work buffer's address looked up once per row count.
-- More rows: oneDNN's linears make fresh outputs, so each tensor's address is taken as it comes, and each linear's
+- More rows: the linears make fresh outputs, so each tensor's address is taken as it comes, and each linear's
   LoRA rows take the step's layout (`lora_add_`).
 
-Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all have the
-few-row kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of
-1-4 rows whose LoRA rows are not in the fused few-row layout, run through transformers' forward.
+Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all run on the C
+kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of 1-4
+rows whose LoRA rows are not in the fused few-row layout, run through transformers' forward.
 `python -m bench.small_linear` measures both side by side.
 """
 
@@ -87,14 +87,14 @@ class CPUDecode:
                 return None
             for name in _PROJECTIONS:
                 base = _linear(_projection(layer, name)).base
-                if not (isinstance(base, PackedLinear) and base.few_rows is not None):
+                if not (isinstance(base, PackedLinear) and base.kernel is not None):
                     return None
         return cls(model, cache)
 
     @staticmethod
     def takes(rows: int, meta: AttentionMetadata, batch: LoRABatch | None) -> bool:
         """Whether this step is this path's: rows decodes (no prefill); at most FEW_ROWS of them only with their
-        LoRA rows (if any) in the fused few-row layout, which the few-row linears serve."""
+        LoRA rows (if any) in the fused few-row layout, which the C linears serve with their deltas."""
         pure = meta.num_decode == rows > 0 and not meta.prefills and not meta.prefill_groups
         return pure and (rows > FEW_ROWS or batch is None or batch.few is not None)
 
@@ -103,7 +103,7 @@ class CPUDecode:
         if ids.shape[0] > FEW_ROWS:
             return self._run_many(ids, positions, meta, batch)
         lib = native.library()
-        linear, linear_lora = lib.mux_small_linear, lib.mux_small_linear_lora
+        linear, linear_lora = lib.mux_linear, lib.mux_linear_lora
         rows = ids.shape[0]
         buf, calls = self._prepared(rows)
         torch.index_select(self.embed, 0, ids, out=buf.h)
@@ -141,7 +141,7 @@ class CPUDecode:
         return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
 
     def _run_many(self, ids, positions, meta: AttentionMetadata, batch: LoRABatch | None) -> torch.Tensor:
-        """The same sequence for more rows, where oneDNN's linears make fresh outputs (so each tensor's address is
+        """The same sequence for more rows, where the linears make fresh outputs (so each tensor's address is
         taken as it comes) and each linear's LoRA rows take the step's layout (`lora_add_`)."""
         rows, d = ids.shape[0], self.head_dim
         h = self.embed.index_select(0, ids)  # [T, hidden]
@@ -202,21 +202,21 @@ def _linear(module: nn.Module) -> _Linear:
 
 
 def _many(lin: _Linear, x: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
-    """x [T, in] -> [T, out]: the packed linear (oneDNN), then the LoRA rows of the step's batch if any adapter of
+    """x [T, in] -> [T, out]: the packed linear, then the LoRA rows of the step's batch if any adapter of
     the step targets this linear (as MultiLoRALinear.forward at more than FEW_ROWS rows)."""
-    y = lin.base.onednn(x)
+    y = lin.base(x)
     if batch is not None and lin.lora is not None and batch.targets(lin.lora.index):
         lora_add_(y, x, lin.lora.lora_a, lin.lora.lora_b, batch)
     return y
 
 
 def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple:
-    """(mux_small_linear's arguments, the LoRA slot stacks' for mux_small_linear_lora or None, the wrapped
+    """(mux_linear's arguments, the LoRA slot stacks' for mux_linear_lora or None, the wrapped
     linear's index) for x [T, in] -> y [T, out]."""
     base = lin.base
     k, n = base.in_features, base.out_features
     bias = None if base.bias is None else base.bias.data_ptr()
-    args = (x.data_ptr(), k, y.data_ptr(), n, base.weight.data_ptr(), bias, rows, k, n)
+    args = (x.data_ptr(), k, y.data_ptr(), n, base.panels.data_ptr(), bias, rows, k, n)
     if lin.lora is None:
         return args, None, -1
     a, b = lin.lora.lora_a, lin.lora.lora_b  # [S, R, in], [S, R, out] contiguous

@@ -34,7 +34,7 @@ from mux.engine.torch_thread import TorchThread
 from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
-from mux.model.cpu import can_pack, keep_freed_memory, pack_linears, plain_weights_are_free
+from mux.model.cpu import can_pack, keep_freed_memory, pack_linears
 from mux.model.cpu_layers import fuse_layers, fuse_rope
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
@@ -77,10 +77,7 @@ class Engine:
             fused_few_rows=config.lora.fused_few_rows,
         )
         if config.model.cpu_tuning and can_pack(model):
-            few_rows = config.model.few_row_linears
-            if few_rows is None:  # only where keeping the plain weights costs no memory
-                few_rows = plain_weights_are_free(model)
-            kernel = native.library().mux_small_linear if few_rows and native.library() else None
+            kernel = native.library().mux_linear if config.model.native_linears and native.library() else None
             pack_linears(model, kernel)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
             keep_freed_memory()
         device = next(model.parameters()).device

@@ -1,13 +1,11 @@
 """CPU tuning, applied to a plain model afterwards (gpt-fast style): prepacked linears, allocator settings.
 
-- PackedLinear: fp32 weights reordered once into oneDNN's blocked layout. Measured on this 2-core machine
-  (M=64 decode rows): 576→1536 went from 130 to 190 GFLOP/s, the 49152-wide lm_head from 66 to 182 GFLOP/s;
-  prefill shapes gain ≈1.5×. At a few rows (a decode step of 1-4 sequences) a linear is a stream over its
-  weights, which the packed GEMM reads at about half the memory's speed: there a C kernel (mux/csrc/linear.c,
-  given as `few_rows`) reads the plain weights instead (`python -m bench.small_linear`). The plain weights are
-  the model's own tensors, kept beside the packed ones: for a model loaded from fp32 safetensors (the embedded
-  default) they are the file's mapped pages, no memory of their own (`plain_weights_are_free`); converted from
-  another dtype they would be one more copy of the linears, so by default the kernel is not used there.
+- PackedLinear: fp32 weights reordered once for the CPU. With the C kernels (`mux/csrc/linear.c`, given as
+  `kernel`): in panels of 16 output features, which the kernel reads as one stream at a few rows and as a GEMM at
+  many: 1.1-1.6x oneDNN's prepacked GEMM from 1 to 64 rows on this 2-core machine, as fast at 128-512
+  (`python -m bench.small_linear`). Without them: oneDNN's blocked layout (measured at M=64 decode rows: 576→1536
+  went from 130 to 190 GFLOP/s against torch's own linear, the 49152-wide lm_head from 66 to 182 GFLOP/s;
+  prefill shapes gain ≈1.5×). Either way one copy of the weights: the model's own are let go.
 - keep_freed_memory: glibc returns large freed blocks to the OS and page-faults them back on the next step;
   keeping them cut a 1920-token SmolLM2 prefill from 3.8 s to 2.5 s.
 """
@@ -26,42 +24,43 @@ import torch
 from torch import nn
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
-FEW_ROWS = 4  # up to this many rows the `few_rows` kernel serves (mux/csrc/linear.c; its limit too)
+PANEL = 16  # output features per panel of the C kernel's layout (mux/csrc/linear.c)
+FEW_ROWS = 4  # up to this many rows a linear and its LoRA deltas are one C call (mux_linear_lora's limit)
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, few_rows: Callable | None = None) -> None:
-        """`few_rows`: the C kernel `mux_small_linear` for inputs of ≤ FEW_ROWS rows, or None (oneDNN for all)."""
+    def __init__(self, linear: nn.Linear, kernel: Callable | None = None) -> None:
+        """`kernel`: the C kernel `mux_linear`, over the weights packed in panels; None: oneDNN's prepacked GEMM."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()  # [out, in]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)  # opaque
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        plain = few_rows is not None and weight.is_contiguous() and (self.bias is None or self.bias.is_contiguous())
-        self.few_rows = few_rows if plain else None
-        self.weight = weight if plain else None
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        self.kernel = kernel
+        self.panels = pack_panels(weight) if kernel is not None else None  # [ceil(out/16), in, 16]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT) if kernel is None else None
 
-    def kernel_rows(self, x: torch.Tensor) -> int:
-        """How many rows of x [..., in] the few-row kernel takes: all of them (1..FEW_ROWS) for a contiguous input
-        of this linear's width, else 0 (oneDNN serves it; the kernel trusts its shapes)."""
-        if self.few_rows is None or x.shape[-1] != self.in_features or not x.is_contiguous():
-            return 0
-        rows = x.numel() // self.in_features
-        return rows if rows <= FEW_ROWS else 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in]
-        if rows := self.kernel_rows(x):
-            y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        if self.kernel is None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if x.shape[-1] != self.in_features:  # the kernel trusts its shapes
+            raise RuntimeError(f"linear: input width {x.shape[-1]}, expected {self.in_features}")
+        x = x.contiguous()
+        y = x.new_empty(*x.shape[:-1], self.out_features)  # [..., out]
+        if rows := x.numel() // self.in_features:
             bias = None if self.bias is None else self.bias.data_ptr()
-            n, k = self.out_features, self.in_features
-            self.few_rows(x.data_ptr(), k, y.data_ptr(), n, self.weight.data_ptr(), bias, rows, k, n)
-            return y
-        return self.onednn(x)
+            k, n = self.in_features, self.out_features
+            self.kernel(x.data_ptr(), k, y.data_ptr(), n, self.panels.data_ptr(), bias, rows, k, n)
+        return y
 
-    def onednn(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        """The prepacked GEMM, whatever the row count."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] -> [ceil(out/16), in, 16]: panel i holds output features 16i..16i+15 (zeros past out), each
+    input feature's 16 weights side by side."""
+    out, in_features = weight.shape
+    padded = weight.new_zeros(-(-out // PANEL) * PANEL, in_features)
+    padded[:out] = weight
+    return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -81,28 +80,14 @@ def file_mappings() -> list[tuple[int, int, str]]:
     return out
 
 
-def file_mapped(tensors: list[torch.Tensor]) -> bool:
-    """Whether every tensor's memory lies in a mapped file (as fp32 safetensors loads are): pages the kernel can
-    drop and read again, no memory of their own. Linux; False elsewhere."""
-    spans = [(lo, hi) for lo, hi, _ in file_mappings()]
-    return bool(tensors) and all(
-        any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in spans) for t in tensors
-    )
-
-
-def plain_weights_are_free(model: nn.Module) -> bool:
-    """Whether keeping the linears' plain weights beside the packed ones costs no memory (see file_mapped)."""
-    return file_mapped([m.weight for m in model.modules() if type(m) is nn.Linear])
-
-
-def pack_linears(model: nn.Module, few_rows: Callable | None = None) -> int:
-    """Replace every nn.Linear in `model` (including ones wrapped by LoRA layers) by a PackedLinear (`few_rows`:
-    see PackedLinear)."""
+def pack_linears(model: nn.Module, kernel: Callable | None = None) -> int:
+    """Replace every nn.Linear in `model` (including ones wrapped by LoRA layers) by a PackedLinear (`kernel`: see
+    PackedLinear)."""
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, PackedLinear(getattr(owner, child), few_rows))
+        setattr(owner, child, PackedLinear(getattr(owner, child), kernel))
     return len(names)
 
 

@@ -95,7 +95,7 @@ def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters):
     for engine in (
         make_engine(tiny_dir, native_attention=False),
         make_engine(tiny_dir, model={"native_layers": False}),
-        make_engine(tiny_dir, model={"few_row_linears": False}),
+        make_engine(tiny_dir, model={"native_linears": False}),
     ):
         assert engine.runner.cpu_decode is None
 

@@ -239,7 +239,7 @@ def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(see
     in_f, out_f = rnd.choice([(80, 50), (576, 192), (37, 130), (16, 7)])
     rows, slots, max_rank = rnd.randint(1, FEW_ROWS), 4, 16
     linear = nn.Linear(in_f, out_f, bias=seed % 2 == 0)
-    base = PackedLinear(linear, native.library().mux_small_linear)
+    base = PackedLinear(linear, native.library().mux_linear)
     ranks = [rnd.choice([1, 3, 4, 5, 8, 13, 16]) for _ in range(slots)]
     a = torch.randn(slots, max_rank, in_f, generator=g)
     b = torch.randn(slots, max_rank, out_f, generator=g)
@@ -266,7 +266,7 @@ def test_the_fused_call_is_declined_where_its_kernel_cannot_serve():
     from mux.model.cpu import FEW_ROWS, PackedLinear
 
     linear = nn.Linear(64, 32)
-    base = PackedLinear(linear, native.library().mux_small_linear)
+    base = PackedLinear(linear, native.library().mux_linear)
     a, b = torch.randn(2, 4, 64), torch.randn(2, 4, 32)
     few = build_lora_batch({0: [0], 1: [1]}, 4, "cpu", use_native=True, rows=2).few
     assert few_rows_linear_lora(base, torch.randn(2, 64), a, b, few) is not None
