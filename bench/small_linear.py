@@ -7,7 +7,7 @@ in panels (`ModelConfig.native_linears`, the default).
    beside it (a sum over 512 MB).
 2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4, 8 and 16 concurrent
    streams, four engines in interleaved rounds: the default (decode steps without transformers' forward,
-   `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py: ≤ 4 sequences as one loop of C calls, each linear with its
+   `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py: ≤ 8 sequences as one loop of C calls, each linear with its
    LoRA deltas in one call; more as calls of the C linears and the LoRA kernel); the same kernels through
    transformers' forward; the linear then the LoRA kernel (two calls, `LoRAConfig.fused_few_rows=False`, through
    transformers' forward); oneDNN's linears (`native_linears=False`, through transformers' forward);
@@ -150,7 +150,7 @@ def main() -> None:
         "",
         f"2. The engine (SmolLM2, one rank-8 adapter per stream, greedy), ms per decode step, best of "
         f"{args.rounds} interleaved rounds; the same tokens on all four: {eng['same_tokens']}. Loop = the default: "
-        "decode steps without transformers' forward (mux/engine/cpu_decode.py; ≤ 4 sequences as one loop of C "
+        "decode steps without transformers' forward (mux/engine/cpu_decode.py; ≤ 8 sequences as one loop of C "
         "calls, each linear with its LoRA deltas in one call; more: the C linears, then the LoRA kernel); transformers "
         "= the same kernels through transformers' forward; two calls = the C linear, then the LoRA kernel (through "
         "transformers' forward); oneDNN = oneDNN's linears through transformers' forward; no adapter = the loop on "

@@ -34,7 +34,7 @@ class ModelConfig:
     # oneDNN's prepacked GEMM (mux/model/cpu.py; `python -m bench.small_linear` measures both)
     native_linears: bool = True
     # CPU, with native_layers and the C linears: decode steps make the C calls of transformers' forward without it
-    # (1-4 sequences: one loop of C calls; mux/engine/cpu_decode.py; bench.small_linear)
+    # (1-8 sequences: one loop of C calls; mux/engine/cpu_decode.py; bench.small_linear)
     cpu_decode: bool = True
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
     # A step's detokenizing and stream pushes run while the device computes the next step (each token after a
@@ -64,7 +64,7 @@ class LoRAConfig:
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
     native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/csrc/lora.c); False: torch's matmuls
-    # steps of <= 4 rows with the C linears (ModelConfig.native_linears): each wrapped linear and its LoRA
+    # steps of <= 8 rows with the C linears (ModelConfig.native_linears): each wrapped linear and its LoRA
     # deltas in one C call, not two (`python -m bench.small_linear` measures both)
     fused_few_rows: bool = True
     # while the engine loop runs, a disk read asked for by a request thread (Engine.prepare_adapter) runs on the

@@ -5,7 +5,7 @@
 - `sampling.c`: greedy tokens and log-normalisers of a step's logits (called from `mux/engine/sampler.py`);
 - `layers.c`: a decoder layer's RMSNorms and RoPE (called from `mux/model/cpu_layers.py`);
 - `linear.c`: the linears, over weights packed in panels of 16 output features (`mux/model/cpu.py`'s packed
-  linears), and at 1-4 rows a linear with its LoRA deltas in the same call (`mux/lora/ops.py`);
+  linears), and at 1-8 rows a linear with its LoRA deltas in the same call (`mux/lora/ops.py`);
 - `lora.h`: the LoRA shrink and expand both LoRA paths share;
 - `simd.h`: the vector helpers they share.
 

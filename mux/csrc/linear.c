@@ -23,7 +23,7 @@
 #else
 #define RB 6 /* 16 registers */
 #endif
-#define MAX_ROWS 4 /* mux_linear_lora's rows (a decode step of a few sequences) */
+#define MAX_ROWS 8 /* mux_linear_lora's rows (a decode step of a few sequences) */
 
 /* y[q, 0..cols) = x_q . panel (+ bias) for the M rows x_q = x + q xs, y_q = y + q ys; cols <= PANEL are stored */
 INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, int64_t in,

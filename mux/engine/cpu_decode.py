@@ -6,13 +6,13 @@ plumbing, each linear's checks and its pointers fetched anew. This makes the sam
 result is bitwise that forward with mux/model/cpu_layers.py's layers (tested): each layer is its norms, linears
 with their LoRA deltas, RoPE, K/V writes, attention, SiLU·up and residual add.
 
-- 1-4 rows: one loop of C calls (the linears with their deltas in the same call) over every weight's, slot
+- 1-8 rows: one loop of C calls (the linears with their deltas in the same call) over every weight's, slot
   stack's and work buffer's address looked up once per row count.
 - More rows: the linears make fresh outputs, so each tensor's address is taken as it comes, and each linear's
   LoRA rows take the step's layout (`lora_add_`).
 
 Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all run on the C
-kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of 1-4
+kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of 1-8
 rows whose LoRA rows are not in the fused few-row layout, run through transformers' forward.
 `python -m bench.small_linear` measures both side by side.
 """

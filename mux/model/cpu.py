@@ -25,7 +25,7 @@ from torch import nn
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; any row count works
 PANEL = 16  # output features per panel of the C kernel's layout (mux/csrc/linear.c)
-FEW_ROWS = 4  # up to this many rows a linear and its LoRA deltas are one C call (mux_linear_lora's limit)
+FEW_ROWS = 8  # up to this many rows a linear and its LoRA deltas are one C call (mux_linear_lora's limit)
 
 
 class PackedLinear(nn.Module):

@@ -9,10 +9,13 @@ import torch
 
 from mux.engine.cpu_decode import CPUDecode
 from mux.engine.sequence import SamplingParams
+from mux.model.cpu import FEW_ROWS
 from tests.conftest import make_engine, record_logits
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPTS = ["the quick brown fox", "hello there", "a b c d e", "one two three four five six", "five", "six seven"]
+PROMPTS += [f"{p} and more" for p in PROMPTS]  # 12
+TEN = ("r8-mlp", "r16-attn-rslora", "r8-qv", None, "r4-all", "r2-down", "r16-all", "r8-mlp", None, "r4-attn")
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -41,13 +44,14 @@ def _same_logits(fast, slow, prompts, adapters, params=GREEDY):
 
 @pytest.mark.parametrize("native_kernel", [True, False])
 def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monkeypatch, native_kernel):
-    """1-6 sequences with adapters of different ranks, targets, alpha and rslora beside base-model rows: every
-    decode step takes the loop (with torch's LoRA layouts only past 4 rows: below, the fused few-row call needs
-    the C kernel), and every logit equals transformers' forward with the same kernels."""
+    """1-10 sequences with adapters of different ranks, targets, alpha and rslora beside base-model rows: every
+    decode step takes the loop (with torch's LoRA layouts only past FEW_ROWS rows: below, the fused few-row call
+    needs the C kernel), and every logit equals transformers' forward with the same kernels."""
     steps = _counting(monkeypatch)
     fast = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel)
     slow = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel, model={"cpu_decode": False})
     assert fast.runner.cpu_decode is not None and slow.runner.cpu_decode is None
+    pick = lambda name: name and tiny_adapters[name]  # noqa: E731
     mixes = [
         [tiny_adapters["r16-all"]],
         [None],  # the base model alone: no LoRA batch at all
@@ -57,11 +61,14 @@ def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monke
         [tiny_adapters["r4-attn"], None, tiny_adapters["r16-all"], tiny_adapters["r8-qv"], None],
         [tiny_adapters[n] for n in ("r8-mlp", "r2-down", "r8-mlp", "r8-all-rslora", "r4-all", "r16-attn-rslora")],
         [None] * 5,
+        [pick(n) for n in ("r16-all", "r4-attn", None, "r8-qv", "r2-down", None, "r8-all-rslora", "r4-all")],
+        [pick(n) for n in TEN],
+        [None] * 10,
     ]
     for adapters in mixes:
         steps.clear()
         _same_logits(fast, slow, PROMPTS[: len(adapters)], adapters)
-        served = native_kernel or len(adapters) > 4 or set(adapters) == {None}
+        served = native_kernel or len(adapters) > FEW_ROWS or set(adapters) == {None}
         assert set(steps) == ({len(adapters)} if served else set())  # every step after the prefill
 
 
@@ -110,8 +117,8 @@ def test_takes_pure_decode_steps_only():
     take = CPUDecode.takes
     fused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True, rows=1)
     unfused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True)
-    for rows in (1, 4, 5, 64):
+    for rows in (1, FEW_ROWS, FEW_ROWS + 1, 64):
         assert take(rows, meta(rows), None) and take(rows, meta(rows), fused)
         assert not take(rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)), None)
-        assert take(rows, meta(rows), unfused) == (rows > 4)  # 1-4 rows: the few-row layout only
+        assert take(rows, meta(rows), unfused) == (rows > FEW_ROWS)  # up to FEW_ROWS: the few-row layout only
     assert not take(0, meta(0), None)
