@@ -1,7 +1,9 @@
-"""Adapter management routes: upload (multipart), list, show, delete.
+"""Adapter management routes: upload (multipart), list, show, delete, and vLLM's load/unload.
 
 An upload is validated by the engine's own adapter reader (the same refusals as at request time), staged
-outside the served tree and published atomically as a new version; a failed upload leaves nothing.
+outside the served tree and published atomically as a new version; a failed upload leaves nothing. vLLM's
+`/v1/load_lora_adapter` copies a server-side adapter in the same way; `/v1/unload_lora_adapter` removes only such
+copies (the meta's `source`): an uploaded adapter or one placed in the repository is its tenant's only copy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mux.server.auth import DEFAULT_TENANT, Forbidden
 from mux.server.openai import error_response, read_json
 
 MAX_WEIGHTS_BYTES = 1 << 30  # one adapter's safetensors
+VLLM_LOADED = "load_lora_adapter"  # the meta's `source` of a copy made by /v1/load_lora_adapter
 MAX_BODY_BYTES = MAX_WEIGHTS_BYTES + (4 << 20)
 
 
@@ -99,12 +102,17 @@ class AdapterRoutes:
         for field, upload in files.items():
             await run_in_threadpool(_save, upload, staged / field)
 
-    async def _publish(self, adapter_id: str, staged: Path) -> dict:
-        """Validate a staged adapter with the engine's own reader, then install it as the next version."""
+    async def _publish(self, adapter_id: str, staged: Path, source: str = "upload") -> dict:
+        """Validate a staged adapter with the engine's own reader, then install it as the next version (its meta
+        says how it came: `upload` or `load_lora_adapter`)."""
         engine = self.state.engine
         ref = await run_in_threadpool(engine.prepare_adapter, staged)
         weights = engine.adapters.host.get(ref.key)
-        info = {"rank": ref.rank, "target_modules": list(weights.target_modules) if weights else None}
+        info = {
+            "rank": ref.rank,
+            "target_modules": list(weights.target_modules) if weights else None,
+            "source": source,
+        }
         tenant, name = adapter_id.split("/", 1)
         meta = await run_in_threadpool(self.state.repository.install, tenant, name, staged, info)
         engine.adapters.forget(ref.path)  # the host copy was keyed by the staging path
@@ -130,7 +138,7 @@ class AdapterRoutes:
             for name in (CONFIG_FILE, WEIGHTS_FILE):  # a pickle-only adapter fails validation, never unpickled
                 if (source / name).is_file():
                     await run_in_threadpool(shutil.copyfile, source / name, staged / name)
-            await self._publish(adapter_id, staged)
+            await self._publish(adapter_id, staged, VLLM_LOADED)
             staged = None
             return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' added successfully.")
         except MuxError as e:
@@ -148,8 +156,15 @@ class AdapterRoutes:
             if not isinstance(lora_name, str) or not lora_name:
                 raise InvalidRequest("'lora_name' must be provided.")
             adapter_id = self.state.auth.adapter_id(caller, lora_name)
-            if adapter_id not in self.state.repository.ids():
+            repo = self.state.repository
+            if adapter_id not in repo.ids():
                 raise AdapterNotFound(f"The lora adapter '{lora_name}' cannot be found.")
+            if repo.meta(adapter_id).get("source") != VLLM_LOADED:  # its only copy: unloading must not delete it
+                raise InvalidRequest(
+                    f"The lora adapter '{lora_name}' was not loaded with /v1/load_lora_adapter, so it is not unloaded "
+                    f"(that would delete its only copy): delete it with DELETE /v1/adapters/{adapter_id}, or free its "
+                    f"memory with POST /v2/repository/models/{adapter_id}/unload"
+                )
             await self._remove(adapter_id)
             return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' removed successfully.")
         except InUse as e:

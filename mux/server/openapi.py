@@ -145,7 +145,10 @@ def openapi_document() -> dict:
                 )
             },
             "/v1/unload_lora_adapter": {
-                "post": _op("vLLM: remove an adapter", _json_body({"lora_name": {"type": "string"}}, ["lora_name"]))
+                "post": _op(
+                    "vLLM: remove an adapter that /v1/load_lora_adapter installed (others: 400, nothing deleted)",
+                    _json_body({"lora_name": {"type": "string"}}, ["lora_name"]),
+                )
             },
             "/admin/stats": {"get": _op("tiers, counters, latency, engine, adapters (admin)")},
             "/admin/adapters/{tenant}/{name}/{action}": {

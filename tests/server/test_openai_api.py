@@ -202,6 +202,24 @@ def test_vllm_load_and_unload_lora_adapter(server, client, engine, tiny_adapters
         client.completions.create(model="sql-lora", prompt="Hi", max_tokens=2)
 
 
+def test_vllm_unload_leaves_adapters_it_did_not_load(server, client, repo, tiny_adapters):
+    """An adapter placed in the repository or uploaded is its tenant's only copy: unload refuses it (400) and
+    deletes nothing; the upload API's DELETE remains the way to remove it."""
+    import httpx
+
+    src = tiny_adapters["r4-attn"]
+    files = {f.name: (f.name, f.read_bytes()) for f in src.iterdir() if f.is_file()}
+    assert httpx.post(f"{server}/v1/adapters", data={"name": "uploaded"}, files=files).status_code == 201
+    for name, adapter_id in (("acme/attn", "acme/attn"), ("uploaded", "default/uploaded")):
+        r = httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": name})
+        assert r.status_code == 400 and "not loaded with /v1/load_lora_adapter" in r.text, r.text
+        assert f"DELETE /v1/adapters/{adapter_id}" in r.text
+        assert adapter_id in {m.id for m in client.models.list().data}
+        assert client.completions.create(model=adapter_id, prompt="Hi", max_tokens=2, temperature=0).choices
+    assert (repo / "acme" / "attn" / "adapter_config.json").is_file()
+    assert httpx.delete(f"{server}/v1/adapters/default/uploaded").status_code == 200
+
+
 def test_chat_max_completion_tokens(client):
     r = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=3, temperature=0
