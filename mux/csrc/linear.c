@@ -4,10 +4,11 @@
  * For a few rows a linear is a stream over its weights; for many it is arithmetic. A panel serves both: RB rows at a
  * time keep their 16 sums each in registers over the whole input (per input feature: two vector loads of the panel,
  * a broadcast of each row's x, two FMAs a row), so the panel streams from memory once for RB rows and from cache for
- * the next RB, and the weights are one forward stream per thread, prefetched PF floats ahead (without it the stream
- * ran at half the memory's speed once the rows' arithmetic was beside it). On this 2-core machine it read SmolLM2's
- * linears 1.1-1.6x faster than oneDNN's prepacked GEMM from 1 to 64 rows and as fast at 128-512
- * (`python -m bench.small_linear`).
+ * the next RB, and the weights are one forward stream per thread, prefetched in software: PF floats ahead when one
+ * pass covers the rows (without it the stream ran at half the memory's speed once the rows' arithmetic was beside
+ * it), else each pass over a panel fetches its share of the next panel, so the memory works during the passes
+ * from cache too (1.05-1.25x at 8-256 rows, ad hoc). On this 2-core machine it read SmolLM2's linears 1.1-1.5x
+ * faster than oneDNN's prepacked GEMM from 1 to 64 rows and as fast at 256 (`python -m bench.small_linear`).
  *
  * Each output is one sum over the input features in order, on one thread: a row's result does not depend on the
  * other rows of the call or on the thread count. */
@@ -16,7 +17,7 @@
 #include "lora.h"
 
 #define PANEL 16 /* output features per panel: two vectors */
-#define PF 4096  /* software prefetch distance in floats (256 panel rows) */
+#define PF 4096  /* software prefetch distance in floats (256 panel rows) for one pass over a panel */
 #define RC 64    /* rows per work item (with the panel, what one thread computes) */
 #if defined(__AVX512VL__)
 #define RB 8 /* rows per pass over a panel: 2 RB sums + 3 in the 32 vector registers */
@@ -25,14 +26,15 @@
 #endif
 #define MAX_ROWS 8 /* mux_linear_lora's rows (a decode step of a few sequences) */
 
-/* y[q, 0..cols) = x_q . panel (+ bias) for the M rows x_q = x + q xs, y_q = y + q ys; cols <= PANEL are stored */
+/* y[q, 0..cols) = x_q . panel (+ bias) for the M rows x_q = x + q xs, y_q = y + q ys; cols <= PANEL are stored.
+ * Input feature k prefetches pf + k * step (bytes). */
 INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, int64_t in,
-                       int64_t cols, const float *bias, const int M)
+                       int64_t cols, const float *bias, const char *pf, int64_t step, const int M)
 {
     vf s[RB][2];
     for (int q = 0; q < M; q++) s[q][0] = s[q][1] = (vf){0};
     for (int64_t k = 0; k < in; k++) {
-        __builtin_prefetch(p + k * PANEL + PF, 0, 0);
+        __builtin_prefetch(pf + k * step, 0, 0);
         const vf w0 = load(p + k * PANEL), w1 = load(p + k * PANEL + W);
 #pragma GCC unroll 8
         for (int q = 0; q < M; q++) {
@@ -53,19 +55,19 @@ INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const f
 
 /* panel_rows for m <= RB rows, m made a constant for each inlined copy */
 static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const float *p, int64_t in, int64_t cols,
-                      const float *bias, int64_t m)
+                      const float *bias, const char *pf, int64_t step, int64_t m)
 {
     switch (m) {
 #if RB == 8
-    case 8: panel_rows(x, xs, y, ys, p, in, cols, bias, 8); break;
-    case 7: panel_rows(x, xs, y, ys, p, in, cols, bias, 7); break;
+    case 8: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 8); break;
+    case 7: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 7); break;
 #endif
-    case 6: panel_rows(x, xs, y, ys, p, in, cols, bias, 6); break;
-    case 5: panel_rows(x, xs, y, ys, p, in, cols, bias, 5); break;
-    case 4: panel_rows(x, xs, y, ys, p, in, cols, bias, 4); break;
-    case 3: panel_rows(x, xs, y, ys, p, in, cols, bias, 3); break;
-    case 2: panel_rows(x, xs, y, ys, p, in, cols, bias, 2); break;
-    default: panel_rows(x, xs, y, ys, p, in, cols, bias, 1);
+    case 6: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 6); break;
+    case 5: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 5); break;
+    case 4: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 4); break;
+    case 3: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 3); break;
+    case 2: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 2); break;
+    default: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 1);
     }
 }
 
@@ -73,11 +75,17 @@ static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const fl
 static void panels(const float *x, int64_t xs, float *y, int64_t ys, const float *p, const float *bias, int64_t r0,
                    int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1)
 {
+    const int64_t passes = (r1 - r0 + RB - 1) / RB, size = in * PANEL; /* floats a panel */
     for (int64_t i = i0; i < i1; i++) {
         const int64_t j = i * PANEL, cols = out - j < PANEL ? out - j : PANEL;
-        for (int64_t r = r0; r < r1; r += RB)
-            panel_any(x + r * xs, xs, y + r * ys + j, ys, p + i * in * PANEL, in, cols, bias ? bias + j : NULL,
-                      r1 - r < RB ? r1 - r : RB);
+        const float *panel = p + i * size;
+        for (int64_t q = 0; q < passes; q++) { /* pass q prefetches PF ahead, or the q-th share of the next panel */
+            const int64_t r = r0 + q * RB, bytes = size * (int64_t)sizeof(float);
+            const char *pf = passes == 1 ? (const char *)(panel + PF)
+                                         : (const char *)panel + bytes + q * bytes / passes;
+            panel_any(x + r * xs, xs, y + r * ys + j, ys, panel, in, cols, bias ? bias + j : NULL, pf,
+                      PANEL * (int64_t)sizeof(float) / passes, r1 - r < RB ? r1 - r : RB);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 - PackedLinear: fp32 weights reordered once for the CPU. With the C kernels (`mux/csrc/linear.c`, given as
   `kernel`): in panels of 16 output features, which the kernel reads as one stream at a few rows and as a GEMM at
-  many: 1.1-1.6x oneDNN's prepacked GEMM from 1 to 64 rows on this 2-core machine, as fast at 128-512
+  many: 1.1-1.5x oneDNN's prepacked GEMM from 1 to 64 rows on this 2-core machine, as fast at 256
   (`python -m bench.small_linear`). Without them: oneDNN's blocked layout (measured at M=64 decode rows: 576→1536
   went from 130 to 190 GFLOP/s against torch's own linear, the 49152-wide lm_head from 66 to 182 GFLOP/s;
   prefill shapes gain ≈1.5×). Either way one copy of the weights: the model's own are let go.
