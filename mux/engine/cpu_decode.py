@@ -6,10 +6,12 @@ plumbing, each linear's checks and its pointers fetched anew. This makes the sam
 result is bitwise that forward with mux/model/cpu_layers.py's layers (tested): each layer is its norms, linears
 with their LoRA deltas, RoPE, K/V writes, attention, SiLU·up and residual add.
 
-- 1-8 rows: one loop of C calls (the linears with their deltas in the same call) over every weight's, slot
-  stack's and work buffer's address looked up once per row count.
-- More rows: the linears make fresh outputs, so each tensor's address is taken as it comes, and each linear's
-  LoRA rows take the step's layout (`lora_add_`).
+One loop of C calls over every weight's, slot stack's and work buffer's address, looked up once per row count
+(the work buffers are one pool, grown to the largest step yet, so every row count shares its addresses):
+- 1-8 rows: each linear with its LoRA deltas in one call (`mux_linear_lora`);
+- more: each linear, then the C LoRA kernel on the step's rows (`mux_lora_add`). A step whose LoRA rows take
+  torch's layouts (long runs above rank 16, or `LoRAConfig.native_kernel=False`) runs the same sequence in Python,
+  with fresh outputs and `lora_add_`.
 
 Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all run on the C
 kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of 1-8
@@ -19,7 +21,7 @@ rows whose LoRA rows are not in the fused few-row layout, run through transforme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,8 @@ class CPUDecode:
         self.heads = attn.q_proj.out_features // self.head_dim
         self.kv_heads = attn.k_proj.out_features // self.head_dim
         self.linears = [[_linear(_projection(layer, name)) for name in _PROJECTIONS] for layer in self.layers]
-        self._calls: dict[int, tuple[_Buffers, list[tuple]]] = {}  # rows -> (buffers, per-layer precomputed args)
+        self._pool = self._buffers(1)  # the work tensors, grown to the largest step yet
+        self._calls: dict[int, tuple[_Buffers, list[tuple]]] = {}  # rows -> (the pool's rows, per-layer args)
 
     @classmethod
     def for_model(cls, model: nn.Module, cache: KVCache) -> CPUDecode | None:
@@ -100,26 +103,30 @@ class CPUDecode:
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch | None):
         """ids, positions [T] int64 -> the final norm's hidden states [T, hidden] (transformers' last_hidden_state)."""
-        if ids.shape[0] > FEW_ROWS:
+        rows = ids.shape[0]
+        if rows > FEW_ROWS and not _native_only(batch):
             return self._run_many(ids, positions, meta, batch)
         lib = native.library()
-        linear, linear_lora = lib.mux_linear, lib.mux_linear_lora
-        rows = ids.shape[0]
+        linear, linear_lora, lora_add = lib.mux_linear, lib.mux_linear_lora, lib.mux_lora_add
         buf, calls = self._prepared(rows)
         torch.index_select(self.embed, 0, ids, out=buf.h)
         cos, sin = (t.contiguous() for t in self.rotary(buf.h, positions[None]))  # [1, T, D] each
         rope_tail = (cos.data_ptr(), sin.data_ptr(), self.head_dim, rows, self.head_dim)
         tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
         attn_mid = (tables.data_ptr(), tables.shape[1], lens.data_ptr())
-        lora = batch.few.pointers if batch is not None else None
+        fused = batch.few.pointers if batch is not None and rows <= FEW_ROWS else None  # each row's slot and rank
+        items = (*batch.native.pointers, batch.native.items) if batch is not None and fused is None else None
         slots = meta.slot_mapping
         k_rows, v_rows = buf.k.view(rows, self.kv_heads, -1), buf.v.view(rows, self.kv_heads, -1)  # [T, Hkv, D]
 
         def project(args: tuple, lora_args: tuple | None, index: int) -> None:
-            if lora_args is not None and batch is not None and batch.targets(index):
-                linear_lora(*args, *lora_args, *lora)
-            else:
+            if lora_args is None or batch is None or not batch.targets(index):
                 linear(*args)
+            elif fused is not None:
+                linear_lora(*args, *lora_args, *fused)
+            else:  # x, its stride, y, its stride, the slot stacks, in, out: mux_lora_add's arguments
+                linear(*args)
+                lora_add(*args[:4], *lora_args, *args[7:], *items)
 
         for norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache in calls:
             q, k, v, o, gate, up, down = projections
@@ -141,8 +148,8 @@ class CPUDecode:
         return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
 
     def _run_many(self, ids, positions, meta: AttentionMetadata, batch: LoRABatch | None) -> torch.Tensor:
-        """The same sequence for more rows, where the linears make fresh outputs (so each tensor's address is
-        taken as it comes) and each linear's LoRA rows take the step's layout (`lora_add_`)."""
+        """The same sequence where torch's layouts serve LoRA rows: the linears make fresh outputs (each tensor's
+        address taken as it comes) and each linear's LoRA rows take the step's layout (`lora_add_`)."""
         rows, d = ids.shape[0], self.head_dim
         h = self.embed.index_select(0, ids)  # [T, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, T, D] each
@@ -163,16 +170,23 @@ class CPUDecode:
 
     def _prepared(self, rows: int) -> tuple[_Buffers, list[tuple]]:
         if (entry := self._calls.get(rows)) is None:
+            if rows > self._pool.h.shape[0]:  # new addresses: every row count's calls are made again
+                self._pool = self._buffers(max(rows, 2 * self._pool.h.shape[0]))
+                self._calls.clear()
             entry = self._calls[rows] = self._prepare(rows)
         return entry
 
-    def _prepare(self, rows: int) -> tuple[_Buffers, list[tuple]]:
+    def _buffers(self, rows: int) -> _Buffers:
         hidden, d = self.embed.shape[1], self.head_dim
         inter = self.linears[0][4].base.out_features
-
         widths = (hidden, hidden, self.heads * d, self.kv_heads * d, self.kv_heads * d, self.heads * d, hidden, inter,
                   inter)  # fmt: skip
-        buf = _Buffers(*(self.embed.new_empty(rows, n) for n in widths))
+        return _Buffers(*(self.embed.new_empty(rows, n) for n in widths))
+
+    def _prepare(self, rows: int) -> tuple[_Buffers, list[tuple]]:
+        """The pool's first rows (the same addresses for every row count) and the calls over them."""
+        hidden, d = self.embed.shape[1], self.head_dim
+        buf = _Buffers(*(getattr(self._pool, f.name)[:rows] for f in fields(_Buffers)))
         flow = [(buf.x, buf.q), (buf.x, buf.k), (buf.x, buf.v), (buf.a, buf.o), (buf.x, buf.g), (buf.x, buf.u),
                 (buf.g, buf.h)]  # fmt: skip
         calls = []
@@ -189,6 +203,13 @@ class CPUDecode:
             attn_tail = (self.cache.block_size, rows, self.heads, self.kv_heads, d, self.scale, buf.a.data_ptr())
             calls.append((norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache))
         return buf, calls
+
+
+def _native_only(batch: LoRABatch | None) -> bool:
+    """No LoRA rows, or all of them in the C kernel's layout (none in torch's: long runs above its rank)."""
+    if batch is None:
+        return True
+    return batch.native is not None and not batch.segments and batch.gather is None and batch.token_slots is None
 
 
 def _projection(layer: nn.Module, name: str) -> nn.Module:

@@ -46,8 +46,12 @@ def _same_logits(fast, slow, prompts, adapters, params=GREEDY):
 def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monkeypatch, native_kernel):
     """1-10 sequences with adapters of different ranks, targets, alpha and rslora beside base-model rows: every
     decode step takes the loop (with torch's LoRA layouts only past FEW_ROWS rows: below, the fused few-row call
-    needs the C kernel), and every logit equals transformers' forward with the same kernels."""
+    needs the C kernel), as precomputed calls unless torch's layouts serve LoRA rows, and every logit equals
+    transformers' forward with the same kernels."""
     steps = _counting(monkeypatch)
+    many: list[int] = []  # rows of the steps that went through `_run_many` (torch's LoRA layouts)
+    run_many = CPUDecode._run_many
+    monkeypatch.setattr(CPUDecode, "_run_many", lambda self, ids, *a: many.append(len(ids)) or run_many(self, ids, *a))
     fast = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel)
     slow = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel, model={"cpu_decode": False})
     assert fast.runner.cpu_decode is not None and slow.runner.cpu_decode is None
@@ -66,10 +70,11 @@ def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monke
         [None] * 10,
     ]
     for adapters in mixes:
-        steps.clear()
+        steps.clear(), many.clear()
         _same_logits(fast, slow, PROMPTS[: len(adapters)], adapters)
         served = native_kernel or len(adapters) > FEW_ROWS or set(adapters) == {None}
         assert set(steps) == ({len(adapters)} if served else set())  # every step after the prefill
+        assert many == ([] if native_kernel or set(adapters) == {None} else steps)
 
 
 def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypatch):
