@@ -75,7 +75,7 @@ def engines(rounds: int, thread: TorchThread) -> dict:
 def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     model_dir = default_model_dir()
     paths = [str(write_random_adapter(model_dir, work / f"a{i}", r=8, seed=i)) for i in range(16)]
-    variants = {  # name: (the C linears, each with its deltas in one call at <= 4 rows, the loop of C calls)
+    variants = {  # name: (the C linears, each with its deltas in one call at <= 8 rows, the loop of C calls)
         "loop": (True, True, True),
         "transformers": (True, True, False),
         "two calls": (True, False, False),

@@ -6,16 +6,16 @@ plumbing, each linear's checks and its pointers fetched anew. This makes the sam
 result is bitwise that forward with mux/model/cpu_layers.py's layers (tested): each layer is its norms, linears
 with their LoRA deltas, RoPE, K/V writes, attention, SiLU·up and residual add.
 
-One loop of C calls over every weight's, slot stack's and work buffer's address, looked up once per row count
-(the work buffers are one pool, grown to the largest step yet, so every row count shares its addresses):
-- 1-8 rows: each linear with its LoRA deltas in one call (`mux_linear_lora`);
-- more: each linear, then the C LoRA kernel on the step's rows (`mux_lora_add`). A step whose LoRA rows take
-  torch's layouts (long runs above rank 16, or `LoRAConfig.native_kernel=False`) runs the same sequence in Python,
-  with fresh outputs and `lora_add_`.
+Every pure decode step is one loop of C calls over every weight's, slot stack's and work buffer's address, looked
+up once per row count (the work buffers are one pool, grown to the largest step yet, so every row count shares
+its addresses). Each linear is as MultiLoRALinear.forward makes it: at 1-8 rows with their LoRA rows in the fused
+layout, the linear and its deltas in one call (`mux_linear_lora`); else the linear, then the C LoRA kernel on the
+step's rows (`mux_lora_add`), or `lora_add_` where torch's layouts serve some rows (long runs above rank 16, or
+`LoRAConfig.native_kernel=False`).
 
 Serves Llama-family models whose layers have the C forwards (`fuse_layers`) and whose linears all run on the C
-kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill, and steps of 1-8
-rows whose LoRA rows are not in the fused few-row layout, run through transformers' forward.
+kernel (`mux/model/cpu.py`), on pure decode steps with the C attention; steps with a prefill run through
+transformers' forward.
 `python -m bench.small_linear` measures both side by side.
 """
 
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mux import native
-from mux.engine.kv_cache import AttentionMetadata, KVCache, native_decode
+from mux.engine.kv_cache import AttentionMetadata, KVCache
 from mux.lora.layers import MultiLoRALinear
 from mux.lora.ops import LoRABatch, lora_add_
 from mux.model import cpu_layers
-from mux.model.cpu import FEW_ROWS, PackedLinear
+from mux.model.cpu import PackedLinear
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -95,17 +95,13 @@ class CPUDecode:
         return cls(model, cache)
 
     @staticmethod
-    def takes(rows: int, meta: AttentionMetadata, batch: LoRABatch | None) -> bool:
-        """Whether this step is this path's: rows decodes (no prefill); at most FEW_ROWS of them only with their
-        LoRA rows (if any) in the fused few-row layout, which the C linears serve with their deltas."""
-        pure = meta.num_decode == rows > 0 and not meta.prefills and not meta.prefill_groups
-        return pure and (rows > FEW_ROWS or batch is None or batch.few is not None)
+    def takes(rows: int, meta: AttentionMetadata) -> bool:
+        """Whether this step is this path's: `rows` decodes, no prefill."""
+        return meta.num_decode == rows > 0 and not meta.prefills and not meta.prefill_groups
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, batch: LoRABatch | None):
         """ids, positions [T] int64 -> the final norm's hidden states [T, hidden] (transformers' last_hidden_state)."""
         rows = ids.shape[0]
-        if rows > FEW_ROWS and not _native_only(batch):
-            return self._run_many(ids, positions, meta, batch)
         lib = native.library()
         linear, linear_lora, lora_add = lib.mux_linear, lib.mux_linear_lora, lib.mux_lora_add
         buf, calls = self._prepared(rows)
@@ -114,19 +110,24 @@ class CPUDecode:
         rope_tail = (cos.data_ptr(), sin.data_ptr(), self.head_dim, rows, self.head_dim)
         tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
         attn_mid = (tables.data_ptr(), tables.shape[1], lens.data_ptr())
-        fused = batch.few.pointers if batch is not None and rows <= FEW_ROWS else None  # each row's slot and rank
-        items = (*batch.native.pointers, batch.native.items) if batch is not None and fused is None else None
+        fused = batch.few.pointers if batch is not None and batch.few is not None else None  # rows' slots, ranks
+        items = (*batch.native.pointers, batch.native.items) if fused is None and _native_only(batch) else None
         slots = meta.slot_mapping
         k_rows, v_rows = buf.k.view(rows, self.kv_heads, -1), buf.v.view(rows, self.kv_heads, -1)  # [T, Hkv, D]
 
-        def project(args: tuple, lora_args: tuple | None, index: int) -> None:
+        def project(args: tuple, lora_args: tuple | None, index: int, tensors: tuple) -> None:
+            """As MultiLoRALinear.forward: the fused call, else the linear and then the step's LoRA rows."""
             if lora_args is None or batch is None or not batch.targets(index):
                 linear(*args)
-            elif fused is not None:
+                return
+            if fused is not None:
                 linear_lora(*args, *lora_args, *fused)
-            else:  # x, its stride, y, its stride, the slot stacks, in, out: mux_lora_add's arguments
-                linear(*args)
+                return
+            linear(*args)
+            if items is not None:  # x, its stride, y, its stride, the slot stacks, in, out: mux_lora_add's arguments
                 lora_add(*args[:4], *lora_args, *args[7:], *items)
+            else:  # torch's layouts serve some rows (long runs above rank 16, or without the C LoRA kernel)
+                lora_add_(*tensors, batch)
 
         for norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache in calls:
             q, k, v, o, gate, up, down = projections
@@ -146,27 +147,6 @@ class CPUDecode:
             project(*down)  # into h
             buf.h.add_(buf.o)  # down's output + the residual
         return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
-
-    def _run_many(self, ids, positions, meta: AttentionMetadata, batch: LoRABatch | None) -> torch.Tensor:
-        """The same sequence where torch's layouts serve LoRA rows: the linears make fresh outputs (each tensor's
-        address taken as it comes) and each linear's LoRA rows take the step's layout (`lora_add_`)."""
-        rows, d = ids.shape[0], self.head_dim
-        h = self.embed.index_select(0, ids)  # [T, hidden]
-        cos, sin = self.rotary(h, positions[None])  # [1, T, D] each
-        slots = meta.slot_mapping
-        for layer, linears, k_cache, v_cache in zip(self.layers, self.linears, self.cache.k, self.cache.v, strict=True):
-            x = cpu_layers.rms_norm(layer.input_layernorm, h)
-            q, k, v = (_many(lin, x, batch) for lin in linears[:3])  # [T, H*D], [T, Hkv*D], [T, Hkv*D]
-            q, k = cpu_layers.rope_(q, k, cos, sin, d)
-            k_cache.index_copy_(0, slots, k.view(rows, self.kv_heads, d))
-            v_cache.index_copy_(0, slots, v.view(rows, self.kv_heads, d))
-            a = torch.empty_like(q)  # [T, H*D]
-            shape = (rows, self.heads, d)
-            native_decode(q.view(shape), k_cache, v_cache, meta, self.scale, a.view(shape))
-            o, x = cpu_layers.add_rms_norm_(layer.post_attention_layernorm, _many(linears[3], a, batch), h)
-            g, u = _many(linears[4], x, batch), _many(linears[5], x, batch)  # [T, inter] each
-            h = _many(linears[6], F.silu(g, inplace=True).mul_(u), batch).add_(o)
-        return cpu_layers.rms_norm(self.final_norm, h)
 
     def _prepared(self, rows: int) -> tuple[_Buffers, list[tuple]]:
         if (entry := self._calls.get(rows)) is None:
@@ -206,10 +186,14 @@ class CPUDecode:
 
 
 def _native_only(batch: LoRABatch | None) -> bool:
-    """No LoRA rows, or all of them in the C kernel's layout (none in torch's: long runs above its rank)."""
-    if batch is None:
-        return True
-    return batch.native is not None and not batch.segments and batch.gather is None and batch.token_slots is None
+    """All of the step's LoRA rows in the C kernel's layout (none in torch's: long runs above its rank)."""
+    return (
+        batch is not None
+        and batch.native is not None
+        and not batch.segments
+        and batch.gather is None
+        and batch.token_slots is None
+    )
 
 
 def _projection(layer: nn.Module, name: str) -> nn.Module:
@@ -222,23 +206,14 @@ def _linear(module: nn.Module) -> _Linear:
     return _Linear(module, None)
 
 
-def _many(lin: _Linear, x: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
-    """x [T, in] -> [T, out]: the packed linear, then the LoRA rows of the step's batch if any adapter of
-    the step targets this linear (as MultiLoRALinear.forward at more than FEW_ROWS rows)."""
-    y = lin.base(x)
-    if batch is not None and lin.lora is not None and batch.targets(lin.lora.index):
-        lora_add_(y, x, lin.lora.lora_a, lin.lora.lora_b, batch)
-    return y
-
-
 def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple:
-    """(mux_linear's arguments, the LoRA slot stacks' for mux_linear_lora or None, the wrapped
-    linear's index) for x [T, in] -> y [T, out]."""
+    """(mux_linear's arguments, the LoRA slot stacks' for mux_linear_lora or None, the wrapped linear's index,
+    `lora_add_`'s tensors) for x [T, in] -> y [T, out]."""
     base = lin.base
     k, n = base.in_features, base.out_features
     bias = None if base.bias is None else base.bias.data_ptr()
     args = (x.data_ptr(), k, y.data_ptr(), n, base.panels.data_ptr(), bias, rows, k, n)
     if lin.lora is None:
-        return args, None, -1
+        return args, None, -1, ()
     a, b = lin.lora.lora_a, lin.lora.lora_b  # [S, R, in], [S, R, out] contiguous
-    return args, (a.data_ptr(), b.data_ptr(), a.shape[1]), lin.lora.index
+    return args, (a.data_ptr(), b.data_ptr(), a.shape[1]), lin.lora.index, (y, x, a, b)

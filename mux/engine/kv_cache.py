@@ -112,7 +112,7 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     if meta.num_decode and cache.native:
-        native_decode(q, k_cache, v_cache, meta, scale, out)
+        _native_decode(q, k_cache, v_cache, meta, scale, out)
     elif meta.num_decode and cache.paged:
         qd = q[: meta.num_decode] if q.stride(2) == 1 else q[: meta.num_decode].contiguous()
         triton_ops.paged_decode(qd, k_cache, v_cache, meta.decode_tables, meta.decode_lens, bs, scale, out)
@@ -159,7 +159,7 @@ def mux_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return out.unsqueeze(0), None
 
 
-def native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+def _native_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
     """q [T, H, D]: rows [0, B) are the decodes; writes out[:B] ([T, H, D] contiguous) with the C kernel."""
     if q.stride(2) != 1:
         q = q.contiguous()

@@ -135,7 +135,7 @@ class ModelRunner:
             )
             self.lora.ctx.batch = batch if batch is None or layers is None else replace(batch, layers=layers)
         try:
-            if self.cpu_decode is not None and self.cpu_decode.takes(len(ids), meta, self.lora.ctx.batch):
+            if self.cpu_decode is not None and self.cpu_decode.takes(len(ids), meta):
                 hidden = self.cpu_decode.run(self._tensor(ids), self._tensor(positions), meta, self.lora.ctx.batch)
             else:
                 hidden = self.model.model(

@@ -1,6 +1,6 @@
 """CPU decode steps without transformers' forward (mux/engine/cpu_decode.py): bitwise that forward with the C layers,
-at 1-4 sequences (one loop of C calls) and more (oneDNN's linears, the step's LoRA layout), for adapters of every
-kind and for the base model, and declined where it cannot serve."""
+at any row count and with either LoRA kernel, for adapters of every kind and for the base model, and declined where
+it cannot serve."""
 
 from __future__ import annotations
 
@@ -45,13 +45,15 @@ def _same_logits(fast, slow, prompts, adapters, params=GREEDY):
 @pytest.mark.parametrize("native_kernel", [True, False])
 def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monkeypatch, native_kernel):
     """1-10 sequences with adapters of different ranks, targets, alpha and rslora beside base-model rows: every
-    decode step takes the loop (with torch's LoRA layouts only past FEW_ROWS rows: below, the fused few-row call
-    needs the C kernel), as precomputed calls unless torch's layouts serve LoRA rows, and every logit equals
-    transformers' forward with the same kernels."""
+    decode step takes the loop, its LoRA rows through the C calls with the C kernel (fused at up to FEW_ROWS
+    rows) and through `lora_add_` (torch's layouts) without it, and every logit equals transformers' forward with
+    the same kernels."""
+    from mux.engine import cpu_decode
+
     steps = _counting(monkeypatch)
-    many: list[int] = []  # rows of the steps that went through `_run_many` (torch's LoRA layouts)
-    run_many = CPUDecode._run_many
-    monkeypatch.setattr(CPUDecode, "_run_many", lambda self, ids, *a: many.append(len(ids)) or run_many(self, ids, *a))
+    torch_rows: list[int] = []  # rows of each `lora_add_` call the loop made (torch's layouts)
+    add = cpu_decode.lora_add_
+    monkeypatch.setattr(cpu_decode, "lora_add_", lambda y, *a: torch_rows.append(len(y)) or add(y, *a))
     fast = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel)
     slow = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel, model={"cpu_decode": False})
     assert fast.runner.cpu_decode is not None and slow.runner.cpu_decode is None
@@ -70,11 +72,21 @@ def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monke
         [None] * 10,
     ]
     for adapters in mixes:
-        steps.clear(), many.clear()
+        steps.clear(), torch_rows.clear()
         _same_logits(fast, slow, PROMPTS[: len(adapters)], adapters)
-        served = native_kernel or len(adapters) > FEW_ROWS or set(adapters) == {None}
-        assert set(steps) == ({len(adapters)} if served else set())  # every step after the prefill
-        assert many == ([] if native_kernel or set(adapters) == {None} else steps)
+        assert set(steps) == {len(adapters)}  # every step after the prefill
+        assert set(torch_rows) == (set() if native_kernel or set(adapters) == {None} else {len(adapters)})
+
+
+def test_decodes_without_the_fused_call_are_bitwise_the_two_calls(tiny_dir, tiny_adapters, monkeypatch):
+    """LoRAConfig.fused_few_rows=False: the loop's 1-8-row steps make the linear, then the C LoRA kernel, as
+    transformers' forward does then."""
+    steps = _counting(monkeypatch)
+    adapters = [tiny_adapters["r8-qv"], None, tiny_adapters["r16-all"]]
+    fast = make_engine(tiny_dir, max_loras=4, fused_few_rows=False)
+    slow = make_engine(tiny_dir, max_loras=4, fused_few_rows=False, model={"cpu_decode": False})
+    _same_logits(fast, slow, PROMPTS[:3], adapters)
+    assert set(steps) == {3}
 
 
 def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypatch):
@@ -103,7 +115,7 @@ def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypa
 
 
 def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters):
-    """No loop without the C attention, the C layers or the few-row linears."""
+    """No loop without the C attention, the C layers or the C linears."""
     for engine in (
         make_engine(tiny_dir, native_attention=False),
         make_engine(tiny_dir, model={"native_layers": False}),
@@ -114,16 +126,12 @@ def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters):
 
 def test_takes_pure_decode_steps_only():
     from mux.engine.kv_cache import AttentionMetadata, PrefillSpan
-    from mux.lora.ops import build_lora_batch
 
     def meta(num_decode, prefills=()):
         return AttentionMetadata(None, None, num_decode, None, None, prefills, None)
 
     take = CPUDecode.takes
-    fused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True, rows=1)
-    unfused = build_lora_batch({0: [0]}, 4, "cpu", use_native=True)
     for rows in (1, FEW_ROWS, FEW_ROWS + 1, 64):
-        assert take(rows, meta(rows), None) and take(rows, meta(rows), fused)
-        assert not take(rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)), None)
-        assert take(rows, meta(rows), unfused) == (rows > FEW_ROWS)  # up to FEW_ROWS: the few-row layout only
-    assert not take(0, meta(0), None)
+        assert take(rows, meta(rows))
+        assert not take(rows, meta(rows - 1, (PrefillSpan(rows - 1, 1, 1, None),)))
+    assert not take(0, meta(0))
