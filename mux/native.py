@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mux.config import cache_root
-from mux.model.cpu import libgomp
+from mux.runtime.cpu import libgomp
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,11 @@ from mux.engine.torch_thread import TorchThread
 from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
-from mux.model.cpu import can_pack, keep_freed_memory, pack_linears
+from mux.model.cpu import can_pack, pack_linears
 from mux.model.cpu_layers import fuse_layers, fuse_rope
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
+from mux.runtime.cpu import keep_freed_memory
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from mux.model.cpu import parallel_torch_here
+from mux.runtime.cpu import parallel_torch_here
 
 
 class TorchThread:

@@ -29,7 +29,7 @@ from mux.errors import AdapterNotFound, InvalidAdapter
 from mux.lora.adapter import LoRAWeights, adapter_key, load_adapter
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.policies import EvictionPolicy, make_policy
-from mux.model.cpu import serial_torch_here
+from mux.runtime.cpu import serial_torch_here
 
 LOADING, READY = "loading", "ready"
 
