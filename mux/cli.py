@@ -1,4 +1,4 @@
-"""Command line: `mux serve ...`."""
+"""Command line: `mux serve`, `mux hash-key`; the HTTP client commands `mux adapters`, `mux stats` (mux/client.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import socket
 import sys
 from pathlib import Path
+
+from mux import client
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 
@@ -129,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--log-level", default="info")
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for the policy file")
     h.add_argument("key")
+    client.add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in client.COMMANDS:
+        return client.run(args)
     if args.command == "hash-key":
         from mux.server.auth import hash_key
 

@@ -145,14 +145,27 @@ def _flags(argv: list[str], capsys) -> set[str]:
     return set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
 
 
-def test_documented_serve_flags_are_the_clis(capsys):
-    serve = _flags(["serve"], capsys)
+def _named_flags(is_about) -> set[str]:
+    """The flags on the lines of README.md and docs/ that `is_about(doc, line)` picks."""
     named = set()
     for doc in DOCS:
         for line in doc.read_text().splitlines():
-            if "mux serve" in line or (doc.name == "operations.md" and line.startswith("| `--")):
+            if is_about(doc, line):
                 named |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
+    return named
+
+
+def test_documented_serve_flags_are_the_clis(capsys):
+    serve = _flags(["serve"], capsys)
+    named = _named_flags(lambda doc, line: "mux serve" in line or (doc.name == "operations.md" and line[:4] == "| `-"))
     assert named and named - serve == set()
+
+
+def test_documented_client_flags_are_the_clis(capsys):
+    commands = (["adapters", "list"], ["adapters", "show"], ["adapters", "upload"], ["adapters", "rm"], ["stats"])
+    real = set().union(*(_flags(c, capsys) for c in commands))
+    named = _named_flags(lambda doc, line: "mux adapters" in line or "mux stats" in line)
+    assert {"--json", "--no-activate", "--watch"} <= named and named - real == set()
 
 
 # ---- the runnable blocks, against a real server -------------------------------------------------------
