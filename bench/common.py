@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from mux.runtime.picks import has_flags
+
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 ALL = ATTN + MLP
@@ -119,6 +121,8 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     return {
         "cpu": cpu,
+        # what the kernel picks depend on (mux/model/linear_picks.py): AMX and AVX512-BF16 make bf16 weights pay
+        "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if has_flags(f)],
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,5 +1,5 @@
 """The CPU linears side by side: oneDNN's prepacked GEMM vs the C kernel of mux/csrc/linear.c over weights packed
-in panels (`ModelConfig.native_linears`, the default).
+in panels, both fp32 (two of the kernels mux/model/linear_picks.py picks from; forced here).
 
 1. Every linear of a SmolLM2-shaped model (30 layers × 7 + the lm_head, 538 MB of fp32 weights, so each pass
    streams them from memory, as a decode step does), at 1-64 rows (decode steps of as many sequences) and 256
@@ -10,7 +10,7 @@ in panels (`ModelConfig.native_linears`, the default).
    `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py: ≤ 8 sequences as one loop of C calls, each linear with its
    LoRA deltas in one call; more as calls of the C linears and the LoRA kernel); the same kernels through
    transformers' forward; the linear then the LoRA kernel (two calls, `LoRAConfig.fused_few_rows=False`, through
-   transformers' forward); oneDNN's linears (`native_linears=False`, through transformers' forward);
+   transformers' forward); oneDNN's linears (forced, through transformers' forward);
    and the base model's step (no adapter) on the first, for what the adapters cost; whether all give the same
    tokens.
 
@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from bench.common import best_time, machine, prompts, save, write_random_adapter
-from mux import native
 from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.torch_thread import TorchThread
 from mux.model.cpu import PackedLinear
 from mux.model.loader import default_model_dir
+from mux.runtime import picks
 
 HIDDEN, INTER, Q, KV, LAYERS, VOCAB = 576, 1536, 576, 192, 30, 49152
 ROWS = (1, 2, 3, 4, 6, 8, 16, 32, 64, 256)
@@ -47,8 +47,7 @@ def linears(rounds: int) -> dict:
     shapes = SHAPES * LAYERS + [(HIDDEN, VOCAB)]
     plain = [nn.Linear(i, o, bias=False) for i, o in shapes]
     nbytes = sum(m.weight.numel() * 4 for m in plain)
-    kernel = native.library().mux_linear
-    panels, packed = [PackedLinear(m, kernel) for m in plain], [PackedLinear(m) for m in plain]
+    panels, packed = [PackedLinear(m, "c") for m in plain], [PackedLinear(m, "onednn") for m in plain]
     flops = 2 * nbytes / 4
     big = torch.randn(128 << 20)  # 512 MB
     read_gbs = big.numel() * 4 / best_time(big.sum, 5) / 1e9
@@ -81,17 +80,17 @@ def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
         "two calls": (True, False, False),
         "oneDNN": (False, False, False),
     }
-    built = {
-        name: Engine(
-            EngineConfig(
-                model=ModelConfig(model=str(model_dir), native_linears=c, cpu_decode=loop),
-                lora=LoRAConfig(fused_few_rows=fused),
-                cache=CacheConfig(kv_cache_bytes=1 << 28, prefix_caching=False),
-            ),
-            torch_thread=thread,
-        )
-        for name, (c, fused, loop) in variants.items()
-    }
+    built = {}
+    for name, (c, fused, loop) in variants.items():
+        with picks.force("linear", "c" if c else "onednn"):
+            built[name] = Engine(
+                EngineConfig(
+                    model=ModelConfig(model=str(model_dir), cpu_decode=loop),
+                    lora=LoRAConfig(fused_few_rows=fused),
+                    cache=CacheConfig(kv_cache_bytes=1 << 28, prefix_caching=False),
+                ),
+                torch_thread=thread,
+            )
     runs = [(name, engine, True) for name, engine in built.items()] + [("no adapter", built["loop"], False)]
     texts = prompts(16)
     out: dict = {"streams": {}, "same_tokens": True}

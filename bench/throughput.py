@@ -22,7 +22,9 @@ from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.torch_thread import TorchThread
+from mux.model.cpu import available_kernels
 from mux.model.loader import default_model_dir
+from mux.runtime import picks
 
 
 def hf_generate(model, tok, texts, new_tokens, adapter_names=None) -> float:
@@ -75,7 +77,13 @@ def run(thread: TorchThread) -> None:
         "--levers",
         action="store_true",
         help="also run it unpacked, with torch's LoRA kernel, with SDPA attention, with transformers' layer ops, "
-        "with decode steps through transformers' forward, with oneDNN's linears instead of the C ones",
+        "with decode steps through transformers' forward",
+    )
+    ap.add_argument(
+        "--fixed-kernels",
+        action="store_true",
+        help="also run the engine with every linear on one fixed kernel (each of mux/model/cpu.py's), and with fp32 "
+        "weights: the measured picks against the best fixed choice",
     )
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repetitions; the best of each is reported")
     args = ap.parse_args()
@@ -129,8 +137,13 @@ def run(thread: TorchThread) -> None:
         native_attention: bool = True,
         native_layers: bool = True,
         cpu_decode: bool = True,
-        native_linears: bool = True,
+        linear: str | None = None,
+        dtype: str = "auto",
     ) -> Engine:
+        with picks.force("linear", linear):  # None: the measured picks
+            return _make_engine(cpu_tuning, native_kernel, native_attention, native_layers, cpu_decode, dtype)
+
+    def _make_engine(cpu_tuning, native_kernel, native_attention, native_layers, cpu_decode, dtype) -> Engine:
         engine = Engine(
             EngineConfig(
                 model=ModelConfig(
@@ -138,7 +151,7 @@ def run(thread: TorchThread) -> None:
                     cpu_tuning=cpu_tuning,
                     native_layers=native_layers,
                     cpu_decode=cpu_decode,
-                    native_linears=native_linears,
+                    dtype=dtype,
                 ),
                 lora=LoRAConfig(
                     # with mixed ranks every set of adapters stays resident: no slot loads timed
@@ -178,8 +191,15 @@ def run(thread: TorchThread) -> None:
         runs[f"mux_{args.adapters}_adapters_transformers_forward"] = lambda: mux_generate(
             forward, texts, new, per_request
         )
-        onednn = make_engine(cpu_tuning=True, cpu_decode=False, native_linears=False)
-        runs[f"mux_{args.adapters}_adapters_onednn_linears"] = lambda: mux_generate(onednn, texts, new, per_request)
+    fixed = available_kernels() if args.fixed_kernels else ()
+    for kernel in fixed:
+        engine_k = make_engine(cpu_tuning=True, linear=kernel)
+        runs[f"mux_{args.adapters}_adapters_linears_{kernel}"] = lambda e=engine_k: mux_generate(
+            e, texts, new, per_request
+        )
+    if args.fixed_kernels:
+        fp32 = make_engine(cpu_tuning=True, dtype="float32")
+        runs[f"mux_{args.adapters}_adapters_fp32_weights"] = lambda: mux_generate(fp32, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
     samples: dict[str, list[float]] = {label: [] for label in runs}
@@ -218,13 +238,15 @@ def run(thread: TorchThread) -> None:
             r["native_vs_torch_layers"] = (
                 tok_s[f"{adapters_key}_transformers_forward"] / tok_s[f"{adapters_key}_torch_layers"]
             )
-            # both without the decode loop (it needs the C linears)
-            r["c_vs_onednn_linears"] = (
-                tok_s[f"{adapters_key}_transformers_forward"] / tok_s[f"{adapters_key}_onednn_linears"]
-            )
             r["decode_loop_vs_transformers_forward"] = (
                 tok_s[adapters_key] / tok_s[f"{adapters_key}_transformers_forward"]
             )
+        if fixed:
+            best = max(fixed, key=lambda k: tok_s[f"{adapters_key}_linears_{k}"])
+            r[f"measured_picks_vs_best_fixed_kernel_{best}"] = (
+                tok_s[adapters_key] / tok_s[f"{adapters_key}_linears_{best}"]
+            )
+            r["measured_picks_vs_fp32_weights"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_fp32_weights"]
         return r
 
     # Two readings of the same runs: the ratio of each run's best, and the median of the ratios within each
@@ -235,6 +257,7 @@ def run(thread: TorchThread) -> None:
     data = {
         "workload": vars(args),
         "machine": machine(),
+        "cpu_kernels": engine.linear_plan.report() if engine.linear_plan else None,
         "tokens_per_s": results,
         "samples": samples,
         "ratios": ratios,
@@ -245,7 +268,8 @@ def run(thread: TorchThread) -> None:
     ratio_rows = "\n".join(f"| {k} | {v:.2f}× | {per_round[k]:.2f}× |" for k, v in ratios.items() if v is not None)
     table = (
         f"# Throughput ({n} requests × {new} new tokens, {args.adapters} rank-{args.rank} adapters)\n\n"
-        f"Machine: {json.dumps(data['machine'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
+        f"Machine: {json.dumps(data['machine'])}\n\nThe default engine's linears (measured picks): "
+        f"{json.dumps(data['cpu_kernels'])}\n\n| run | tok/s |\n|---|---|\n{rows}\n\n"
         f"| ratio | of the best runs | median of the {args.repeat} rounds' ratios |\n|---|---|---|\n{ratio_rows}\n"
     )
     suffix = f"-ranks-{args.mixed_ranks.replace(',', '-')}" if mixed_paths else ""

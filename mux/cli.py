@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="OpenAI streams: send tokens this many at a time after the first (overrides the policy; default 1)",
     )
-    s.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (CUDA: fp16; CPU: fp32, with the linears' weights in bf16 where they measure faster), float32, "
+        "float16, bfloat16 (on a CPU: the linears' weights only)",
+    )
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     s.add_argument(
         "--enforce-eager",

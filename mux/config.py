@@ -25,16 +25,16 @@ def _positive(**values: int) -> None:
 class ModelConfig:
     model: str | None = None  # a local HF directory; None = the embedded SmolLM2 default
     served_model_name: str | None = None
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (auto: fp32 on CPU, fp16 on CUDA)
+    # auto | float32 | float16 | bfloat16. auto: fp16 on CUDA; on a CPU fp32, with the linears' weights in bf16
+    # where they measure faster (mux/model/linear_picks.py). bfloat16 on a CPU: the linears' weights in bf16,
+    # everything else fp32 (activations, LoRA, attention, KV cache); float16 on a CPU: torch's kernels throughout.
+    dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
-    cpu_tuning: bool = True  # CPU fp32: prepacked linears + allocator settings (mux/model/cpu.py)
+    cpu_tuning: bool = True  # CPU: packed linears on measured kernels + allocator settings (mux/model/cpu.py)
     native_layers: bool = True  # CPU fp32, Llama family: the norms and RoPE in C (mux/model/cpu_layers.py)
-    # CPU fp32, with cpu_tuning: the linears in C over weights packed in panels (mux/csrc/linear.c); False:
-    # oneDNN's prepacked GEMM (mux/model/cpu.py; `python -m bench.small_linear` measures both)
-    native_linears: bool = True
-    # CPU, with native_layers and the C linears: decode steps make the C calls of transformers' forward without it
-    # (1-8 sequences: one loop of C calls; mux/engine/cpu_decode.py; bench.small_linear)
+    # CPU, with native_layers and packed linears: decode steps make the C calls of transformers' forward without it
+    # (mux/engine/cpu_decode.py; bench.small_linear)
     cpu_decode: bool = True
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
     # A step's detokenizing and stream pushes run while the device computes the next step (each token after a
@@ -64,7 +64,7 @@ class LoRAConfig:
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
     native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/csrc/lora.c); False: torch's matmuls
-    # steps of <= 8 rows with the C linears (ModelConfig.native_linears): each wrapped linear and its LoRA
+    # steps of <= 8 rows whose linears a C kernel serves (the measured picks): each wrapped linear and its LoRA
     # deltas in one C call, not two (`python -m bench.small_linear` measures both)
     fused_few_rows: bool = True
     # while the engine loop runs, a disk read asked for by a request thread (Engine.prepare_adapter) runs on the

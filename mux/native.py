@@ -37,6 +37,7 @@ import torch
 
 from mux.config import cache_root
 from mux.runtime.cpu import libgomp
+from mux.runtime.picks import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
         [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR],
     ),
 }
+SIGNATURES["mux_linear_bf16"] = SIGNATURES["mux_linear"]  # the same arguments over bf16 panels
+SIGNATURES["mux_linear_lora_bf16"] = SIGNATURES["mux_linear_lora"]
 
 
 def serves(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -86,14 +89,26 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _build() -> Path:
+def _compiler() -> str:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (set CC)")
+    return compiler
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of the kernels' sources, compiler, flags and CPU: the built library's name, and part of the key of
+    the kernel picks measured with it (mux/runtime/picks.py)."""
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.[ch]"))))
-    key.update(" ".join((compiler, *FLAGS, platform.machine(), _cpu_flags())).encode())
+    key.update(" ".join((_compiler(), *FLAGS, platform.machine(), cpu_flags())).encode())
+    return key.hexdigest()[:16]
+
+
+def _build() -> Path:
+    compiler = _compiler()
     out_dir = cache_root() / "native"
-    target = out_dir / f"mux-cpu-{key.hexdigest()[:16]}.so"
+    target = out_dir / f"mux-cpu-{source_digest()}.so"
     if target.exists():
         with contextlib.suppress(OSError):
             os.utime(target)  # in use: a later build's pruning keeps it
@@ -120,12 +135,3 @@ def _prune(out_dir: Path, keep: Path) -> None:
         with contextlib.suppress(OSError):
             if path != keep and path.stat().st_mtime < cutoff:
                 path.unlink()
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (the library is built with -march=native for this CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()

@@ -28,6 +28,17 @@ from mux.model.loader import default_model_dir
 from mux.server.auth import hash_key
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fp32_weights():
+    """Engines built in the tests keep fp32 weights unless a test asks for bf16 (`--dtype auto` may pick bf16 on a
+    CPU where it measures faster, mux/model/linear_picks.py): the PEFT checks hold fp32 to 1e-3. Servers started by
+    `start_server` get `--dtype float32` for the same reason."""
+    from mux.runtime import picks
+
+    with picks.force("weight_dtype", "float32"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return default_model_dir()
@@ -135,6 +146,8 @@ def start_server(model_dir: Path, adapter_dir: Path, *extra: str, port: int | No
         str(64 << 20),
         "--log-level",
         "warning",
+        "--dtype",
+        "float32",
         *extra,
     ]
     # The output goes to a file: a pipe nobody drains fills up after ~64 KiB of log lines, and then the server's

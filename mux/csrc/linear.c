@@ -26,16 +26,35 @@
 #endif
 #define MAX_ROWS 8 /* mux_linear_lora's rows (a decode step of a few sequences) */
 
+/* 16 weights of one input feature as two vectors: floats, or bf16 (the top half of a float: a shift widens it) */
+INLINE void weights(const void *p, int64_t k, const int half, vf *w0, vf *w1)
+{
+    if (half) {
+        typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+        typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+        vh h0, h1;
+        memcpy(&h0, (const uint16_t *)p + k * PANEL, sizeof h0);
+        memcpy(&h1, (const uint16_t *)p + k * PANEL + W, sizeof h1);
+        const vu u0 = __builtin_convertvector(h0, vu) << 16, u1 = __builtin_convertvector(h1, vu) << 16;
+        memcpy(w0, &u0, sizeof *w0);
+        memcpy(w1, &u1, sizeof *w1);
+    } else {
+        *w0 = load((const float *)p + k * PANEL);
+        *w1 = load((const float *)p + k * PANEL + W);
+    }
+}
+
 /* y[q, 0..cols) = x_q . panel (+ bias) for the M rows x_q = x + q xs, y_q = y + q ys; cols <= PANEL are stored.
- * Input feature k prefetches pf + k * step (bytes). */
-INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, int64_t in,
-                       int64_t cols, const float *bias, const char *pf, int64_t step, const int M)
+ * Input feature k prefetches pf + k * step (bytes). `half`: the panel holds bf16 weights (sums in float). */
+INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const void *restrict p, int64_t in,
+                       int64_t cols, const float *bias, const char *pf, int64_t step, const int M, const int half)
 {
     vf s[RB][2];
     for (int q = 0; q < M; q++) s[q][0] = s[q][1] = (vf){0};
     for (int64_t k = 0; k < in; k++) {
         __builtin_prefetch(pf + k * step, 0, 0);
-        const vf w0 = load(p + k * PANEL), w1 = load(p + k * PANEL + W);
+        vf w0, w1;
+        weights(p, k, half, &w0, &w1);
 #pragma GCC unroll 8
         for (int q = 0; q < M; q++) {
             const float xv = x[q * xs + k];
@@ -53,40 +72,55 @@ INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const f
     }
 }
 
-/* panel_rows for m <= RB rows, m made a constant for each inlined copy */
-static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const float *p, int64_t in, int64_t cols,
-                      const float *bias, const char *pf, int64_t step, int64_t m)
-{
-    switch (m) {
+#define ROWS_CASE(n, h) case n: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, n, h); break;
 #if RB == 8
-    case 8: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 8); break;
-    case 7: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 7); break;
+#define ALL_ROWS(h) ROWS_CASE(8, h) ROWS_CASE(7, h) ROWS_CASE(6, h) ROWS_CASE(5, h) ROWS_CASE(4, h) \
+    ROWS_CASE(3, h) ROWS_CASE(2, h)
+#else
+#define ALL_ROWS(h) ROWS_CASE(6, h) ROWS_CASE(5, h) ROWS_CASE(4, h) ROWS_CASE(3, h) ROWS_CASE(2, h)
 #endif
-    case 6: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 6); break;
-    case 5: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 5); break;
-    case 4: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 4); break;
-    case 3: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 3); break;
-    case 2: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 2); break;
-    default: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 1);
+
+/* panel_rows for m <= RB rows, m and half made constants for each inlined copy */
+static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const void *p, int64_t in, int64_t cols,
+                      const float *bias, const char *pf, int64_t step, int64_t m, int half)
+{
+    if (half)
+        switch (m) {
+            ALL_ROWS(1)
+        default: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 1, 1);
+        }
+    else
+        switch (m) {
+            ALL_ROWS(0)
+        default: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 1, 0);
+        }
+}
+
+/* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)); `half`: bf16 panels. */
+static void panels(const float *x, int64_t xs, float *y, int64_t ys, const void *p, const float *bias, int64_t r0,
+                   int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1, int half)
+{
+    const int64_t passes = (r1 - r0 + RB - 1) / RB, bytes = in * PANEL * (half ? 2 : 4); /* a panel's bytes */
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t j = i * PANEL, cols = out - j < PANEL ? out - j : PANEL;
+        const char *panel = (const char *)p + i * bytes;
+        for (int64_t q = 0; q < passes; q++) { /* pass q prefetches PF ahead, or the q-th share of the next panel */
+            const int64_t r = r0 + q * RB;
+            const char *pf = passes == 1 ? panel + PF * (int64_t)sizeof(float) : panel + bytes + q * bytes / passes;
+            panel_any(x + r * xs, xs, y + r * ys + j, ys, panel, in, cols, bias ? bias + j : NULL, pf,
+                      PANEL * (half ? 2 : 4) / passes, r1 - r < RB ? r1 - r : RB, half);
+        }
     }
 }
 
-/* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)). */
-static void panels(const float *x, int64_t xs, float *y, int64_t ys, const float *p, const float *bias, int64_t r0,
-                   int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1)
+static void linear(const float *x, int64_t xs, float *y, int64_t ys, const void *restrict p, const float *bias,
+                   int64_t m, int64_t in, int64_t out, int half)
 {
-    const int64_t passes = (r1 - r0 + RB - 1) / RB, size = in * PANEL; /* floats a panel */
-    for (int64_t i = i0; i < i1; i++) {
-        const int64_t j = i * PANEL, cols = out - j < PANEL ? out - j : PANEL;
-        const float *panel = p + i * size;
-        for (int64_t q = 0; q < passes; q++) { /* pass q prefetches PF ahead, or the q-th share of the next panel */
-            const int64_t r = r0 + q * RB, bytes = size * (int64_t)sizeof(float);
-            const char *pf = passes == 1 ? (const char *)(panel + PF)
-                                         : (const char *)panel + bytes + q * bytes / passes;
-            panel_any(x + r * xs, xs, y + r * ys + j, ys, panel, in, cols, bias ? bias + j : NULL, pf,
-                      PANEL * (int64_t)sizeof(float) / passes, r1 - r < RB ? r1 - r : RB);
-        }
-    }
+    const int64_t chunks = (m + RC - 1) / RC, np = (out + PANEL - 1) / PANEL;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t c = 0; c < chunks; c++)
+        for (int64_t i = 0; i < np; i++)
+            panels(x, xs, y, ys, p, bias, c * RC, (c + 1) * RC < m ? (c + 1) * RC : m, in, out, i, i + 1, half);
 }
 
 /* x [m, in] rows of stride xs, y [m, out] rows of stride ys (unit column strides), p the packed weights, bias [out] or
@@ -94,11 +128,15 @@ static void panels(const float *x, int64_t xs, float *y, int64_t ys, const float
 void mux_linear(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, const float *bias,
                 int64_t m, int64_t in, int64_t out)
 {
-    const int64_t chunks = (m + RC - 1) / RC, np = (out + PANEL - 1) / PANEL;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t c = 0; c < chunks; c++)
-        for (int64_t i = 0; i < np; i++)
-            panels(x, xs, y, ys, p, bias, c * RC, (c + 1) * RC < m ? (c + 1) * RC : m, in, out, i, i + 1);
+    linear(x, xs, y, ys, p, bias, m, in, out, 0);
+}
+
+/* mux_linear over bf16 panels (uint16 [ceil(out/16), in, 16]): half the bytes, the same float sums of the weights'
+ * float values */
+void mux_linear_bf16(const float *x, int64_t xs, float *y, int64_t ys, const uint16_t *restrict p, const float *bias,
+                     int64_t m, int64_t in, int64_t out)
+{
+    linear(x, xs, y, ys, p, bias, m, in, out, 1);
 }
 
 /* mux_linear followed by mux_lora_add in one call, for a decode step of m <= MAX_ROWS sequences with adapters: y =
@@ -107,9 +145,9 @@ void mux_linear(const float *x, int64_t xs, float *y, int64_t ys, const float *r
  * row's shrink by groups of four ranks, each thread writes its range of panels, then (after a barrier, the shrink
  * done) adds the rows' deltas to that range while it is still in cache. The linear is mux_linear's sums; the shrink
  * and the expand are lora.c's, on the same groups of ranks and vector lanes. */
-void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, const float *bias,
-                     int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
-                     const int64_t *row_slot, const int64_t *row_rank)
+static void linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const void *restrict p, const float *bias,
+                        int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
+                        const int64_t *row_slot, const int64_t *row_rank, int half)
 {
     const float *xr[MAX_ROWS];
     float h[MAX_ROWS * R]; /* row q's x_q A_slotᵀ at h[q * R] */
@@ -125,7 +163,7 @@ void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const flo
         }
         const int64_t np = (out + PANEL - 1) / PANEL, i0 = t * np / team, i1 = (t + 1) * np / team;
         const int64_t j0 = i0 * PANEL, j1 = i1 * PANEL < out ? i1 * PANEL : out; /* this thread's outputs */
-        panels(x, xs, y, ys, p, bias, 0, m, in, out, i0, i1);
+        panels(x, xs, y, ys, p, bias, 0, m, in, out, i0, i1, half);
 #pragma omp barrier
         for (int q = 0; q < m; q++)
             if (row_slot[q] >= 0 && j0 < j1) {
@@ -133,4 +171,19 @@ void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const flo
                 expand(&yq, b + row_slot[q] * R * out + j0, j1 - j0, out, row_rank[q], h + q * R, 1);
             }
     }
+}
+
+void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, const float *bias,
+                     int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
+                     const int64_t *row_slot, const int64_t *row_rank)
+{
+    linear_lora(x, xs, y, ys, p, bias, m, in, out, a, b, R, row_slot, row_rank, 0);
+}
+
+/* mux_linear_lora over bf16 panels (the LoRA weights stay float) */
+void mux_linear_lora_bf16(const float *x, int64_t xs, float *y, int64_t ys, const uint16_t *restrict p,
+                          const float *bias, int64_t m, int64_t in, int64_t out, const float *a, const float *b,
+                          int64_t R, const int64_t *row_slot, const int64_t *row_rank)
+{
+    linear_lora(x, xs, y, ys, p, bias, m, in, out, a, b, R, row_slot, row_rank, 1);
 }

@@ -32,7 +32,7 @@ from mux.engine.kv_cache import AttentionMetadata, KVCache
 from mux.lora.layers import MultiLoRALinear
 from mux.lora.ops import LoRABatch, lora_add_
 from mux.model import cpu_layers
-from mux.model.cpu import PackedLinear
+from mux.model.cpu import FEW_ROWS, PackedLinear
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -89,8 +89,7 @@ class CPUDecode:
             if not cpu_layers.is_fused(layer):
                 return None
             for name in _PROJECTIONS:
-                base = _linear(_projection(layer, name)).base
-                if not (isinstance(base, PackedLinear) and base.kernel is not None):
+                if not isinstance(_linear(_projection(layer, name)).base, PackedLinear):
                     return None
         return cls(model, cache)
 
@@ -103,7 +102,7 @@ class CPUDecode:
         """ids, positions [T] int64 -> the final norm's hidden states [T, hidden] (transformers' last_hidden_state)."""
         rows = ids.shape[0]
         lib = native.library()
-        linear, linear_lora, lora_add = lib.mux_linear, lib.mux_linear_lora, lib.mux_lora_add
+        lora_add = lib.mux_lora_add
         buf, calls = self._prepared(rows)
         torch.index_select(self.embed, 0, ids, out=buf.h)
         cos, sin = (t.contiguous() for t in self.rotary(buf.h, positions[None]))  # [1, T, D] each
@@ -111,40 +110,40 @@ class CPUDecode:
         tables, lens = meta.decode_tables.contiguous(), meta.decode_lens.contiguous()  # [T, nb], [T] int64
         attn_mid = (tables.data_ptr(), tables.shape[1], lens.data_ptr())
         fused = batch.few.pointers if batch is not None and batch.few is not None else None  # rows' slots, ranks
-        items = (*batch.native.pointers, batch.native.items) if fused is None and _native_only(batch) else None
+        items = (*batch.native.pointers, batch.native.items) if _native_only(batch) else None
         slots = meta.slot_mapping
         k_rows, v_rows = buf.k.view(rows, self.kv_heads, -1), buf.v.view(rows, self.kv_heads, -1)  # [T, Hkv, D]
 
-        def project(args: tuple, lora_args: tuple | None, index: int, tensors: tuple) -> None:
+        def project(call: _Call) -> None:
             """As MultiLoRALinear.forward: the fused call, else the linear and then the step's LoRA rows."""
-            if lora_args is None or batch is None or not batch.targets(index):
-                linear(*args)
+            if call.lora is None or batch is None or not batch.targets(call.index):
+                call.linear(*call.args)
                 return
-            if fused is not None:
-                linear_lora(*args, *lora_args, *fused)
+            if fused is not None and call.fused is not None:
+                call.fused(*call.args, *call.lora, *fused)
                 return
-            linear(*args)
-            if items is not None:  # x, its stride, y, its stride, the slot stacks, in, out: mux_lora_add's arguments
-                lora_add(*args[:4], *lora_args, *args[7:], *items)
+            call.linear(*call.args)
+            if items is not None:
+                lora_add(*call.lora_add, *items)
             else:  # torch's layouts serve some rows (long runs above rank 16, or without the C LoRA kernel)
-                lora_add_(*tensors, batch)
+                lora_add_(*call.tensors, batch)
 
         for norm1, projections, rope_head, attn_head, attn_tail, norm2, k_cache, v_cache in calls:
             q, k, v, o, gate, up, down = projections
             lib.mux_rms_norm(*norm1)
             for projection in (q, k, v):
-                project(*projection)
+                project(projection)
             lib.mux_rope(*rope_head, *rope_tail)
             k_cache.index_copy_(0, slots, k_rows)
             v_cache.index_copy_(0, slots, v_rows)
             if lib.mux_decode_attention(*attn_head, *attn_mid, *attn_tail):
                 raise MemoryError("decode attention: no memory for the scores")
-            project(*o)
+            project(o)
             lib.mux_rms_norm(*norm2)  # the residual sum into o, the second norm into x
-            project(*gate)
-            project(*up)
+            project(gate)
+            project(up)
             F.silu(buf.g, inplace=True).mul_(buf.u)  # as transformers' act_fn(gate) * up
-            project(*down)  # into h
+            project(down)  # into h
             buf.h.add_(buf.o)  # down's output + the residual
         return cpu_layers.rms_norm(self.final_norm, buf.h)  # a fresh tensor: buf.h is the next step's
 
@@ -206,14 +205,33 @@ def _linear(module: nn.Module) -> _Linear:
     return _Linear(module, None)
 
 
-def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple:
-    """(mux_linear's arguments, the LoRA slot stacks' for mux_linear_lora or None, the wrapped linear's index,
-    `lora_add_`'s tensors) for x [T, in] -> y [T, out]."""
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One linear of a row count's step, its calls precomputed."""
+
+    linear: object  # the C kernel (args: its arguments), or PackedLinear.into (args: x, y, rows) where oneDNN serves
+    args: tuple
+    fused: object | None  # the C linear + LoRA call taking args + lora + the rows' slots and ranks (None: none)
+    lora: tuple | None  # the slot stacks' addresses and rank (None: the linear is not wrapped)
+    lora_add: tuple  # mux_lora_add's arguments before the work items
+    index: int  # the wrapped linear's index (-1: not wrapped)
+    tensors: tuple  # lora_add_'s tensors (y, x, a, b)
+
+
+def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> _Call:
+    """The calls of x [T, in] -> y [T, out] at this row count, with the pick that serves it."""
     base = lin.base
     k, n = base.in_features, base.out_features
     bias = None if base.bias is None else base.bias.data_ptr()
-    args = (x.data_ptr(), k, y.data_ptr(), n, base.panels.data_ptr(), bias, rows, k, n)
+    c, fused = base.c_kernel(rows), base.c_kernel(rows, fused=True)
+    if c is None:  # oneDNN serves this row count: its result is copied into y
+        linear, args = base.into, (x, y, rows)
+    else:
+        linear, args = c[0], (x.data_ptr(), k, y.data_ptr(), n, c[1], bias, rows, k, n)
     if lin.lora is None:
-        return args, None, -1, ()
+        return _Call(linear, args, None, None, (), -1, ())
     a, b = lin.lora.lora_a, lin.lora.lora_b  # [S, R, in], [S, R, out] contiguous
-    return args, (a.data_ptr(), b.data_ptr(), a.shape[1]), lin.lora.index, (y, x, a, b)
+    lora = (a.data_ptr(), b.data_ptr(), a.shape[1])
+    lora_add = (x.data_ptr(), k, y.data_ptr(), n, *lora, k, n)
+    fused_fn = fused[0] if fused and rows <= FEW_ROWS else None
+    return _Call(linear, args, fused_fn, lora, lora_add, lin.lora.index, (y, x, a, b))

@@ -34,6 +34,7 @@ from mux.engine.torch_thread import TorchThread
 from mux.errors import InvalidRequest, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
+from mux.model import linear_picks
 from mux.model.cpu import can_pack, pack_linears
 from mux.model.cpu_layers import fuse_layers, fuse_rope
 from mux.model.cuda import fuse_rms_norms
@@ -77,10 +78,12 @@ class Engine:
             use_native=config.lora.native_kernel,
             fused_few_rows=config.lora.fused_few_rows,
         )
+        self.linear_plan = None  # CPU: the measured picks of the linears' kernels and weight dtype
         if config.model.cpu_tuning and can_pack(model):
-            kernel = native.library().mux_linear if config.model.native_linears and native.library() else None
-            pack_linears(model, kernel)  # after the LoRA wrap: packs each wrapped base linear and the lm_head
+            self.linear_plan = linear_picks.plan(model, config.model.dtype)
+            pack_linears(model, self.linear_plan.for_linear)  # after the LoRA wrap: each wrapped base and the lm_head
             keep_freed_memory()
+            log.info("CPU linears: %s", self.linear_plan.report())
         device = next(model.parameters()).device
         config = self.config = replace(config, scheduler=config.scheduler.for_device(device.type))
         if device.type == "cuda":
@@ -227,6 +230,7 @@ class Engine:
             "prefix_cache": {"queried_tokens": self.blocks.queried_tokens, "hit_tokens": self.blocks.hit_tokens},
             "finished": dict(self.finished),
             "faults": {"step": self.faults["step"], "loop": self.faults["loop"]},
+            "cpu_kernels": None if self.linear_plan is None else self.linear_plan.report(),
         }
 
     @property

@@ -320,17 +320,19 @@ def few_rows_linear_lora(
     base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots
 ) -> torch.Tensor | None:
     """base(x) plus each row's (x A_slot) B_slot in one C call (`mux_linear_lora`, bitwise the two calls it
-    replaces: one Python round and one parallel region fewer per linear), when `base` is a packed linear on the C
-    kernel and x [..., in] is contiguous with the step's rows (mux/model/cpu.py); else None."""
-    if not (isinstance(base, PackedLinear) and base.kernel is not None and x.is_contiguous()):
+    replaces: one Python round and one parallel region fewer per linear), when `base` is a packed linear whose pick
+    for this row count is a C kernel and x [..., in] is contiguous with the step's rows (mux/model/cpu.py); else
+    None."""
+    if not (isinstance(base, PackedLinear) and x.is_contiguous()):
         return None
     k, n = base.in_features, base.out_features
-    if x.shape[-1] != k or x.numel() != rows.rows * k:
+    if x.shape[-1] != k or x.numel() != rows.rows * k or (c := base.c_kernel(rows.rows, fused=True)) is None:
         return None
+    fn, panels = c
     y = x.new_empty(*x.shape[:-1], n)  # [..., out]
     bias = None if base.bias is None else base.bias.data_ptr()
-    native.library().mux_linear_lora(
-        x.data_ptr(), k, y.data_ptr(), n, base.panels.data_ptr(), bias, rows.rows, k, n,
+    fn(
+        x.data_ptr(), k, y.data_ptr(), n, panels, bias, rows.rows, k, n,
         a.data_ptr(), b.data_ptr(), a.shape[1], *rows.pointers,
     )  # fmt: skip
     return y

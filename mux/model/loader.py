@@ -31,8 +31,10 @@ class BaseModel:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
+    """The dtype the model is loaded and computes in. On a CPU bfloat16 is a weight format of the linears alone
+    (mux/model/linear_picks.py): the model computes in fp32."""
+    if name == "auto" or (name == "bfloat16" and device == "cpu"):
+        return torch.float32 if device == "cpu" else torch.float16
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 

@@ -10,6 +10,8 @@ import torch
 from mux.engine.cpu_decode import CPUDecode
 from mux.engine.sequence import SamplingParams
 from mux.model.cpu import FEW_ROWS
+from mux.runtime import picks
+from mux.runtime.picks import ROW_BUCKETS
 from tests.conftest import make_engine, record_logits
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -114,13 +116,29 @@ def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypa
     assert outs["fast"] == outs["slow"]
 
 
+MIXED = {b: ("c" if b in (1, 4, 16) else "onednn") for b in ROW_BUCKETS}
+MIXED_BF16 = {b: ("c_bf16" if b <= 2 or b == 8 else "onednn_bf16") for b in ROW_BUCKETS}
+
+
+@pytest.mark.parametrize("linear", ["onednn", "c_bf16", "onednn_bf16", MIXED, MIXED_BF16], ids=str)
+def test_decodes_are_bitwise_transformers_forward_on_every_linear_pick(tiny_dir, tiny_adapters, monkeypatch, linear):
+    """Whatever kernel serves a row count (oneDNN's results copied into the loop's buffers, the fused call only
+    where a C kernel serves), the loop equals transformers' forward on the same picks, bit for bit."""
+    steps = _counting(monkeypatch)
+    with picks.force("linear", linear):
+        fast = make_engine(tiny_dir, max_loras=8)
+        slow = make_engine(tiny_dir, max_loras=8, model={"cpu_decode": False})
+    pick = lambda name: name and tiny_adapters[name]  # noqa: E731
+    for adapters in ([pick("r16-all"), None], [pick(n) for n in ("r4-attn", "r8-qv", None)], [pick(n) for n in TEN]):
+        steps.clear()
+        _same_logits(fast, slow, PROMPTS[: len(adapters)], adapters)
+        assert set(steps) == {len(adapters)}
+
+
 def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters):
-    """No loop without the C attention, the C layers or the C linears."""
-    for engine in (
-        make_engine(tiny_dir, native_attention=False),
-        make_engine(tiny_dir, model={"native_layers": False}),
-        make_engine(tiny_dir, model={"native_linears": False}),
-    ):
+    """No loop without the C attention or the C layers."""
+    engines = make_engine(tiny_dir, native_attention=False), make_engine(tiny_dir, model={"native_layers": False})
+    for engine in engines:
         assert engine.runner.cpu_decode is None
 
 

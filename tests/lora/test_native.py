@@ -13,6 +13,8 @@ import torch
 from bench.common import group_rows
 from mux import native
 from mux.lora.ops import build_lora_batch, few_rows_linear_lora, lora_add_, lora_delta_reference, native_rows
+from mux.runtime import picks
+from mux.runtime.picks import ROW_BUCKETS
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 
@@ -224,8 +226,9 @@ def test_slot_loads_in_c_equal_torch_copies(tiny_dir, tiny_adapters):
             assert torch.equal(c.layers[name].lora_b, py.layers[name].lora_b), name
 
 
+@pytest.mark.parametrize("kernel", ["c", "c_bf16"])
 @pytest.mark.parametrize("seed", range(10))
-def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(seed):
+def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(seed, kernel):
     """A step of <= 4 rows: each linear and its deltas in one call (`few_rows_linear_lora`) gives exactly what the
     few-row linear then the LoRA kernel give, and PEFT's sum: rows with and without adapters, one adapter on
     several rows, ranks off the groups of four, widths off the vectors and the output blocks, a bias."""
@@ -239,7 +242,7 @@ def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(see
     in_f, out_f = rnd.choice([(80, 50), (576, 192), (37, 130), (16, 7)])
     rows, slots, max_rank = rnd.randint(1, FEW_ROWS), 4, 16
     linear = nn.Linear(in_f, out_f, bias=seed % 2 == 0)
-    base = PackedLinear(linear, native.library().mux_linear)
+    base = PackedLinear(linear, kernel)
     ranks = [rnd.choice([1, 3, 4, 5, 8, 13, 16]) for _ in range(slots)]
     a = torch.randn(slots, max_rank, in_f, generator=g)
     b = torch.randn(slots, max_rank, out_f, generator=g)
@@ -254,7 +257,8 @@ def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(see
     lora_add_(two_calls, x, a, b, batch)
     fused = few_rows_linear_lora(base, x, a, b, batch.few)
     assert torch.equal(fused, two_calls)
-    want = linear(x) + lora_delta_reference(x, a, b, token_slots)
+    weight = linear.weight.detach().to(base.weight_dtype).float()  # bf16 panels: the rounded weights, fp32 sums
+    want = torch.nn.functional.linear(x, weight, linear.bias) + lora_delta_reference(x, a, b, token_slots)
     assert torch.allclose(fused, want, atol=1e-4, rtol=1e-4)
 
 
@@ -266,12 +270,13 @@ def test_the_fused_call_is_declined_where_its_kernel_cannot_serve():
     from mux.model.cpu import FEW_ROWS, PackedLinear
 
     linear = nn.Linear(64, 32)
-    base = PackedLinear(linear, native.library().mux_linear)
+    base = PackedLinear(linear, "c")
     a, b = torch.randn(2, 4, 64), torch.randn(2, 4, 32)
     few = build_lora_batch({0: [0], 1: [1]}, 4, "cpu", use_native=True, rows=2).few
     assert few_rows_linear_lora(base, torch.randn(2, 64), a, b, few) is not None
     for module, x in (
-        (PackedLinear(linear), torch.randn(2, 64)),
+        (PackedLinear(linear, "onednn"), torch.randn(2, 64)),
+        (PackedLinear(linear, {b: "c" if b > 2 else "onednn" for b in ROW_BUCKETS}), torch.randn(2, 64)),
         (linear, torch.randn(2, 64)),
         (base, torch.randn(2, 80)),
         (base, torch.randn(3, 64)),
@@ -299,8 +304,9 @@ def test_the_engine_fuses_few_row_steps_and_gives_the_same_tokens(tiny_dir, tiny
     adapters = [tiny_adapters["r4-attn"], tiny_adapters["r16-all"], None, tiny_adapters["r2-down"]]
     prompts = ["the quick brown fox", "hello there", "a b c d e", "one two"]
     modules = {"cpu_decode": False}
-    fused = make_engine(tiny_dir, max_loras=4, model=modules)
-    plain = make_engine(tiny_dir, max_loras=4, fused_few_rows=False, model=modules)
+    with picks.force("linear", "c"):  # the fused call serves where a C kernel is the pick
+        fused = make_engine(tiny_dir, max_loras=4, model=modules)
+        plain = make_engine(tiny_dir, max_loras=4, fused_few_rows=False, model=modules)
     for n in (1, 4):
         got = [o.token_ids for o in fused.generate(prompts[:n], greedy, adapters[:n])]
         assert calls and all(y is not None for y in calls)

@@ -1,0 +1,176 @@
+"""Which kernel serves each CPU linear at each row bucket, and whether the weights are fp32 or bf16: measured on
+this machine at first use, kept in the pick cache (mux/runtime/picks.py), reported in /admin/stats.
+
+Per shape (in, out) and weight dtype, every kernel of mux/model/cpu.py that this process can run is checked against
+torch's linear on the same weights (a kernel that fails is never picked, and counted), then timed at each row
+bucket over the model's own linears of that shape: eight for a few rows (a decode step streams them from memory,
+so a pass over one weight that stays in cache would flatter the fp32 kernels), two for more rows (arithmetic).
+The fastest kernel serves each bucket; a shape keeps a second layout only where it is ≥ 15% faster at some
+bucket (two layouts cost their memory; closer timings are noise).
+
+`dtype="auto"` takes bf16 weights where they make the model's linears faster by ≥ 10% (geometric mean over the
+buckets of the summed time of every linear): AMX or AVX512-BF16 CPUs; fp32 elsewhere. bf16 rounds the weights, so
+it must earn its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mux import native
+from mux.errors import MuxError
+from mux.model.cpu import KERNELS, PackedLinear, available_kernels, linears
+from mux.runtime import picks as pick_cache
+from mux.runtime.picks import ROW_BUCKETS, PickCache, machine_key, time_us
+
+log = logging.getLogger(__name__)
+
+FEW = 8  # buckets up to this many rows are timed over FEW_LINEARS linears of the shape (their weights > L2)
+FEW_LINEARS = 8
+MANY_LINEARS = 2  # linears timed at larger buckets
+SECOND_LAYOUT_GAIN = 0.85  # a second layout is kept where it takes ≤ 85% of the single best one's time somewhere
+BF16_GAIN = 0.9  # auto: bf16 weights where the model's linears take ≤ 90% of fp32's time
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # self-check: max |Δ| relative to max |y| of the reference
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class LinearPlan:
+    """The weight dtype and each shape's picks (bucket -> kernel), with the timings they came from."""
+
+    weight_dtype: str
+    picks: dict[tuple[int, int], dict[int, str]]
+    us: dict[str, dict[tuple[int, int], dict[str, dict[int, float]]]] = field(default_factory=dict)
+    measured_s: float = 0.0  # time spent measuring in this process (0: every pick came from the cache)
+    self_check_failures: Counter = field(default_factory=Counter)  # kernel -> shapes it failed on
+    bf16_ratio: float | None = None  # auto: the model's linears' time in bf16 over fp32
+
+    def for_linear(self, linear: nn.Linear) -> dict[int, str]:
+        return self.picks[(linear.in_features, linear.out_features)]
+
+    def report(self) -> dict:
+        """For /admin/stats and the start-up log: the dtype and, per shape, which kernel serves which buckets."""
+        shapes = {}
+        for (i, o), table in sorted(self.picks.items()):
+            shapes[f"{i}x{o}"] = {k: [b for b in ROW_BUCKETS if table.get(b) == k] for k in sorted(set(table.values()))}
+        return {
+            "weight_dtype": self.weight_dtype,
+            "linears": shapes,
+            "measured_s": round(self.measured_s, 3),
+            "self_check_failures": dict(self.self_check_failures),
+            "bf16_vs_fp32_time": None if self.bf16_ratio is None else round(self.bf16_ratio, 3),
+        }
+
+
+def plan(model: nn.Module, dtype: str = "auto", cache: PickCache | None = None) -> LinearPlan:
+    """The picks for every nn.Linear of `model` (fp32 weights on the CPU). dtype: auto | float32 | bfloat16."""
+    groups: dict[tuple[int, int], list[nn.Linear]] = {}
+    for linear in linears(model).values():
+        groups.setdefault((linear.in_features, linear.out_features), []).append(linear)
+    if (forced := pick_cache.forced("linear")) is not None:  # a kernel, or a table bucket -> kernel
+        table = dict.fromkeys(ROW_BUCKETS, forced) if isinstance(forced, str) else dict(forced)
+        if set(table) != set(ROW_BUCKETS) or not set(table.values()) <= set(KERNELS):
+            raise ValueError(f"forced linear picks {forced!r}: a kernel of {sorted(KERNELS)} for every bucket")
+        name = "bfloat16" if KERNELS[table[ROW_BUCKETS[-1]]] == torch.bfloat16 else "float32"
+        return LinearPlan(name, {shape: dict(table) for shape in groups})
+    available = available_kernels()
+    if dtype == "auto" and (forced_dtype := pick_cache.forced("weight_dtype")) is not None:
+        dtype = forced_dtype
+    wanted = ("float32", "bfloat16") if dtype == "auto" else (dtype,)
+    candidates = {d: tuple(k for k in available if KERNELS[k] == DTYPES[d]) for d in wanted}
+    if dtype == "bfloat16" and not candidates["bfloat16"]:
+        raise MuxError("--dtype bfloat16 on this CPU needs oneDNN with bf16 or a C compiler for mux's kernels")
+    candidates = {d: ks for d, ks in candidates.items() if ks}
+    cache = cache or PickCache(machine_key(native.source_digest() if native.library() else ""))
+    start, measured = time.perf_counter(), False
+    result = LinearPlan("float32", {})
+    for d, kernels in candidates.items():
+        result.us[d] = {}
+        for shape, members in groups.items():
+            name = f"linear:{d}:{shape[0]}x{shape[1]}"
+            entry = cache.get(name, kernels)
+            if entry is None:
+                us, measured = _measure(members, kernels, result.self_check_failures), True
+                entry = {"picks": _pick(us), "us": us}
+                cache.put(name, entry["picks"], us)
+            result.us[d][shape] = {k: {int(b): t for b, t in v.items()} for k, v in entry["us"].items()}
+    chosen = next(iter(candidates))
+    if len(candidates) == 2:
+        result.bf16_ratio = _ratio(result.us["bfloat16"], result.us["float32"], groups)
+        chosen = "bfloat16" if result.bf16_ratio <= BF16_GAIN else "float32"
+    result.weight_dtype = chosen
+    result.picks = {shape: _prune(us) for shape, us in result.us[chosen].items()}
+    result.measured_s = time.perf_counter() - start if measured else 0.0
+    return result
+
+
+def _measure(members: list[nn.Linear], kernels: tuple[str, ...], failures: Counter) -> dict[str, dict[int, float]]:
+    """kernel -> bucket -> µs per linear, for the kernels that pass the self-check on this shape."""
+    gen = torch.Generator().manual_seed(0)
+    weight = members[0].weight.detach()
+    us: dict[str, dict[int, float]] = {}
+    for kernel in kernels:
+        packed = [PackedLinear(m, kernel) for m in members[:FEW_LINEARS]]
+        if not _self_check(packed[0], weight, members[0].bias, gen):
+            failures[kernel] += 1
+            log.warning("linear kernel %s failed its self-check on %s; not picked", kernel, tuple(weight.shape[::-1]))
+            continue
+        us[kernel] = {}
+        for b in ROW_BUCKETS:
+            x = torch.randn(b, weight.shape[1], generator=gen)
+            timed = packed if b <= FEW else packed[:MANY_LINEARS]
+            us[kernel][b] = time_us(lambda ms=timed, x=x: [m(x) for m in ms], reps=2, min_s=0.0005) / len(timed)
+        del packed
+    if not us:
+        raise MuxError(f"no CPU linear kernel passed its self-check for shape {tuple(weight.shape[::-1])}")
+    return us
+
+
+def _self_check(packed: PackedLinear, weight: torch.Tensor, bias, gen: torch.Generator) -> bool:
+    """The kernel's output against torch's linear over the same (dtype-rounded) weights, at a few row counts."""
+    w = weight.to(packed.weight_dtype).float()
+    for rows in (1, 5, 67):
+        x = torch.randn(rows, weight.shape[1], generator=gen)
+        want = F.linear(x, w, None if bias is None else bias.detach().float())
+        try:
+            got = packed(x)
+        except RuntimeError:
+            return False
+        scale = want.abs().max().item() or 1.0
+        if got.shape != want.shape or not (got - want).abs().max().item() <= TOLERANCE[packed.weight_dtype] * scale:
+            return False
+    return True
+
+
+def _pick(us: dict[str, dict[int, float]]) -> dict[int, str]:
+    return {b: min(us, key=lambda k: us[k][b]) for b in ROW_BUCKETS}
+
+
+def _prune(us: dict[str, dict[int, float]]) -> dict[int, str]:
+    """The fastest kernel per bucket, or one kernel for all where a second layout gains < 15% everywhere."""
+    picks = _pick(us)
+    if len(set(picks.values())) == 1:
+        return picks
+    best = {b: us[picks[b]][b] for b in ROW_BUCKETS}
+    single = min(us, key=lambda k: max(us[k][b] / best[b] for b in ROW_BUCKETS))
+    if all(best[b] / us[single][b] > SECOND_LAYOUT_GAIN for b in ROW_BUCKETS):
+        return dict.fromkeys(ROW_BUCKETS, single)
+    return picks
+
+
+def _ratio(bf16: dict, fp32: dict, groups: dict[tuple[int, int], list]) -> float:
+    """Geometric mean over the buckets of (every linear's best bf16 time) / (its best fp32 time)."""
+    logs = []
+    for b in ROW_BUCKETS:
+        total = {name: sum(len(groups[s]) * min(t[b] for t in us[s].values()) for s in groups)
+                 for name, us in (("bf16", bf16), ("fp32", fp32))}  # fmt: skip
+        logs.append(math.log(total["bf16"] / total["fp32"]))
+    return math.exp(sum(logs) / len(logs))
