@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import random
@@ -37,6 +38,7 @@ from mux.lora import adapter
 from mux.lora.adapter import load_adapter
 from mux.lora.policies import POLICIES, make_policy
 from mux.model.loader import default_model_dir
+from mux.runtime import picks
 
 POPULATIONS = (1, 8, 32, 128, 512, 1000)
 SLOTS = 16
@@ -105,7 +107,7 @@ LEVERS = {  # --compare: the lever's two settings, (label, changes to the engine
         ("prefill_first", {"scheduler": {"prefill_first_max_decodes": 16}}),
         ("mixed", {"scheduler": {"prefill_first_max_decodes": 0}}),
     ),
-    "kernel": (("native", {"lora": {"native_kernel": True}}), ("torch", {"lora": {"native_kernel": False}})),
+    "kernel": (("native", {"force": {"lora_kernel": "c"}}), ("torch", {"force": {"lora_kernel": "torch"}})),
     "reads": (
         ("between steps", {"lora": {"reads_between_steps": True}}),
         ("beside steps", {"lora": {"reads_between_steps": False}}),
@@ -114,7 +116,16 @@ LEVERS = {  # --compare: the lever's two settings, (label, changes to the engine
 
 
 def with_changes(config: EngineConfig, changes: dict) -> EngineConfig:
-    return replace(config, **{part: replace(getattr(config, part), **kv) for part, kv in changes.items()})
+    """The config with the lever's changes ("force": internal choices, applied by `build`, not config)."""
+    parts = {part: kv for part, kv in changes.items() if part != "force"}
+    return replace(config, **{part: replace(getattr(config, part), **kv) for part, kv in parts.items()})
+
+
+def build(config: EngineConfig, changes: dict, torch_thread) -> Engine:
+    with contextlib.ExitStack() as stack:
+        for op, value in changes.get("force", {}).items():
+            stack.enter_context(picks.force(op, value))
+        return Engine(with_changes(config, changes), torch_thread=torch_thread)
 
 
 def reset_host(engine, earlier: list[Path]) -> None:
@@ -360,10 +371,7 @@ def main() -> None:
     gc.collect()
     results["gc_full_pass"] = {"seconds": time.perf_counter() - t, "host_adapters": len(engine.adapters.host)}
     if args.compare:
-        engines = {
-            label: Engine(with_changes(config, changes), torch_thread=engine.torch)
-            for label, changes in LEVERS[args.compare]
-        }
+        engines = {label: build(config, changes, engine.torch) for label, changes in LEVERS[args.compare]}
         zipf_paths = {pop: [paths[i] for i in ids] for pop, ids in traces["zipf"].items()}
         earlier_paths = {pop: [paths[i] for i in ids] for pop, ids in earlier.get("zipf", {}).items()}
         runs = compare(engines, texts, zipf_paths, earlier_paths, args)

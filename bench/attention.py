@@ -2,7 +2,7 @@
 
 - C (`mux/csrc/attention.c`, the CPU float32 default): each sequence's blocks read in place, one work item per
   (sequence, KV head) with its query heads scored together;
-- SDPA (`CacheConfig(native_attention=False)`): blocks gathered with `index_select`, the query heads of one KV
+- SDPA (forced: `picks.force("attention", "sdpa")`): blocks gathered with `index_select`, the query heads of one KV
   head folded into that head's query rows (no K/V expansion);
 - before (commit 3f619b0): blocks gathered with advanced indexing (`cache[tables]`), SDPA with `enable_gqa=True`.
 

@@ -7,9 +7,9 @@ in panels, both fp32 (two of the kernels mux/model/linear_picks.py picks from; f
    beside it (a sum over 512 MB).
 2. The engine (SmolLM2, one rank-8 adapter per stream, greedy): ms per decode step at 1, 2, 4, 8 and 16 concurrent
    streams, four engines in interleaved rounds: the default (decode steps without transformers' forward,
-   `ModelConfig.cpu_decode`, mux/engine/cpu_decode.py: ≤ 8 sequences as one loop of C calls, each linear with its
+   mux/engine/cpu_decode.py: ≤ 8 sequences as one loop of C calls, each linear with its
    LoRA deltas in one call; more as calls of the C linears and the LoRA kernel); the same kernels through
-   transformers' forward; the linear then the LoRA kernel (two calls, `LoRAConfig.fused_few_rows=False`, through
+   transformers' forward; the linear then the LoRA kernel (two calls, forced "lora_fused" = "two_calls", through
    transformers' forward); oneDNN's linears (forced, through transformers' forward);
    and the base model's step (no adapter) on the first, for what the adapters cost; whether all give the same
    tokens.
@@ -20,6 +20,7 @@ Best of interleaved repetitions (this machine is noisy). Run: python -m bench.sm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from bench.common import best_time, machine, prompts, save, write_random_adapter
-from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+from mux.config import CacheConfig, EngineConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.torch_thread import TorchThread
@@ -82,11 +83,14 @@ def _engines(rounds: int, thread: TorchThread, work: Path) -> dict:
     }
     built = {}
     for name, (c, fused, loop) in variants.items():
-        with picks.force("linear", "c" if c else "onednn"):
+        forced = {"linear": "c" if c else "onednn", "decode": "loop" if loop else "forward"}
+        forced["lora_fused"] = "fused" if fused else "two_calls"
+        with contextlib.ExitStack() as stack:
+            for op, value in forced.items():
+                stack.enter_context(picks.force(op, value))
             built[name] = Engine(
                 EngineConfig(
-                    model=ModelConfig(model=str(model_dir), cpu_decode=loop),
-                    lora=LoRAConfig(fused_few_rows=fused),
+                    model=ModelConfig(model=str(model_dir)),
                     cache=CacheConfig(kv_cache_bytes=1 << 28, prefix_caching=False),
                 ),
                 torch_thread=thread,

@@ -7,6 +7,7 @@ targets, SmolLM2-135M fp32. Run: python -m bench.throughput [--requests 64 --new
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -131,42 +132,28 @@ def run(thread: TorchThread) -> None:
         k = args.set_adapter_requests  # sequential, so a few requests give the rate
         runs["peft_set_adapter_per_request"] = lambda: peft_per_request(peft, tok, texts[:k], new, mixed[:k]) * n / k
 
-    def make_engine(
-        cpu_tuning: bool,
-        native_kernel: bool = True,
-        native_attention: bool = True,
-        native_layers: bool = True,
-        cpu_decode: bool = True,
-        linear: str | None = None,
-        dtype: str = "auto",
-    ) -> Engine:
-        with picks.force("linear", linear):  # None: the measured picks
-            return _make_engine(cpu_tuning, native_kernel, native_attention, native_layers, cpu_decode, dtype)
-
-    def _make_engine(cpu_tuning, native_kernel, native_attention, native_layers, cpu_decode, dtype) -> Engine:
-        engine = Engine(
-            EngineConfig(
-                model=ModelConfig(
-                    model=str(model_dir),
-                    cpu_tuning=cpu_tuning,
-                    native_layers=native_layers,
-                    cpu_decode=cpu_decode,
-                    dtype=dtype,
+    def make_engine(backend: str = "auto", dtype: str = "auto", **force) -> Engine:
+        """force: internal choices forced while it is built (mux/runtime/picks.py: linear, lora_kernel, attention,
+        layers, decode)."""
+        with contextlib.ExitStack() as stack:
+            for op, value in force.items():
+                stack.enter_context(picks.force(op, value))
+            engine = Engine(
+                EngineConfig(
+                    model=ModelConfig(model=str(model_dir), backend=backend, dtype=dtype),
+                    lora=LoRAConfig(
+                        # with mixed ranks every set of adapters stays resident: no slot loads timed
+                        max_loras=args.adapters * (2 + len(rank_paths)) if mixed_paths else max(16, args.adapters),
+                        max_lora_rank=max(16, args.rank, *mixed_ranks),
+                    ),
+                    cache=CacheConfig(kv_cache_bytes=1 << 30, prefix_caching=False),
                 ),
-                lora=LoRAConfig(
-                    # with mixed ranks every set of adapters stays resident: no slot loads timed
-                    max_loras=args.adapters * (2 + len(rank_paths)) if mixed_paths else max(16, args.adapters),
-                    max_lora_rank=max(16, args.rank, *mixed_ranks),
-                    native_kernel=native_kernel,
-                ),
-                cache=CacheConfig(kv_cache_bytes=1 << 30, native_attention=native_attention, prefix_caching=False),
-            ),
-            torch_thread=thread,
-        )
+                torch_thread=thread,
+            )
         mux_generate(engine, texts[: len(paths)], 2, paths)  # warm-up; adapters resident, as PEFT's are preloaded
         return engine
 
-    engine = make_engine(cpu_tuning=True)
+    engine = make_engine()
     runs["mux_base_only"] = lambda: mux_generate(engine, texts, new, [None] * n)
     runs[f"mux_{args.adapters}_adapters"] = lambda: mux_generate(engine, texts, new, per_request)
     if mixed_paths:  # B: heterogeneous ranks in one batch (each row computed at its adapter's own rank)
@@ -178,27 +165,27 @@ def run(thread: TorchThread) -> None:
             runs[f"mux_{args.adapters}_adapters_rank_{r}"] = lambda rp=rp: mux_generate(
                 engine, texts, new, [rp[i % len(rp)] for i in range(n)]
             )
-    if args.levers:  # prepacked linears off (the glibc heap setting is process-wide, so it stays on here)
-        unpacked = make_engine(cpu_tuning=False)
+    if args.levers:  # the torch backend (the glibc heap setting is process-wide, so it stays on here), then one choice
+        unpacked = make_engine(backend="torch")
         runs[f"mux_{args.adapters}_adapters_unpacked"] = lambda: mux_generate(unpacked, texts, new, per_request)
-        torch_kernel = make_engine(cpu_tuning=True, native_kernel=False)
+        torch_kernel = make_engine(lora_kernel="torch")
         runs[f"mux_{args.adapters}_adapters_torch_kernel"] = lambda: mux_generate(torch_kernel, texts, new, per_request)
-        sdpa = make_engine(cpu_tuning=True, native_attention=False)
+        sdpa = make_engine(attention="sdpa")
         runs[f"mux_{args.adapters}_adapters_sdpa_attention"] = lambda: mux_generate(sdpa, texts, new, per_request)
-        torch_layers = make_engine(cpu_tuning=True, native_layers=False)
+        torch_layers = make_engine(layers="torch")
         runs[f"mux_{args.adapters}_adapters_torch_layers"] = lambda: mux_generate(torch_layers, texts, new, per_request)
-        forward = make_engine(cpu_tuning=True, cpu_decode=False)
+        forward = make_engine(decode="forward")
         runs[f"mux_{args.adapters}_adapters_transformers_forward"] = lambda: mux_generate(
             forward, texts, new, per_request
         )
     fixed = available_kernels() if args.fixed_kernels else ()
     for kernel in fixed:
-        engine_k = make_engine(cpu_tuning=True, linear=kernel)
+        engine_k = make_engine(linear=kernel)
         runs[f"mux_{args.adapters}_adapters_linears_{kernel}"] = lambda e=engine_k: mux_generate(
             e, texts, new, per_request
         )
     if args.fixed_kernels:
-        fp32 = make_engine(cpu_tuning=True, dtype="float32")
+        fp32 = make_engine(dtype="float32")
         runs[f"mux_{args.adapters}_adapters_fp32_weights"] = lambda: mux_generate(fp32, texts, new, per_request)
 
     # Interleaved repetitions, best of each: this shared 2-core machine is noisy run to run.
@@ -231,7 +218,7 @@ def run(thread: TorchThread) -> None:
             alone = [tok_s[adapters_key if k == args.rank else f"{adapters_key}_rank_{k}"] for k in mixed_ranks]
             r["mixed_ranks_vs_its_ranks_alone"] = mixed_tok_s * sum(1 / t for t in alone) / len(alone)
         if args.levers:
-            r["packed_vs_unpacked_linears"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_unpacked"]
+            r["auto_vs_torch_backend"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_unpacked"]
             r["native_vs_torch_lora_kernel"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_torch_kernel"]
             r["native_vs_sdpa_attention"] = tok_s[adapters_key] / tok_s[f"{adapters_key}_sdpa_attention"]
             # both without the decode loop (it needs the C layers): the C layer ops alone

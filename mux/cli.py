@@ -55,8 +55,8 @@ def serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name,
             dtype=args.dtype,
             device=args.device,
-            cuda_graphs=not args.enforce_eager,
-            cpu_decode=not args.enforce_eager,
+            enforce_eager=args.enforce_eager,
+            backend=args.backend,
         )
     except ValueError as e:
         print(f"mux: {e}", file=sys.stderr)
@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         "float16, bfloat16 (on a CPU: the linears' weights only)",
     )
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    s.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch"),
+        help="auto: mux's kernels, picked by measuring on the machine; torch: torch's and transformers' own on the CPU",
+    )
     s.add_argument(
         "--enforce-eager",
         action="store_true",

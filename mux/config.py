@@ -31,12 +31,13 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None
-    cpu_tuning: bool = True  # CPU: packed linears on measured kernels + allocator settings (mux/model/cpu.py)
-    native_layers: bool = True  # CPU fp32, Llama family: the norms and RoPE in C (mux/model/cpu_layers.py)
-    # CPU, with native_layers and packed linears: decode steps make the C calls of transformers' forward without it
-    # (mux/engine/cpu_decode.py; bench.small_linear)
-    cpu_decode: bool = True
-    cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs (mux/engine/graphs.py); vLLM's --enforce-eager
+    # auto: mux's kernels where they serve, picked by measuring on the machine (CPU: the C kernels and packed
+    # linears, mux/model/linear_picks.py; CUDA: the Triton ones); torch: torch's and transformers' own kernels on
+    # the CPU (the reference path, and a fallback)
+    backend: str = "auto"
+    # decode steps through the model's own forward: no CUDA graphs (mux/engine/graphs.py), no CPU decode loop
+    # (mux/engine/cpu_decode.py); vLLM's --enforce-eager
+    enforce_eager: bool = False
     # A step's detokenizing and stream pushes run while the device computes the next step (each token after a
     # request's first reaches its stream one step later). None: on CUDA only, where the forward runs
     # asynchronously; on the CPU the forward is the host's own work, so there is nothing to overlap.
@@ -45,6 +46,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.backend not in ("auto", "torch"):
+            raise ValueError(f"unknown backend {self.backend!r} (auto or torch)")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"unknown device {self.device!r} (auto, cpu, cuda or cuda:N)")
 
@@ -63,10 +66,6 @@ class LoRAConfig:
     # a host-tier hit up to this size is copied into its slot at once by acquire, not by the loader thread, so
     # its request joins the next step (0: never; `python -m bench.adapter_scaling --compare-inline` measures it)
     inline_load_bytes: int = 64 << 20
-    native_kernel: bool = True  # CPU float32: the C LoRA kernel (mux/csrc/lora.c); False: torch's matmuls
-    # steps of <= 8 rows whose linears a C kernel serves (the measured picks): each wrapped linear and its LoRA
-    # deltas in one C call, not two (`python -m bench.small_linear` measures both)
-    fused_few_rows: bool = True
     # while the engine loop runs, a disk read asked for by a request thread (Engine.prepare_adapter) runs on the
     # engine's thread between steps instead of beside them (`python -m bench.adapter_scaling --compare reads`)
     reads_between_steps: bool = True
@@ -88,7 +87,6 @@ class LoRAConfig:
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 << 30  # fixed KV budget; blocks are carved out of it once
-    native_attention: bool = True  # CPU float32: decode attention in C (mux/csrc/attention.c); False: SDPA
     prefix_caching: bool = True  # reuse the K/V of a prompt's first full blocks within a tenant (block_manager.py)
 
     def __post_init__(self) -> None:

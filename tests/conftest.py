@@ -97,14 +97,19 @@ def peft_logits(base_dir: Path, adapter: Path | None, ids: list[int]) -> torch.T
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def make_engine(model_dir: Path, native_attention: bool = True, model: dict | None = None, **lora):
-    """An engine on `model_dir`; `model`: ModelConfig fields, `lora`: LoRAConfig fields."""
+def make_engine(model_dir: Path, model: dict | None = None, force: dict | None = None, **lora):
+    """An engine on `model_dir`; `model`: ModelConfig fields, `lora`: LoRAConfig fields, `force`: internal choices
+    forced while it is built (mux/runtime/picks.py's `choice` and `force`: {"attention": "sdpa"}, ...)."""
     from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
     from mux.engine.engine import Engine
+    from mux.runtime import picks
 
-    cache = CacheConfig(kv_cache_bytes=64 << 20, native_attention=native_attention)
+    cache = CacheConfig(kv_cache_bytes=64 << 20)
     model_config = ModelConfig(model=str(model_dir), **(model or {}))
-    return Engine(EngineConfig(model=model_config, lora=LoRAConfig(**lora), cache=cache))
+    with contextlib.ExitStack() as stack:
+        for op, value in (force or {}).items():
+            stack.enter_context(picks.force(op, value))
+        return Engine(EngineConfig(model=model_config, lora=LoRAConfig(**lora), cache=cache))
 
 
 def write_policy(path: Path, keys: dict[str, str], extra: dict[str, str] | None = None, tail: str = "") -> Path:

@@ -39,6 +39,7 @@ from mux.model.cpu import can_pack, pack_linears
 from mux.model.cpu_layers import fuse_layers, fuse_rope
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
+from mux.runtime import picks
 from mux.runtime.cpu import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,16 @@ class Engine:
         model = self.base.model
         self.tokenizer = self.base.tokenizer
         self.eos_ids = frozenset(self.base.eos_token_ids)
+        mux_kernels = config.model.backend == "auto"  # else torch's and transformers' own (mux/config.py)
         self.lora = MultiLoRAModel(
             model,
             config.lora.max_loras,
             config.lora.max_lora_rank,
-            use_native=config.lora.native_kernel,
-            fused_few_rows=config.lora.fused_few_rows,
+            use_native=mux_kernels and picks.choice("lora_kernel", "c") == "c",
+            fused_few_rows=picks.choice("lora_fused", "fused") == "fused",
         )
         self.linear_plan = None  # CPU: the measured picks of the linears' kernels and weight dtype
-        if config.model.cpu_tuning and can_pack(model):
+        if mux_kernels and can_pack(model):
             self.linear_plan = linear_picks.plan(model, config.model.dtype)
             pack_linears(model, self.linear_plan.for_linear)  # after the LoRA wrap: each wrapped base and the lm_head
             keep_freed_memory()
@@ -90,14 +92,17 @@ class Engine:
             fuse_rms_norms(model)
             if triton_ops.serves(device):
                 fuse_rope(model)  # RoPE in place in one Triton kernel
-        elif config.model.native_layers and native.serves(device, model.dtype):
+        elif mux_kernels and picks.choice("layers", "c") == "c" and native.serves(device, model.dtype):
             fuse_layers(model)
-        self.cache = KVCache.for_model(model.config, config.cache, model.dtype, device)
+        native_attention = mux_kernels and picks.choice("attention", "c") == "c"
+        self.cache = KVCache.for_model(model.config, config.cache, model.dtype, device, native_attention)
         self.blocks = BlockManager(self.cache.num_blocks, self.cache.block_size, config.cache.prefix_caching)
         self.adapters = AdapterManager(self.lora, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
-        graph_batch = config.scheduler.max_num_seqs if config.model.cuda_graphs else 0
-        self.runner = ModelRunner(model, self.lora, self.cache, graph_batch, config.model.cpu_decode)
+        eager = config.model.enforce_eager
+        graph_batch = 0 if eager else config.scheduler.max_num_seqs
+        cpu_loop = not eager and mux_kernels and picks.choice("decode", "loop") == "loop"
+        self.runner = ModelRunner(model, self.lora, self.cache, graph_batch, cpu_loop)
         overlap = config.model.overlap_output
         self.overlap_output = device.type == "cuda" if overlap is None else overlap
         self._pending: list[Sequence] = []  # sequences whose last token's text waits for the next step

@@ -48,7 +48,8 @@ class KVCache:
         self.paged = not self.native and pow2 and triton_ops.serves(device)  # decode attention in Triton
 
     @classmethod
-    def for_model(cls, hf_config, config: CacheConfig, dtype: torch.dtype, device) -> KVCache:
+    def for_model(cls, hf_config, config: CacheConfig, dtype: torch.dtype, device, native: bool = True) -> KVCache:
+        """native: decode attention in C where it serves (else SDPA, or Triton on CUDA)."""
         layers = hf_config.num_hidden_layers
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -56,7 +57,7 @@ class KVCache:
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of {per_block} bytes")
-        return cls(layers, num_blocks, config.block_size, kv_heads, head_dim, dtype, device, config.native_attention)
+        return cls(layers, num_blocks, config.block_size, kv_heads, head_dim, dtype, device, native)
 
 
 @dataclass(frozen=True, slots=True)

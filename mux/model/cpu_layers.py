@@ -10,7 +10,7 @@ modules and the final norm forwards that call `mux/csrc/layers.c` instead:
 
 `python -m bench.step_ops` at batch 64 (2026-12-04/05): 61 norms 1,685 → 446 µs, 30 RoPEs 1,908 → 182 µs (207
 with the shape checks). In the A workload (`python -m bench.throughput --levers --repeat 3`, beside
-`native_layers=False`): 1.08× of the best runs, 1.13× the median of rounds (1.05× in a 2-round suite run); greedy
+the layers forced to torch's): 1.08× of the best runs, 1.13× the median of rounds (1.05× in a 2-round suite run); greedy
 tokens identical (ad hoc). SiLU(gate) * up in C (a vector e^x and a division) was measured too and not adopted:
 0.77×, 1.22×, 1.00× torch's two ops at batch 1, 8, 64.
 

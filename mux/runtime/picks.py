@@ -97,6 +97,14 @@ def forced(op: str) -> object:
     return _forced.get(op)
 
 
+def choice(op: str, default: str) -> object:
+    """An internal choice that benches and tests may force (`force(op, ...)`), else `default`: "lora_kernel" (c |
+    torch), "lora_fused" (fused | two_calls: a few-row linear and its deltas in one C call or two), "attention"
+    (c | sdpa), "layers" (c | torch), "decode" (loop | forward)."""
+    value = _forced.get(op)
+    return default if value is None else value
+
+
 class PickCache:
     """One machine's picks: {entry name: {"picks": {bucket: kernel}, "us": {kernel: {bucket: µs}}}}."""
 

@@ -10,7 +10,6 @@ import torch
 from mux.engine.cpu_decode import CPUDecode
 from mux.engine.sequence import SamplingParams
 from mux.model.cpu import FEW_ROWS
-from mux.runtime import picks
 from mux.runtime.picks import ROW_BUCKETS
 from tests.conftest import make_engine, record_logits
 
@@ -56,8 +55,9 @@ def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monke
     torch_rows: list[int] = []  # rows of each `lora_add_` call the loop made (torch's layouts)
     add = cpu_decode.lora_add_
     monkeypatch.setattr(cpu_decode, "lora_add_", lambda y, *a: torch_rows.append(len(y)) or add(y, *a))
-    fast = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel)
-    slow = make_engine(tiny_dir, max_loras=8, native_kernel=native_kernel, model={"cpu_decode": False})
+    lora_kernel = {"lora_kernel": "c" if native_kernel else "torch"}
+    fast = make_engine(tiny_dir, max_loras=8, force=lora_kernel)
+    slow = make_engine(tiny_dir, max_loras=8, force={"decode": "forward", **lora_kernel})
     assert fast.runner.cpu_decode is not None and slow.runner.cpu_decode is None
     pick = lambda name: name and tiny_adapters[name]  # noqa: E731
     mixes = [
@@ -81,12 +81,12 @@ def test_decodes_are_bitwise_transformers_forward(tiny_dir, tiny_adapters, monke
 
 
 def test_decodes_without_the_fused_call_are_bitwise_the_two_calls(tiny_dir, tiny_adapters, monkeypatch):
-    """LoRAConfig.fused_few_rows=False: the loop's 1-8-row steps make the linear, then the C LoRA kernel, as
+    """The two calls forced ("lora_fused"): the loop's 1-8-row steps make the linear, then the C LoRA kernel, as
     transformers' forward does then."""
     steps = _counting(monkeypatch)
     adapters = [tiny_adapters["r8-qv"], None, tiny_adapters["r16-all"]]
-    fast = make_engine(tiny_dir, max_loras=4, fused_few_rows=False)
-    slow = make_engine(tiny_dir, max_loras=4, fused_few_rows=False, model={"cpu_decode": False})
+    fast = make_engine(tiny_dir, max_loras=4, force={"lora_fused": "two_calls"})
+    slow = make_engine(tiny_dir, max_loras=4, force={"decode": "forward", "lora_fused": "two_calls"})
     _same_logits(fast, slow, PROMPTS[:3], adapters)
     assert set(steps) == {3}
 
@@ -100,7 +100,7 @@ def test_qwen2_with_biases_and_a_joining_request(tmp_path, smollm2_dir, monkeypa
     adapter = make_adapter(model_dir, tmp_path / "adapter", r=8, alpha=16, seed=9)
     steps = _counting(monkeypatch)
     fast = make_engine(model_dir, max_loras=2)
-    slow = make_engine(model_dir, max_loras=2, model={"cpu_decode": False})
+    slow = make_engine(model_dir, max_loras=2, force={"decode": "forward"})
     _same_logits(fast, slow, PROMPTS[:2], [adapter, None])
     assert steps
     sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
@@ -125,9 +125,8 @@ def test_decodes_are_bitwise_transformers_forward_on_every_linear_pick(tiny_dir,
     """Whatever kernel serves a row count (oneDNN's results copied into the loop's buffers, the fused call only
     where a C kernel serves), the loop equals transformers' forward on the same picks, bit for bit."""
     steps = _counting(monkeypatch)
-    with picks.force("linear", linear):
-        fast = make_engine(tiny_dir, max_loras=8)
-        slow = make_engine(tiny_dir, max_loras=8, model={"cpu_decode": False})
+    fast = make_engine(tiny_dir, max_loras=8, force={"linear": linear})
+    slow = make_engine(tiny_dir, max_loras=8, force={"linear": linear, "decode": "forward"})
     pick = lambda name: name and tiny_adapters[name]  # noqa: E731
     for adapters in ([pick("r16-all"), None], [pick(n) for n in ("r4-attn", "r8-qv", None)], [pick(n) for n in TEN]):
         steps.clear()
@@ -137,7 +136,7 @@ def test_decodes_are_bitwise_transformers_forward_on_every_linear_pick(tiny_dir,
 
 def test_declined_where_it_cannot_serve(tiny_dir, tiny_adapters):
     """No loop without the C attention or the C layers."""
-    engines = make_engine(tiny_dir, native_attention=False), make_engine(tiny_dir, model={"native_layers": False})
+    engines = make_engine(tiny_dir, force={"attention": "sdpa"}), make_engine(tiny_dir, force={"layers": "torch"})
     for engine in engines:
         assert engine.runner.cpu_decode is None
 

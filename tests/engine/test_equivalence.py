@@ -16,6 +16,8 @@ PROMPTS = [
     "def fibonacci(n):",
 ]
 
+TORCH = {"lora_kernel": "torch", "attention": "sdpa"}  # torch's LoRA layouts and SDPA: forced choices
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
@@ -48,10 +50,26 @@ def test_adapters_change_the_output(tiny_dir, tiny_adapters):
         assert (peft_logits(tiny_dir, adapter, ids) - base).abs().max().item() > 0.05
 
 
+def test_the_torch_backend_runs_no_mux_kernel_and_matches_peft(tiny_dir, tiny_adapters):
+    """ModelConfig.backend="torch" (`mux serve --backend torch`): transformers' forward over plain nn.Linear layers,
+    torch's LoRA layouts and SDPA attention: no packed linears, no C kernel, no decode loop; PEFT's results."""
+    from torch import nn
+
+    engine = make_engine(tiny_dir, max_loras=4, model={"backend": "torch"})
+    assert engine.linear_plan is None and not engine.lora.native and not engine.cache.native
+    assert engine.runner.cpu_decode is None
+    assert all(type(layer.base) is nn.Linear for layer in engine.lora.layers.values())
+    seen = record_logits(engine)
+    adapters = [tiny_adapters["r16-all"], tiny_adapters["r8-all-rslora"], None]
+    outs = engine.generate(PROMPTS[:3], GREEDY, adapters)
+    for out, adapter in zip(outs, adapters, strict=True):
+        check_against_peft(tiny_dir, adapter, out, seen[out.request_id])
+
+
 @pytest.mark.parametrize("native", [True, False])  # the C kernels (CPU default) and torch's
 def test_mixed_batch_matches_peft_per_request(tiny_dir, tiny_adapters, native):
     """8 adapters + base-only requests in one batch with more adapters than slots."""
-    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=native, native_attention=native)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, force=None if native else TORCH)
     assert engine.lora.native == engine.cache.native == native
     seen = record_logits(engine)
     names = list(tiny_adapters)
@@ -175,7 +193,7 @@ def test_the_triton_path_matches_peft_through_the_interpreter(tiny_dir, tiny_ada
     if triton_ops.triton is None:
         pytest.skip("triton is not installed")
     monkeypatch.setattr(triton_ops, "serves", lambda device: True)
-    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=False, native_attention=False)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, force={"lora_kernel": "torch", "attention": "sdpa"})
     assert engine.runner.per_token_lora and engine.cache.paged and not engine.lora.native
     seen = record_logits(engine)
     names = ["r4-attn", "r8-mlp", "r16-all", "r8-all-rslora"]

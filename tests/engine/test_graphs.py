@@ -10,6 +10,8 @@ from conftest import make_engine, record_logits
 from mux.engine.graphs import DecodeGraphs
 from mux.engine.sequence import SamplingParams
 
+TORCH = {"lora_kernel": "torch", "attention": "sdpa"}  # torch's LoRA layouts and SDPA: forced choices
+
 
 def padded(engine, max_batch: int) -> DecodeGraphs:
     runner = engine.runner
@@ -19,7 +21,7 @@ def padded(engine, max_batch: int) -> DecodeGraphs:
 
 @pytest.mark.parametrize("native", [True, False])  # the C kernels read the padded tables too
 def test_padded_decode_matches_peft(tiny_dir, tiny_adapters, native):
-    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=native, native_attention=native)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, force=None if native else TORCH)
     graphs = padded(engine, 8)
     seen = record_logits(engine)
     names = ["r4-attn", "r16-all", "r8-all-rslora", "r2-down", "r8-mlp"]
@@ -41,7 +43,7 @@ def test_padded_decode_with_the_triton_kernels_matches_peft(tiny_dir, tiny_adapt
     if triton_ops.triton is None or torch.cuda.is_available():
         pytest.skip("needs triton, and no CUDA (there the real path serves)")
     monkeypatch.setattr(triton_ops, "serves", lambda device: True)
-    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, native_kernel=False, native_attention=False)
+    engine = make_engine(tiny_dir, max_loras=4, max_lora_rank=16, force={"lora_kernel": "torch", "attention": "sdpa"})
     assert engine.runner.per_token_lora and engine.cache.paged
     graphs = padded(engine, 8)
     seen = record_logits(engine)

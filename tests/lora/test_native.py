@@ -13,7 +13,6 @@ import torch
 from bench.common import group_rows
 from mux import native
 from mux.lora.ops import build_lora_batch, few_rows_linear_lora, lora_add_, lora_delta_reference, native_rows
-from mux.runtime import picks
 from mux.runtime.picks import ROW_BUCKETS
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -291,7 +290,7 @@ def test_the_fused_call_is_declined_where_its_kernel_cannot_serve():
 
 def test_the_engine_fuses_few_row_steps_and_gives_the_same_tokens(tiny_dir, tiny_adapters, monkeypatch):
     """Decode steps of 1-4 sequences with adapters take the fused call for every targeted linear, with the same
-    greedy tokens as the two calls (LoRAConfig.fused_few_rows=False); through transformers' forward (the loop of
+    greedy tokens as the two calls (forced "lora_fused": "two_calls"); through transformers' forward (the loop of
     mux/engine/cpu_decode.py, which makes the same calls, is tested in tests/engine/test_cpu_decode.py)."""
     from mux.engine.sequence import SamplingParams
     from mux.lora import layers
@@ -303,10 +302,9 @@ def test_the_engine_fuses_few_row_steps_and_gives_the_same_tokens(tiny_dir, tiny
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     adapters = [tiny_adapters["r4-attn"], tiny_adapters["r16-all"], None, tiny_adapters["r2-down"]]
     prompts = ["the quick brown fox", "hello there", "a b c d e", "one two"]
-    modules = {"cpu_decode": False}
-    with picks.force("linear", "c"):  # the fused call serves where a C kernel is the pick
-        fused = make_engine(tiny_dir, max_loras=4, model=modules)
-        plain = make_engine(tiny_dir, max_loras=4, fused_few_rows=False, model=modules)
+    forward = {"decode": "forward", "linear": "c"}  # the fused call serves where a C kernel is the pick
+    fused = make_engine(tiny_dir, max_loras=4, force=forward)
+    plain = make_engine(tiny_dir, max_loras=4, force={**forward, "lora_fused": "two_calls"})
     for n in (1, 4):
         got = [o.token_ids for o in fused.generate(prompts[:n], greedy, adapters[:n])]
         assert calls and all(y is not None for y in calls)
