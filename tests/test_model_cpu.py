@@ -122,6 +122,8 @@ def test_the_engine_packs_its_linears_on_the_picked_kernels(tiny_dir):
     packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert packed and all(m.picks == engine.linear_plan.for_linear(m) for m in packed)
     assert all(m.weight_dtype == torch.float32 for m in packed)  # the tests' engines keep fp32 (conftest)
+    report = engine.stats()["cpu_kernels"]  # what /admin/stats shows
+    assert report["weight_dtype"] == "float32" and report["linears"]
     with picks.force("linear", "onednn"):
         engine = make_engine(tiny_dir)
     packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
