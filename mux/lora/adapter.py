@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from cachetools import LRUCache
 
+from mux import jsonread
 from mux.errors import InvalidAdapter
 
 CONFIG_FILE = "adapter_config.json"
@@ -107,9 +108,9 @@ def read_config(path: Path) -> dict:
     if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
         raise InvalidAdapter(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(cfg_file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+        config = jsonread.loads(cfg_file.read_bytes(), CONFIG_FILE, MAX_CONFIG_BYTES)
+    except jsonread.BadJSON as e:
+        raise InvalidAdapter(str(e)) from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
     check_config(config)
@@ -132,11 +133,11 @@ def check_config(config: dict) -> None:
         _check_names(config, key)
     layers = config.get("layers_to_transform")
     if not (layers is None or _is_int(layers) or (isinstance(layers, list) and all(map(_is_int, layers)))):
-        raise InvalidAdapter(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        raise InvalidAdapter(f"layers_to_transform must be a layer index or a list of them, got {layers!r:.80}")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
         if not _positive_number(value):
-            raise InvalidAdapter(f"{key} must be a positive number, got {value!r}")
+            raise InvalidAdapter(f"{key} must be a positive number, got {value!r:.80}")
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(key) or {}
         if not isinstance(patterns, dict):
@@ -147,7 +148,7 @@ def check_config(config: dict) -> None:
             except re.error as e:
                 raise InvalidAdapter(f"{key}: {pattern!r} is not a valid module pattern ({e})") from None
             if not _positive_number(value):
-                raise InvalidAdapter(f"{key}[{pattern!r}] must be a positive number, got {value!r}")
+                raise InvalidAdapter(f"{key}[{pattern!r:.80}] must be a positive number, got {value!r:.80}")
 
 
 def _check_names(config: dict, key: str) -> None:
@@ -157,9 +158,9 @@ def _check_names(config: dict, key: str) -> None:
         try:
             re.compile(value)
         except re.error as e:
-            raise InvalidAdapter(f"{key}: {value!r} is not a valid module pattern ({e})") from None
+            raise InvalidAdapter(f"{key}: {value!r:.80} is not a valid module pattern ({e})") from None
     elif not (value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-        raise InvalidAdapter(f"{key} must be a module pattern or a list of module names, got {value!r}")
+        raise InvalidAdapter(f"{key} must be a module pattern or a list of module names, got {value!r:.80}")
 
 
 def _is_int(value) -> bool:
@@ -167,7 +168,12 @@ def _is_int(value) -> bool:
 
 
 def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an integer of hundreds of digits: no float holds it
+        return False
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
@@ -404,9 +410,9 @@ def _parse_header(header: bytes, start: int, size: int) -> dict[str, _Tensor]:
     adapters all day cannot afford.
     """
     try:
-        parsed = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _bad_file(f"the header is not valid JSON ({e})") from None
+        parsed = jsonread.loads(header, "the header", MAX_HEADER_BYTES)
+    except jsonread.BadJSON as e:
+        raise _bad_file(str(e)) from None
     if not isinstance(parsed, dict):
         raise _bad_file("the header is not a JSON object")
     tensors, spans = {}, []

@@ -1,17 +1,20 @@
-"""App factory: the engine loads in the background (so /health answers at once), routes mount on top."""
+"""App factory: the engine loads in the background (so /health answers at once), routes mount on top, and a
+last-resort guard answers what no route handled."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from mux.engine.engine import Engine
 from mux.errors import MuxError, NotReady
@@ -25,7 +28,7 @@ from mux.server.lorax import LoraxRoutes, lorax_error
 from mux.server.metrics import Metrics
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
-from mux.server.serving import Serving
+from mux.server.serving import InternalError, Serving, client_gone
 
 log = logging.getLogger(__name__)
 
@@ -133,4 +136,44 @@ def create_app(state: ServerState) -> Starlette:
     routes += [
         Route(r.path, needs_engine(r.endpoint, error), methods=r.methods) for group, error in served for r in group
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
+    errors = {r.path: error for group, error in [*served, (kserve.health_routes(), kserve_error)] for r in group}
+    guard = Middleware(LastResort, routes=routes, errors=errors, metrics=state.metrics)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found}, middleware=[guard])
+
+
+class LastResort:
+    """ASGI middleware: an exception no route handled is a bug. It is answered 500 in the route's protocol (unless
+    the response had begun: then the connection is cut), counted in /metrics by route, and logged as one line
+    naming the route, the exception class and where it was raised: never the request, its body or the message,
+    which may quote them (the traceback is logged at debug level)."""
+
+    def __init__(self, app, routes: list[Route], errors: dict[str, Callable], metrics) -> None:
+        self.app, self.routes, self.errors, self.metrics = app, routes, errors, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except ClientDisconnect:  # the client left while its body was read: nobody to answer, nothing broken
+            if not started:
+                await client_gone()(scope, receive, send)
+        except Exception as exc:
+            route = next((r.path for r in self.routes if r.matches(scope)[0] is Match.FULL), "unrouted")
+            self.metrics.internal_errors.labels(route).inc()
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+            log.error("500 on %s %s: %s at %s", scope["method"], route, type(exc).__name__, where)
+            log.debug("the traceback of that 500", exc_info=exc)
+            if not started:
+                error = self.errors.get(route, error_response)
+                await error(InternalError(f"internal server error ({type(exc).__name__}); it is logged"))(
+                    scope, receive, send
+                )

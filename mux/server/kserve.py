@@ -22,11 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mux import __version__
+from mux import __version__, jsonread
 from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
 from mux.server.openai import (
+    MAX_JSON_BYTES,
     BodyTooLarge,
     read_body,
     read_json,
@@ -336,10 +337,7 @@ async def _read_infer_body(request: Request) -> tuple[dict, bytes]:
         if not re.fullmatch(r"[0-9]{1,12}", declared) or int(declared) > len(raw):
             raise InvalidRequest(f"Inference-Header-Content-Length {declared!r} is not a length within the body")
         split = int(declared)
-    try:
-        body = json.loads(raw[:split])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidRequest(f"the inference request header is not valid JSON: {e}") from None
+    body = jsonread.loads(raw[:split], "the inference request header", MAX_JSON_BYTES)
     if not isinstance(body, dict):
         raise InvalidRequest("the inference request must be a JSON object")
     return body, raw[split:]

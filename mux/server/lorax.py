@@ -25,7 +25,7 @@ from mux.errors import DeadlineExceeded, InvalidRequest, MuxError, NotReady, Ove
 from mux.server.auth import Forbidden, Unauthorized
 from mux.server.logprobs import Logprobs
 from mux.server.openai import BodyTooLarge, read_json, retry_after_headers
-from mux.server.serving import ClientGone, client_gone
+from mux.server.serving import ClientGone, InternalError, client_gone
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default when `max_new_tokens` is null
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -37,6 +37,7 @@ _STATUS = [
     (NotReady, 503, "overloaded", "Model is not ready: "),
     (Overloaded, 429, "overloaded", "Model is overloaded: "),
     (DeadlineExceeded, 504, "incomplete_generation", "Request failed during generation: "),
+    (InternalError, 500, "internal", ""),
 ]
 # keys lorax-client always sends; refused unless null/false or neutral
 _UNSUPPORTED = ("merged_adapters", "response_format", "truncate")
@@ -129,9 +130,16 @@ def _number(p: dict, key: str, kind, lo=None, hi=None):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise InvalidRequest(f"`{key}` must be {'an integer' if kind is int else 'a number'}")
-    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise InvalidRequest(f"`{key}` must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
+    if not _finite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InvalidRequest(f"`{key}` must be in [{lo}, {hi if hi is not None else 'inf'}], got {value!s:.40}")
     return kind(value)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of hundreds of digits: no float holds it
+        return False
 
 
 class LoraxRoutes:

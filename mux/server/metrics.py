@@ -36,6 +36,9 @@ class Metrics:
         )
         self.tokens = Counter("mux_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.prompt_tokens = Counter("mux_prompt_tokens", "Prompt tokens", ["adapter"], registry=r)
+        self.internal_errors = Counter(  # by route template: a bounded set of label values
+            "mux_internal_errors", "Requests answered 500 by the last-resort guard (bugs)", ["route"], registry=r
+        )
         r.register(_EngineCollector(state))
         self._labels: set[str] = set()
 

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mux import jsonread
 from mux.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, NotReady, Overloaded
@@ -99,12 +100,8 @@ def _decompressed(raw: bytes, encoding: str) -> bytes:
 
 
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object, read through the byte limit."""
-    raw = await read_body(request)
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    """The body as a JSON object, read through the byte limit and `mux.jsonread`'s rules (BadJSON: 400)."""
+    body = jsonread.loads(await read_body(request), "the request body", MAX_JSON_BYTES)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
@@ -119,7 +116,7 @@ def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidRequest(f"`{key}` must be finite")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise InvalidRequest(f"`{key}` must be in [{lo}, {hi}], got {value}")
+        raise InvalidRequest(f"`{key}` must be in [{lo}, {hi}], got {value!s:.40}")
     return kind(value)
 
 

@@ -27,6 +27,10 @@ class ClientGone(Exception):
     """The client disconnected before its (non-streaming) response was ready."""
 
 
+class InternalError(Exception):
+    """What the app's last-resort guard answers for an exception no route handled (a bug): 500 in every protocol."""
+
+
 def client_gone() -> Response:
     """What a handler returns for a client that left: nobody reads it; the access log says 499, as nginx does."""
     return Response(status_code=499)

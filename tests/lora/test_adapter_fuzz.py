@@ -1,5 +1,6 @@
-"""Fuzz the adapter validator (hypothesis): whatever config values or weight bytes arrive, `load_adapter`
-either returns finite weights or raises InvalidAdapter with a message; never anything else."""
+"""Fuzz the adapter validator (hypothesis): whatever config values, weight bytes or hostile JSON structure
+(nesting, wide, duplicate keys, huge numbers, bad UTF-8, lone surrogates) arrive, `load_adapter` either returns
+finite weights or raises InvalidAdapter with a message; never anything else."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench import parsers
 from conftest import make_engine
 from mux.errors import InvalidAdapter
 from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, load_adapter
@@ -106,3 +108,48 @@ def test_any_weight_bytes(tmp_path_factory, good, shapes, data):
         raw = data.draw(st.binary(max_size=256))
     (path / WEIGHTS_FILE).write_bytes(bytes(raw))
     check(path, shapes)
+
+
+# structure, not values: every hostile shape of bench/parsers.py at a drawn position of the config or the header
+SHAPES = parsers.shapes(parsers.Sizes(deep=(64, 65, 100_000), wide=2_000, long=20_000, digits=(400, 4300, 4301)))
+STRUCTURE = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _with_shape(text: bytes, at: tuple, shape: str) -> bytes:
+    value, _ = SHAPES[shape]
+    return json.dumps(parsers._place(json.loads(text), at)).encode().replace(parsers.HOLE_JSON, value)
+
+
+def check_structure(path: Path, shapes, refused: bool) -> None:
+    try:
+        load_adapter(path, shapes, max_rank=16)
+    except InvalidAdapter as e:
+        assert str(e)
+        return
+    assert not refused, "a shape the reader refuses was read"
+
+
+@STRUCTURE
+@given(data=st.data(), shape=st.sampled_from(sorted(SHAPES)))
+def test_any_config_structure(tmp_path_factory, good, shapes, data, shape):
+    text = (good / CONFIG_FILE).read_bytes()
+    keys = sorted(json.loads(text))
+    at = data.draw(st.sampled_from([(), *((k,) for k in keys), ("rank_pattern", "q_proj"), ("target_modules", 0)]))
+    path = tmp_path_factory.mktemp("cfg")
+    shutil.copy(good / WEIGHTS_FILE, path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_bytes(_with_shape(text, at, shape))
+    check_structure(path, shapes, SHAPES[shape][1])
+
+
+@STRUCTURE
+@given(data=st.data(), shape=st.sampled_from(sorted(SHAPES)))
+def test_any_header_structure(tmp_path_factory, good, shapes, data, shape):
+    raw = (good / WEIGHTS_FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    first = sorted(k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__")[0]
+    at = data.draw(st.sampled_from([(), ("__metadata__",), (first,), (first, "shape"), (first, "data_offsets", 1)]))
+    blob = _with_shape(raw[8 : 8 + n], at, shape)
+    path = tmp_path_factory.mktemp("hdr")
+    shutil.copy(good / CONFIG_FILE, path / CONFIG_FILE)
+    (path / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    check_structure(path, shapes, SHAPES[shape][1])

@@ -191,3 +191,62 @@ def test_a_shared_header_is_planned_once_and_still_checked(tmp_path, tiny_adapte
     other = {m: type(s)(s.in_features + 1, s.out_features) for m, s in shapes.items()}  # another base model
     with pytest.raises(InvalidAdapter, match="do not match the base model"):
         load_adapter(one, other, max_rank=16)
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+CONFIG_STRUCTURE = {  # (a change to the config's text, what the refusal says): hostile structure, not values
+    "nested 100,000 deep (once a 500)": (lambda t: t.replace(b'"r": 4', b'"r": ' + DEEP), "deeper than 64 levels"),
+    "the whole file nested": (lambda t: DEEP, "deeper than 64 levels"),
+    "a duplicate key": (lambda t: t.replace(b'"r": 4', b'"r": 4, "r": 8'), "names the key 'r' twice"),
+    "a duplicate security flag": (lambda t: t[:-1] + b', "use_dora": false, "use_dora": true}', "'use_dora' twice"),
+    "an integer of 5,000 digits": (lambda t: t.replace(b'"r": 4', b'"r": ' + b"9" * 5000), "more than 4300 digits"),
+    "an integer of 4,300 digits": (lambda t: t.replace(b'"r": 4', b'"r": ' + b"9" * 4300), "r must be a positive"),
+    "lora_alpha of 400 digits": (
+        lambda t: t.replace(b'"lora_alpha": 8', b'"lora_alpha": 1' + b"0" * 400),
+        "lora_alpha",
+    ),
+    "invalid UTF-8": (lambda t: t.replace(b'"r": 4', b'"r": 4, "x": "\xff"'), "not UTF-8"),
+    "a lone surrogate": (lambda t: t.replace(b'"r": 4', b'"r": 4, "x": "\\udc00"'), "lone surrogate"),
+    "UTF-16": (lambda t: t.decode().encode("utf-16"), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_STRUCTURE))
+def test_hostile_config_structure_refused(tmp_path, tiny_adapters, shapes, case):
+    change, words = CONFIG_STRUCTURE[case]
+    path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "bad")
+    text = json.dumps(json.loads((path / CONFIG_FILE).read_text())).encode()  # one layout: `"key": value`
+    assert b'"r": 4' in text and b'"lora_alpha": 8' in text
+    (path / CONFIG_FILE).write_bytes(change(text))
+    with pytest.raises(InvalidAdapter) as e:
+        load_adapter(path, shapes, max_rank=16)
+    assert words in str(e.value) and len(str(e.value)) < 200  # it names the problem, it does not echo the text
+
+
+def _header_text(path, change) -> None:
+    raw = (path / WEIGHTS_FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    blob = change(json.dumps(json.loads(raw[8 : 8 + n])).encode())
+    (path / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+
+
+HEADER_STRUCTURE = {
+    "nested 100,000 deep": (lambda t: t.replace(b'"shape": [', b'"x": ' + DEEP + b', "shape": [', 1), "deeper than"),
+    "a tensor named twice": (lambda t: t.replace(b"{", b'{"a.lora_A.weight": 1, "a.lora_A.weight": 2, ', 1), "twice"),
+    "an offset of 5,000 digits": (
+        lambda t: t.replace(b'"data_offsets": [0', b'"data_offsets": [' + b"9" * 5000),
+        "4300",
+    ),
+    "invalid UTF-8": (lambda t: t.replace(b'"F32"', b'"F\xff"', 1), "not UTF-8"),
+    "a lone surrogate": (lambda t: t.replace(b'"F32"', b'"\\ud800"', 1), "lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_STRUCTURE))
+def test_hostile_header_structure_refused(tmp_path, tiny_adapters, shapes, case):
+    change, words = HEADER_STRUCTURE[case]
+    path = copy_adapter(tiny_adapters["r4-attn"], tmp_path / "bad")
+    _header_text(path, change)
+    with pytest.raises(InvalidAdapter, match="not a valid safetensors file: the header") as e:
+        load_adapter(path, shapes, max_rank=16)
+    assert words in str(e.value)

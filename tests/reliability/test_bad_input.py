@@ -1,17 +1,25 @@
 """Hostile and broken requests against a live server: every route fuzzed from its own OpenAPI document
-(schemathesis) never answers 5xx, a table of known-bad bodies each gets the right 4xx naming the problem,
-and the server keeps serving."""
+(schemathesis: hostile values; bench/parsers.py: hostile structure at every position of every body and in
+uploaded adapters) never answers 5xx, tables of known-bad bodies and structures each get the right 4xx naming
+the problem, and the server keeps serving, with no traceback in its log."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
 import shutil
+import struct
+import tarfile
+import time
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from conftest import run_server
+from bench import parsers
+from conftest import server_output, start_server
 from mux.server.openapi import openapi_document
 
 schema = schemathesis.openapi.from_dict(openapi_document())
@@ -25,9 +33,20 @@ def root(tmp_path_factory, tiny_adapters):
 
 
 @pytest.fixture(scope="module")
-def server(root, tiny_dir):
-    with run_server(tiny_dir, root, "--max-loras", "2") as base:
-        yield base
+def served(root, tiny_dir):
+    """(process, base URL) of a default server."""
+    proc, base = start_server(tiny_dir, root, "--max-loras", "2")
+    try:
+        yield proc, base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 @schema.parametrize()
@@ -89,6 +108,127 @@ def test_extreme_sampling_values_are_served(server, extra):
     assert r.status_code == 200, r.text
 
 
-def test_still_serving_after_all_of_it(server):
+DEEP = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under the body limit: once a 500 on six routes
+STRUCTURES = {  # (body, words of the message): what the one JSON reader refuses, on every route that reads JSON
+    "array nested 100,000 deep": (DEEP, "nests arrays and objects deeper than 64 levels"),
+    "object nested 100,000 deep": (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "deeper than 64 levels"),
+    "a field nested 100,000 deep": (b'{"prompt": "hi", "x": ' + DEEP + b"}", "deeper than 64 levels"),
+    "65 levels": (b'{"x": ' + b"[" * 64 + b"]" * 64 + b"}", "deeper than 64 levels"),
+    "a duplicate key": (b'{"model": "tiny", "model": "fuzz-tenant/fuzz-adapter"}', "names the key 'model' twice"),
+    "an integer of 5,000 digits": (b'{"max_tokens": ' + b"9" * 5000 + b"}", "integer of more than 4300 digits"),
+    "invalid UTF-8": (b'{"x": "\xff\xfe"}', "not UTF-8 text"),
+    "a lone surrogate": (b'{"x": "\\ud800"}', "lone surrogate"),
+    "UTF-16": ('{"x": 1}'.encode("utf-16"), "not UTF-8 text"),
+    "gzip of 100,000 levels": (gzip.compress(DEEP), "deeper than 64 levels"),
+}
+JSON_ROUTES = {  # route -> the status of a body the reader refuses (LoRAX: 422, its validation status)
+    "/v1/completions": 400,
+    "/v1/chat/completions": 400,
+    "/v1/load_lora_adapter": 400,
+    "/v1/unload_lora_adapter": 400,
+    "/v2/models/tiny/infer": 400,
+    "/v2/models/tiny/generate": 400,
+    "/v2/models/tiny/generate_stream": 400,
+    "/v2/repository/index": 400,
+    "/": 422,
+    "/generate": 422,
+    "/generate_stream": 422,
+}
+
+
+def _message(r: httpx.Response) -> str:
+    error = r.json()["error"]
+    return error["message"] if isinstance(error, dict) else error  # OpenAI's object; KServe's, LoRAX's string
+
+
+@pytest.mark.parametrize("case", list(STRUCTURES))
+@pytest.mark.parametrize("route", list(JSON_ROUTES))
+def test_hostile_structure_is_a_4xx_naming_it(server, route, case):
+    body, words = STRUCTURES[case]
+    headers = {"content-type": "application/json"}
+    if case.startswith("gzip"):
+        headers["content-encoding"] = "gzip"
+    r = httpx.post(f"{server}{route}", content=body, headers=headers, timeout=60)
+    assert r.status_code == JSON_ROUTES[route], r.text[:300]
+    assert words in _message(r) and len(_message(r)) < 200, r.text[:300]
+
+
+def test_hostile_structure_in_a_binary_infer_header(server):
+    header = b'{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "x": ' + DEEP + b"}]}"
+    r = httpx.post(
+        f"{server}/v2/models/tiny/infer",
+        content=header + struct.pack("<I", 2) + b"hi",
+        headers={"inference-header-content-length": str(len(header))},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "the inference request header nests" in r.json()["error"], r.text[:300]
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _with_header(weights: bytes, change) -> bytes:
+    (n,) = struct.unpack("<Q", weights[:8])
+    blob = change(json.dumps(json.loads(weights[8 : 8 + n])).encode())
+    return struct.pack("<Q", len(blob)) + blob + weights[8 + n :]
+
+
+UPLOADS = {  # an upload's hostile adapter: (its config's text and weights' bytes from the good ones, words)
+    "config nested 100,000 deep (once a 500)": (lambda c, w: (c[:-1] + b', "x": ' + DEEP + b"}", w), "deeper than"),
+    "config a whole nest": (lambda c, w: (DEEP, w), "adapter_config.json nests arrays and objects deeper"),
+    "config with r twice": (lambda c, w: (c[:-1] + b', "r": 16}', w), "adapter_config.json names the key 'r' twice"),
+    "config of invalid UTF-8": (lambda c, w: (c[:-1] + b', "x": "\xff"}', w), "adapter_config.json is not valid JSON"),
+    "header nested 100,000 deep": (
+        lambda c, w: (c, _with_header(w, lambda t: t[:-1] + b', "x": ' + DEEP + b"}")),
+        "the header nests",
+    ),
+    "header naming a tensor twice": (
+        lambda c, w: (c, _with_header(w, lambda t: b'{"a.lora_A.weight": 1, "a.lora_A.weight": 2, ' + t[1:])),
+        "the header names the key 'a.lora_A.weight' twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["files", "tar.gz"])
+@pytest.mark.parametrize("case", list(UPLOADS))
+def test_hostile_structure_in_an_upload_is_a_400(server, root, case, archive):
+    change, words = UPLOADS[case]
+    good = root / "fuzz-tenant" / "fuzz-adapter"
+    config = json.dumps(json.loads((good / parsers.CONFIG).read_text())).encode()
+    config, weights = change(config, (good / parsers.WEIGHTS).read_bytes())
+    if archive:
+        files = {"archive": ("a.tar.gz", _tar_gz({parsers.CONFIG: config, parsers.WEIGHTS: weights}))}
+    else:
+        files = {parsers.CONFIG: (parsers.CONFIG, config), parsers.WEIGHTS: (parsers.WEIGHTS, weights)}
+    r = httpx.post(f"{server}/v1/adapters", files=files, data={"name": "hostile"}, timeout=60)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text[:300]
+
+
+def test_structure_fuzz_of_every_route(server, root):
+    """bench/parsers.py at its CI size: every shape at every route's whole body, and at each other position of
+    the JSON bodies and of an uploaded adapter a few shapes in turn (`python -m bench.parsers --long`: all)."""
+    cases = parsers.all_cases(
+        openapi_document(), "tiny", root / "fuzz-tenant" / "fuzz-adapter", parsers.CI, parsers.CI_PER_POSITION
+    )
+    report = parsers.run(server, cases)
+    assert report.cases > 2000 and len(report.by_route) == sum(len(ops) for ops in openapi_document()["paths"].values())
+    assert not report.server_errors, report.server_errors[:10]  # no 5xx, no request that failed outright
+    assert not report.timeouts, report.timeouts[:10]
+    assert not report.accepted_refusals, report.accepted_refusals[:10]  # what the reader refuses is a 4xx
+    assert parsers.internal_errors(server) == 0
+
+
+def test_still_serving_after_all_of_it(served):
+    proc, server = served
     r = httpx.post(f"{server}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200
+    time.sleep(0.5)  # the log is written by the server process
+    log = server_output(proc)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
