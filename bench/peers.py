@@ -211,7 +211,8 @@ def run_worker(python: Path, spec: dict, tmp: Path, label: str) -> dict:
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise RuntimeError(f"vLLM worker {label} failed (exit {done.returncode}); log {log_path}:\n{tail}")
     print(f"peers: vLLM {label} done in {time.time() - began:.0f} s", flush=True)
-    return json.loads(out_path.read_text())
+    # the machine is shared: the 1-minute load average as it ends tells whether others ran beside it
+    return {**json.loads(out_path.read_text()), "wall_s": time.time() - began, "loadavg_after": os.getloadavg()[0]}
 
 
 def tok_s(run: dict) -> float:
@@ -228,6 +229,7 @@ def vllm_figures(lora: dict, base: dict, adapters: int, new: int) -> dict:
         "itl_s": itl(runs["one_stream"]["seconds"], runs["one_stream_first_token"]["seconds"], new),
         "itl_base_s": itl(lone["one_stream"]["seconds"], lone["one_stream_first_token"]["seconds"], new),
         "load_s": {"lora": lora["load_s"], "base": base["load_s"]},
+        "loadavg_after": {"lora": lora["loadavg_after"], "base": base["loadavg_after"]},
         "samples_s": {
             "lora": {k: v["samples_s"] for k, v in runs.items()},
             "base": {k: v["samples_s"] for k, v in lone.items()},
@@ -342,9 +344,11 @@ def run(args, python: Path, thread) -> None:
     mux_round(engines, texts, paths, args.new_tokens, {})
     samples: dict = {}
     mux_round(engines, texts, paths, args.new_tokens, samples)  # mux before and after vLLM: the machine drifts
+    mux_load = [os.getloadavg()[0]]
     vllm = run_vllm(python, args, model_dir, texts, paths, tmp)
     for _ in range(args.repeat - 1):
         mux_round(engines, texts, paths, args.new_tokens, samples)
+        mux_load.append(os.getloadavg()[0])
     mux = mux_figures(samples, args.requests, args.new_tokens)
     r = ratios(mux, vllm["figures"], args.adapters)
     data = {
@@ -353,6 +357,7 @@ def run(args, python: Path, thread) -> None:
         "vllm_version": vllm["version"],
         "mux": mux,
         "mux_errors": errors,
+        "mux_loadavg_after_rounds": mux_load,
         "vllm": vllm["figures"],
         "ratios": r,
         "targets_met": verdicts(r, args.mux_dtypes[0]),
