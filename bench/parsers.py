@@ -267,7 +267,7 @@ def upload_cases(adapter: Path, sizes: Sizes, per_position: int | None = None) -
         files = {CONFIG: (CONFIG, raw), WEIGHTS: (WEIGHTS, weights)}
         yield Case("POST", route, route, name, f"{CONFIG}: {where}", files=files, refused=refused)
     for where, name, raw, refused in _placed(config, [()], hostile, None):
-        files = {"archive": _tar({CONFIG: raw, WEIGHTS: weights})}
+        files = {"archive": tar_gz({CONFIG: raw, WEIGHTS: weights})}
         yield Case("POST", route, route, name, f".tar.gz's {CONFIG}: {where}", files=files, refused=refused)
     (n,) = struct.unpack_from("<Q", weights)
     header, data = json.loads(weights[8 : 8 + n]), weights[8 + n :]
@@ -278,7 +278,8 @@ def upload_cases(adapter: Path, sizes: Sizes, per_position: int | None = None) -
         yield Case("POST", route, route, name, f"{WEIGHTS} header: {where}", files=files, refused=refused)
 
 
-def _tar(members: dict[str, bytes]) -> tuple[str, bytes, str]:
+def tar_gz(members: dict[str, bytes]) -> tuple[str, bytes, str]:
+    """An upload's (file name, .tar.gz bytes, content type) holding `members` (also the tests' archives)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in members.items():

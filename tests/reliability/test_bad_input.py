@@ -6,11 +6,9 @@ the problem, and the server keeps serving, with no traceback in its log."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import shutil
 import struct
-import tarfile
 import time
 
 import httpx
@@ -164,16 +162,6 @@ def test_hostile_structure_in_a_binary_infer_header(server):
     assert r.status_code == 400 and "the inference request header nests" in r.json()["error"], r.text[:300]
 
 
-def _tar_gz(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _with_header(weights: bytes, change) -> bytes:
     (n,) = struct.unpack("<Q", weights[:8])
     blob = change(json.dumps(json.loads(weights[8 : 8 + n])).encode())
@@ -204,7 +192,7 @@ def test_hostile_structure_in_an_upload_is_a_400(server, root, case, archive):
     config = json.dumps(json.loads((good / parsers.CONFIG).read_text())).encode()
     config, weights = change(config, (good / parsers.WEIGHTS).read_bytes())
     if archive:
-        files = {"archive": ("a.tar.gz", _tar_gz({parsers.CONFIG: config, parsers.WEIGHTS: weights}))}
+        files = {"archive": parsers.tar_gz({parsers.CONFIG: config, parsers.WEIGHTS: weights})}
     else:
         files = {parsers.CONFIG: (parsers.CONFIG, config), parsers.WEIGHTS: (parsers.WEIGHTS, weights)}
     r = httpx.post(f"{server}/v1/adapters", files=files, data={"name": "hostile"}, timeout=60)
