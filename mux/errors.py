@@ -15,6 +15,10 @@ class AdapterNotFound(MuxError):
     """No adapter of that name (or not visible to the caller)."""
 
 
+class Conflict(MuxError):
+    """The change conflicts with the current state: an adapter in use, a version its split still serves (409)."""
+
+
 class InvalidRequest(MuxError):
     """A request the engine cannot run: bad sampling values, prompt too long, ..."""
 

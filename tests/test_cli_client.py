@@ -135,9 +135,13 @@ def test_no_activate_sends_activate_false(server, tiny_adapters):
     field = b'Content-Disposition: form-data; name="activate"\r\n\r\nfalse\r\n'
     assert field not in plain and field in no_activate
     assert b'name="adapter_model.safetensors"' in no_activate and b'name="name"\r\n\r\nacme/bot' in no_activate
-    # a server without rollouts takes the field and publishes as usual
-    out = mux(server, "acme", "adapters", "upload", str(tiny_adapters["r4-attn"]), "--name", "staged", "--no-activate")
-    assert ok(out).startswith("uploaded acme/staged version 1 ")
+    # the real server stores it as the next version and leaves the traffic where it was
+    src = str(tiny_adapters["r4-attn"])
+    ok(mux(server, "acme", "adapters", "upload", src, "--name", "staged"))
+    out = mux(server, "acme", "adapters", "upload", src, "--name", "staged", "--no-activate")
+    assert ok(out).startswith("uploaded acme/staged version 2 ")
+    shown = json.loads(ok(mux(server, "acme", "adapters", "show", "staged", "--json")))
+    assert shown["traffic"]["weights"] == {"1": 100} and [v["version"] for v in shown["versions"]] == [1, 2]
     ok(mux(server, "acme", "adapters", "rm", "staged"))
 
 

@@ -255,6 +255,12 @@ class AdapterManager:
         with self._lock:
             return any(_under(k, path) for k in (*self.queued, *self.permanent))
 
+    def in_flight(self, path: Path) -> int:
+        """Requests queued or running on the adapter stored at `path` (that directory itself, not below it)."""
+        where = str(Path(path).resolve())
+        with self._lock:
+            return sum(n for k, n in self.queued.items() if k.rsplit("#", 1)[0] == where)
+
     def retire(self, path: Path) -> bool:
         """Before deleting `path`: False if it is in use; else no request can hold it from now until `forget`
         (the check and the mark are one step, so a request prepared just before cannot slip in after it)."""

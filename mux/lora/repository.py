@@ -2,11 +2,14 @@
 
     <root>/<tenant>/<name>/adapter_config.json, adapter_model.safetensors    a hand-placed adapter (version 0)
     <root>/<tenant>/<name>/v<N>/{...the two files..., meta.json}            uploaded versions, never modified
-    <root>/<tenant>/<name>/current -> v<N>                                  the version new requests use
+    <root>/<tenant>/<name>/current -> v<N>                                  the stable version
+    <root>/<tenant>/<name>/traffic.json                                     a split between versions, if any
 
 An upload is staged under <root>/.staging/, validated, moved into v<N> and published by atomically
-replacing the `current` symlink: a version either fully lands or is not there, and requests that already
-resolved the old version keep reading its (unchanged) directory.
+replacing the `current` symlink (or, uploaded with `activate=false`, by the move alone): a version either fully
+lands or is not there, and requests that already resolved the old version keep reading its (unchanged)
+directory. A split (mux.lora.splits) is one file replaced atomically; where it and `current` disagree (a crash
+between the two writes), the split wins and `recover` re-points `current`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import time
 import uuid
 from pathlib import Path
 
-from mux.errors import AdapterNotFound
+from mux.errors import AdapterNotFound, Conflict, InvalidRequest
 from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_key
+from mux.lora.splits import TRAFFIC, Split
 
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION = re.compile(r"v(\d+)")
 STAGING = ".staging"
 CURRENT = "current"
 META = "meta.json"
+MAX_VERSION = 10**9
 
 
 def valid_part(part: str) -> bool:
@@ -40,6 +45,7 @@ class AdapterRepository:
         self.root = Path(root)
         self._lock = threading.Lock()
         self._sha: dict[str, str] = {}  # adapter_key stamp -> sha256 of a hand-placed adapter's weights
+        self._splits: dict[Path, tuple[tuple, Split]] = {}  # traffic.json -> (its stat, the split)
 
     def ids(self) -> list[str]:
         """Every adapter id (`tenant/name`) present on disk, sorted."""
@@ -57,12 +63,102 @@ class AdapterRepository:
         return sorted(found)
 
     def path(self, adapter_id: str) -> Path:
-        """The directory of the version new requests should use."""
-        tenant, _, name = adapter_id.partition("/")
-        resolved = self._resolve(self.root / tenant / name) if valid_part(tenant) and valid_part(name) else None
+        """The directory of the stable version (of version N for `tenant/name@N`)."""
+        adapter_dir, version = self._locate(adapter_id)
+        if version is not None:
+            return self._version_dir(adapter_id, adapter_dir, version)
+        resolved = self._resolve(adapter_dir)
         if resolved is None:
             raise AdapterNotFound(f"The model `{adapter_id}` does not exist.")
-        return resolved
+        split = self._read_split(adapter_dir)
+        return resolved if split is None else self._version_dir(adapter_id, adapter_dir, split.stable)
+
+    def choose(self, adapter_id: str, session: str | None) -> Path:
+        """The version directory one request uses: pinned by `@N`, else drawn from the split (sticky by session)."""
+        adapter_dir, version = self._locate(adapter_id)
+        split = None if version is not None else self._read_split(adapter_dir)
+        if split is None:
+            return self.path(adapter_id)
+        return self._version_dir(adapter_id, adapter_dir, split.choose(adapter_id, session))
+
+    def _locate(self, adapter_id: str) -> tuple[Path, int | None]:
+        """`tenant/name[@N]` -> (<root>/<tenant>/<name>, N or None); a malformed name is absent (404)."""
+        adapter_id, at, version = adapter_id.partition("@")
+        tenant, _, name = adapter_id.partition("/")
+        if not (valid_part(tenant) and valid_part(name)):
+            raise AdapterNotFound(f"The model `{adapter_id}` does not exist.")
+        if at and not (version.isascii() and version.isdigit() and int(version) <= MAX_VERSION):
+            raise InvalidRequest(f"`@{version}` is not a version: pin one as `{adapter_id}@<number>`")
+        return self.root / tenant / name, int(version) if at else None
+
+    def _version_dir(self, adapter_id: str, adapter_dir: Path, version: int) -> Path:
+        if self._resolve(adapter_dir) is None:
+            raise AdapterNotFound(f"The model `{adapter_id.partition('@')[0]}` does not exist.")
+        path = adapter_dir if version == 0 else adapter_dir / f"v{version}"
+        if not (path / CONFIG_FILE).is_file() or (version > 0 and not (path / META).is_file()):
+            raise AdapterNotFound(f"The model `{adapter_id.partition('@')[0]}` has no version {version}.")
+        return path
+
+    def versions(self, adapter_id: str) -> dict[int, Path]:
+        """Every stored version of an adapter: number -> directory (0: a hand-placed adapter)."""
+        adapter_dir = self.directory(adapter_id)
+        found = {0: adapter_dir} if (adapter_dir / CONFIG_FILE).is_file() else {}
+        for d in adapter_dir.iterdir():
+            if (m := _VERSION.fullmatch(d.name)) and (d / META).is_file() and (d / CONFIG_FILE).is_file():
+                found[int(m[1])] = d
+        return dict(sorted(found.items()))
+
+    # ---- traffic splits -------------------------------------------------------------------------
+    def split(self, adapter_id: str) -> Split:
+        """The adapter's split; without a traffic.json, all traffic on the stable (`current`) version."""
+        adapter_dir = self.directory(adapter_id)
+        split = self._read_split(adapter_dir)
+        return split if split is not None else Split.single(self.identify(self.path(adapter_id))["version"])
+
+    def traffic(self, adapter_id: str) -> Split | None:
+        """The adapter's traffic.json split, or None (one stat: cheap enough for every request)."""
+        return self._read_split(self._locate(adapter_id.partition("@")[0])[0])
+
+    def update_split(self, adapter_id: str, change) -> Split:
+        """Apply `change(split, versions) -> Split` atomically (one writer at a time) and return the new split."""
+        with self._lock:
+            split = change(self.split(adapter_id), set(self.versions(adapter_id)))
+            self._write_split(self.directory(adapter_id), split)
+        return split
+
+    def _read_split(self, adapter_dir: Path) -> Split | None:
+        path = adapter_dir / TRAFFIC
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        cached = self._splits.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, Split.from_json(json.loads(path.read_text())))
+            self._splits[path] = cached
+        return cached[1]
+
+    def _write_split(self, adapter_dir: Path, split: Split) -> None:
+        """traffic.json replaced atomically, then `current` re-pointed at the stable version."""
+        tmp = adapter_dir / f".{TRAFFIC}-{uuid.uuid4().hex}"
+        with open(tmp, "w") as f:
+            json.dump(split.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, adapter_dir / TRAFFIC)
+        _fsync(adapter_dir)
+        self._point_current(adapter_dir, split.stable)
+
+    @staticmethod
+    def _point_current(adapter_dir: Path, version: int) -> None:
+        current = adapter_dir / CURRENT
+        if version == 0 or (current.is_symlink() and os.readlink(current) == f"v{version}"):
+            return
+        link = adapter_dir / f".{CURRENT}-{uuid.uuid4().hex}"
+        os.symlink(f"v{version}", link)
+        os.replace(link, current)
+        _fsync(adapter_dir)
 
     def identify(self, path: str | Path) -> dict:
         """<root>/<tenant>/<name>[/v<N>] -> {"id": "tenant/name", "version": N}; paths elsewhere stay paths."""
@@ -75,9 +171,10 @@ class AdapterRepository:
 
     def directory(self, adapter_id: str) -> Path:
         """<root>/<tenant>/<name>: every version of the adapter lives below it."""
-        tenant, _, name = adapter_id.partition("/")
-        self.path(adapter_id)  # 404 if absent
-        return self.root / tenant / name
+        adapter_dir, _ = self._locate(adapter_id.partition("@")[0])
+        if self._resolve(adapter_dir) is None:
+            raise AdapterNotFound(f"The model `{adapter_id}` does not exist.")
+        return adapter_dir
 
     @staticmethod
     def _resolve(adapter_dir: Path) -> Path | None:
@@ -89,7 +186,10 @@ class AdapterRepository:
         return None
 
     def meta(self, adapter_id: str) -> dict:
-        path = self.path(adapter_id)
+        """The stable version's meta (version N's for `tenant/name@N`)."""
+        return self.meta_of(adapter_id.partition("@")[0], self.path(adapter_id))
+
+    def meta_of(self, adapter_id: str, path: Path) -> dict:
         meta_file = path / META
         if meta_file.is_file():
             return json.loads(meta_file.read_text())
@@ -110,32 +210,60 @@ class AdapterRepository:
         path.mkdir(parents=True)
         return path
 
-    def install(self, tenant: str, name: str, staged: Path, info: dict) -> dict:
-        """Move a validated staging directory in as the next version and publish it. Returns its meta."""
+    def install(self, tenant: str, name: str, staged: Path, info: dict, activate: bool = True) -> dict:
+        """Move a validated staging directory in as the next version; with `activate`, it takes all traffic (as
+        a promote does). Returns its meta."""
         if not (valid_part(tenant) and valid_part(name)):
             raise AdapterNotFound(f"invalid adapter id {tenant}/{name}")
+        adapter_id = f"{tenant}/{name}"
         with self._lock:
             adapter_dir = self.root / tenant / name
+            if not activate and self._resolve(adapter_dir) is None:
+                raise InvalidRequest(f"{adapter_id} has no version serving yet: upload its first with activate=true")
             adapter_dir.mkdir(parents=True, exist_ok=True)
             versions = [int(m[1]) for d in adapter_dir.iterdir() if (m := _VERSION.fullmatch(d.name))]
             version = max(versions, default=0) + 1
             weights = staged / WEIGHTS_FILE
             meta = {
-                "id": f"{tenant}/{name}",
+                "id": adapter_id,
                 "version": version,
                 "sha256": _sha256(weights),
                 "bytes": weights.stat().st_size,
                 "created": time.time(),
+                "activate": activate,
                 **info,
             }
             (staged / META).write_text(json.dumps(meta))
             _fsync_dir_files(staged)
-            os.rename(staged, adapter_dir / f"v{version}")
-            link = adapter_dir / f".{CURRENT}-{uuid.uuid4().hex}"
-            os.symlink(f"v{version}", link)
-            os.replace(link, adapter_dir / CURRENT)  # the atomic publish
+            os.rename(staged, adapter_dir / f"v{version}")  # stored: the publish of an inactive version
             _fsync(adapter_dir)
+            split = self._read_split(adapter_dir)
+            if activate and split is not None:
+                self._write_split(adapter_dir, split.promoted(version, "upload"))
+            elif activate:
+                self._point_current(adapter_dir, version)  # the atomic publish
         return meta
+
+    def delete_version(self, adapter_id: str, version: int) -> Path:
+        """Remove one stored version; refused (409) for a version the split serves or may return to."""
+        with self._lock:
+            split = self.split(adapter_id)
+            path = self.versions(adapter_id).get(version)
+            if path is None:
+                raise AdapterNotFound(f"The model `{adapter_id}` has no version {version}.")
+            if split.weights.get(version, 0) > 0 or version in (split.stable, split.rollback_to):
+                raise Conflict(
+                    f"version {version} of {adapter_id} is in its traffic split (weights "
+                    f"{ {str(v): w for v, w in split.weights.items()} }, stable {split.stable}, rollback to "
+                    f"{split.rollback_to}): change the split first"
+                )
+            if version == 0:
+                raise Conflict(f"version 0 of {adapter_id} is the hand-placed adapter: remove its files on disk")
+            trash = self.root / STAGING / f"deleted-{uuid.uuid4().hex}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return path
 
     def delete(self, adapter_id: str) -> Path:
         """Remove an adapter (all versions). Returns the removed directory (already gone from disk)."""
@@ -151,8 +279,10 @@ class AdapterRepository:
         """At start, remove what a crash (kill -9) can leave behind; returns what was removed.
 
         - `.staging/`: uploads that were still arriving or being validated;
-        - `v<N>` directories newer than `current` (moved in, never published: the upload was not acknowledged);
-        - `.current-*` links made for a publish that did not happen.
+        - `v<N>` directories newer than any version ever served (moved in, never published: the upload was not
+          acknowledged), except versions uploaded with activate=false, which the move itself published;
+        - `.current-*` links and `.traffic.json-*` files made for a publish or a split change that did not happen.
+        A traffic split's stable version is re-pointed as `current`, if a crash came between the two writes.
         Published versions are never touched: they were fsynced before `current` pointed at them.
         """
         removed = [str(self.root / STAGING)] if (self.root / STAGING).exists() else []
@@ -167,16 +297,21 @@ class AdapterRepository:
                     removed += self._recover_adapter(adapter_dir)
         return removed
 
-    @staticmethod
-    def _recover_adapter(adapter_dir: Path) -> list[str]:
+    def _recover_adapter(self, adapter_dir: Path) -> list[str]:
+        split = self._read_split(adapter_dir) if (adapter_dir / TRAFFIC).is_file() else None
+        if split is not None:
+            self._point_current(adapter_dir, split.stable)  # a crash between the split's write and `current`'s
         current = adapter_dir / CURRENT
         published = _VERSION.fullmatch(os.readlink(current)) if current.is_symlink() else None
-        newest = int(published[1]) if published else 0
+        newest = max(int(published[1]) if published else 0, split.newest if split else 0)
+        kept = set() if split is None else {*split.weights, split.stable, split.rollback_to}
         removed = []
         for entry in adapter_dir.iterdir():
             m = _VERSION.fullmatch(entry.name)
-            if (m and int(m[1]) > newest) or (entry.name.startswith(f".{CURRENT}-") and entry.is_symlink()):
-                if entry.is_symlink():
+            unpublished = m and int(m[1]) > newest and int(m[1]) not in kept and not _stored_inactive(entry)
+            leftover = entry.name.startswith((f".{CURRENT}-", f".{TRAFFIC}-"))
+            if unpublished or leftover:
+                if entry.is_symlink() or entry.is_file():
                     entry.unlink()
                 else:
                     shutil.rmtree(entry, ignore_errors=True)
@@ -189,6 +324,14 @@ class AdapterRepository:
         """Whether the version new requests use has the weights its meta.json promises (sha256)."""
         meta = self.meta(adapter_id)
         return meta.get("sha256") == _sha256(self.path(adapter_id) / WEIGHTS_FILE)
+
+
+def _stored_inactive(version_dir: Path) -> bool:
+    """An upload with activate=false: published by its move into v<N> (its meta was fsynced before)."""
+    try:
+        return json.loads((version_dir / META).read_text()).get("activate") is False
+    except (OSError, ValueError):
+        return False
 
 
 def _sha256(path: Path) -> str:

@@ -17,19 +17,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from mux.errors import AdapterNotFound, InvalidAdapter, InvalidRequest, MuxError
+from mux.errors import AdapterNotFound, Conflict, InvalidAdapter, InvalidRequest, MuxError
 from mux.lora.adapter import CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_REFUSED, WEIGHTS_FILE
 from mux.lora.repository import valid_part
 from mux.server.archive import extract_adapter
 from mux.server.auth import DEFAULT_TENANT, Forbidden
 from mux.server.openai import error_response, read_json
+from mux.server.rollouts import rollout_state
 
 MAX_WEIGHTS_BYTES = 1 << 30  # one adapter's safetensors
 VLLM_LOADED = "load_lora_adapter"  # the meta's `source` of a copy made by /v1/load_lora_adapter
 MAX_BODY_BYTES = MAX_WEIGHTS_BYTES + (4 << 20)
 
 
-class InUse(MuxError):
+class InUse(Conflict):
     """The adapter is serving requests (409)."""
 
 
@@ -70,6 +71,7 @@ class AdapterRoutes:
             request = Request(request.scope, _limited(request.receive, MAX_BODY_BYTES))  # chunked bodies too
             async with request.form(max_files=4, max_fields=8) as form:
                 adapter_id = self._own(caller, self._adapter_id(caller, form.get("name")))
+                activate = _flag(form.get("activate"), "activate")
                 staged = self.state.repository.staging_dir()
                 archive = form.get("archive")
                 if isinstance(archive, UploadFile):
@@ -78,7 +80,7 @@ class AdapterRoutes:
                     )
                 else:
                     await self._save_files(form, staged)
-            meta = await self._publish(adapter_id, staged)
+            meta = await self._publish(adapter_id, staged, activate=activate)
             staged = None
             return JSONResponse(meta, status_code=201)
         except TooLarge:
@@ -102,9 +104,9 @@ class AdapterRoutes:
         for field, upload in files.items():
             await run_in_threadpool(_save, upload, staged / field)
 
-    async def _publish(self, adapter_id: str, staged: Path, source: str = "upload") -> dict:
+    async def _publish(self, adapter_id: str, staged: Path, source: str = "upload", activate: bool = True) -> dict:
         """Validate a staged adapter with the engine's own reader, then install it as the next version (its meta
-        says how it came: `upload` or `load_lora_adapter`)."""
+        says how it came: `upload` or `load_lora_adapter`); `activate`: it takes all traffic."""
         engine = self.state.engine
         ref = await run_in_threadpool(engine.prepare_adapter, staged)
         weights = engine.adapters.host.get(ref.key)
@@ -114,7 +116,7 @@ class AdapterRoutes:
             "source": source,
         }
         tenant, name = adapter_id.split("/", 1)
-        meta = await run_in_threadpool(self.state.repository.install, tenant, name, staged, info)
+        meta = await run_in_threadpool(self.state.repository.install, tenant, name, staged, info, activate)
         engine.adapters.forget(ref.path)  # the host copy was keyed by the staging path
         return meta
 
@@ -167,8 +169,6 @@ class AdapterRoutes:
                 )
             await self._remove(adapter_id)
             return PlainTextResponse(f"Success: LoRA adapter '{lora_name}' removed successfully.")
-        except InUse as e:
-            return _conflict(e)
         except MuxError as e:
             return error_response(e)
 
@@ -210,22 +210,37 @@ class AdapterRoutes:
         try:
             caller = self._caller(request)
             adapter_id = f"{request.path_params['tenant']}/{request.path_params['name']}"
-            self.state.auth.check(caller, adapter_id)
-            return JSONResponse(self.state.repository.meta(adapter_id))
+            name = adapter_id.partition("@")[0]
+            self.state.auth.check(caller, name)
+            meta = self.state.repository.meta(adapter_id)
+            return JSONResponse({**meta, **rollout_state(self.state, name)})
         except MuxError as e:
             return error_response(e)
 
     async def delete(self, request: Request) -> Response:
-        """Refused with 409 while any request uses (or an operator pinned) the adapter; never drains."""
+        """Refused with 409 while any request uses (or an operator pinned) the adapter; never drains. `name@N`
+        deletes version N only, refused with 409 while its traffic split may send requests to it."""
         try:
             caller = self._caller(request)
             adapter_id = self._own(caller, f"{request.path_params['tenant']}/{request.path_params['name']}")
+            if "@" in adapter_id:
+                return JSONResponse(await self._remove_version(adapter_id))
             await self._remove(adapter_id)
             return JSONResponse({"id": adapter_id, "deleted": True})
-        except InUse as e:
-            return _conflict(e)
         except MuxError as e:
             return error_response(e)
+
+    async def _remove_version(self, pinned: str) -> dict:
+        repo, manager = self.state.repository, self.state.engine.adapters
+        path = repo.path(pinned)  # 404 for a version that is not there
+        adapter_id, version = repo.identify(path)["id"], int(pinned.rpartition("@")[2])
+        if not manager.retire(path):
+            raise InUse(f"version {version} of {adapter_id} is serving requests or pinned; retry when idle")
+        try:
+            await run_in_threadpool(repo.delete_version, adapter_id, version)
+        finally:
+            manager.forget(path)
+        return {"id": adapter_id, "version": version, "deleted": True}
 
     async def _remove(self, adapter_id: str) -> None:
         repo, manager = self.state.repository, self.state.engine.adapters
@@ -260,9 +275,16 @@ def _save(upload: UploadFile, dst: Path) -> None:
         shutil.copyfileobj(upload.file, out, 1 << 20)
 
 
-def _conflict(e: InUse) -> JSONResponse:
-    body = {"error": {"message": str(e), "type": "ConflictError", "param": None, "code": 409}}
-    return JSONResponse(body, status_code=409)
+def _flag(value, field: str) -> bool:
+    """A form boolean: absent is true; `true`/`false` (also 1/0, yes/no, any case)."""
+    if value is None:
+        return True
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise InvalidRequest(f"form field `{field}` must be true or false")
 
 
 def _too_large() -> JSONResponse:

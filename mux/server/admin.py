@@ -13,6 +13,7 @@ from starlette.routing import Route
 from mux.errors import AdapterNotFound, MuxError
 from mux.lora.adapter import adapter_key
 from mux.server.openai import error_response
+from mux.server.rollouts import rollout_state
 
 
 class AdminRoutes:
@@ -47,6 +48,7 @@ class AdminRoutes:
             for a in s["adapters"]
         ]
         s["engine"] = engine.stats()
+        s["rollouts"] = [rollout_state(self.state, i) for i in ids if repo.traffic(i) is not None]
         return JSONResponse(s)
 
     async def act(self, request: Request) -> Response:

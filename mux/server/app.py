@@ -28,7 +28,9 @@ from mux.server.lorax import LoraxRoutes, lorax_error
 from mux.server.metrics import Metrics
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
+from mux.server.rollouts import RolloutRoutes
 from mux.server.serving import InternalError, Serving, client_gone
+from mux.server.versions import VersionFigures
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class ServerState:
         self.serving = Serving(self)
         self.metrics = Metrics(self)
         self.repository = AdapterRepository(adapter_dir)
+        self.versions = VersionFigures(self.repository)
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
@@ -88,6 +91,7 @@ def create_app(state: ServerState) -> Starlette:
     adapters = AdapterRoutes(state)
     kserve = KServeRoutes(state)
     lorax = LoraxRoutes(state)
+    rollouts = RolloutRoutes(state)
 
     async def metrics(request: Request):
         try:  # every tenant's adapter ids are in here: admin key when keys are configured
@@ -129,7 +133,10 @@ def create_app(state: ServerState) -> Starlette:
     routes = [Route("/health", health), Route("/ready", ready), Route("/openapi.json", openapi)]
     routes += kserve.health_routes()  # Triton answers health while loading (not ready: 400)
     served = [
-        (openai.routes() + admin.routes() + adapters.routes() + [Route("/metrics", metrics)], error_response),
+        (
+            openai.routes() + admin.routes() + adapters.routes() + rollouts.routes() + [Route("/metrics", metrics)],
+            error_response,
+        ),
         (kserve.routes(), kserve_error),
         (lorax.routes(), lorax_error),
     ]

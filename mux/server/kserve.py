@@ -197,7 +197,7 @@ class KServeRoutes:
             params = _parameters(body.get("parameters"))
             binary_outputs = _requested_outputs(body.get("outputs"), bool(params.get("binary_data_output", False)))
             served = self._adapter(model, params)
-            texts = await self._run(request, caller, served, prompts, params)
+            texts, headers = await self._run(request, caller, served, prompts, params)
         except ClientGone:
             return client_gone()
         except MuxError as e:
@@ -217,11 +217,11 @@ class KServeRoutes:
             result["id"] = body["id"]
         header = json.dumps(result).encode()
         if not blobs:
-            return Response(header, media_type="application/json")
+            return Response(header, media_type="application/json", headers=headers)
         return Response(
             header + b"".join(blobs),
             media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(len(header))},
+            headers={**headers, "Inference-Header-Content-Length": str(len(header))},
         )
 
     async def generate(self, request: Request) -> Response:
@@ -230,13 +230,13 @@ class KServeRoutes:
             caller, model = self._model(request)
             prompts, params = _generate_body(await read_json(request))
             served = self._adapter(model, params)
-            texts = await self._run(request, caller, served, prompts, params)
+            texts, headers = await self._run(request, caller, served, prompts, params)
         except ClientGone:
             return client_gone()
         except MuxError as e:
             return kserve_error(e, served or _path_model(request)[0])
         output = texts[0] if len(texts) == 1 else texts  # Triton unwraps one-element outputs
-        return JSONResponse({"model_name": model, "model_version": VERSION, OUTPUT: output})
+        return JSONResponse({"model_name": model, "model_version": VERSION, OUTPUT: output}, headers=headers)
 
     async def generate_stream(self, request: Request) -> Response:
         served = None
@@ -246,10 +246,13 @@ class KServeRoutes:
             if len(prompts) != 1:
                 raise InvalidRequest("generate_stream takes one `text_input`")
             served = self._adapter(model, params)
-            streams = await self.state.serving.submit(caller, served, prompts, sampling_params(params))
+            serving = self.state.serving
+            streams = await serving.submit(caller, served, prompts, sampling_params(params), serving.session(request))
         except MuxError as e:
             return kserve_error(e, served or _path_model(request)[0])
-        return StreamingResponse(self._sse(model, served, streams), media_type="text/event-stream")
+        return StreamingResponse(
+            self._sse(model, served, streams), media_type="text/event-stream", headers=serving.headers(streams)
+        )
 
     def _adapter(self, model: str, params: dict) -> str:
         """What serves the request: the path's model, or on the base model the `lora_name` parameter (as Triton's
@@ -263,10 +266,14 @@ class KServeRoutes:
             raise InvalidRequest(f"`lora_name` '{lora_name}' names another adapter than the model '{model}'")
         return lora_name
 
-    async def _run(self, request: Request, caller: Caller, model: str, prompts: list[str], params: dict) -> list[str]:
-        """Generate every prompt as one batch; the texts in prompt order (ClientGone if the client leaves)."""
-        streams = await self.state.serving.submit(caller, model, prompts, sampling_params(params))
-        return await self.state.serving.finish(request, streams, _texts(streams))
+    async def _run(
+        self, request: Request, caller: Caller, model: str, prompts: list[str], params: dict
+    ) -> tuple[list[str], dict]:
+        """Generate every prompt as one batch: the texts in prompt order and the response headers (ClientGone if
+        the client leaves)."""
+        serving = self.state.serving
+        streams = await serving.submit(caller, model, prompts, sampling_params(params), serving.session(request))
+        return await serving.finish(request, streams, _texts(streams)), serving.headers(streams)
 
     async def _sse(self, model: str, served: str, streams) -> AsyncIterator[str]:
         """One `data: {...}` event per text delta; no [DONE] (the stream just ends); errors as `{"error"}`."""

@@ -207,11 +207,13 @@ class LoraxRoutes:
             job = parse(body)
             if stream and job.prefill:
                 raise InvalidRequest("`decoder_input_details` == true is not supported when streaming tokens")
-            streams = await self.state.serving.submit(caller, job.adapter, [job.inputs], job.params)
+            serving = self.state.serving
+            streams = await serving.submit(caller, job.adapter, [job.inputs], job.params, serving.session(request))
         except MuxError as e:
             return lorax_error(e)
+        served = serving.headers(streams)
         if stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served}
             return StreamingResponse(self._sse(job, streams), media_type="text/event-stream", headers=headers)
         try:
             events = await self.state.serving.finish(request, streams, _events(streams[0]))
@@ -231,7 +233,7 @@ class LoraxRoutes:
                 "prefill": self._prefill(streams[0]) if job.prefill else [],
                 "tokens": tokens,
             }
-        return JSONResponse([result] if compat else result)
+        return JSONResponse([result] if compat else result, headers=served)
 
     async def _sse(self, job: Job, streams: list[RequestStream]) -> AsyncIterator[str]:
         """`data:{"token", "generated_text": null, "details": null}` per token; the last one carries both."""

@@ -23,16 +23,13 @@ class Metrics:
         self.state = state
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("mux_requests", "Finished generations", ["adapter", "finish_reason"], registry=r)
+        by = ["adapter", "version"]  # version: the adapter's version that served ("" for the base model)
+        self.requests = Counter("mux_requests", "Finished generations", [*by, "finish_reason"], registry=r)
         self.latency = Histogram(
-            "mux_request_latency_seconds", "Submit to last token", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r
+            "mux_request_latency_seconds", "Submit to last token", by, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.ttft = Histogram(
-            "mux_time_to_first_token_seconds",
-            "Submit to first token",
-            ["adapter"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "mux_time_to_first_token_seconds", "Submit to first token", by, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.tokens = Counter("mux_generated_tokens", "Generated tokens", ["adapter"], registry=r)
         self.prompt_tokens = Counter("mux_prompt_tokens", "Prompt tokens", ["adapter"], registry=r)
@@ -49,17 +46,18 @@ class Metrics:
             self._labels.add(model)
         return model if model in self._labels else OTHER
 
-    def observe(self, model: str, streams: list[RequestStream]) -> None:
+    def observe(self, model: str, version: int | None, streams: list[RequestStream]) -> None:
         model = self.label(model)
+        version = "" if version is None or model == OTHER else str(version)
         for s in streams:
             reason = s.finish_reason or "disconnected"
-            self.requests.labels(model, reason).inc()
+            self.requests.labels(model, version, reason).inc()
             self.prompt_tokens.labels(model).inc(len(s.prompt_ids))
             self.tokens.labels(model).inc(s.num_tokens)
             if s.first_token_at is not None:
-                self.ttft.labels(model).observe(s.first_token_at - s.submitted_at)
+                self.ttft.labels(model, version).observe(s.first_token_at - s.submitted_at)
             if s.finished_at is not None:
-                self.latency.labels(model).observe(s.finished_at - s.submitted_at)
+                self.latency.labels(model, version).observe(s.finished_at - s.submitted_at)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

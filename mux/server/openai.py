@@ -18,7 +18,16 @@ from starlette.routing import Route
 from mux import jsonread
 from mux.engine.sequence import MAX_TOP_LOGPROBS, SamplingParams
 from mux.engine.stream import Completion, RequestStream, TokenEvent
-from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, NotReady, Overloaded
+from mux.errors import (
+    AdapterNotFound,
+    Conflict,
+    DeadlineExceeded,
+    InvalidAdapter,
+    InvalidRequest,
+    MuxError,
+    NotReady,
+    Overloaded,
+)
 from mux.server.auth import Forbidden, Unauthorized
 from mux.server.logprobs import Logprobs, joined
 from mux.server.serving import ClientGone, client_gone
@@ -40,6 +49,7 @@ _STATUS = [
     (AdapterNotFound, 404, "NotFoundError"),
     (InvalidAdapter, 400, "BadRequestError"),
     (InvalidRequest, 400, "BadRequestError"),
+    (Conflict, 409, "ConflictError"),
     (NotReady, 503, "ServiceUnavailable"),
     (Overloaded, 429, "RateLimitError"),
     (DeadlineExceeded, 504, "TimeoutError"),
@@ -318,7 +328,8 @@ class OpenAIRoutes:
         prompts = [p for p in prompts for _ in range(n)]
         seeded = params.seed is not None  # choice i of each prompt samples with seed + i
         params_list = [_with_seed(params, params.seed + i % n) if seeded else params for i in range(len(prompts))]
-        streams = await self.state.serving.submit(caller, model, prompts, params_list)
+        serving = self.state.serving
+        streams = await serving.submit(caller, model, prompts, params_list, serving.session(request, body.get("user")))
         tokenizer = self.state.engine.tokenizer
         reply = _Reply(
             meta={
@@ -337,7 +348,9 @@ class OpenAIRoutes:
         if stream:
             stream_options = body.get("stream_options") or {}
             usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
-            return StreamingResponse(self._sse(streams, reply, usage), media_type="text/event-stream")
+            return StreamingResponse(
+                self._sse(streams, reply, usage), media_type="text/event-stream", headers=serving.headers(streams)
+            )
         return await self._collect(request, streams, reply)
 
     def _room(self, prompt_ids: list[int]) -> int:
@@ -376,7 +389,7 @@ class OpenAIRoutes:
             body["prompt_logprobs"] = reply.logprobs.vllm_prompt(
                 results[0].prompt_token_ids, results[0].prompt_logprobs
             )
-        return JSONResponse({**body, "usage": usage})
+        return JSONResponse({**body, "usage": usage}, headers=self.state.serving.headers(streams))
 
     async def _sse(self, streams, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
         meta, chat, n = reply.meta, reply.chat, reply.n

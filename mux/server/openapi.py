@@ -91,6 +91,7 @@ def openapi_document() -> dict:
                 "required": ["name"],
                 "properties": {
                     "name": {"type": "string"},
+                    "activate": {"type": "boolean", "default": True},
                     "adapter_config.json": {"type": "string", "format": "binary"},
                     "adapter_model.safetensors": {"type": "string", "format": "binary"},
                 },
@@ -133,8 +134,27 @@ def openapi_document() -> dict:
             },
             "/v1/adapters": {"get": _op("list adapters"), "post": _op("upload an adapter (new version)", upload)},
             "/v1/adapters/{tenant}/{name}": {
-                "get": _op("adapter metadata", params=adapter),
-                "delete": _op("delete an adapter (409 while in use)", params=adapter),
+                "get": _op("adapter metadata, its versions and traffic split", params=adapter),
+                "delete": _op("delete an adapter, or `name@N` one version (409 while in use or split)", params=adapter),
+            },
+            "/v1/adapters/{tenant}/{name}/traffic": {
+                "put": _op(
+                    "split traffic between versions",
+                    _json_body({"weights": {"type": "object"}, "guard": {"type": "object"}}, ["weights"]),
+                    params=adapter,
+                )
+            },
+            "/v1/adapters/{tenant}/{name}/promote": {
+                "post": _op(
+                    "send all traffic to a version",
+                    _json_body({"version": {"type": "integer"}}, ["version"]),
+                    params=adapter,
+                )
+            },
+            "/v1/adapters/{tenant}/{name}/rollback": {
+                "post": _op(
+                    "send all traffic back to the version stable before the last split or promote", params=adapter
+                )
             },
             "/v1/load_lora_adapter": {
                 "post": _op(

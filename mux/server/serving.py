@@ -8,6 +8,7 @@ plain one through `finish`, which also watches the connection. One adapter, one 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -21,6 +22,9 @@ from mux.errors import InvalidRequest, MuxError
 from mux.server.auth import Caller
 
 T = TypeVar("T")
+SESSION_HEADER = "x-mux-session"
+VERSION_HEADER = "x-mux-adapter-version"
+_SESSION = re.compile(r"[\x21-\x7e]{1,256}")  # visible ASCII: ids, UUIDs, hashes
 
 
 class ClientGone(Exception):
@@ -49,11 +53,13 @@ class Serving:
         model: str | None,
         prompts: list[str | list[int]],
         params: SamplingParams | list[SamplingParams],
+        session: str | None = None,
     ) -> list[RequestStream]:
         """Queue one generation per prompt (params: one for all, or one each). Raises MuxError, queueing nothing.
 
         `model` is the base model's name (or None/"") or an adapter id: `<tenant>/<name>`, or a plain
-        `<name>` meaning the caller's own tenant.
+        `<name>` meaning the caller's own tenant, either with `@N` to pin version N. Under a traffic split the
+        version is drawn by weight, the same one for every request of one `session` (see `session`).
         """
         if model is not None and not isinstance(model, str):
             raise InvalidRequest("the model name must be a string")
@@ -62,11 +68,15 @@ class Serving:
         adapter = None
         if not self.is_base(model):
             adapter_id = self.state.auth.adapter_id(caller, model)
-            self.state.auth.check(caller, adapter_id)  # another tenant's adapter: 404, as if absent
-            path = self.state.repository.path(adapter_id)
+            self.state.auth.check(caller, adapter_id.partition("@")[0])  # another tenant's: 404, as if absent
+            path = self.state.repository.choose(adapter_id, session)
             # a host-tier hit is answered here; only a read takes a worker thread, so requests for resident
             # adapters never queue for workers behind cold reads waiting on the engine's step boundary
-            adapter = engine.cached_adapter(path) or await run_in_threadpool(engine.prepare_adapter, path)
+            try:
+                adapter = engine.cached_adapter(path) or await run_in_threadpool(engine.prepare_adapter, path)
+            except MuxError:  # the version itself is broken: its figures (and a rollout guard) see it
+                self._record(self.state.repository.identify(path), ok=False)
+                raise
         limits = self.state.limits
         key = limits.admit(caller.tenant, len(prompts))  # 429 past the tenant's limits
         streams: list[RequestStream] = []
@@ -80,6 +90,24 @@ class Serving:
             raise
         limits.track(key, streams, len(prompts))
         return streams
+
+    def session(self, request: Request, user=None) -> str | None:
+        """The caller's session key for sticky splits: the `x-mux-session` header, else OpenAI's `user`."""
+        header = request.headers.get(SESSION_HEADER)
+        if header is not None:
+            if not _SESSION.fullmatch(header):
+                raise InvalidRequest(f"`{SESSION_HEADER}` must be 1-256 visible ASCII characters")
+            return header
+        if user is not None and not isinstance(user, str):
+            raise InvalidRequest("`user` must be a string")
+        return user or None
+
+    def headers(self, streams: list[RequestStream]) -> dict[str, str]:
+        """`x-mux-adapter-version` naming the version that serves `streams` (none for the base model)."""
+        adapter = streams[0].adapter if streams else None
+        if adapter is None:
+            return {}
+        return {VERSION_HEADER: str(self.state.repository.identify(adapter)["version"])}
 
     async def finish(self, request: Request, streams: list[RequestStream], work: Awaitable[T]) -> T:
         """Await `work` (reading `streams` to their end) for a non-streaming response, then `done`. A client that
@@ -106,9 +134,20 @@ class Serving:
                 s.cancel()
         if streams:  # one request's streams share their adapter
             adapter = streams[0].adapter
-            label = self.state.repository.identify(adapter)["id"] if adapter else self.state.base_name
-            self.state.metrics.observe(label, streams)
+            where = self.state.repository.identify(adapter) if adapter else {"id": self.state.base_name}
+            self.state.metrics.observe(where["id"], where.get("version"), streams)
+            if adapter:
+                self._record(where, streams)
         self.state.limits.finish(streams)
+
+    def _record(self, where: dict, streams: list[RequestStream] = (), ok: bool = True) -> None:
+        """Per-version figures of adapters under a split (mux.server.versions), the guard's input."""
+        if where["version"] is None:  # an adapter outside the repository
+            return
+        first = [s.first_token_at - s.submitted_at for s in streams if s.first_token_at is not None]
+        ends = [s.finished_at - s.submitted_at for s in streams if s.finished_at is not None]
+        ok = ok and not any(s.finish_reason == "error" for s in streams)
+        self.state.versions.record(where["id"], where["version"], ok, min(first, default=None), max(ends, default=None))
 
 
 async def _disconnect(request: Request) -> None:

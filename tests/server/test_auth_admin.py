@@ -144,12 +144,12 @@ def test_metrics_prometheus_format(server):
     admin.completions.create(model="acme/attn", prompt="Hello", max_tokens=3, temperature=0)
     list(admin.completions.create(model="demo/pub", prompt="Hello", max_tokens=3, stream=True))
     text = scrape(server)
-    series = 'mux_requests_total{adapter="acme/attn",finish_reason="length"} '
+    series = 'mux_requests_total{adapter="acme/attn",finish_reason="length",version="0"} '
     count = float(text.split(series)[1].split()[0])
     client(server, "acme").completions.create(model="attn", prompt="Hello", max_tokens=2, temperature=0)
     text = scrape(server)  # labelled by the adapter that served, not the name as typed: `attn` is acme/attn
     assert float(text.split(series)[1].split()[0]) == count + 1 and 'adapter="attn"' not in text
-    assert 'mux_time_to_first_token_seconds_count{adapter="demo/pub"}' in text
+    assert 'mux_time_to_first_token_seconds_count{adapter="demo/pub",version="0"}' in text
     assert 'mux_generated_tokens_total{adapter="acme/attn"}' in text
     assert "mux_device_slots_capacity 2.0" in text and "mux_waiting_requests" in text
     assert 'mux_adapter_evictions_total{path="device_to_host"}' in text

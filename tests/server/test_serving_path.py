@@ -21,7 +21,7 @@ def test_only_a_disk_read_takes_a_worker_thread(tiny_dir, tiny_adapters, monkeyp
         engine=engine,
         base_name="tiny",
         auth=SimpleNamespace(adapter_id=lambda caller, model: model, check=lambda caller, adapter_id: None),
-        repository=SimpleNamespace(path=lambda adapter_id: path),
+        repository=SimpleNamespace(choose=lambda adapter_id, session: path),
         limits=Limits(TenantLimit(), {}),
     )
     to_thread = []
