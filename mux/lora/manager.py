@@ -51,6 +51,7 @@ class DeviceEntry:
     state: str = LOADING
     refs: int = 0  # pins: sequences that hold this slot (+1 while permanently pinned)
     modules: dict[str, int] = field(default_factory=dict)  # module -> rank, to copy the slot back to host
+    load_s: float | None = None  # from the start of its load (disk read or host copy) to ready
 
 
 @dataclass(slots=True)
@@ -342,7 +343,7 @@ class AdapterManager:
             self._load(self._jobs.get())
 
     def _load(self, entry: DeviceEntry, inline: bool = False) -> None:
-        key = entry.ref.key
+        key, start = entry.ref.key, time.perf_counter()
         try:
             with self._lock:
                 weights = self.host.get(key)
@@ -359,6 +360,7 @@ class AdapterManager:
                 self.counters["loads"]["host_to_device"] += 1
                 entry.modules = {name: r for name, r, *_ in weights.layout}
                 entry.state = READY
+                entry.load_s = time.perf_counter() - start
                 self._loaded.notify_all()
         except Exception as e:  # the waiting sequences fail with this message; the slot is freed
             with self._lock:
@@ -425,6 +427,7 @@ class AdapterManager:
             "path": str(u.path),
             "tier": tier,
             "slot": entry.slot if entry else None,
+            "load_s": entry.load_s if entry else None,
             "pinned": key in self.permanent,
             "in_flight": (entry.refs - (key in self.permanent)) if entry else 0,
             "uses": u.uses,

@@ -43,7 +43,7 @@ class AdminRoutes:
         s["adapters"] = [
             {
                 **repo.identify(a["path"]),
-                **{k: a[k] for k in ("tier", "pinned", "in_flight", "uses", "last_used", "slot")},
+                **{k: a[k] for k in ("tier", "pinned", "in_flight", "uses", "last_used", "slot", "load_s")},
             }
             for a in s["adapters"]
         ]

@@ -3,6 +3,7 @@ last-resort guard answers what no route handled."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -19,9 +20,11 @@ from starlette.routing import Match, Route
 from mux.engine.engine import Engine
 from mux.errors import MuxError, NotReady
 from mux.lora.repository import AdapterRepository
+from mux.server import dashboard
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
+from mux.server.history import History
 from mux.server.kserve import KServeRoutes, kserve_error, not_found
 from mux.server.limits import Limits
 from mux.server.lorax import LoraxRoutes, lorax_error
@@ -56,6 +59,7 @@ class ServerState:
         self.stream_interval = stream_interval  # OpenAI streams: tokens per chunk after the first (vLLM's flag)
         self.serving = Serving(self)
         self.metrics = Metrics(self)
+        self.history = History(self)  # for the dashboard: sampled by the app's lifespan
         self.repository = AdapterRepository(adapter_dir)
         self.versions = VersionFigures(self.repository)
         self.engine: Engine | None = None
@@ -123,7 +127,11 @@ def create_app(state: ServerState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         threading.Thread(target=state.load, name="mux-load", daemon=True).start()
+        sampler = asyncio.create_task(state.history.run())
         yield
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
         if state.engine is not None:
             state.engine.stop()
 
@@ -132,9 +140,15 @@ def create_app(state: ServerState) -> Starlette:
 
     routes = [Route("/health", health), Route("/ready", ready), Route("/openapi.json", openapi)]
     routes += kserve.health_routes()  # Triton answers health while loading (not ready: 400)
+    history = Route("/admin/history", state.history.endpoint, methods=["GET"])  # admin key, like /admin/stats
+    routes += dashboard.routes()  # the page needs no key and loads while the model does; its data needs both
     served = [
         (
-            openai.routes() + admin.routes() + adapters.routes() + rollouts.routes() + [Route("/metrics", metrics)],
+            openai.routes()
+            + admin.routes()
+            + adapters.routes()
+            + rollouts.routes()
+            + [Route("/metrics", metrics), history],
             error_response,
         ),
         (kserve.routes(), kserve_error),

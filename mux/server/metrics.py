@@ -5,6 +5,8 @@ Request metrics are observed when a response ends; engine and tier figures are r
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -38,6 +40,7 @@ class Metrics:
         )
         r.register(_EngineCollector(state))
         self._labels: set[str] = set()
+        self.recent_ttft: deque[float] = deque(maxlen=8192)  # drained by the dashboard history (history.py)
 
     def label(self, model: str) -> str:
         """The adapter label for `model`: itself for the first MAX_ADAPTER_LABELS names seen, then "_other"
@@ -56,6 +59,7 @@ class Metrics:
             self.tokens.labels(model).inc(s.num_tokens)
             if s.first_token_at is not None:
                 self.ttft.labels(model, version).observe(s.first_token_at - s.submitted_at)
+                self.recent_ttft.append(s.first_token_at - s.submitted_at)
             if s.finished_at is not None:
                 self.latency.labels(model, version).observe(s.finished_at - s.submitted_at)
 

@@ -171,12 +171,14 @@ def openapi_document() -> dict:
                 )
             },
             "/admin/stats": {"get": _op("tiers, counters, latency, engine, adapters (admin)")},
+            "/admin/history": {"get": _op("a point every 2 s for 15 min: throughput, TTFT, queue, tiers (admin)")},
             "/admin/adapters/{tenant}/{name}/{action}": {
                 "post": _op("evict | pin | unpin (admin)", params=(*adapter, "action"))
             },
             "/admin/prefix_cache/reset": {"post": _op("drop the prefix cache's K/V blocks (admin)")},
             "/reset_prefix_cache": {"post": _op("vLLM: drop the prefix cache's K/V blocks (admin)")},
             "/metrics": {"get": _op("Prometheus metrics (admin)", ok={"description": "text exposition"})},
+            "/dashboard": {"get": _op("the admin's page (no key; its data needs one)", ok={"description": "HTML"})},
             "/v2": {"get": _op("KServe v2: server metadata")},
             "/v2/health/live": {"get": _op("KServe v2: live (200, empty body)")},
             "/v2/health/ready": {"get": _op("KServe v2: ready (200) or loading (400)")},

@@ -1,0 +1,230 @@
+"""The dashboard in a real headless browser (the OS's Chromium, driven by Playwright) and /admin/history over HTTP,
+on one server with keys: the page asks for the key, shows the tiers, adapters and charts, updates them, logs no
+JavaScript error, and says so when a key is refused."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from conftest import run_server, write_policy
+from mux.server.history import History
+
+CHROMIUM = Path("/usr/bin/chromium")
+KEYS = {"admin": "admin-secret", "acme": "acme-secret", "beta": "beta-secret"}
+ADAPTERS = {"acme/attn": "r4-attn", "acme/mlp": "r8-mlp", "beta/qv": "r8-qv"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir, tiny_adapters):
+    root = tmp_path_factory.mktemp("repo")
+    for adapter_id, src in ADAPTERS.items():
+        shutil.copytree(tiny_adapters[src], root / adapter_id)
+    policy = write_policy(tmp_path_factory.mktemp("policy") / "policy.toml", KEYS)
+    with run_server(tiny_dir, root, "--policy", str(policy), "--max-loras", "2") as base:  # 3 adapters: evictions
+        yield base
+
+
+def complete(server: str, model: str, n: int = 1) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEYS["admin"], max_retries=0)
+    for _ in range(n):
+        client.completions.create(model=model, prompt="Hello there", max_tokens=4, temperature=0)
+
+
+def get(server: str, path: str, who: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEYS.get(who, who)}"} if who else {}
+    return httpx.get(f"{server}{path}", headers=headers, timeout=30)
+
+
+# ---- /admin/history ---------------------------------------------------------------------------------
+def test_history_needs_the_admin_key(server):
+    assert get(server, "/admin/history").status_code == 401
+    assert get(server, "/admin/history", "wrong-key").status_code == 401
+    assert get(server, "/admin/history", "acme").status_code == 403
+    assert get(server, "/admin/history", "admin").status_code == 200
+
+
+def test_history_points(server):
+    complete(server, "acme/attn", 2)
+    body = {"points": []}
+    for _ in range(30):  # a point every 2 s
+        body = get(server, "/admin/history", "admin").json()
+        if body["points"] and body["points"][-1]["generated_tokens"] >= 8:
+            break
+        time.sleep(0.25)
+    assert body["interval_s"] == 2.0 and body["max_points"] == 450 and body["now"] >= body["points"][-1]["t"]
+    point = body["points"][-1]
+    assert set(point) == {
+        "t",
+        "tokens_per_s",
+        "generated_tokens",
+        "running",
+        "waiting",
+        "ttft_p50_s",
+        "ttft_count",
+        "loads",
+        "evictions",
+        "faults",
+    }
+    assert point["generated_tokens"] >= 8 and point["loads"]["disk_to_host"] >= 1
+    assert set(point["faults"]) == {"step", "loop"} and set(point["evictions"]) == {"device_to_host", "host_to_disk"}
+    assert any(p["ttft_count"] and p["ttft_p50_s"] > 0 for p in body["points"])
+
+
+def fake_state(ttfts: deque[float]) -> SimpleNamespace:
+    """Just what History reads: an engine whose generated-token count grows by 10 per sample."""
+    generated = iter(range(0, 10_000, 10))
+    counters = {"loads": {"disk_to_host": 1}, "evictions": {"device_to_host": 0}}
+    engine = SimpleNamespace(
+        stats=lambda: {
+            "generated_tokens": next(generated),
+            "tokens_per_s": 7.0,
+            "running": 1,
+            "waiting": 2,
+            "faults": {"step": 0, "loop": 0},
+        },
+        adapters=SimpleNamespace(counters=counters),
+    )
+    return SimpleNamespace(engine=engine, metrics=SimpleNamespace(recent_ttft=ttfts))
+
+
+def test_history_is_bounded_and_drains_ttft():
+    ttfts = deque([0.3, 0.1, 0.2])
+    history = History(fake_state(ttfts), max_points=3)
+    first = history.sample()
+    assert first["tokens_per_s"] == 7.0  # no earlier point: the engine's own rate
+    assert first["ttft_p50_s"] == 0.2 and first["ttft_count"] == 3 and not ttfts
+    for _ in range(4):
+        last = history.sample()
+    assert len(history.points) == 3 and history.points[-1] is last
+    assert last["ttft_p50_s"] is None and last["ttft_count"] == 0 and last["tokens_per_s"] > 0
+    assert History(SimpleNamespace(engine=None)).sample() is None  # while the model loads
+
+
+# ---- the page -------------------------------------------------------------------------------------
+def test_the_page_needs_no_key_and_fetches_nothing_from_elsewhere(server):
+    r = get(server, "/dashboard")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp and "'sha256-" in csp
+    assert re.findall(r'(?:src|href)="([^"]*)"', r.text) == ["data:,"]  # the empty favicon; no script/style URL
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM} (Debian's `chromium` package, which .ci/run installs): no browser to test in")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM))  # the OS's build: `playwright install` never runs
+        yield b
+        b.close()
+
+
+def enter_key(page, key: str) -> None:
+    page.fill("#key", key)
+    page.click("#login button[type=submit]")
+
+
+def cell(page, adapter_id: str, column: str) -> str:
+    return page.inner_text(f'#adapters tbody tr[data-id="{adapter_id}"] td[data-key="{column}"]')
+
+
+def wait_until(page, predicate: str, arg=None, timeout_s: float = 10.0) -> None:
+    """Poll `predicate` (a JS function of `arg`) from here: Playwright's wait_for_function evals a string in the
+    page, which the page's Content-Security-Policy (no 'unsafe-eval') refuses."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(predicate, arg):
+        assert time.monotonic() < deadline, f"not true within {timeout_s} s: {predicate}"
+        time.sleep(0.1)
+
+
+def test_dashboard_in_a_browser(server, browser, tmp_path):
+    for adapter_id in ADAPTERS:
+        complete(server, adapter_id)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    console, errors = [], []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # no key yet, then a wrong one, then a tenant's: the prompt says why each time
+    page.goto(f"{server}/dashboard")
+    page.wait_for_selector("#login:not([hidden])")
+    assert "needs the admin key" in page.inner_text("#login-msg")
+    enter_key(page, "not-a-key")
+    refused = "(code) => document.querySelector('#login-msg').textContent.includes(`admin key refused (${code}`)"
+    wait_until(page, refused, 401)
+    enter_key(page, KEYS["acme"])
+    wait_until(page, refused, 403)
+    assert page.is_hidden("#main")
+
+    # the admin key: tiers, adapters and charts appear
+    enter_key(page, KEYS["admin"])
+    page.wait_for_selector("#main:not([hidden])")
+    wait_until(page, "() => document.querySelectorAll('#adapters tbody tr').length === 3")
+    assert page.evaluate("sessionStorage.getItem('mux-admin-key')") == KEYS["admin"]
+    assert KEYS["admin"] not in page.url
+    assert page.inner_text('[data-card="device slots"] .value').endswith("/ 2")
+    assert cell(page, "acme/attn", "version") == "0" and cell(page, "beta/qv", "uses") == "1"
+    tokens, used = page.inner_text('[data-card="generated tokens"] .value'), int(cell(page, "acme/attn", "uses"))
+
+    # more requests: the figures update by themselves
+    complete(server, "acme/attn", 2)
+    updated = """([uses, tokens]) => document.querySelector('tr[data-id="acme/attn"] td[data-key="uses"]')
+        .textContent === String(uses) && document.querySelector('[data-card="generated tokens"] .value')
+        .textContent !== tokens"""
+    wait_until(page, updated, [used + 2, tokens])  # the page refreshes every 2 s
+    for chart in ("throughput", "ttft", "queue", "tiers", "faults"):  # two history points (2 s apart) make a line
+        wait_until(
+            page, "(id) => document.querySelector(`#chart-${id} path.line`).getAttribute('d').includes('L')", chart
+        )
+    assert int(page.inner_text('[data-card="evictions"] .value')) >= 1
+
+    # sort by a header, filter by tenant
+    page.click('#adapters th[data-key="uses"]')  # uses was sorted descending: now ascending
+    uses = [int(u) for u in page.locator('#adapters tbody td[data-key="uses"]').all_inner_texts()]
+    assert uses == sorted(uses)
+    page.screenshot(path=tmp_path / "dashboard.png", full_page=True)
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    page.fill("#tenant-filter", "beta")
+    assert page.locator("#adapters tbody tr").evaluate_all("rows => rows.map(r => r.dataset.id)") == ["beta/qv"]
+
+    refused = re.compile(r"Failed to load resource: the server responded with a status of 40[13]")
+    assert errors == [] and [m for m in console if not refused.match(m)] == []
+    page.close()
+
+
+def test_an_open_server_needs_no_key_and_new_stats_get_sections(server, browser):
+    """The page as an open server (no keys) answers it, with the rollouts and batch jobs that later issues add to
+    /admin/stats: the answers are this server's own, served to the page by the browser's request interception."""
+    stats = get(server, "/admin/stats", "admin").json()
+    stats["rollouts"] = {"acme/attn": {"v1": 90, "v2": 10}}
+    stats["batches"] = [{"id": "batch-1", "done": 3, "total": 10}]
+    history = get(server, "/admin/history", "admin").json()
+    sent = []
+
+    def answer(route):
+        sent.append(route.request.headers.get("authorization"))
+        route.fulfill(json=stats if route.request.url.endswith("/admin/stats") else history)
+
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.route("**/admin/*", answer)
+    page.goto(f"{server}/dashboard")
+    page.wait_for_selector("#extra-batches td")
+    assert page.is_hidden("#login") and sent and set(sent) == {None}
+    assert page.locator("#extra-rollouts tbody tr").all_inner_texts() == ["acme/attn\t90\t10"]
+    assert page.locator("#extra-batches th").all_inner_texts() == ["id", "done", "total"]
+    assert errors == []
+    page.close()
