@@ -147,3 +147,88 @@ def test_recover_removes_what_a_crash_between_move_and_publish_leaves(tmp_path, 
     assert sorted(p.name for p in (root / "t" / "a").iterdir()) == ["current", "v1", "v2"]
     assert not (root / "t" / "b").exists() and not (root / STAGING).exists()
     assert repository.ids() == ["t/a"] and repository.meta("t/a")["version"] == 2 and repository.verify("t/a")
+
+
+class SplitChanges:
+    """Background split changes and promotes of t/a (versions 1-3), and completions, until `stop`. `attempts` holds
+    the weights each change asked for, in order; `acked` the indexes of those the server answered 200 to."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.attempts: list[dict] = []
+        self.acked: list[int] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._change, self._complete)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _change(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            for i in range(10_000):
+                if self.stop.is_set():
+                    return
+                if i % 3 == 2:
+                    weights = {str(1 + i % 3): 100}
+                    self.attempts.append(weights)
+                    call = client.post, "promote", {"version": 1 + i % 3}
+                else:
+                    weights = {"1": 100 - i % 50, "2": i % 50 // 2, "3": i % 50 - i % 50 // 2}
+                    self.attempts.append(weights)
+                    call = client.put, "traffic", {"weights": weights}
+                try:
+                    r = call[0](f"{self.base}/v1/adapters/t/a/{call[1]}", json=call[2])
+                except httpx.HTTPError:  # the server was killed under us
+                    time.sleep(0.05)
+                    continue
+                assert r.status_code == 200, r.text
+                self.acked.append(len(self.attempts) - 1)
+
+    def _complete(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            for i in range(10_000):
+                if self.stop.is_set():
+                    return
+                try:
+                    client.post(
+                        f"{self.base}/v1/completions", json={"model": "t/a", "prompt": "Hi", "user": str(i), **GREEDY}
+                    )
+                except httpx.HTTPError:
+                    time.sleep(0.05)
+
+
+def test_kill_9_during_split_changes_and_promotes_leaves_one_state(tiny_dir, tiny_adapters, tmp_path):
+    root = tmp_path / "repo"
+    proc, base = start_server(tiny_dir, root)
+    for i, src in enumerate(["r4-attn", "r8-mlp", "r16-all"]):
+        files = {f: (f, (tiny_adapters[src] / f).read_bytes()) for f in FILES}
+        fields = {"name": (None, "t/a"), "activate": (None, "true" if i == 0 else "false")}
+        assert httpx.post(f"{base}/v1/adapters", files={**fields, **files}, timeout=30).status_code == 201
+    for delay in (0.7, 0.3):
+        with SplitChanges(base) as changes:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert changes.acked, "no split change was acknowledged: the traffic did not run"
+        proc, base = start_server(tiny_dir, root)
+        state = httpx.get(f"{base}/v1/adapters/t/a", timeout=30).json()
+        weights = state["traffic"]["weights"]
+        # the last acknowledged change or one asked for after it: never a mix, never a missing version
+        assert weights in changes.attempts[changes.acked[-1] :], (weights, changes.attempts[changes.acked[-1] :])
+        assert sum(weights.values()) == 100 and {int(v) for v in weights} <= {1, 2, 3}
+        assert (root / "t" / "a" / "current").readlink().name == f"v{state['traffic']['stable']}"
+        served = set()
+        for i in range(30):  # every request is served, by a version the split names
+            r = httpx.post(f"{base}/v1/completions", json={"model": "t/a", "prompt": "Hi", "user": f"s{i}", **GREEDY})
+            assert r.status_code == 200, r.text
+            served.add(r.headers["x-mux-adapter-version"])
+        assert served <= {v for v, w in weights.items() if w > 0}
+    proc.kill()
+    proc.wait()
