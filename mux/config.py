@@ -104,9 +104,14 @@ class SchedulerConfig:
     # while at most this many sequences decode, new prompts' prefills get a step of their own (0: every step mixes
     # prefills and decodes; bench.serving measures both orders)
     prefill_first_max_decodes: int = 16
+    # while online requests are live, batch-job lines take at most this share of a step's sequences and tokens
+    # (an idle server runs them at full speed; bench.batch measures what online callers notice)
+    batch_share: float = 0.25
 
     def __post_init__(self) -> None:
         _positive(max_num_seqs=self.max_num_seqs, max_waiting=self.max_waiting, starvation_steps=self.starvation_steps)
+        if not 0.0 < self.batch_share <= 1.0:
+            raise ValueError(f"batch_share must be in (0, 1], got {self.batch_share}")
         if self.max_num_batched_tokens is not None:
             _positive(max_num_batched_tokens=self.max_num_batched_tokens)
         if self.prefill_first_max_decodes < 0:

@@ -129,17 +129,19 @@ class Engine:
         adapter: str | Path | AdapterRef | None = None,
         request_id: str | None = None,
         tenant: str | None = None,
+        batch: bool = False,
     ) -> RequestStream:
         """Queue one generation. Raises InvalidRequest/InvalidAdapter/Overloaded before anything is queued.
 
-        `adapter` is a PEFT adapter directory (validated now, on the caller's thread) or a prepared AdapterRef.
+        `adapter` is a PEFT adapter directory (validated now, on the caller's thread) or a prepared AdapterRef;
+        `batch`: a batch-job line, scheduled in the room online requests leave.
         """
         params = params or SamplingParams()
         prompt_ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
         self._check_request(prompt_ids, params)
         ref = self.prepare_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
         request_id = request_id or f"req-{next(_request_ids)}"
-        seq = Sequence(prompt_ids, params, ref, request_id, tenant)
+        seq = Sequence(prompt_ids, params, ref, request_id, tenant, batch=batch)
         seq.deadline = time.monotonic() + self.config.scheduler.request_timeout_s
         seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         seq.stream = RequestStream(request_id, prompt_ids, ref and str(ref.path), self.cancel, self._pump)

@@ -20,10 +20,15 @@ two), and past `prefill_first_max_decodes` decoding sequences every step mixes p
 skipping them would cost more inter-token latency than it saves in time to first token (bench.serving). Nor
 while a request waits for a slot: every running sequence pins one, so finishing them is what admits the next
 request, and a skipped decode would hold each pinned slot a step longer.
+
+Batch-job lines (`Sequence.batch`) fill the room online requests leave: they are admitted after every waiting
+online request, preempted first when the cache is full, and while any online request is live they take at most
+`batch_share` of a step's sequences and tokens.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -111,7 +116,7 @@ class Scheduler:
             if not decodes and not self.blocks.can_allocate(seq, n):
                 return SchedulerOutput()  # the cache is full: a normal step preempts
             while not self.blocks.can_allocate(seq, n):
-                victim = self.running[-1]
+                victim = next((s for s in reversed(self.running) if s.batch), self.running[-1])
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -126,11 +131,14 @@ class Scheduler:
         if out.preempted:
             return out
         lightest = None  # how busy the first admitted sequence's tenant was
+        room = self._batch_room(out)  # (sequences, tokens) batch lines may still take in this step
         for seq, busy in self._fair_waiting():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if lightest is not None and busy > lightest:
                 continue  # a busier tenant's prompt would lengthen a lighter tenant's step: it goes in the next one
+            if seq.batch and room[0] <= 0:
+                break  # batch lines come after every online one: none is left behind this one
             if seq.adapter is not None:
                 if seq.slot < 0 and (slot := self.adapters.acquire(seq.adapter)) is not None:
                     seq.slot = slot
@@ -149,8 +157,14 @@ class Scheduler:
             n = min(pending, budget)
             if not self.blocks.can_allocate(seq, n, hit):
                 break  # FCFS on KV space so long prompts are not starved by short ones
+            if seq.batch:
+                n = min(n, room[1])
+                if n <= 0:
+                    break
             if not decodes and n < pending:
                 continue  # its first token is steps away: its first chunk goes with the next step's decodes
+            if seq.batch:
+                room = (room[0] - 1, room[1] - n)
             self.waiting.remove(seq)
             lightest = busy if lightest is None else lightest
             seq.status = Status.RUNNING
@@ -160,16 +174,35 @@ class Scheduler:
             budget -= n
         return out
 
+    def _batch_room(self, out: SchedulerOutput) -> tuple[float, float]:
+        """(sequences, tokens) batch lines may add to this step: no bound while no online request is live."""
+        online = any(not s.batch for s in self.running) or any(not s.batch for s in self.waiting)
+        if not online:
+            return math.inf, math.inf
+        share = self.config.batch_share
+        running = sum(s.batch for s in self.running)
+        tokens = sum(x.num_tokens for x in out.scheduled if x.seq.batch)
+        return (
+            max(1, int(share * self.config.max_num_seqs)) - running,
+            max(1, int(share * self.config.max_num_batched_tokens)) - tokens,
+        )
+
     def _fair_waiting(self) -> Iterator[tuple[Sequence, int]]:
         """Waiting sequences in admission order, each with its tenant's running sequences as the step began:
-        FIFO within a tenant; across tenants, the next one always comes from the tenant with the fewest sequences
-        running, counting those taken before it (ties: the tenant that queued first), so a tenant flooding the
-        queue cannot starve a light one. (One tenant waiting: plain FIFO, each with 0.)"""
+        online before batch lines; FIFO within a tenant; across tenants, the next one always comes from the tenant
+        with the fewest sequences running, counting those taken before it (ties: the tenant that queued first), so
+        a tenant flooding the queue cannot starve a light one. (One tenant waiting: plain FIFO, each with 0.)"""
+        online = [s for s in self.waiting if not s.batch]
+        yield from self._fair(online if len(online) < len(self.waiting) else list(self.waiting))
+        if len(online) < len(self.waiting):
+            yield from self._fair([s for s in self.waiting if s.batch])
+
+    def _fair(self, waiting: list[Sequence]) -> Iterator[tuple[Sequence, int]]:
         queues: dict[str | None, deque[Sequence]] = {}
-        for seq in self.waiting:
+        for seq in waiting:
             queues.setdefault(seq.tenant, deque()).append(seq)
         if len(queues) <= 1:
-            yield from ((seq, 0) for seq in list(self.waiting))
+            yield from ((seq, 0) for seq in waiting)
             return
         start = Counter(s.tenant for s in self.running)
         load = start.copy()

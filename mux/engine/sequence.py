@@ -110,6 +110,7 @@ class Sequence:
     adapter: AdapterRef | None = None
     request_id: str = ""
     tenant: str | None = None  # for fair admission across tenants
+    batch: bool = False  # a batch-job line: admitted after online requests, within SchedulerConfig.batch_share
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

@@ -265,26 +265,30 @@ class OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         try:
-            caller = self._caller(request)
-            body = await read_json(request)
-            prompts = self._prompts(body.get("prompt"))
-            return await self._run(request, caller, body, prompts, chat=False)
+            return await self.answer(self._caller(request), await read_json(request), chat=False, request=request)
         except MuxError as e:
             return error_response(e)
 
     async def chat(self, request: Request) -> Response:
         try:
-            caller = self._caller(request)
-            body = await read_json(request)
+            return await self.answer(self._caller(request), await read_json(request), chat=True, request=request)
+        except MuxError as e:
+            return error_response(e)
+
+    async def answer(self, caller, body: dict, chat: bool, request: Request | None = None, batch: bool = False):
+        """A completion or chat body as its route answers it (raises MuxError). A batch-job line comes without a
+        request (nobody can disconnect) and is scheduled in the room online requests leave."""
+        if chat:
             messages = _messages(body.get("messages"))
             tok = self.state.engine.tokenizer
             try:
                 text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # the model's own Jinja template refused these messages
                 raise InvalidRequest(f"the chat template cannot render these messages: {e}") from None
-            return await self._run(request, caller, body, [tok(text, add_special_tokens=False).input_ids], chat=True)
-        except MuxError as e:
-            return error_response(e)
+            prompts = [tok(text, add_special_tokens=False).input_ids]
+        else:
+            prompts = self._prompts(body.get("prompt"))
+        return await self._run(request, caller, body, prompts, chat, batch)
 
     @staticmethod
     def _prompts(prompt) -> list:
@@ -298,13 +302,17 @@ class OpenAIRoutes:
             return [_token_list(p, "prompt") for p in prompt]
         raise InvalidRequest("`prompt` must be a string, a list of strings, or token ids")
 
-    async def _run(self, request: Request, caller, body: dict, prompts: list, chat: bool) -> Response:
+    async def _run(
+        self, request: Request | None, caller, body: dict, prompts: list, chat: bool, batch: bool
+    ) -> Response:
         model = body.get("model") or self.state.base_name  # its type is checked by serving.submit
         refuse_unsupported(body)
         echo = bool(body.get("echo"))
         if echo and chat:
             raise InvalidRequest("`echo` is not supported for chat completions")
         stream = bool(body.get("stream"))
+        if stream and batch:
+            raise InvalidRequest("`stream` is not supported in a batch job")
         drop_output = echo and body.get("max_tokens") == 0  # the prompt's logprobs only (lm-eval's loglikelihood)
         if drop_output:
             if stream:
@@ -329,7 +337,8 @@ class OpenAIRoutes:
         seeded = params.seed is not None  # choice i of each prompt samples with seed + i
         params_list = [_with_seed(params, params.seed + i % n) if seeded else params for i in range(len(prompts))]
         serving = self.state.serving
-        streams = await serving.submit(caller, model, prompts, params_list, serving.session(request, body.get("user")))
+        session = serving.session(request, body.get("user"))
+        streams = await serving.submit(caller, model, prompts, params_list, session, batch=batch)
         tokenizer = self.state.engine.tokenizer
         reply = _Reply(
             meta={

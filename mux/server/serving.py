@@ -54,6 +54,7 @@ class Serving:
         prompts: list[str | list[int]],
         params: SamplingParams | list[SamplingParams],
         session: str | None = None,
+        batch: bool = False,
     ) -> list[RequestStream]:
         """Queue one generation per prompt (params: one for all, or one each). Raises MuxError, queueing nothing.
 
@@ -82,7 +83,7 @@ class Serving:
         streams: list[RequestStream] = []
         try:
             for prompt, p in zip(prompts, params_list, strict=True):
-                streams.append(engine.submit(prompt, p, adapter, tenant=key))
+                streams.append(engine.submit(prompt, p, adapter, tenant=key, batch=batch))
         except MuxError:
             for s in streams:
                 s.cancel()
@@ -91,9 +92,9 @@ class Serving:
         limits.track(key, streams, len(prompts))
         return streams
 
-    def session(self, request: Request, user=None) -> str | None:
+    def session(self, request: Request | None, user=None) -> str | None:
         """The caller's session key for sticky splits: the `x-mux-session` header, else OpenAI's `user`."""
-        header = request.headers.get(SESSION_HEADER)
+        header = request.headers.get(SESSION_HEADER) if request is not None else None
         if header is not None:
             if not _SESSION.fullmatch(header):
                 raise InvalidRequest(f"`{SESSION_HEADER}` must be 1-256 visible ASCII characters")
@@ -109,10 +110,16 @@ class Serving:
             return {}
         return {VERSION_HEADER: str(self.state.repository.identify(adapter)["version"])}
 
-    async def finish(self, request: Request, streams: list[RequestStream], work: Awaitable[T]) -> T:
+    async def finish(self, request: Request | None, streams: list[RequestStream], work: Awaitable[T]) -> T:
         """Await `work` (reading `streams` to their end) for a non-streaming response, then `done`. A client that
         disconnects first raises ClientGone at once: its generations are cancelled then, not left running to
-        `max_tokens` holding KV blocks and the tenant's in-flight slots for a response nobody reads."""
+        `max_tokens` holding KV blocks and the tenant's in-flight slots for a response nobody reads. Without a
+        request (a batch-job line), or when the awaiting task is cancelled, the generations end with it."""
+        if request is None:
+            try:
+                return await work
+            finally:
+                self.done(streams)
         task = asyncio.ensure_future(work)
         watch = asyncio.ensure_future(_disconnect(request))
         try:

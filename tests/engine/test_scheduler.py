@@ -345,3 +345,45 @@ def test_the_step_budget_defaults_by_device_and_an_explicit_one_stays():
     assert SchedulerConfig(max_num_batched_tokens=64).for_device("cpu").max_num_batched_tokens == 64
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=0)
+
+
+def batch_seq(n_prompt=5, max_tokens=4):
+    s = seq(n_prompt, max_tokens=max_tokens)
+    s.batch = True
+    return s
+
+
+def test_batch_lines_go_after_online_ones_and_within_their_share_while_online_work_is_live():
+    sched, _, _ = make(max_num_seqs=8, batch_share=0.25, prefill_first_max_decodes=0)
+    lines = [batch_seq() for _ in range(6)]
+    for s in lines:
+        sched.add(s)
+    online = [seq() for _ in range(3)]
+    for s in online:
+        sched.add(s)
+    out = run_step(sched)
+    admitted = [s.seq for s in out.scheduled]
+    assert admitted[:3] == online  # queued later, admitted first
+    assert sum(s.batch for s in admitted) == 2  # 25% of 8 sequences while online work is live
+    for _ in range(10):
+        run_step(sched)
+        assert sum(s.batch for s in sched.running) <= 2
+    for s in online:
+        sched.finish(s, "length")
+    run_step(sched)  # no online work: the batch runs at full speed
+    assert sum(s.batch for s in sched.running) == 6
+
+
+def test_an_idle_server_runs_batch_lines_unbounded_and_preempts_them_first():
+    sched, _, _ = make(num_blocks=6, block_size=4, max_num_seqs=8, prefill_first_max_decodes=0)
+    lines = [batch_seq(n_prompt=7, max_tokens=8) for _ in range(2)]
+    for s in lines:
+        sched.add(s)
+    run_step(sched)
+    assert all(s.status is Status.RUNNING for s in lines)
+    urgent = seq(n_prompt=7, max_tokens=8)
+    sched.add(urgent)
+    preempted = []
+    for _ in range(12):
+        preempted += run_step(sched).preempted
+    assert preempted and all(s.batch for s in preempted)
