@@ -76,7 +76,15 @@ def serve(args: argparse.Namespace) -> int:
         return engine
 
     state = ServerState(
-        make_engine, Path(args.adapter_dir), policy.pinned, auth, allowed, limits, policy.stream_interval
+        make_engine,
+        Path(args.adapter_dir),
+        policy.pinned,
+        auth,
+        allowed,
+        limits,
+        policy.stream_interval,
+        Path(args.batch_dir) if args.batch_dir else None,
+        policy.batch,
     )
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
@@ -95,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--adapter-dir", default=str(REPO_ADAPTERS))
+    s.add_argument(
+        "--batch-dir", default=None, help="batch jobs' files, state and output (default: <adapter-dir>/.batches)"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--policy", default=None, help="policy file (TOML; default policies/default.toml)")

@@ -11,7 +11,11 @@ class InvalidAdapter(MuxError):
     """An adapter that cannot be served: wrong kind, shape, rank, format. Nothing was loaded."""
 
 
-class AdapterNotFound(MuxError):
+class NotFound(MuxError):
+    """No such object (or not visible to the caller): 404."""
+
+
+class AdapterNotFound(NotFound):
     """No adapter of that name (or not visible to the caller)."""
 
 

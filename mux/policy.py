@@ -10,10 +10,11 @@ from pathlib import Path
 from mux.config import LoRAConfig, SchedulerConfig
 from mux.errors import MuxError
 from mux.lora.policies import POLICIES
+from mux.server.batch_store import BatchConfig
 from mux.server.limits import TenantLimit
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.toml"
-_SECTIONS = {"eviction", "tiers", "scheduler", "streaming", "pinned", "admin", "tenants", "public", "limits"}
+_SECTIONS = {"eviction", "tiers", "scheduler", "streaming", "pinned", "admin", "tenants", "public", "limits", "batch"}
 _TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -30,6 +31,7 @@ class Policy:
     limits: TenantLimit = field(default_factory=TenantLimit)  # [limits]: each tenant unless its section says
     tenant_limits: dict[str, TenantLimit] | None = None
     stream_interval: int = 1  # [streaming] interval: OpenAI streams send tokens this many at a time after the first
+    batch: BatchConfig = field(default_factory=BatchConfig)  # [batch]: file and line limits, token weight
 
 
 def load_policy(path: str | Path | None = None, **overrides) -> Policy:
@@ -67,6 +69,8 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     interval = streaming.get("interval", 1) if interval is None else interval
     if type(interval) is not int or not 1 <= interval <= 1024:
         raise MuxError(f"policy file {path}: the stream interval must be a whole number of tokens, 1 to 1024")
+    batch = data.get("batch", {})
+    _only(batch, {f.name for f in fields(BatchConfig)}, "[batch]")
     try:
         if lora_values.get("eviction_policy", "lru") not in POLICIES:
             raise ValueError(f"unknown eviction policy {lora_values['eviction_policy']!r}")
@@ -80,6 +84,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
             limits,
             tenant_limits,
             interval,
+            replace(BatchConfig(), **batch),
         )
     except (TypeError, ValueError) as e:  # a bad value may come from the file or from an override (a CLI flag)
         where = f"policy file {path}" + (f" with overrides {', '.join(sorted(flags))}" if flags else "")

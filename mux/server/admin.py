@@ -49,6 +49,7 @@ class AdminRoutes:
         ]
         s["engine"] = engine.stats()
         s["rollouts"] = [rollout_state(self.state, i) for i in ids if repo.traffic(i) is not None]
+        s["batches"] = self.state.batch_jobs.stats()
         return JSONResponse(s)
 
     async def act(self, request: Request) -> Response:

@@ -24,6 +24,9 @@ from mux.server import dashboard
 from mux.server.adapters import AdapterRoutes
 from mux.server.admin import AdminRoutes
 from mux.server.auth import Auth
+from mux.server.batch_jobs import BatchJobs
+from mux.server.batch_store import BatchConfig, BatchStore
+from mux.server.batches import BatchRoutes, line_executor
 from mux.server.history import History
 from mux.server.kserve import KServeRoutes, kserve_error, not_found
 from mux.server.limits import Limits
@@ -50,6 +53,8 @@ class ServerState:
         allowed_lora_dirs: tuple[Path, ...] = (),
         limits: Limits | None = None,
         stream_interval: int = 1,
+        batch_dir: Path | None = None,
+        batch_config: BatchConfig | None = None,
     ) -> None:
         self.make_engine = make_engine
         self.pinned = pinned
@@ -62,6 +67,9 @@ class ServerState:
         self.history = History(self)  # for the dashboard: sampled by the app's lifespan
         self.repository = AdapterRepository(adapter_dir)
         self.versions = VersionFigures(self.repository)
+        self.batch_store = BatchStore(batch_dir or Path(adapter_dir) / ".batches")
+        self.batch_config = batch_config or BatchConfig()
+        self.batch_jobs: BatchJobs | None = None  # made by create_app, with the OpenAI routes its lines run through
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
@@ -96,6 +104,8 @@ def create_app(state: ServerState) -> Starlette:
     kserve = KServeRoutes(state)
     lorax = LoraxRoutes(state)
     rollouts = RolloutRoutes(state)
+    batches = BatchRoutes(state)
+    state.batch_jobs = BatchJobs(state.batch_store, state.batch_config, line_executor(openai))
 
     async def metrics(request: Request):
         try:  # every tenant's adapter ids are in here: admin key when keys are configured
@@ -128,12 +138,22 @@ def create_app(state: ServerState) -> Starlette:
     async def lifespan(app):
         threading.Thread(target=state.load, name="mux-load", daemon=True).start()
         sampler = asyncio.create_task(state.history.run())
+        resumer = asyncio.create_task(resume_batches())
         yield
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        for task in (sampler, resumer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.batch_jobs.stop()  # their lines end; the batches resume at the next start
         if state.engine is not None:
             state.engine.stop()
+
+    async def resume_batches() -> None:
+        await asyncio.to_thread(state.ready.wait)
+        if state.engine is not None:
+            state.batch_store.recover()
+            for batch_id in state.batch_jobs.resume():
+                log.info("resumed batch %s", batch_id)
 
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(openapi_document())
@@ -148,6 +168,7 @@ def create_app(state: ServerState) -> Starlette:
             + admin.routes()
             + adapters.routes()
             + rollouts.routes()
+            + batches.routes()
             + [Route("/metrics", metrics), history],
             error_response,
         ),

@@ -36,7 +36,7 @@ class Limits:
         self._in_flight: dict[str, int] = defaultdict(int)
         self._used: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # tenant -> (time, tokens)
         self._used_total: dict[str, int] = defaultdict(int)  # tenant -> sum of its window, kept as it slides
-        self._live: dict[int, str] = {}  # id(stream) -> tenant, until `finish`
+        self._live: dict[int, tuple[str, float]] = {}  # id(stream) -> (tenant, token weight), until `finish`
 
     def limit(self, tenant: str | None) -> TenantLimit:
         return self.tenants.get(tenant or DEFAULT_TENANT, self.default)
@@ -66,23 +66,24 @@ class Limits:
             self._in_flight[key] += count
         return key
 
-    def track(self, key: str, streams: list[RequestStream], reserved: int) -> None:
-        """Attach the admitted streams (fewer than reserved if submission failed half-way)."""
+    def track(self, key: str, streams: list[RequestStream], reserved: int, weight: float = 1.0) -> None:
+        """Attach the admitted streams (fewer than reserved if submission failed half-way); their tokens count
+        `weight` times (batch-job lines: the policy's [batch] token_weight)."""
         with self._lock:
             self._in_flight[key] -= reserved - len(streams)
             for s in streams:
-                self._live[id(s)] = key
+                self._live[id(s)] = key, weight
 
     def finish(self, streams: list[RequestStream]) -> None:
         """The streams' response ended: free their in-flight places and count their tokens (idempotent)."""
         now = self.clock()
         with self._lock:
             for s in streams:
-                key = self._live.pop(id(s), None)
+                key, weight = self._live.pop(id(s), (None, 0.0))
                 if key is None:
                     continue
                 self._in_flight[key] -= 1
-                tokens = len(s.prompt_ids) + s.num_tokens
+                tokens = round(weight * (len(s.prompt_ids) + s.num_tokens))
                 self._used[key].append((now, tokens))
                 self._used_total[key] += tokens
 

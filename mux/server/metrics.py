@@ -101,6 +101,16 @@ class _EngineCollector:
         yield _counter("mux_adapter_evictions", "Adapter evictions by path", "path", c["evictions"])
         yield _counter("mux_adapter_hits", "Adapter lookups served from a tier", "tier", c["hits"])
         yield _counter("mux_adapter_misses", "Adapter lookups that read the disk", None, c["misses"])
+        b = self.state.batch_jobs.stats()
+        batches = GaugeMetricFamily("mux_batches", "Batch jobs by status", labels=["status"])
+        for status, n in b["by_status"].items():
+            batches.add_metric([status], n)
+        yield batches
+        lines = {"completed": b["lines_completed"], "failed": b["lines_failed"]}
+        yield _counter("mux_batch_lines", "Batch-job lines finished since start, by outcome", "outcome", lines)
+        yield _gauge(
+            "mux_batch_tokens_per_second", "Tokens batch-job lines generated, over the last 10 s", b["tokens_per_s"]
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -25,6 +25,7 @@ from mux.errors import (
     InvalidAdapter,
     InvalidRequest,
     MuxError,
+    NotFound,
     NotReady,
     Overloaded,
 )
@@ -46,7 +47,7 @@ _STATUS = [
     (Unauthorized, 401, "AuthenticationError"),
     (BodyTooLarge, 413, "BadRequestError"),
     (Forbidden, 403, "PermissionDeniedError"),
-    (AdapterNotFound, 404, "NotFoundError"),
+    (NotFound, 404, "NotFoundError"),
     (InvalidAdapter, 400, "BadRequestError"),
     (InvalidRequest, 400, "BadRequestError"),
     (Conflict, 409, "ConflictError"),

@@ -89,7 +89,7 @@ class Serving:
                 s.cancel()
             limits.track(key, [], len(prompts))
             raise
-        limits.track(key, streams, len(prompts))
+        limits.track(key, streams, len(prompts), self.state.batch_config.token_weight if batch else 1.0)
         return streams
 
     def session(self, request: Request | None, user=None) -> str | None:
