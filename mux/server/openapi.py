@@ -156,6 +156,46 @@ def openapi_document() -> dict:
                     "send all traffic back to the version stable before the last split or promote", params=adapter
                 )
             },
+            "/v1/files": {
+                "get": _op("the caller's files (OpenAI Files API)"),
+                "post": _op(
+                    "upload a JSONL file for a batch (multipart `file`, `purpose=batch`)",
+                    {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["file", "purpose"],
+                                "properties": {
+                                    "file": {"type": "string", "format": "binary"},
+                                    "purpose": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                ),
+            },
+            "/v1/files/{file_id}": {
+                "get": _op("a File object", params=("file_id",)),
+                "delete": _op("delete a file", params=("file_id",)),
+            },
+            "/v1/files/{file_id}/content": {"get": _op("a file's content", params=("file_id",))},
+            "/v1/batches": {
+                "get": _op("the caller's batches, newest first (`after`, `limit`)"),
+                "post": _op(
+                    "create a batch job (OpenAI Batch API)",
+                    _json_body(
+                        {
+                            "input_file_id": {"type": "string"},
+                            "endpoint": {"type": "string"},
+                            "completion_window": {"type": "string"},
+                            "metadata": {"type": "object"},
+                        },
+                        ["input_file_id", "endpoint", "completion_window"],
+                    ),
+                ),
+            },
+            "/v1/batches/{batch_id}": {"get": _op("a Batch object", params=("batch_id",))},
+            "/v1/batches/{batch_id}/cancel": {"post": _op("cancel a batch", params=("batch_id",))},
             "/v1/load_lora_adapter": {
                 "post": _op(
                     "vLLM: install an adapter from an allowed server path",
