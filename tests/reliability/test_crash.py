@@ -232,3 +232,42 @@ def test_kill_9_during_split_changes_and_promotes_leaves_one_state(tiny_dir, tin
         assert served <= {v for v, w in weights.items() if w > 0}
     proc.kill()
     proc.wait()
+
+
+def test_kill_9_mid_batch_resumes_without_losing_or_repeating_a_line(tiny_dir, tmp_path):
+    root = tmp_path / "repo"
+    proc, base = start_server(tiny_dir, root)
+    body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    lines = [
+        {"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": f"Item {i}", **body}}
+        for i in range(120)
+    ]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    file_id = httpx.post(f"{base}/v1/files", files={"purpose": (None, "batch"), "file": ("in.jsonl", data)}).json()[
+        "id"
+    ]
+    create = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    batch_id = httpx.post(f"{base}/v1/batches", json=create).json()["id"]
+    deadline = time.time() + 60
+    while httpx.get(f"{base}/v1/batches/{batch_id}").json()["request_counts"]["completed"] < 10:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    output = root / ".batches" / "batches" / batch_id / "output.jsonl"
+    before = {json.loads(x)["custom_id"]: json.loads(x)["id"] for x in output.read_bytes().splitlines()[:-1]}
+    assert before, "nothing was written before the kill"
+    proc, base = start_server(tiny_dir, root)
+    while (batch := httpx.get(f"{base}/v1/batches/{batch_id}").json())["status"] != "completed":
+        assert time.time() < deadline + 60, batch
+        time.sleep(0.1)
+    records = [
+        json.loads(x) for x in httpx.get(f"{base}/v1/files/{batch['output_file_id']}/content").content.splitlines()
+    ]
+    ids = [r["custom_id"] for r in records]
+    assert sorted(ids) == sorted(x["custom_id"] for x in lines)  # every line once: none lost, none twice
+    by_id = {r["custom_id"]: r["id"] for r in records}
+    assert all(by_id[c] == i for c, i in before.items())  # lines done before the kill were not run again
+    assert batch["request_counts"] == {"total": 120, "completed": 120, "failed": 0}
+    proc.kill()
+    proc.wait()
