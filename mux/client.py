@@ -1,6 +1,6 @@
-"""`mux adapters ...` and `mux stats`: commands that speak HTTP to a running server (`--url` / MUX_URL, `--key` /
-MUX_API_KEY). Tables for people, the server's own JSON with `--json`; a refusal prints the server's message and
-exits with status 1."""
+"""`mux adapters ...`, `mux rollout ...` and `mux stats`: commands that speak HTTP to a running server (`--url` /
+MUX_URL, `--key` / MUX_API_KEY). Tables for people, the server's own JSON with `--json`; a refusal prints the
+server's message and exits with status 1."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # imported when a command runs: `mux serve` does not need htt
     import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-COMMANDS = ("adapters", "stats")
+COMMANDS = ("adapters", "rollout", "stats")
 FILES = ("adapter_config.json", "adapter_model.safetensors")  # the upload route's file fields
 PROGRESS_BYTES = 16 << 20  # on a terminal, uploads at least this large show a progress bar
 
@@ -28,7 +29,7 @@ class ClientError(Exception):
 
 
 def add_commands(sub) -> None:
-    """Add `adapters` and `stats` to the `mux` parser's subcommands."""
+    """Add `adapters`, `rollout` and `stats` to the `mux` parser's subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help=f"the server (default: $MUX_URL, else {DEFAULT_URL})")
     common.add_argument("--key", default=None, help="API key, sent as a bearer token (default: $MUX_API_KEY)")
@@ -45,8 +46,7 @@ def add_commands(sub) -> None:
     upload.add_argument(
         "--no-activate",
         action="store_true",
-        help="send activate=false: publish without moving new requests to it (rollouts; a server without "
-        "them ignores the field)",
+        help="send activate=false: store the version without moving traffic to it (then `mux rollout split`)",
     )
     upload.add_argument(
         "--progress",
@@ -56,6 +56,7 @@ def add_commands(sub) -> None:
     )
     rm = verbs.add_parser("rm", parents=[common], help="delete an adapter, every version (refused while in use)")
     rm.add_argument("name", help="TENANT/NAME (or NAME, as for show)")
+    _add_rollout(sub, common)
     stats = sub.add_parser("stats", parents=[common], help="tiers, engine and the top adapters (admin key)")
     stats.add_argument("--top", type=int, default=10, help="adapters to list, most used first (default 10)")
     stats.add_argument(
@@ -69,6 +70,60 @@ def add_commands(sub) -> None:
     )
 
 
+def _add_rollout(sub, common: argparse.ArgumentParser) -> None:
+    rollout = sub.add_parser("rollout", help="split an adapter's traffic between its versions, promote, roll back")
+    verbs = rollout.add_subparsers(dest="verb", required=True)
+    name = {"help": "TENANT/NAME (or NAME, if one adapter visible to this key has that name)"}
+    show = verbs.add_parser("show", parents=[common], help="an adapter's versions, their figures and its split")
+    show.add_argument("name", **name)
+    split = verbs.add_parser("split", parents=[common], help="send each version a share of new requests")
+    split.add_argument("name", **name)
+    split.add_argument(
+        "weights",
+        nargs="+",
+        type=_weight,
+        metavar="VERSION=PERCENT",
+        help="e.g. v1=90 v2=10 (or 1=90 2=10): integer percents summing to 100",
+    )
+    guard = split.add_argument_group(
+        "guard",
+        "once a canary served --guard-min-requests, send all traffic back to the stable version if the "
+        "canary fails or is slower than allowed; any of these sets a guard (the server's defaults fill the rest)",
+    )
+    guard.add_argument("--guard-max-error-rate", type=float, metavar="RATE", help="errors per request (0.05)")
+    guard.add_argument(
+        "--guard-max-ttft-p99-ratio", type=float, metavar="RATIO", help="TTFT p99 over the stable version's (2)"
+    )
+    guard.add_argument("--guard-min-requests", type=int, metavar="N", help="requests before the guard judges (50)")
+    promote = verbs.add_parser("promote", parents=[common], help="send all traffic to one version")
+    promote.add_argument("name", **name)
+    promote.add_argument("version", type=_version, help="the version: N or vN")
+    rollback = verbs.add_parser(
+        "rollback", parents=[common], help="all traffic back to the version stable before the last promote or split"
+    )
+    rollback.add_argument("name", **name)
+
+
+def _version(text: str) -> int:
+    number = text.removeprefix("v")
+    if not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version: give N or vN, e.g. 2 or v2")
+    return int(number)
+
+
+def _weight(text: str) -> tuple[int, int]:
+    """`v2=10` or `2=10` -> (2, 10); the server judges the range and the sum."""
+    version, _, percent = text.partition("=")
+    try:
+        if not re.fullmatch(r"-?[0-9]+", percent):
+            raise ValueError(percent)
+        return _version(version), int(percent)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give VERSION=PERCENT with an integer percent, e.g. v1=90 v2=10 or 1=90 2=10"
+        ) from None
+
+
 def run(args: argparse.Namespace, http: httpx.Client | None = None) -> int:
     """Run a client command; `http` replaces the client built from --url/--key (tests)."""
     try:
@@ -77,7 +132,7 @@ def run(args: argparse.Namespace, http: httpx.Client | None = None) -> int:
                 http = stack.enter_context(_client(args))
             if args.command == "stats":
                 return _stats(http, args)
-            return {"list": _list, "show": _show, "upload": _upload, "rm": _rm}[args.verb](http, args)
+            return VERBS[args.command][args.verb](http, args)
     except ClientError as e:
         print(f"mux: {e}", file=sys.stderr)
         return 1
@@ -154,9 +209,10 @@ def _show(http: httpx.Client, args: argparse.Namespace) -> int:
         "target_modules": ", ".join(meta["target_modules"]) if meta.get("target_modules") else None,
         "bytes": f"{meta['bytes']} ({_bytes(meta['bytes'])})" if meta.get("bytes") is not None else None,
         "created": _date(meta.get("created")) if meta.get("created") else None,
+        **({"versions": ", ".join(str(v["version"]) for v in meta["versions"])} if "versions" in meta else {}),
+        **({"traffic": _weights(meta["traffic"])} if "traffic" in meta else {}),
     }
-    width = max(len(k) for k in shown)
-    print("\n".join(f"{k:<{width}}  {'-' if v is None else v}" for k, v in shown.items()))
+    print(_fields(shown))
     return 0
 
 
@@ -237,6 +293,105 @@ class _Counted:
         return self._file.fileno()
 
 
+# ---- rollouts -----------------------------------------------------------------------------------
+GUARD = ("max_error_rate", "max_ttft_p99_ratio", "min_requests")  # the guard's fields, each a --guard-* flag
+STATE = ("id", "versions", "traffic")  # an adapter's rollout state: what every rollout route answers
+
+
+def _rollout_show(http: httpx.Client, args: argparse.Namespace) -> int:
+    meta = _call(http, "GET", f"/v1/adapters/{_resolve(http, args.name)}").json()
+    if any(k not in meta for k in STATE):
+        raise ClientError(f"{meta.get('id', args.name)}: this server has no traffic splits (no rollouts)")
+    return _answer(args, {k: meta[k] for k in STATE}, render_rollout)
+
+
+def _rollout_split(http: httpx.Client, args: argparse.Namespace) -> int:
+    weights: dict[str, int] = {}
+    for version, percent in args.weights:
+        if str(version) in weights:
+            raise ClientError(f"version {version} is given twice")
+        weights[str(version)] = percent
+    guard = {k: v for k in GUARD if (v := getattr(args, f"guard_{k}")) is not None}
+    return _rollout_change(http, args, "PUT", "traffic", {"weights": weights, **({"guard": guard} if guard else {})})
+
+
+def _rollout_promote(http: httpx.Client, args: argparse.Namespace) -> int:
+    return _rollout_change(http, args, "POST", "promote", {"version": args.version})
+
+
+def _rollout_rollback(http: httpx.Client, args: argparse.Namespace) -> int:
+    return _rollout_change(http, args, "POST", "rollback", None)
+
+
+def _rollout_change(http: httpx.Client, args: argparse.Namespace, method: str, action: str, body) -> int:
+    state = _call(http, method, f"/v1/adapters/{_resolve(http, args.name)}/{action}", json=body).json()
+    return _answer(args, state, lambda s: f"{s['id']}: {_weights(s['traffic'])}")
+
+
+def render_rollout(state: dict) -> str:
+    """A rollout state as text: a row per version (its figures under the split, if it has one), then the split."""
+    traffic, versions = state["traffic"], state["versions"]
+    figured = any("figures" in v for v in versions)
+    headers = ["VERSION", "WEIGHT", "SHA256", "RANK", "CREATED", "IN FLIGHT", *(FIGURES if figured else [])]
+    rows = [
+        [
+            _version_label(v["version"], traffic),
+            f"{v['weight']}%",
+            (v.get("sha256") or "-")[:12],
+            str(v.get("rank") or "-"),
+            _date(v.get("created")),
+            str(v["in_flight"]),
+            *(_figures(v.get("figures")) if figured else []),
+        ]
+        for v in versions
+    ]
+    guard = traffic.get("guard")
+    fields = {
+        "stable": f"v{traffic['stable']}",
+        "rollback to": f"v{traffic['rollback_to']}",
+        **({"guard": _guard(guard, traffic["stable"])} if guard else {}),
+        **({"rolled back": traffic["rollback_reason"]} if traffic.get("rollback_reason") else {}),
+        **({"updated": _date(traffic["updated"])} if traffic.get("updated") else {}),
+    }
+    return _table(headers, rows) + "\n\n" + _fields(fields)
+
+
+FIGURES = ["REQUESTS", "ERRORS", "TTFT P50 MS", "TTFT P99 MS"]
+
+
+def _figures(f: dict | None) -> list[str]:
+    if f is None:
+        return ["-"] * len(FIGURES)
+    return [str(f["requests"]), str(f["errors"]), _ms(f.get("ttft_p50_s")), _ms(f.get("ttft_p99_s"))]
+
+
+def _weights(traffic: dict) -> str:
+    shares = ", ".join(f"v{v} {w}%" for v, w in traffic["weights"].items())
+    return f"{shares} (stable v{traffic['stable']})"
+
+
+def _version_label(version: int, traffic: dict) -> str:
+    return f"{version} (stable)" if version == traffic["stable"] else str(version)
+
+
+def _guard(guard: dict, stable: int) -> str:
+    return (
+        f"all traffic back to v{stable} once a canary served {guard['min_requests']} requests, if its error rate "
+        f"> {guard['max_error_rate']:g} or its TTFT p99 > {guard['max_ttft_p99_ratio']:g}x v{stable}'s"
+    )
+
+
+VERBS = {
+    "adapters": {"list": _list, "show": _show, "upload": _upload, "rm": _rm},
+    "rollout": {
+        "show": _rollout_show,
+        "split": _rollout_split,
+        "promote": _rollout_promote,
+        "rollback": _rollout_rollback,
+    },
+}
+
+
 # ---- stats --------------------------------------------------------------------------------------
 def _stats(http: httpx.Client, args: argparse.Namespace) -> int:
     clear = args.watch is not None and not args.json and sys.stdout.isatty()
@@ -298,10 +453,40 @@ def render_stats(stats: dict, top: int = 10) -> str:
     ]
     if rows:
         lines += ["", _table(["ADAPTER", "VERSION", "TIER", "SLOT", "PINNED", "IN FLIGHT", "USES", "LAST USED"], rows)]
-    return "\n".join(lines)
+    return "\n".join(lines + _rollouts(stats.get("rollouts") or []))
+
+
+def _rollouts(rollouts: list[dict]) -> list[str]:
+    """The versions under a split, with their figures, and why a guard rolled one back."""
+    rows = [
+        [r["id"], _version_label(v["version"], r["traffic"]), f"{v['weight']}%", *_figures(v["figures"])]
+        for r in rollouts
+        for v in r["versions"]
+        if "figures" in v
+    ]
+    reasons = [
+        f"{r['id']} rolled back: {r['traffic']['rollback_reason']}"
+        for r in rollouts
+        if r["traffic"].get("rollback_reason")
+    ]
+    return ["", _table(["ROLLOUT", "VERSION", "WEIGHT", *FIGURES], rows), *reasons] if rows else []
 
 
 # ---- formatting ---------------------------------------------------------------------------------
+def _answer(args: argparse.Namespace, body, text) -> int:
+    """The server's JSON with --json, else `text(body)`."""
+    if args.json:
+        _print_json(body)
+    else:
+        print(text(body))
+    return 0
+
+
+def _fields(fields: dict) -> str:
+    width = max(len(k) for k in fields)
+    return "\n".join(f"{k:<{width}}  {'-' if v is None else v}" for k, v in fields.items())
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [headers, *rows])

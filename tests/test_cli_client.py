@@ -1,11 +1,13 @@
-"""`mux adapters ...` and `mux stats` against a real `mux serve` (tiny model, keys for an admin and two tenants):
-tables by default, the server's JSON with --json, the server's message and exit status 1 on a refusal."""
+"""`mux adapters ...`, `mux rollout ...` and `mux stats` against a real `mux serve` (tiny model, keys for an admin
+and two tenants): tables by default, the server's JSON with --json, the server's message and exit status 1 on a
+refusal."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,8 +202,80 @@ def test_stats_watch_redraws_until_interrupted(server, as_json):
         proc.wait()
 
 
+@pytest.fixture(scope="module")
+def canary(server, tiny_adapters):
+    """acme/canary: version 1 serving, version 2 stored with --no-activate."""
+    ok(mux(server, "acme", "adapters", "upload", str(tiny_adapters["r4-attn"]), "--name", "canary"))
+    ok(mux(server, "acme", "adapters", "upload", str(tiny_adapters["r8-mlp"]), "--name", "canary", "--no-activate"))
+    return "acme/canary"
+
+
+def columns(table: str) -> list[list[str]]:
+    """A table's lines as cells (columns are two or more spaces apart)."""
+    return [re.split(r"\s{2,}", line) for line in table.splitlines()]
+
+
+def test_rollout_split_show_promote_rollback(server, canary):
+    acme = {"Authorization": "Bearer acme-k"}
+    out = ok(mux(server, "acme", "rollout", "split", "canary", "1=90", "2=10"))
+    assert out == "acme/canary: v1 90%, v2 10% (stable v1)\n"
+    with httpx.Client() as http:
+        for i in range(4):
+            body = {"model": "canary", "prompt": "Hello", "max_tokens": 2, "user": f"u{i}"}
+            assert http.post(f"{server}/v1/completions", json=body, headers=acme, timeout=60).status_code == 200
+        state = http.get(f"{server}/v1/adapters/{canary}", headers=acme).json()
+    table, fields = ok(mux(server, "acme", "rollout", "show", "canary")).split("\n\n")
+    header, *rows = columns(table)
+    assert header == ["VERSION", "WEIGHT", "SHA256", "RANK", "CREATED", "IN FLIGHT", *client.FIGURES]
+    v1, v2 = state["versions"]
+    assert [r[:4] for r in rows] == [
+        ["1 (stable)", "90%", v1["sha256"][:12], "4"],
+        ["2", "10%", v2["sha256"][:12], "8"],
+    ]
+    assert [r[6:8] for r in rows] == [[str(v["figures"]["requests"]), "0"] for v in (v1, v2)]
+    assert v1["figures"]["requests"] + v2["figures"]["requests"] == 4 and rows[0][8].replace(".", "").isdigit()
+    assert fields.splitlines()[:2] == ["stable       v1", "rollback to  v1"] and "guard" not in fields
+    shown = json.loads(ok(mux(server, "acme", "rollout", "show", canary, "--json")))
+    assert shown == {k: state[k] for k in ("id", "versions", "traffic")}  # what every rollout route answers
+
+    guard = ["--guard-min-requests", "20", "--guard-max-error-rate", "0.1"]
+    split = json.loads(ok(mux(server, "acme", "rollout", "split", "canary", "v1=50", "v2=50", *guard, "--json")))
+    assert split["traffic"]["guard"] == {"max_error_rate": 0.1, "max_ttft_p99_ratio": 2.0, "min_requests": 20}
+    shown = ok(mux(server, "acme", "rollout", "show", "canary"))
+    assert "\nguard        all traffic back to v1 once a canary served 20 requests, if its error rate > 0.1 " in shown
+    promoted = ok(mux(server, "acme", "rollout", "promote", "canary", "v2"))
+    assert promoted == "acme/canary: v2 100% (stable v2)\n"
+    assert ok(mux(server, "acme", "rollout", "rollback", "canary")) == "acme/canary: v1 100% (stable v1)\n"
+    stats = ok(mux(server, "admin", "stats"))
+    header, *rows = columns(stats[stats.index("ROLLOUT") :])
+    assert header == ["ROLLOUT", "VERSION", "WEIGHT", *client.FIGURES]
+    assert rows == [["acme/canary", "1 (stable)", "100%", "0", "0", "-", "-"]]  # figures count from the last change
+
+
+def test_rollout_refusals(server, canary, capsys):
+    before = ok(mux(server, "acme", "rollout", "show", canary, "--json"))
+    refused(mux(server, "acme", "rollout", "split", "canary", "1=60", "2=30"), "400", "must sum to 100; they sum to 90")
+    refused(mux(server, "acme", "rollout", "split", "canary", "1=50", "v1=50"), "version 1 is given twice")
+    refused(mux(server, "acme", "rollout", "promote", canary, "7"), "400", "version 7 does not exist")
+    refused(
+        mux(server, "acme", "rollout", "split", canary, "1=100", "--guard-min-requests", "0"), "400", "min_requests"
+    )
+    for verb in (["show"], ["split", "1=100"], ["promote", "1"], ["rollback"]):  # not beta's: as if absent
+        refused(mux(server, "beta", "rollout", verb[0], canary, *verb[1:]), "404", "`acme/canary` does not exist")
+    refused(mux(server, "beta", "rollout", "show", "canary"), "no adapter named 'canary'")
+    for argv, message in (
+        (["split", "canary", "v1=abc"], "argument VERSION=PERCENT: 'v1=abc': give VERSION=PERCENT with an integer"),
+        (["split", "canary", "1=9.5"], "'1=9.5': give VERSION=PERCENT"),
+        (["promote", "canary", "two"], "argument version: 'two' is not a version: give N or vN"),
+    ):  # argparse's refusals (status 2), before anything is sent
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["rollout", *argv, "--url", server])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert ok(mux(server, "acme", "rollout", "show", canary, "--json")) == before
+
+
 def test_the_client_commands_are_in_mux_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in ("serve", "hash-key", "adapters", "stats"))
+    assert all(name in out for name in ("serve", "hash-key", "adapters", "rollout", "stats"))

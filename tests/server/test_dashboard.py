@@ -1,6 +1,6 @@
 """The dashboard in a real headless browser (the OS's Chromium, driven by Playwright) and /admin/history over HTTP,
-on one server with keys: the page asks for the key, shows the tiers, adapters and charts, updates them, logs no
-JavaScript error, and says so when a key is refused."""
+on one server with keys: the page asks for the key, shows the tiers, adapters, charts and rollouts, updates them,
+logs no JavaScript error, and says so when a key is refused."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def complete(server: str, model: str, n: int = 1) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEYS["admin"], max_retries=0)
     for _ in range(n):
         client.completions.create(model=model, prompt="Hello there", max_tokens=4, temperature=0)
+
+
+def upload(server: str, name: str, src: Path, activate: bool = True) -> None:
+    fields = {"name": (None, name), **({} if activate else {"activate": (None, "false")})}
+    files = {f.name: (f.name, f.read_bytes()) for f in (src / "adapter_config.json", src / "adapter_model.safetensors")}
+    r = httpx.post(f"{server}/v1/adapters", files={**fields, **files}, headers=auth("admin"), timeout=60)
+    assert r.status_code == 201, r.text
+
+
+def auth(who: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[who]}"}
 
 
 def get(server: str, path: str, who: str | None = None) -> httpx.Response:
@@ -148,7 +159,7 @@ def wait_until(page, predicate: str, arg=None, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def test_dashboard_in_a_browser(server, browser, tmp_path):
+def test_dashboard_in_a_browser(server, browser, tmp_path, tiny_adapters):
     for adapter_id in ADAPTERS:
         complete(server, adapter_id)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -189,6 +200,26 @@ def test_dashboard_in_a_browser(server, browser, tmp_path):
         )
     assert int(page.inner_text('[data-card="evictions"] .value')) >= 1
 
+    # a canary split: the rollouts section shows both versions, their weights and their figures
+    assert page.is_hidden("#rollouts") is False and "no adapter has a traffic split" in page.inner_text("#rollouts")
+    upload(server, "acme/canary", tiny_adapters["r4-all"])
+    upload(server, "acme/canary", tiny_adapters["r2-down"], activate=False)
+    r = httpx.put(
+        f"{server}/v1/adapters/acme/canary/traffic", json={"weights": {"1": 80, "2": 20}}, headers=auth("acme")
+    )
+    assert r.status_code == 200, r.text
+    complete(server, "acme/canary", 4)
+    rollout = '[data-rollout="acme/canary"]'
+    served = f"""() => [...document.querySelectorAll('{rollout} td[data-key="requests"]')]
+        .reduce((n, td) => n + Number(td.textContent), 0) === 4"""
+    wait_until(page, served)
+    rows = page.locator(f"{rollout} tbody tr")
+    assert rows.evaluate_all("rows => rows.map(r => r.dataset.version)") == ["1", "2"]
+    assert page.locator(f"{rollout} td[data-key=weight]").all_inner_texts() == ["80%", "20%"]
+    assert page.inner_text(f"{rollout} tr.stable td[data-key=version]").split() == ["v1", "stable"]
+    assert page.inner_text(f"{rollout} h3") == "acme/canary" and page.locator(f"{rollout} .reason").count() == 0
+    assert "stable v1 · rollback to v1 · no guard" in page.inner_text(f"{rollout} .facts")
+
     # sort by a header, filter by tenant
     page.click('#adapters th[data-key="uses"]')  # uses was sorted descending: now ascending
     uses = [int(u) for u in page.locator('#adapters tbody td[data-key="uses"]').all_inner_texts()]
@@ -203,11 +234,31 @@ def test_dashboard_in_a_browser(server, browser, tmp_path):
     page.close()
 
 
+ROLLED_BACK = {
+    "id": "acme/<img src=x>",  # tenant data: shown as text, never parsed as HTML
+    "versions": [
+        {"version": 1, "weight": 100, "in_flight": 0, "figures": {"requests": 40, "errors": 0, "error_rate": 0.0}},
+        {"version": 2, "weight": 0, "in_flight": 0, "figures": {"requests": 10, "errors": 10, "error_rate": 1.0}},
+        {"version": 3, "weight": 0, "in_flight": 0},  # stored, outside the split: not listed
+    ],
+    "traffic": {
+        "weights": {"1": 100, "2": 0},
+        "stable": 1,
+        "rollback_to": 1,
+        "guard": {"max_error_rate": 0.05, "max_ttft_p99_ratio": 2.0, "min_requests": 10},
+        "rollback_reason": "guard: version 2 failed 10 of 10 requests (error rate 1.000 > 0.05)",
+        "updated": 0,
+        "history": [],
+    },
+}
+
+
 def test_an_open_server_needs_no_key_and_new_stats_get_sections(server, browser):
-    """The page as an open server (no keys) answers it, with the rollouts and batch jobs that later issues add to
-    /admin/stats: the answers are this server's own, served to the page by the browser's request interception."""
+    """The page as an open server (no keys) answers it, with a rollout the guard rolled back and the batch jobs that
+    a later issue adds to /admin/stats: the answers are this server's own, served to the page by the browser's
+    request interception."""
     stats = get(server, "/admin/stats", "admin").json()
-    stats["rollouts"] = {"acme/attn": {"v1": 90, "v2": 10}}
+    stats["rollouts"] = [ROLLED_BACK]
     stats["batches"] = [{"id": "batch-1", "done": 3, "total": 10}]
     history = get(server, "/admin/history", "admin").json()
     sent = []
@@ -224,7 +275,16 @@ def test_an_open_server_needs_no_key_and_new_stats_get_sections(server, browser)
     page.goto(f"{server}/dashboard")
     page.wait_for_selector("#extra-batches td")
     assert page.is_hidden("#login") and sent and set(sent) == {None}
-    assert page.locator("#extra-rollouts tbody tr").all_inner_texts() == ["acme/attn\t90\t10"]
+    rollout = page.locator("#rollouts .rollout")
+    assert rollout.count() == 1 and rollout.get_attribute("data-rollout") == ROLLED_BACK["id"]
+    assert rollout.locator("h3").inner_text() == ROLLED_BACK["id"] and page.locator("#rollouts img").count() == 0
+    reason = ROLLED_BACK["traffic"]["rollback_reason"]
+    assert rollout.locator(".reason[role=alert]").inner_text() == f"rolled back: {reason}"
+    assert rollout.locator("tbody tr").all_inner_texts() == [
+        "v1 stable\t100%\t40\t0\t0.0%\t–\t–\t–",
+        "v2\t0%\t10\t10\t100.0%\t–\t–\t–",
+    ]
+    assert rollout.locator("td.bad").count() == 2  # v2's errors and error rate
     assert page.locator("#extra-batches th").all_inner_texts() == ["id", "done", "total"]
     assert errors == []
     page.close()
