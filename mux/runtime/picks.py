@@ -15,9 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mux.config import cache_root
+from mux.runtime import durable
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +161,10 @@ class PickCache:
         """Atomically (temp file, fsync, rename): a crash leaves the old file or the new one."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": FORMAT, "key": self.key, "entries": entries}, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            data = {"format": FORMAT, "key": self.key, "entries": entries}
+            durable.write_json(self.path, data, indent=1, sort_keys=True)
         except OSError as e:  # a read-only cache: the picks serve this process only
             log.warning("kernel picks: could not write %s (%s)", self.path, e)
-            with contextlib.suppress(OSError, UnboundLocalError):
-                Path(tmp).unlink(missing_ok=True)
 
 
 def _valid(entry, kernels: tuple[str, ...]) -> bool:
