@@ -27,6 +27,7 @@ from pathlib import Path
 from mux.errors import AdapterNotFound, Conflict, InvalidRequest
 from mux.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_key
 from mux.lora.splits import TRAFFIC, Split
+from mux.runtime import durable
 
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION = re.compile(r"v(\d+)")
@@ -64,22 +65,23 @@ class AdapterRepository:
 
     def path(self, adapter_id: str) -> Path:
         """The directory of the stable version (of version N for `tenant/name@N`)."""
-        adapter_dir, version = self._locate(adapter_id)
-        if version is not None:
-            return self._version_dir(adapter_id, adapter_dir, version)
-        resolved = self._resolve(adapter_dir)
-        if resolved is None:
-            raise AdapterNotFound(f"The model `{adapter_id}` does not exist.")
-        split = self._read_split(adapter_dir)
-        return resolved if split is None else self._version_dir(adapter_id, adapter_dir, split.stable)
+        return self._pick(adapter_id, lambda split: split.stable)
 
     def choose(self, adapter_id: str, session: str | None) -> Path:
         """The version directory one request uses: pinned by `@N`, else drawn from the split (sticky by session)."""
+        return self._pick(adapter_id, lambda split: split.choose(adapter_id, session))
+
+    def _pick(self, adapter_id: str, which) -> Path:
         adapter_dir, version = self._locate(adapter_id)
-        split = None if version is not None else self._read_split(adapter_dir)
-        if split is None:
-            return self.path(adapter_id)
-        return self._version_dir(adapter_id, adapter_dir, split.choose(adapter_id, session))
+        if version is None:
+            split = self._read_split(adapter_dir)
+            if split is None:  # no split: `current`, or the hand-placed adapter
+                resolved = self._resolve(adapter_dir)
+                if resolved is None:
+                    raise AdapterNotFound(f"The model `{adapter_id}` does not exist.")
+                return resolved
+            version = which(split)
+        return self._version_dir(adapter_id, adapter_dir, version)
 
     def _locate(self, adapter_id: str) -> tuple[Path, int | None]:
         """`tenant/name[@N]` -> (<root>/<tenant>/<name>, N or None); a malformed name is absent (404)."""
@@ -141,13 +143,7 @@ class AdapterRepository:
 
     def _write_split(self, adapter_dir: Path, split: Split) -> None:
         """traffic.json replaced atomically, then `current` re-pointed at the stable version."""
-        tmp = adapter_dir / f".{TRAFFIC}-{uuid.uuid4().hex}"
-        with open(tmp, "w") as f:
-            json.dump(split.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, adapter_dir / TRAFFIC)
-        _fsync(adapter_dir)
+        durable.write_json(adapter_dir / TRAFFIC, split.to_json())
         self._point_current(adapter_dir, split.stable)
 
     @staticmethod
@@ -158,7 +154,7 @@ class AdapterRepository:
         link = adapter_dir / f".{CURRENT}-{uuid.uuid4().hex}"
         os.symlink(f"v{version}", link)
         os.replace(link, current)
-        _fsync(adapter_dir)
+        durable.fsync(adapter_dir)
 
     def identify(self, path: str | Path) -> dict:
         """<root>/<tenant>/<name>[/v<N>] -> {"id": "tenant/name", "version": N}; paths elsewhere stay paths."""
@@ -236,7 +232,7 @@ class AdapterRepository:
             (staged / META).write_text(json.dumps(meta))
             _fsync_dir_files(staged)
             os.rename(staged, adapter_dir / f"v{version}")  # stored: the publish of an inactive version
-            _fsync(adapter_dir)
+            durable.fsync(adapter_dir)
             split = self._read_split(adapter_dir)
             if activate and split is not None:
                 self._write_split(adapter_dir, split.promoted(version, "upload"))
@@ -342,15 +338,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir_files(path: Path) -> None:
     for f in path.iterdir():
-        _fsync(f)
-    _fsync(path)
+        durable.fsync(f)
+    durable.fsync(path)
