@@ -193,7 +193,7 @@ class Scheduler:
         with the fewest sequences running, counting those taken before it (ties: the tenant that queued first), so
         a tenant flooding the queue cannot starve a light one. (One tenant waiting: plain FIFO, each with 0.)"""
         online = [s for s in self.waiting if not s.batch]
-        yield from self._fair(online if len(online) < len(self.waiting) else list(self.waiting))
+        yield from self._fair(online)
         if len(online) < len(self.waiting):
             yield from self._fair([s for s in self.waiting if s.batch])
 
