@@ -22,6 +22,7 @@ from mux.lora.adapter import CONFIG_FILE, MAX_CONFIG_BYTES, PICKLE_REFUSED, WEIG
 from mux.lora.repository import valid_part
 from mux.server.archive import extract_adapter
 from mux.server.auth import DEFAULT_TENANT, Forbidden
+from mux.server.multipart import TooLarge, limited, save_upload
 from mux.server.openai import error_response, read_json
 from mux.server.rollouts import rollout_state
 
@@ -32,10 +33,6 @@ MAX_BODY_BYTES = MAX_WEIGHTS_BYTES + (4 << 20)
 
 class InUse(Conflict):
     """The adapter is serving requests (409)."""
-
-
-class TooLarge(MuxError):
-    """An uploaded file over its size limit (413)."""
 
 
 class AdapterRoutes:
@@ -68,7 +65,7 @@ class AdapterRoutes:
             caller = self._caller(request)
             if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
                 return _too_large()
-            request = Request(request.scope, _limited(request.receive, MAX_BODY_BYTES))  # chunked bodies too
+            request = Request(request.scope, limited(request.receive, MAX_BODY_BYTES))  # chunked bodies too
             async with request.form(max_files=4, max_fields=8) as form:
                 adapter_id = self._own(caller, self._adapter_id(caller, form.get("name")))
                 activate = _flag(form.get("activate"), "activate")
@@ -102,7 +99,7 @@ class AdapterRoutes:
         if files[CONFIG_FILE].size > MAX_CONFIG_BYTES or files[WEIGHTS_FILE].size > MAX_WEIGHTS_BYTES:
             raise TooLarge()
         for field, upload in files.items():
-            await run_in_threadpool(_save, upload, staged / field)
+            await run_in_threadpool(save_upload, upload, staged / field)
 
     async def _publish(self, adapter_id: str, staged: Path, source: str = "upload", activate: bool = True) -> dict:
         """Validate a staged adapter with the engine's own reader, then install it as the next version (its meta
@@ -251,28 +248,6 @@ class AdapterRoutes:
             await run_in_threadpool(repo.delete, adapter_id)
         finally:
             manager.forget(adapter_dir)  # ends the retirement too
-
-
-def _limited(receive, limit: int):
-    """`receive` that raises TooLarge once the body passes `limit` bytes, whatever Content-Length said."""
-    seen = 0
-
-    async def counted() -> dict:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise TooLarge()
-        return message
-
-    return counted
-
-
-def _save(upload: UploadFile, dst: Path) -> None:
-    upload.file.seek(0)
-    with open(dst, "wb") as out:
-        shutil.copyfileobj(upload.file, out, 1 << 20)
 
 
 def _flag(value, field: str) -> bool:

@@ -10,7 +10,6 @@ A tenant sees and cancels only its own files and batches (another's answer 404);
 from __future__ import annotations
 
 import json
-import shutil
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -19,9 +18,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from mux.errors import InvalidRequest, MuxError, NotFound, Overloaded
-from mux.server.adapters import TooLarge, _limited
 from mux.server.batch_jobs import BatchJobs, owns
 from mux.server.batch_store import public
+from mux.server.multipart import TooLarge, limited, save_upload
 from mux.server.openai import error_body, error_response, read_json
 
 PURPOSES = ("batch",)
@@ -59,7 +58,7 @@ class BatchRoutes:
             caller = self._caller(request)
             if int(request.headers.get("content-length") or 0) > limit + (1 << 20):
                 raise TooLarge()
-            request = Request(request.scope, _limited(request.receive, limit + (1 << 20)))
+            request = Request(request.scope, limited(request.receive, limit + (1 << 20)))
             async with request.form(max_files=1, max_fields=4, max_part_size=1 << 20) as form:
                 purpose, upload = form.get("purpose"), form.get("file")
                 if purpose not in PURPOSES:
@@ -69,7 +68,7 @@ class BatchRoutes:
                 if upload.size is not None and upload.size > limit:
                     raise TooLarge()
                 tmp = store.staged_path()
-                await run_in_threadpool(_save, upload, tmp)
+                await run_in_threadpool(save_upload, upload, tmp)
                 name = (upload.filename or "input.jsonl")[:255]
             meta = await run_in_threadpool(store.add_file, caller.tenant, name, purpose, tmp)
             tmp = None
@@ -188,12 +187,6 @@ def _limit(value) -> int:
     if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 100):
         raise InvalidRequest("`limit` must be an integer from 1 to 100")
     return int(value)
-
-
-def _save(upload: UploadFile, dst) -> None:
-    upload.file.seek(0)
-    with open(dst, "wb") as out:
-        shutil.copyfileobj(upload.file, out, 1 << 20)
 
 
 def _too_large(limit: int) -> JSONResponse:
