@@ -177,7 +177,7 @@ class BatchJobs:
         now = time.time()
         recent = [n for t, n in self._tokens if now - t <= 10.0]
         return {
-            "by_status": dict(Counter(b["status"] for b in self.store.batches())),
+            "by_status": self.store.status_counts(),
             "lines_completed": self.lines["completed"],
             "lines_failed": self.lines["failed"],
             "tokens_per_s": sum(recent) / 10.0,

@@ -17,10 +17,12 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from mux.errors import NotFound
+from mux.runtime import durable
 
 OUTPUT, ERRORS = "output.jsonl", "errors.jsonl"
 
@@ -45,6 +47,7 @@ class BatchStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+        self._statuses: dict[str, str] | None = None  # batch id -> status, read from disk once (for the stats)
 
     # ---- files --------------------------------------------------------------------------------
     def add_file(self, tenant: str | None, filename: str, purpose: str, source: Path) -> dict:
@@ -63,20 +66,15 @@ class BatchStore:
             "status": "processed",
             "tenant": tenant,
         }
-        _write_json(staged / "meta.json", meta)
-        _fsync(staged / "content")
+        durable.write_json(staged / "meta.json", meta)
+        durable.fsync(staged / "content")
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         os.rename(staged, self.root / "files" / file_id)
-        _fsync(self.root / "files")
+        durable.fsync(self.root / "files")
         return meta
 
     def files(self) -> list[dict]:
-        found = []
-        for d in sorted((self.root / "files").glob("file-*")):
-            meta = _read_json(d / "meta.json")
-            if meta is not None:
-                found.append(meta)
-        return sorted(found, key=lambda m: m["created_at"])
+        return self._records("files", "file-*", "meta.json")
 
     def file(self, file_id: str) -> dict:
         meta = _read_json(self._file_dir(file_id) / "meta.json") if _is_id(file_id, "file-") else None
@@ -99,12 +97,12 @@ class BatchStore:
 
     # ---- batches --------------------------------------------------------------------------------
     def batches(self) -> list[dict]:
-        found = []
-        for d in (self.root / "batches").glob("batch_*"):
-            batch = _read_json(d / "batch.json")
-            if batch is not None:
-                found.append(batch)
-        return sorted(found, key=lambda b: (b["created_at"], b["id"]))
+        return self._records("batches", "batch_*", "batch.json")
+
+    def _records(self, folder: str, pattern: str, name: str) -> list[dict]:
+        """Every complete record under <dir>/<folder>, oldest first."""
+        found = [_read_json(d / name) for d in (self.root / folder).glob(pattern)]
+        return sorted((r for r in found if r is not None), key=lambda r: (r["created_at"], r["id"]))
 
     def batch(self, batch_id: str) -> dict:
         batch = _read_json(self.batch_dir(batch_id) / "batch.json") if _is_id(batch_id, "batch_") else None
@@ -115,7 +113,15 @@ class BatchStore:
     def save_batch(self, batch: dict) -> None:
         directory = self.batch_dir(batch["id"])
         directory.mkdir(parents=True, exist_ok=True)
-        _write_json(directory / "batch.json", batch)
+        durable.write_json(directory / "batch.json", batch)
+        if self._statuses is not None:
+            self._statuses[batch["id"]] = batch["status"]
+
+    def status_counts(self) -> dict[str, int]:
+        """Batches by status, without reading every record at each scrape."""
+        if self._statuses is None:
+            self._statuses = {b["id"]: b["status"] for b in self.batches()}
+        return dict(Counter(self._statuses.values()))
 
     def batch_dir(self, batch_id: str) -> Path:
         return self.root / "batches" / batch_id
@@ -177,26 +183,8 @@ def _is_id(value: str, prefix: str) -> bool:
     return value.startswith(prefix) and 0 < len(rest) <= 64 and plain.isascii() and plain.isalnum()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
