@@ -34,14 +34,14 @@ def _complete(base: str, model: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-class Traffic:
-    """Background uploads (re-uploads of a few names), completions and admin evictions until `stop`."""
+class Background:
+    """Threads running requests against the server until `stop` (or the exit of the `with` block); a request
+    the killed server cannot answer is let go."""
 
-    def __init__(self, base: str, sources: list) -> None:
-        self.base, self.sources = base, sources
-        self.acked: list[dict] = []  # meta of every upload the server answered 201 to
+    def __init__(self, base: str, *workers) -> None:
+        self.base = base
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._upload, self._complete, self._evict)]
+        self.threads = [threading.Thread(target=f, daemon=True) for f in workers]
 
     def __enter__(self):
         for t in self.threads:
@@ -62,6 +62,15 @@ class Traffic:
                 except httpx.HTTPError:  # the server was killed under us
                     time.sleep(0.05)
                 i += 1
+
+
+class Traffic(Background):
+    """Background uploads (re-uploads of a few names), completions and admin evictions until `stop`."""
+
+    def __init__(self, base: str, sources: list) -> None:
+        super().__init__(base, self._upload, self._complete, self._evict)
+        self.sources = sources
+        self.acked: list[dict] = []  # meta of every upload the server answered 201 to
 
     def _upload(self) -> None:
         def one(client, i):
@@ -149,59 +158,36 @@ def test_recover_removes_what_a_crash_between_move_and_publish_leaves(tmp_path, 
     assert repository.ids() == ["t/a"] and repository.meta("t/a")["version"] == 2 and repository.verify("t/a")
 
 
-class SplitChanges:
+class SplitChanges(Background):
     """Background split changes and promotes of t/a (versions 1-3), and completions, until `stop`. `attempts` holds
     the weights each change asked for, in order; `acked` the indexes of those the server answered 200 to."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
+        super().__init__(base, self._change, self._complete)
         self.attempts: list[dict] = []
         self.acked: list[int] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._change, self._complete)]
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
 
     def _change(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            for i in range(10_000):
-                if self.stop.is_set():
-                    return
-                if i % 3 == 2:
-                    weights = {str(1 + i % 3): 100}
-                    self.attempts.append(weights)
-                    call = client.post, "promote", {"version": 1 + i % 3}
-                else:
-                    weights = {"1": 100 - i % 50, "2": i % 50 // 2, "3": i % 50 - i % 50 // 2}
-                    self.attempts.append(weights)
-                    call = client.put, "traffic", {"weights": weights}
-                try:
-                    r = call[0](f"{self.base}/v1/adapters/t/a/{call[1]}", json=call[2])
-                except httpx.HTTPError:  # the server was killed under us
-                    time.sleep(0.05)
-                    continue
-                assert r.status_code == 200, r.text
-                self.acked.append(len(self.attempts) - 1)
+        def one(client, i):
+            if i % 3 == 2:
+                weights, action, body = {str(1 + i % 3): 100}, "promote", {"version": 1 + i % 3}
+            else:
+                weights = {"1": 100 - i % 50, "2": i % 50 // 2, "3": i % 50 - i % 50 // 2}
+                action, body = "traffic", {"weights": weights}
+            self.attempts.append(weights)
+            send = client.post if action == "promote" else client.put
+            r = send(f"{self.base}/v1/adapters/t/a/{action}", json=body)
+            assert r.status_code == 200, r.text
+            self.acked.append(len(self.attempts) - 1)
+
+        self._loop(one)
 
     def _complete(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            for i in range(10_000):
-                if self.stop.is_set():
-                    return
-                try:
-                    client.post(
-                        f"{self.base}/v1/completions", json={"model": "t/a", "prompt": "Hi", "user": str(i), **GREEDY}
-                    )
-                except httpx.HTTPError:
-                    time.sleep(0.05)
+        def one(client, i):
+            body = {"model": "t/a", "prompt": "Hi", "user": str(i), **GREEDY}
+            client.post(f"{self.base}/v1/completions", json=body)
+
+        self._loop(one)
 
 
 def test_kill_9_during_split_changes_and_promotes_leaves_one_state(tiny_dir, tiny_adapters, tmp_path):

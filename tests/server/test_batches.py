@@ -21,8 +21,13 @@ BATCH_LIMITS = "[batch]\nmax_file_bytes = 200000\nmax_lines = 300\n"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_dir, tiny_adapters):
-    root = tmp_path_factory.mktemp("batch-repo")
+def repo(tmp_path_factory):
+    return tmp_path_factory.mktemp("batch-repo")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir, tiny_adapters, repo):
+    root = repo
     for name in ADAPTERS:
         shutil.copytree(tiny_adapters[name], root / "acme" / name)
     shutil.copytree(tiny_adapters["r4-all"], root / "beta" / "theirs")
@@ -131,7 +136,7 @@ def test_a_bad_file_fails_validation_as_a_whole_before_any_work(server, data, co
     assert batch.request_counts.completed == 0 and batch.output_file_id is None
 
 
-def test_bad_requests_are_refused_with_the_right_status(server):
+def test_bad_requests_are_refused_with_the_right_status(server, repo):
     client = sdk(server, "acme")
     upload = client.files.create(file=("input.jsonl", jsonl([line("a", {"prompt": "x"})])), purpose="batch")
     with pytest.raises(openai.BadRequestError):
@@ -141,7 +146,19 @@ def test_bad_requests_are_refused_with_the_right_status(server):
     with pytest.raises(openai.NotFoundError):
         client.batches.create(input_file_id="file-missing", endpoint="/v1/completions", completion_window="24h")
     with pytest.raises(openai.BadRequestError):
+        client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h", metadata={"k": 1}
+        )
+    with pytest.raises(openai.BadRequestError):
         client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+    headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+    for query in ("limit=0", "limit=101", "limit=x"):
+        assert httpx.get(f"{server}/v1/batches?{query}", headers=headers).status_code == 400
+    r = httpx.post(f"{server}/v1/batches", json=[upload.id], headers=headers)
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/files", files={"purpose": (None, "batch")}, headers=headers)
+    assert r.status_code == 400 and "`file`" in r.json()["error"]["message"]
+    assert not list((repo / ".batches" / ".staging").glob("upload-*"))  # refused uploads leave nothing
     r = httpx.post(
         f"{server}/v1/files",
         files={"purpose": (None, "batch"), "file": ("big.jsonl", b"x" * 250_000)},
@@ -152,6 +169,7 @@ def test_bad_requests_are_refused_with_the_right_status(server):
 
 def test_tenants_see_and_cancel_only_their_own(server):
     acme, beta, admin = sdk(server, "acme"), sdk(server, "beta"), sdk(server, "admin")
+    run_batch(acme, jsonl([line("a", {"prompt": "x", **GREEDY})]))  # so that one page of one has more
     batch = run_batch(acme, jsonl([line("a", {"prompt": "x", **GREEDY})]))
     for call in (
         lambda: beta.batches.retrieve(batch.id),
@@ -169,7 +187,7 @@ def test_tenants_see_and_cancel_only_their_own(server):
     assert batch.input_file_id not in [f.id for f in beta.files.list()]
     assert admin.batches.retrieve(batch.id).id == batch.id and batch.id in [b.id for b in admin.batches.list(limit=100)]
     page = acme.batches.list(limit=1)
-    assert len(page.data) == 1 and page.has_more
+    assert [b.id for b in page.data] == [batch.id] and page.has_more  # newest first
     assert acme.files.delete(batch.input_file_id).deleted
     with pytest.raises(openai.NotFoundError):
         acme.files.retrieve(batch.input_file_id)
@@ -183,7 +201,7 @@ def _engine_idle(server) -> bool:
 def test_cancel_stops_the_batch_and_keeps_its_output_so_far(server):
     client = sdk(server, "acme")
     long = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
-    lines = [line(f"c{i}", {"model": "acme/r4-attn", "prompt": PROMPTS[i % 10], **long}) for i in range(80)]
+    lines = [line(f"c{i}", {"model": "acme/r4-attn", "prompt": PROMPTS[i % 10], **long}) for i in range(300)]
     batch = run_batch(client, jsonl(lines), wait=False)
     deadline = time.time() + 60
     while client.batches.retrieve(batch.id).request_counts.completed < 1:
@@ -193,7 +211,7 @@ def test_cancel_stops_the_batch_and_keeps_its_output_so_far(server):
     while (batch := client.batches.retrieve(batch.id)).status == "cancelling":
         assert time.time() < deadline
         time.sleep(0.1)
-    assert batch.status == "cancelled" and batch.cancelled_at and batch.request_counts.completed < 80
+    assert batch.status == "cancelled" and batch.cancelled_at and batch.request_counts.completed < 300
     assert len(read_lines(client, batch.output_file_id)) == batch.request_counts.completed
     time.sleep(0.5)
     assert _engine_idle(server)
@@ -202,10 +220,13 @@ def test_cancel_stops_the_batch_and_keeps_its_output_so_far(server):
 def test_a_batch_past_its_window_expires_with_its_partial_output(server):
     client = sdk(server, "acme")
     long = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
-    lines = [line(f"e{i}", {"model": "acme/r8-qv", "prompt": PROMPTS[i % 10], **long}) for i in range(80)]
+    # a few short lines that finish at once, then 56,000 tokens: far more than any machine here makes in 3 s
+    short = {**long, "max_tokens": 2}
+    lines = [line(f"e{i}", {"model": "acme/r8-qv", "prompt": PROMPTS[i % 10], **short}) for i in range(20)]
+    lines += [line(f"e{i}", {"model": "acme/r8-qv", "prompt": PROMPTS[i % 10], **long}) for i in range(20, 300)]
     batch = run_batch(client, jsonl(lines), window="3s")
     assert batch.status == "expired" and batch.expired_at, batch
-    assert 0 < batch.request_counts.completed < 80
+    assert 0 < batch.request_counts.completed < 300
     assert len(read_lines(client, batch.output_file_id)) == batch.request_counts.completed
     time.sleep(0.5)
     assert _engine_idle(server)

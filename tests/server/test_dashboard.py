@@ -194,10 +194,11 @@ def test_dashboard_in_a_browser(server, browser, tmp_path, tiny_adapters):
         .textContent === String(uses) && document.querySelector('[data-card="generated tokens"] .value')
         .textContent !== tokens"""
     wait_until(page, updated, [used + 2, tokens])  # the page refreshes every 2 s
-    for chart in ("throughput", "ttft", "queue", "tiers", "faults"):  # two history points (2 s apart) make a line
-        wait_until(
-            page, "(id) => document.querySelector(`#chart-${id} path.line`).getAttribute('d').includes('L')", chart
-        )
+    # two history points (2 s apart) make a line; the sampler and the page's refresh each wait 2 s, longer on a
+    # loaded 2-core machine (10 s ran out once in a full run)
+    for chart in ("throughput", "ttft", "queue", "tiers", "faults"):
+        line = "(id) => document.querySelector(`#chart-${id} path.line`).getAttribute('d').includes('L')"
+        wait_until(page, line, chart, timeout_s=30.0)
     assert int(page.inner_text('[data-card="evictions"] .value')) >= 1
 
     # a canary split: the rollouts section shows both versions, their weights and their figures
