@@ -1,4 +1,5 @@
-"""Command line: `mux serve`, `mux hash-key`; the HTTP client commands `mux adapters`, `mux stats` (mux/client.py)."""
+"""Command line: `mux serve`, `mux batch` (mux/offline.py), `mux hash-key`; the HTTP client commands `mux adapters`,
+`mux rollout`, `mux stats` (mux/client.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mux import client
+from mux import client, offline
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 
@@ -21,16 +22,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class Refused(Exception):
+    """The command line or the policy file is wrong: printed as `mux: <message>`, exit status 2."""
 
+
+def engine_setup(args: argparse.Namespace):
+    """(policy, EngineConfig) from the engine flags `serve` and `batch` share (raises Refused)."""
     from mux.config import CacheConfig, EngineConfig, ModelConfig
-    from mux.engine.engine import Engine, freeze_heap
     from mux.errors import MuxError
     from mux.policy import load_policy
-    from mux.server.app import ServerState, create_app
-    from mux.server.auth import Auth
-    from mux.server.limits import Limits
 
     try:
         policy = load_policy(
@@ -38,18 +38,8 @@ def serve(args: argparse.Namespace) -> int:
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
             max_cpu_adapter_bytes=args.max_cpu_adapter_bytes,
-            stream_interval=args.stream_interval,
+            stream_interval=getattr(args, "stream_interval", None),
         )
-    except MuxError as e:
-        print(f"mux: {e}", file=sys.stderr)
-        return 2
-    auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
-    if not auth.enabled and not _is_loopback(args.host) and not args.insecure:
-        print(
-            f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly", file=sys.stderr
-        )
-        return 2
-    try:
         model = ModelConfig(
             model=args.model,
             served_model_name=args.served_model_name,
@@ -58,15 +48,29 @@ def serve(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
             backend=args.backend,
         )
-    except ValueError as e:
-        print(f"mux: {e}", file=sys.stderr)
-        return 2
+    except (MuxError, ValueError) as e:
+        raise Refused(str(e)) from None
     config = EngineConfig(
         model=model,
         lora=policy.lora,
         cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes, prefix_caching=args.enable_prefix_caching),
         scheduler=policy.scheduler,
     )
+    return policy, config
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mux.engine.engine import Engine, freeze_heap
+    from mux.server.app import ServerState, create_app
+    from mux.server.auth import Auth
+    from mux.server.limits import Limits
+
+    policy, config = engine_setup(args)
+    auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
+    if not auth.enabled and not _is_loopback(args.host) and not args.insecure:
+        raise Refused(f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly")
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
     limits = Limits(policy.limits, policy.tenant_limits)
 
@@ -96,18 +100,11 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mux", description="one base model, many LoRA adapters")
-    sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="start the HTTP server")
+def _engine_flags(s: argparse.ArgumentParser) -> None:
+    """The model, adapters and engine: the flags `serve` and `batch` share."""
     s.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--adapter-dir", default=str(REPO_ADAPTERS))
-    s.add_argument(
-        "--batch-dir", default=None, help="batch jobs' files, state and output (default: <adapter-dir>/.batches)"
-    )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
     s.add_argument("--policy", default=None, help="policy file (TOML; default policies/default.toml)")
     s.add_argument("--max-loras", type=int, default=None, help="device slots (overrides the policy)")
     s.add_argument("--max-lora-rank", type=int, default=None)
@@ -118,12 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="reuse the K/V of prompts' shared first blocks within a tenant and adapter (vLLM's flag; default on)",
-    )
-    s.add_argument(
-        "--stream-interval",
-        type=int,
-        default=None,
-        help="OpenAI streams: send tokens this many at a time after the first (overrides the policy; default 1)",
     )
     s.add_argument(
         "--dtype",
@@ -143,6 +134,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="decode steps through the model's own forward: no CUDA graphs (CUDA), no decode loop of C calls (CPU)",
     )
+    s.add_argument("--log-level", default="info")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mux", description="one base model, many LoRA adapters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the HTTP server")
+    _engine_flags(s)
+    s.add_argument(
+        "--batch-dir", default=None, help="batch jobs' files, state and output (default: <adapter-dir>/.batches)"
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="OpenAI streams: send tokens this many at a time after the first (overrides the policy; default 1)",
+    )
     s.add_argument(
         "--allowed-lora-dir",
         action="append",
@@ -150,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         help="directory /v1/load_lora_adapter may read from (repeatable; the adapter dir always is)",
     )
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
-    s.add_argument("--log-level", default="info")
+    b = sub.add_parser("batch", help="run a batch file (OpenAI's Batch API format) in-process, with no server")
+    _engine_flags(b)
+    offline.add_flags(b)
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for the policy file")
     h.add_argument("key")
     client.add_commands(sub)
@@ -163,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         print(hash_key(args.key))
         return 0
     logging.basicConfig(level=args.log_level.upper())
-    return serve(args)
+    try:
+        return serve(args) if args.command == "serve" else offline.run(args, *engine_setup(args))
+    except Refused as e:
+        print(f"mux: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -162,10 +162,17 @@ def test_documented_serve_flags_are_the_clis(capsys):
 
 
 def test_documented_client_flags_are_the_clis(capsys):
-    commands = (["adapters", "list"], ["adapters", "show"], ["adapters", "upload"], ["adapters", "rm"], ["stats"])
+    commands = [["adapters", v] for v in ("list", "show", "upload", "rm")] + [["stats"]]
+    commands += [["rollout", v] for v in ("show", "split", "promote", "rollback")]
     real = set().union(*(_flags(c, capsys) for c in commands))
-    named = _named_flags(lambda doc, line: "mux adapters" in line or "mux stats" in line)
-    assert {"--json", "--no-activate", "--watch"} <= named and named - real == set()
+    named = _named_flags(lambda doc, line: any(f"mux {c}" in line for c in ("adapters", "stats", "rollout")))
+    assert {"--json", "--no-activate", "--watch", "--guard-min-requests"} <= named and named - real == set()
+
+
+def test_documented_batch_flags_are_the_clis(capsys):
+    section = (ROOT / "docs" / "operations.md").read_text().split("### `mux batch`")[1].split("\n#")[0]
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", section))
+    assert {"--model", "--adapter-dir", "--no-progress"} <= named and named - _flags(["batch"], capsys) == set()
 
 
 # ---- the runnable blocks, against a real server -------------------------------------------------------

@@ -20,10 +20,15 @@ def fsync(path: Path) -> None:
 
 def write_json(path: Path, data, **dump) -> None:
     """Replace `path` with `data` as JSON (`dump`: json.dump's options)."""
+    write_bytes(path, json.dumps(data, **dump).encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: a crash leaves the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, **dump)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

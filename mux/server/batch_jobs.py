@@ -168,6 +168,13 @@ class BatchJobs:
         self._cancel[batch_id] = asyncio.Event()
         self._tasks[batch_id] = asyncio.get_running_loop().create_task(self._run(batch_id))
 
+    async def wait(self, batch_id: str, timeout: float | None = None) -> bool:
+        """Whether the batch's runner has ended, after waiting for it at most `timeout` seconds."""
+        task = self._tasks.get(batch_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+        return task is None or task.done()
+
     async def stop(self) -> None:
         for task in self._tasks.values():
             task.cancel()
@@ -181,7 +188,14 @@ class BatchJobs:
             "lines_completed": self.lines["completed"],
             "lines_failed": self.lines["failed"],
             "tokens_per_s": sum(recent) / 10.0,
+            "live": [self._live(batch_id) for batch_id in sorted(self._tasks)],
         }
+
+    def _live(self, batch_id: str) -> dict:
+        """A running batch as the admin's stats show it (its counts as last saved: at most SAVE_EVERY_S old)."""
+        b = self.store.batch(batch_id)
+        keep = ("id", "tenant", "status", "endpoint", "created_at", "expires_at")
+        return {**{k: b[k] for k in keep}, **b["request_counts"]}
 
     # ---- running one batch ------------------------------------------------------------------
     async def _run(self, batch_id: str) -> None:

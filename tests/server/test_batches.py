@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import httpx
@@ -207,6 +209,9 @@ def test_cancel_stops_the_batch_and_keeps_its_output_so_far(server):
     while client.batches.retrieve(batch.id).request_counts.completed < 1:
         assert time.time() < deadline
         time.sleep(0.1)
+    stats = httpx.get(f"{server}/admin/stats", headers={"Authorization": f"Bearer {KEYS['admin']}"}).json()
+    live = {b["id"]: b for b in stats["batches"]["live"]}
+    assert live[batch.id]["tenant"] == "acme" and live[batch.id]["total"] == 300
     assert client.batches.cancel(batch.id).status == "cancelling"
     while (batch := client.batches.retrieve(batch.id)).status == "cancelling":
         assert time.time() < deadline
@@ -234,3 +239,37 @@ def test_a_batch_past_its_window_expires_with_its_partial_output(server):
     assert stats["batches"]["by_status"]["expired"] >= 1 and stats["batches"]["lines_completed"] > 0
     metrics = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}).text
     assert 'mux_batches{status="expired"}' in metrics and 'mux_batch_lines_total{outcome="completed"}' in metrics
+
+
+def _same(record: dict) -> tuple:
+    """A line's outcome without the ids and times that differ between two runs."""
+    body = {k: v for k, v in record["response"]["body"].items() if k not in ("id", "created")}
+    return record["response"]["status_code"], body
+
+
+def test_mux_batch_offline_writes_what_the_servers_batch_writes(server, repo, tiny_dir, tmp_path):
+    models = [f"acme/{a}" for a in ADAPTERS] + ["tiny", "acme/missing"]
+    lines = [line(f"r{i}", {"model": models[i % 6], "prompt": PROMPTS[i % 10], **GREEDY}) for i in range(24)]
+    lines.append(line("bad-sampling", {"prompt": "x", "max_tokens": 4, "temperature": -1}))
+    batch = run_batch(sdk(server, "admin"), jsonl(lines))
+    assert batch.status == "completed" and batch.request_counts.failed == 5
+    online = read_lines(sdk(server, "admin"), batch.output_file_id)
+    online.update(read_lines(sdk(server, "admin"), batch.error_file_id))
+    (tmp_path / "in.jsonl").write_bytes(jsonl(lines))
+    command = [sys.executable, "-m", "mux.cli", "batch", "-i", str(tmp_path / "in.jsonl"), "-o"]
+    command += [str(tmp_path / "out.jsonl"), "--model", str(tiny_dir), "--served-model-name", "tiny"]
+    command += ["--adapter-dir", str(repo), "--dtype", "float32", "--kv-cache-bytes", str(64 << 20)]
+    done = subprocess.run([*command, "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr  # some lines failed
+    assert "25 lines, 20 completed, 5 failed" in done.stderr
+    offline = [json.loads(raw) for raw in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in offline] == [sent["custom_id"] for sent in lines]  # the input's order
+    assert all(_same(r) == _same(online[r["custom_id"]]) for r in offline)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # its work store is gone
+
+    (tmp_path / "bad.jsonl").write_bytes(jsonl([lines[0], lines[0]]))
+    command[command.index("-o") + 1] = str(tmp_path / "never.jsonl")
+    command[command.index("-i") + 1] = str(tmp_path / "bad.jsonl")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "the custom_id 'r0' is used twice" in done.stderr
+    assert not (tmp_path / "never.jsonl").exists()

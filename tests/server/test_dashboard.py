@@ -255,12 +255,21 @@ ROLLED_BACK = {
 
 
 def test_an_open_server_needs_no_key_and_new_stats_get_sections(server, browser):
-    """The page as an open server (no keys) answers it, with a rollout the guard rolled back and the batch jobs that
-    a later issue adds to /admin/stats: the answers are this server's own, served to the page by the browser's
-    request interception."""
+    """The page as an open server (no keys) answers it, with a rollout the guard rolled back and a running batch:
+    the answers are this server's own, served to the page by the browser's request interception."""
     stats = get(server, "/admin/stats", "admin").json()
     stats["rollouts"] = [ROLLED_BACK]
-    stats["batches"] = [{"id": "batch-1", "done": 3, "total": 10}]
+    now = int(time.time())
+    stats["batches"] = {
+        "by_status": {"in_progress": 1, "completed": 4, "failed": 1},
+        "lines_completed": 1234,
+        "lines_failed": 5,
+        "tokens_per_s": 56.25,
+        "live": [
+            {"id": "batch_1", "tenant": "acme", "status": "in_progress", "endpoint": "/v1/completions"}
+            | {"created_at": now - 120, "expires_at": now + 3600, "total": 10, "completed": 2, "failed": 1}
+        ],
+    }
     history = get(server, "/admin/history", "admin").json()
     sent = []
 
@@ -274,7 +283,7 @@ def test_an_open_server_needs_no_key_and_new_stats_get_sections(server, browser)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.route("**/admin/*", answer)
     page.goto(f"{server}/dashboard")
-    page.wait_for_selector("#extra-batches td")
+    page.wait_for_selector("#batch-live td")
     assert page.is_hidden("#login") and sent and set(sent) == {None}
     rollout = page.locator("#rollouts .rollout")
     assert rollout.count() == 1 and rollout.get_attribute("data-rollout") == ROLLED_BACK["id"]
@@ -286,6 +295,10 @@ def test_an_open_server_needs_no_key_and_new_stats_get_sections(server, browser)
         "v2\t0%\t10\t10\t100.0%\t–\t–\t–",
     ]
     assert rollout.locator("td.bad").count() == 2  # v2's errors and error rate
-    assert page.locator("#extra-batches th").all_inner_texts() == ["id", "done", "total"]
+    cards = page.locator("#batch-cards .card .value").all_inner_texts()
+    assert cards == ["1", "5", "1,234", "56.3"]
+    assert "1 failed" in page.locator("[data-card='batch ended'] .detail").inner_text()
+    row = page.locator("#batch-live tbody tr").all_inner_texts()
+    assert row == ["batch_1\tacme\tin_progress\t/v1/completions\t3 / 10\t1\t2 min ago\tin 60 min"]
     assert errors == []
     page.close()
