@@ -23,7 +23,9 @@ request, and a skipped decode would hold each pinned slot a step longer.
 
 Batch-job lines (`Sequence.batch`) fill the room online requests leave: they are admitted after every waiting
 online request, preempted first when the cache is full, and while any online request is live they take at most
-`batch_share` of a step's sequences and tokens.
+`batch_share` of a step's sequences and tokens (the others keep their KV blocks and wait). A prefill-only step
+for an online prompt may skip batch lines' decodes however many there are; a batch line's prompt never gets a
+prefill-only step while online sequences decode.
 """
 
 from __future__ import annotations
@@ -63,6 +65,33 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Share:
+    """What batch lines may add to a step: at most `share` of its sequences and of its tokens (at least one of
+    each, so a batch always moves). share = 1: no bound (no online work is live)."""
+
+    share: float
+    online_rows: int = 0
+    online_tokens: int = 0
+    batch_rows: int = 0
+    batch_tokens: int = 0
+
+    def room(self) -> int | float:
+        """Tokens the next batch line may take in this step (0: none)."""
+        if self.share >= 1.0:
+            return math.inf
+        per_online = self.share / (1.0 - self.share)  # batch rows (tokens) per online row (token)
+        rows = max(1, int(per_online * self.online_rows)) - self.batch_rows
+        tokens = max(1, int(per_online * self.online_tokens)) - self.batch_tokens
+        return max(0, tokens) if rows > 0 else 0
+
+    def add(self, seq: Sequence, n: int) -> None:
+        if seq.batch:
+            self.batch_rows, self.batch_tokens = self.batch_rows + 1, self.batch_tokens + n
+        else:
+            self.online_rows, self.online_tokens = self.online_rows + 1, self.online_tokens + n
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: Adapters) -> None:
         """`config` with its token budget filled in (SchedulerConfig.for_device)."""
@@ -82,17 +111,24 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        decoding = sum(s.num_pending == 1 for s in self.running) if self.waiting else 0
+        online_decodes = sum(s.num_pending == 1 and not s.batch for s in self.running) if self.waiting else 0
+        batch_decodes = sum(s.num_pending == 1 and s.batch for s in self.running) if self.waiting else 0
+        # the decodes a prefill-only step would delay: an online prompt may delay batch lines' decodes freely; a
+        # batch line's prompt never delays an online decode
+        if any(not s.batch for s in self.waiting):
+            delayed = online_decodes
+        else:
+            delayed = math.inf if online_decodes else batch_decodes
         tried = (
             bool(self.waiting)
             and not self._decodes_skipped
             and not self._slot_wait
-            and decoding <= self.config.prefill_first_max_decodes
+            and delayed <= self.config.prefill_first_max_decodes
         )
         if tried:
             out = self._schedule(decodes=False, count_waits=True)
             if out.scheduled:
-                self._decodes_skipped = decoding > 0
+                self._decodes_skipped = online_decodes + batch_decodes > 0
                 return out
         self._decodes_skipped = False
         return self._schedule(decodes=True, count_waits=not tried)
@@ -103,14 +139,19 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self._slot_wait = False
+        online = any(not s.batch for s in self.running) or any(not s.batch for s in self.waiting)
+        share = _Share(self.config.batch_share if online else 1.0)
 
-        # 1. Running sequences, oldest first: a decode token or the next prefill chunk each.
-        for seq in list(self.running):
+        # 1. Running sequences, online ones then batch lines (in their share), oldest first: a decode token or
+        # the next prefill chunk each. A batch line left out of a step keeps its place and its KV blocks.
+        for seq in sorted(self.running, key=lambda s: s.batch):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_pending, budget)
+            n = min(seq.num_pending, budget, share.room() if seq.batch else budget)
+            if n == 0:
+                continue
             if not decodes and (seq.num_pending == 1 or n < seq.num_pending):
                 continue  # a decode, or a chunk that leaves its prompt unfinished: it rides with the decodes
             if not decodes and not self.blocks.can_allocate(seq, n):
@@ -125,19 +166,19 @@ class Scheduler:
                 continue
             self.blocks.allocate(seq, n)
             out.scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+            share.add(seq, n)
             budget -= n
 
         # 2. Admit waiting sequences (not in a step that had to preempt: the cache is full).
         if out.preempted:
             return out
         lightest = None  # how busy the first admitted sequence's tenant was
-        room = self._batch_room(out)  # (sequences, tokens) batch lines may still take in this step
         for seq, busy in self._fair_waiting():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if lightest is not None and busy > lightest:
                 continue  # a busier tenant's prompt would lengthen a lighter tenant's step: it goes in the next one
-            if seq.batch and room[0] <= 0:
+            if seq.batch and share.room() == 0:
                 break  # batch lines come after every online one: none is left behind this one
             if seq.adapter is not None:
                 if seq.slot < 0 and (slot := self.adapters.acquire(seq.adapter)) is not None:
@@ -158,34 +199,18 @@ class Scheduler:
             if not self.blocks.can_allocate(seq, n, hit):
                 break  # FCFS on KV space so long prompts are not starved by short ones
             if seq.batch:
-                n = min(n, room[1])
-                if n <= 0:
-                    break
+                n = min(n, share.room())
             if not decodes and n < pending:
                 continue  # its first token is steps away: its first chunk goes with the next step's decodes
-            if seq.batch:
-                room = (room[0] - 1, room[1] - n)
             self.waiting.remove(seq)
             lightest = busy if lightest is None else lightest
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.blocks.allocate(seq, n, hit)
             out.scheduled.append(Scheduled(seq, n, seq.num_computed + n == seq.num_tokens))
+            share.add(seq, n)
             budget -= n
         return out
-
-    def _batch_room(self, out: SchedulerOutput) -> tuple[float, float]:
-        """(sequences, tokens) batch lines may add to this step: no bound while no online request is live."""
-        online = any(not s.batch for s in self.running) or any(not s.batch for s in self.waiting)
-        if not online:
-            return math.inf, math.inf
-        share = self.config.batch_share
-        running = sum(s.batch for s in self.running)
-        tokens = sum(x.num_tokens for x in out.scheduled if x.seq.batch)
-        return (
-            max(1, int(share * self.config.max_num_seqs)) - running,
-            max(1, int(share * self.config.max_num_batched_tokens)) - tokens,
-        )
 
     def _fair_waiting(self) -> Iterator[tuple[Sequence, int]]:
         """Waiting sequences in admission order, each with its tenant's running sequences as the step began:
@@ -193,9 +218,9 @@ class Scheduler:
         with the fewest sequences running, counting those taken before it (ties: the tenant that queued first), so
         a tenant flooding the queue cannot starve a light one. (One tenant waiting: plain FIFO, each with 0.)"""
         online = [s for s in self.waiting if not s.batch]
-        yield from self._fair(online)
-        if len(online) < len(self.waiting):
-            yield from self._fair([s for s in self.waiting if s.batch])
+        lines = [s for s in self.waiting if s.batch] if len(online) < len(self.waiting) else []
+        yield from self._fair(online)  # the caller removes those it admits from self.waiting meanwhile
+        yield from self._fair(lines)
 
     def _fair(self, waiting: list[Sequence]) -> Iterator[tuple[Sequence, int]]:
         queues: dict[str | None, deque[Sequence]] = {}

@@ -354,24 +354,43 @@ def batch_seq(n_prompt=5, max_tokens=4):
 
 
 def test_batch_lines_go_after_online_ones_and_within_their_share_while_online_work_is_live():
-    sched, _, _ = make(max_num_seqs=8, batch_share=0.25, prefill_first_max_decodes=0)
-    lines = [batch_seq() for _ in range(6)]
+    sched, _, _ = make(max_num_seqs=16, batch_share=0.25, prefill_first_max_decodes=0)
+    lines = [batch_seq(max_tokens=20) for _ in range(6)]
     for s in lines:
         sched.add(s)
-    online = [seq() for _ in range(3)]
+    online = [seq(max_tokens=12) for _ in range(6)]
     for s in online:
         sched.add(s)
     out = run_step(sched)
-    admitted = [s.seq for s in out.scheduled]
-    assert admitted[:3] == online  # queued later, admitted first
-    assert sum(s.batch for s in admitted) == 2  # 25% of 8 sequences while online work is live
+    assert [s.seq for s in out.scheduled][:6] == online  # queued later, admitted first
     for _ in range(10):
-        run_step(sched)
-        assert sum(s.batch for s in sched.running) <= 2
+        step = [(x.seq.batch, x.num_tokens) for x in out.scheduled]
+        rows, tokens = sum(b for b, _ in step), sum(n for b, n in step if b)
+        online_rows, online_tokens = len(step) - rows, sum(n for b, n in step if not b)
+        assert 1 <= rows <= max(1, online_rows // 3) and tokens <= max(1, online_tokens // 3)  # 25% of the step
+        out = run_step(sched)
     for s in online:
         sched.finish(s, "length")
-    run_step(sched)  # no online work: the batch runs at full speed
-    assert sum(s.batch for s in sched.running) == 6
+    out = run_step(sched)  # no online work: the batch runs at full speed
+    assert sum(x.seq.batch for x in out.scheduled) == 6
+
+
+def test_an_online_prompt_gets_a_prefill_step_past_batch_decodes_and_a_batch_prompt_never_past_online_ones():
+    sched, _, _ = make(max_num_seqs=64, prefill_first_max_decodes=2)
+    lines = [batch_seq(max_tokens=20) for _ in range(8)]
+    for s in lines:
+        sched.add(s)
+    run_step(sched)
+    run_step(sched)  # eight batch lines decode
+    urgent = seq()
+    sched.add(urgent)
+    out = run_step(sched)
+    assert [x.seq for x in out.scheduled] == [urgent]  # its own prefill step, though 8 decodes wait
+    run_step(sched)  # the decodes' turn
+    late = batch_seq()
+    sched.add(late)
+    out = run_step(sched)
+    assert urgent in [x.seq for x in out.scheduled]  # decoding: the batch prompt rides with it
 
 
 def test_an_idle_server_runs_batch_lines_unbounded_and_preempts_them_first():
