@@ -130,7 +130,7 @@ def main() -> None:
     texts = prompts(64)
     rounds = 2 if args.quick else 3
     requests = 48 if args.quick else 96
-    n_throughput = 256 if args.quick else 768
+    n_throughput = 256 if args.quick else 384
     try:
         asyncio.run(closed_loop(base, models, texts, 16, 2))  # warm-up: every adapter read once
         asyncio.run(closed_loop(base, models, texts, 8, 2))

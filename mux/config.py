@@ -104,7 +104,7 @@ class SchedulerConfig:
     # while at most this many sequences decode, new prompts' prefills get a step of their own (0: every step mixes
     # prefills and decodes; bench.serving measures both orders)
     prefill_first_max_decodes: int = 16
-    # while online requests are live, batch-job lines take at most this share of a step's sequences and tokens
+    # while online requests are live, batch-job lines take at most this share of each step's sequences and tokens
     # (an idle server runs them at full speed; bench.batch measures what online callers notice)
     batch_share: float = 0.25
 
