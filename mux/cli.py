@@ -1,4 +1,4 @@
-"""Command line: `mux serve`, `mux batch` (mux/offline.py), `mux hash-key`; the HTTP client commands `mux adapters`,
+"""Command line: `mux serve`, `mux batch` (mux/batch_cli.py), `mux hash-key`; the HTTP client commands `mux adapters`,
 `mux rollout`, `mux stats` (mux/client.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mux import client, offline
+from mux import batch_cli, client
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
     b = sub.add_parser("batch", help="run a batch file (OpenAI's Batch API format) in-process, with no server")
     _engine_flags(b)
-    offline.add_flags(b)
+    batch_cli.add_flags(b)
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for the policy file")
     h.add_argument("key")
     client.add_commands(sub)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper())
     try:
-        return serve(args) if args.command == "serve" else offline.run(args, *engine_setup(args))
+        return serve(args) if args.command == "serve" else batch_cli.run(args, engine_setup)
     except Refused as e:
         print(f"mux: {e}", file=sys.stderr)
         return 2

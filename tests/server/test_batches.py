@@ -267,6 +267,15 @@ def test_mux_batch_offline_writes_what_the_servers_batch_writes(server, repo, ti
     assert all(_same(r) == _same(online[r["custom_id"]]) for r in offline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # its work store is gone
 
+    remote = [*command[:8], "--url", server, "--key", KEYS["acme"], "--progress"]  # -i in -o out, on the server
+    remote[remote.index("-o") + 1] = str(tmp_path / "remote.jsonl")
+    done = subprocess.run(remote, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "completed: 25 lines, 20 completed, 5 failed" in done.stderr, done.stderr
+    assert "lines: 100%" in done.stderr  # the progress bar
+    by_server = [json.loads(raw) for raw in (tmp_path / "remote.jsonl").read_text().splitlines()]
+    assert [_same(r) for r in by_server] == [_same(r) for r in offline]
+    (tmp_path / "remote.jsonl").unlink()
+
     (tmp_path / "bad.jsonl").write_bytes(jsonl([lines[0], lines[0]]))
     command[command.index("-o") + 1] = str(tmp_path / "never.jsonl")
     command[command.index("-i") + 1] = str(tmp_path / "bad.jsonl")
