@@ -36,8 +36,10 @@ def add_flags(b: argparse.ArgumentParser) -> None:
         help="a progress bar on stderr (default: on a terminal)",
     )
     b.add_argument(
-        "--url", default=None, help="run the file on this server (its Batch API) instead of in-process; the model, "
-        "adapter and engine flags are then the server's"
+        "--url",
+        default=None,
+        help="run the file on this server (its Batch API) instead of in-process; the model, "
+        "adapter and engine flags are then the server's",
     )
     b.add_argument("--key", default=None, help="with --url: API key, sent as a bearer token (default: $MUX_API_KEY)")
     b.add_argument("--timeout", type=float, default=60.0, help="with --url: seconds to wait for each answer")

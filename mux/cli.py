@@ -1,5 +1,5 @@
 """Command line: `mux serve`, `mux batch` (mux/batch_cli.py), `mux hash-key`; the HTTP client commands `mux adapters`,
-`mux rollout`, `mux stats` (mux/client.py)."""
+`mux rollout`, `mux stats` (mux/client/)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import free_port, run_server, write_policy
 from mux import cli, client
+from mux.client import adapters, rollout
 
 KEYS = {"admin": "admin-k", "acme": "acme-k", "beta": "beta-k"}
 
@@ -158,8 +159,8 @@ def test_upload_progress_bar(server, tiny_adapters):
     out = mux(server, "acme", "adapters", "upload", src, "--name", "big", "--progress")
     assert ok(out).startswith("uploaded acme/big version 1 ")
     assert "big: 100%" in out.stderr  # tqdm, on stderr: stdout stays the one result line
-    size = sum((tiny_adapters["r16-all"] / f).stat().st_size for f in client.FILES)
-    assert size < client.PROGRESS_BYTES  # forced here: small uploads and pipes get no bar by default
+    size = sum((tiny_adapters["r16-all"] / f).stat().st_size for f in adapters.FILES)
+    assert size < adapters.PROGRESS_BYTES  # forced here: small uploads and pipes get no bar by default
     quiet = mux(server, "acme", "adapters", "upload", src, "--name", "big")
     assert ok(quiet).startswith("uploaded acme/big version 2 ") and quiet.stderr == ""
     ok(mux(server, "acme", "adapters", "rm", "big"))
@@ -226,7 +227,7 @@ def test_rollout_split_show_promote_rollback(server, canary):
         state = http.get(f"{server}/v1/adapters/{canary}", headers=acme).json()
     table, fields = ok(mux(server, "acme", "rollout", "show", "canary")).split("\n\n")
     header, *rows = columns(table)
-    assert header == ["VERSION", "WEIGHT", "SHA256", "RANK", "CREATED", "IN FLIGHT", *client.FIGURES]
+    assert header == ["VERSION", "WEIGHT", "SHA256", "RANK", "CREATED", "IN FLIGHT", *rollout.FIGURES]
     v1, v2 = state["versions"]
     assert [r[:4] for r in rows] == [
         ["1 (stable)", "90%", v1["sha256"][:12], "4"],
@@ -248,7 +249,7 @@ def test_rollout_split_show_promote_rollback(server, canary):
     assert ok(mux(server, "acme", "rollout", "rollback", "canary")) == "acme/canary: v1 100% (stable v1)\n"
     stats = ok(mux(server, "admin", "stats"))
     header, *rows = columns(stats[stats.index("ROLLOUT") :])
-    assert header == ["ROLLOUT", "VERSION", "WEIGHT", *client.FIGURES]
+    assert header == ["ROLLOUT", "VERSION", "WEIGHT", *rollout.FIGURES]
     assert rows == [["acme/canary", "1 (stable)", "100%", "0", "0", "-", "-"]]  # figures count from the last change
 
 
