@@ -247,7 +247,7 @@ def _same(record: dict) -> tuple:
     return record["response"]["status_code"], body
 
 
-def test_mux_batch_offline_writes_what_the_servers_batch_writes(server, repo, tiny_dir, tmp_path):
+def test_mux_batch_in_process_and_on_a_server_writes_what_the_servers_batch_writes(server, repo, tiny_dir, tmp_path):
     models = [f"acme/{a}" for a in ADAPTERS] + ["tiny", "acme/missing"]
     lines = [line(f"r{i}", {"model": models[i % 6], "prompt": PROMPTS[i % 10], **GREEDY}) for i in range(24)]
     lines.append(line("bad-sampling", {"prompt": "x", "max_tokens": 4, "temperature": -1}))
