@@ -1,4 +1,4 @@
-"""`mux` command line: key hashing, and refusing an open non-loopback bind."""
+"""`mux` command line: key hashing, and refusing an open non-loopback bind, a bad policy file, device or dtype."""
 
 from __future__ import annotations
 
@@ -17,27 +17,32 @@ def test_hash_key():
     assert out.returncode == 0 and out.stdout.strip() == hash_key("s3cret")
 
 
-def test_open_server_refuses_a_public_bind():
-    out = run("serve", "--host", "0.0.0.0", "--port", "1")
-    assert out.returncode == 2 and "no API keys are configured" in out.stderr and "--insecure" in out.stderr
+def refused(capsys, *args: str) -> str:
+    """What `mux serve ...` prints when it refuses its command line (in process: no server starts)."""
+    from mux import cli
+
+    assert cli.main(list(args)) == 2
+    return capsys.readouterr().err
 
 
-def test_bad_policy_file_is_reported(tmp_path):
+def test_open_server_refuses_a_public_bind(capsys):
+    err = refused(capsys, "serve", "--host", "0.0.0.0", "--port", "1")
+    assert "no API keys are configured" in err and "--insecure" in err
+
+
+def test_bad_policy_file_is_reported(tmp_path, capsys):
     f = tmp_path / "p.toml"
     f.write_text("[tiers]\nmax_slots = 3\n")
-    out = run("serve", "--policy", str(f))
-    assert out.returncode == 2 and "max_slots" in out.stderr
+    assert "max_slots" in refused(capsys, "serve", "--policy", str(f))
     f.write_text("[scheduler]\nmax_num_batched_tokens = 0\n")
-    out = run("serve", "--policy", str(f))
-    assert out.returncode == 2 and "max_num_batched_tokens must be ≥ 1, got 0" in out.stderr
+    batch = ["batch", "-i", str(f), "-o", str(tmp_path / "out.jsonl"), "--policy", str(f)]
+    assert "max_num_batched_tokens must be ≥ 1, got 0" in refused(capsys, *batch)
 
 
-def test_unknown_device_or_dtype_is_reported():
+def test_unknown_device_or_dtype_is_reported(capsys):
     for device in ("tpu", "cuda:abc", "cuda0"):
-        out = run("serve", "--device", device)
-        assert out.returncode == 2 and f"unknown device '{device}'" in out.stderr
-    out = run("serve", "--dtype", "int4", "--enforce-eager")
-    assert out.returncode == 2 and "unknown dtype 'int4'" in out.stderr
+        assert f"unknown device '{device}'" in refused(capsys, "serve", "--device", device)
+    assert "unknown dtype 'int4'" in refused(capsys, "serve", "--dtype", "int4", "--enforce-eager")
 
 
 def test_the_package_version_is_pyprojects():
