@@ -108,6 +108,14 @@ def test_a_second_layout_is_kept_only_where_it_pays():
     far = {"c": dict.fromkeys(ROW_BUCKETS, 10.0), "onednn": {b: 5.0 if b >= 64 else 20.0 for b in ROW_BUCKETS}}
     table = linear_picks._prune(far)
     assert table[1] == "c" and table[64] == table[256] == "onednn"
+    # a clear gain at one bucket does not hand the others to whichever kernel measured luckier there
+    noisy = {"c": dict.fromkeys(ROW_BUCKETS, 10.0), "onednn": {b: 9.5 if b % 4 else 10.5 for b in ROW_BUCKETS}}
+    noisy["c"][256] = 20.0
+    assert set(linear_picks._prune(noisy).values()) == {"onednn"}
+    noisy["c"][256], noisy["onednn"][256] = 10.0, 6.0  # ...nor the noisy buckets of the other kernel
+    table = linear_picks._prune(noisy)
+    assert table[256] == "onednn" and len({table[b] for b in ROW_BUCKETS}) <= 2
+    assert len({table[b] for b in ROW_BUCKETS[:-1]}) == 1
 
 
 def test_forced_picks_are_checked():

@@ -4,9 +4,9 @@ this machine at first use, kept in the pick cache (mux/runtime/picks.py), report
 Per shape (in, out) and weight dtype, every kernel of mux/model/cpu.py that this process can run is checked against
 torch's linear on the same weights (a kernel that fails is never picked, and counted), then timed at each row
 bucket over the model's own linears of that shape: eight for a few rows (a decode step streams them from memory,
-so a pass over one weight that stays in cache would flatter the fp32 kernels), two for more rows (arithmetic).
-The fastest kernel serves each bucket; a shape keeps a second layout only where it is ≥ 15% faster at some
-bucket (two layouts cost their memory; closer timings are noise).
+so a pass over one weight that stays in cache would flatter the fp32 kernels), two for more rows (arithmetic),
+the kernels in turn, three rounds, each keeping its best. One kernel serves every bucket, and another only the
+buckets where it is ≥ 15% faster (a second layout costs its memory; closer timings are noise).
 
 `dtype="auto"` takes bf16 weights where they make the model's linears faster by ≥ 10% (geometric mean over the
 buckets of the summed time of every linear): AMX or AVX512-BF16 CPUs; fp32 elsewhere. bf16 rounds the weights, so
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 FEW = 8  # buckets up to this many rows are timed over FEW_LINEARS linears of the shape (their weights > L2)
 FEW_LINEARS = 8
 MANY_LINEARS = 2  # linears timed at larger buckets
-SECOND_LAYOUT_GAIN = 0.85  # a second layout is kept where it takes ≤ 85% of the single best one's time somewhere
+ROUNDS = 3  # each kernel's best of this many turns at each bucket
+SECOND_LAYOUT_GAIN = 0.85  # another kernel serves a bucket where it takes ≤ 85% of the single best one's time
+MEASURE = 2  # how the timings were taken, in the cache entries' names: another way measures again
 BF16_GAIN = 0.9  # auto: bf16 weights where the model's linears take ≤ 90% of fp32's time
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # self-check: max |Δ| relative to max |y| of the reference
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -95,7 +97,7 @@ def plan(model: nn.Module, dtype: str = "auto", cache: PickCache | None = None) 
     for d, kernels in candidates.items():
         result.us[d] = {}
         for shape, members in groups.items():
-            name = f"linear:{d}:{shape[0]}x{shape[1]}"
+            name = f"linear:m{MEASURE}:{d}:{shape[0]}x{shape[1]}"
             entry = cache.get(name, kernels)
             if entry is None:
                 us, measured = _measure(members, kernels, result.self_check_failures), True
@@ -113,24 +115,28 @@ def plan(model: nn.Module, dtype: str = "auto", cache: PickCache | None = None) 
 
 
 def _measure(members: list[nn.Linear], kernels: tuple[str, ...], failures: Counter) -> dict[str, dict[int, float]]:
-    """kernel -> bucket -> µs per linear, for the kernels that pass the self-check on this shape."""
+    """kernel -> bucket -> µs per linear, for the kernels that pass the self-check on this shape. The kernels are
+    timed in turn, ROUNDS times at each bucket, and each keeps its best: a busy moment of the machine hits every
+    kernel alike instead of the one being timed then."""
     gen = torch.Generator().manual_seed(0)
     weight = members[0].weight.detach()
-    us: dict[str, dict[int, float]] = {}
+    packed: dict[str, list[PackedLinear]] = {}
     for kernel in kernels:
-        packed = [PackedLinear(m, kernel) for m in members[:FEW_LINEARS]]
-        if not _self_check(packed[0], weight, members[0].bias, gen):
+        packed[kernel] = [PackedLinear(m, kernel) for m in members[:FEW_LINEARS]]
+        if not _self_check(packed[kernel][0], weight, members[0].bias, gen):
             failures[kernel] += 1
             log.warning("linear kernel %s failed its self-check on %s; not picked", kernel, tuple(weight.shape[::-1]))
-            continue
-        us[kernel] = {}
-        for b in ROW_BUCKETS:
-            x = torch.randn(b, weight.shape[1], generator=gen)
-            timed = packed if b <= FEW else packed[:MANY_LINEARS]
-            us[kernel][b] = time_us(lambda ms=timed, x=x: [m(x) for m in ms], reps=2, min_s=0.0005) / len(timed)
-        del packed
-    if not us:
+            del packed[kernel]
+    if not packed:
         raise MuxError(f"no CPU linear kernel passed its self-check for shape {tuple(weight.shape[::-1])}")
+    us: dict[str, dict[int, float]] = {k: dict.fromkeys(ROW_BUCKETS, math.inf) for k in packed}
+    for b in ROW_BUCKETS:
+        x = torch.randn(b, weight.shape[1], generator=gen)
+        for _ in range(ROUNDS):
+            for kernel, ms in packed.items():
+                timed = ms if b <= FEW else ms[:MANY_LINEARS]
+                t = time_us(lambda ms=timed, x=x: [m(x) for m in ms], reps=1, min_s=0.0005) / len(timed)
+                us[kernel][b] = min(us[kernel][b], t)
     return us
 
 
@@ -155,15 +161,12 @@ def _pick(us: dict[str, dict[int, float]]) -> dict[int, str]:
 
 
 def _prune(us: dict[str, dict[int, float]]) -> dict[int, str]:
-    """The fastest kernel per bucket, or one kernel for all where a second layout gains < 15% everywhere."""
+    """One kernel for every bucket (the one that is nowhere far from the fastest), and another only at the buckets
+    where it takes ≤ 85% of that one's time: a second layout costs its memory, and closer timings are noise."""
     picks = _pick(us)
-    if len(set(picks.values())) == 1:
-        return picks
     best = {b: us[picks[b]][b] for b in ROW_BUCKETS}
     single = min(us, key=lambda k: max(us[k][b] / best[b] for b in ROW_BUCKETS))
-    if all(best[b] / us[single][b] > SECOND_LAYOUT_GAIN for b in ROW_BUCKETS):
-        return dict.fromkeys(ROW_BUCKETS, single)
-    return picks
+    return {b: picks[b] if best[b] <= SECOND_LAYOUT_GAIN * us[single][b] else single for b in ROW_BUCKETS}
 
 
 def _ratio(bf16: dict, fp32: dict, groups: dict[tuple[int, int], list]) -> float:
