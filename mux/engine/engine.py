@@ -142,7 +142,7 @@ class Engine:
         ref = self.prepare_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
         request_id = request_id or f"req-{next(_request_ids)}"
         seq = Sequence(prompt_ids, params, ref, request_id, tenant, batch=batch)
-        seq.deadline = time.monotonic() + self.config.scheduler.request_timeout_s
+        seq.deadline = time.monotonic() + self._timeout_s(params)
         seq.detok = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         seq.stream = RequestStream(request_id, prompt_ids, ref and str(ref.path), self.cancel, self._pump)
         if ref is not None:  # queued is in use: the adapter cannot be deleted under it (until _finish)
@@ -305,8 +305,12 @@ class Engine:
             return
         self._next_expiry_check = now + 0.5
         for seq in [s for s in self._seqs.values() if s.deadline <= now]:
-            timeout = self.config.scheduler.request_timeout_s
+            timeout = self._timeout_s(seq.params)
             self._finish(seq, "timeout", error=f"the request did not finish within its {timeout:g} s deadline")
+
+    def _timeout_s(self, params: SamplingParams) -> float:
+        """The server's request_timeout_s, or the request's own shorter one."""
+        return min(self.config.scheduler.request_timeout_s, params.timeout_s or math.inf)
 
     def _loop(self) -> None:
         while not self._stopping:

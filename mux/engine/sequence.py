@@ -46,6 +46,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     top_logprobs: int = 0  # alternatives (most likely tokens) reported with each token's logprob
     prompt_logprobs: int | None = None  # None: off; else each prompt token's logprob, rank and this many alternatives
+    timeout_s: float | None = None  # a deadline shorter than the server's request_timeout_s (Triton's `timeout`)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +82,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
+        if self.timeout_s is not None and not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise InvalidRequest(f"the request timeout must be > 0 seconds, got {self.timeout_s!r}")
 
     @property
     def processed(self) -> bool:
