@@ -12,12 +12,9 @@ of an adapter literally named `ready`).
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
 from collections.abc import AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -26,19 +23,32 @@ from mux import __version__, jsonread
 from mux.engine.stream import RequestStream
 from mux.errors import AdapterNotFound, DeadlineExceeded, InvalidAdapter, InvalidRequest, MuxError, Overloaded
 from mux.server.auth import Caller, Forbidden, Unauthorized
+from mux.server.kserve_common import (
+    INPUT,
+    MAX_PROMPTS,
+    OUTPUT,
+    VERSION,
+    Models,
+    check_input,
+    check_output,
+    config,
+    decode_bytes,
+    encode_bytes,
+    error_message,
+    metadata,
+    parameters,
+    prompts_of,
+    sampling,
+)
 from mux.server.openai import (
     MAX_JSON_BYTES,
     BodyTooLarge,
     read_body,
     read_json,
     retry_after_headers,
-    sampling_params,
 )
 from mux.server.serving import ClientGone, client_gone
 
-INPUT, OUTPUT = "text_input", "text_output"
-VERSION = "1"  # every model has one version
-MAX_PROMPTS = 64  # elements of one infer request
 _VERSIONED = re.compile(r"(.+)/versions/([^/]+)")
 _STATUS = [  # Triton: INVALID_ARG (and unknown model) 400, UNAVAILABLE 503
     (Unauthorized, 401),
@@ -55,32 +65,14 @@ _STATUS = [  # Triton: INVALID_ARG (and unknown model) 400, UNAVAILABLE 503
 def kserve_error(exc: Exception, model: str | None = None) -> JSONResponse:
     """MuxError -> Triton's `{"error": "..."}` with its status code."""
     status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
-    message = f"Request for unknown model: '{model}' is not found" if isinstance(exc, AdapterNotFound) else str(exc)
     headers = retry_after_headers(exc)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def encode_bytes(items: list[bytes]) -> bytes:
-    """BYTES tensor, binary form: each element as <uint32 little-endian length><bytes>."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def decode_bytes(raw: bytes) -> list[bytes]:
-    items, i = [], 0
-    while i < len(raw):
-        if i + 4 > len(raw):
-            raise InvalidRequest("binary BYTES data ends inside an element's 4-byte length")
-        (n,) = struct.unpack_from("<I", raw, i)
-        if i + 4 + n > len(raw):
-            raise InvalidRequest(f"binary BYTES element of {n} bytes runs past the end of the data")
-        items.append(raw[i + 4 : i + 4 + n])
-        i += 4 + n
-    return items
+    return JSONResponse({"error": error_message(exc, model)}, status_code=status, headers=headers)
 
 
 class KServeRoutes:
     def __init__(self, state) -> None:
         self.state = state  # ServerState: engine, auth, repository, serving
+        self.models = Models(state)
 
     def health_routes(self) -> list[Route]:
         """Answer while the model loads (not ready yet: 400, as Triton)."""
@@ -118,26 +110,16 @@ class KServeRoutes:
     # -- models --
     def _model(self, request: Request) -> tuple[Caller, str]:
         """The caller and the model named in the path, checked: it exists and the caller may use it."""
-        model, version = _path_model(request)
-        if version != VERSION:
-            raise InvalidRequest(f"Request for unknown model: '{model}' version {version} is not found")
-        if not model:
-            raise AdapterNotFound(model)
-        caller = self.state.auth.identify(request.headers.get("authorization"))
-        if not self.state.serving.is_base(model):
-            adapter_id = self.state.auth.adapter_id(caller, model)
-            self.state.auth.check(caller, adapter_id)
-            self.state.repository.path(adapter_id)  # AdapterNotFound if absent
-        return caller, model
+        return self.models.resolve(request.headers.get("authorization"), *_path_model(request))
 
     async def model_ready(self, request: Request) -> Response:
         return self._describe(request, lambda model: Response(status_code=200))
 
     async def model_metadata(self, request: Request) -> Response:
-        return self._describe(request, _metadata)
+        return self._describe(request, lambda model: JSONResponse(metadata(model)))
 
     async def model_config(self, request: Request) -> Response:
-        return self._describe(request, _config)
+        return self._describe(request, lambda model: JSONResponse(config(model)))
 
     async def repository_index(self, request: Request) -> Response:
         """Triton's model repository index: every model the caller may use, all READY (one version each)."""
@@ -148,33 +130,20 @@ class KServeRoutes:
             return kserve_error(e)
         if not isinstance(body.get("ready", False), bool):
             return kserve_error(InvalidRequest("`ready` must be a boolean"))
-        names = [self.state.base_name]
-        names += [a for a in self.state.repository.ids() if self.state.auth.can_use(caller, a)]
-        return JSONResponse([{"name": n, "version": VERSION, "state": "READY"} for n in names])
+        return JSONResponse([{"name": n, "version": VERSION, "state": "READY"} for n in self.models.index(caller)])
 
     async def repository_load(self, request: Request) -> Response:
         """Triton's model control, on an adapter: read it into the host tier now (it is served either way)."""
         try:
-            caller, model = self._model(request)
-            if not self.state.serving.is_base(model):
-                path = self.state.repository.path(self.state.auth.adapter_id(caller, model))
-                await run_in_threadpool(self.state.engine.prepare_adapter, path)
+            await self.models.load(*self._model(request))
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
         return Response(status_code=200)
 
     async def repository_unload(self, request: Request) -> Response:
-        """Admin: drop an adapter's copies from device slots and host RAM; it stays servable from disk (what
-        requests hold right now stays until they end). The base model cannot be unloaded."""
+        """Admin: drop an adapter from device slots and host RAM (kserve_common.Models.unload)."""
         try:
-            caller, model = self._model(request)
-            self.state.auth.require_admin(caller)
-            if self.state.serving.is_base(model):
-                raise InvalidRequest(f"the base model '{model}' cannot be unloaded")
-            # every version's copies: a request still on an older version keeps only what it holds
-            self.state.engine.adapters.forget(
-                self.state.repository.directory(self.state.auth.adapter_id(caller, model))
-            )
+            self.models.unload(*self._model(request))
         except MuxError as e:
             return kserve_error(e, _path_model(request)[0])
         return Response(status_code=200)
@@ -194,9 +163,9 @@ class KServeRoutes:
             caller, model = self._model(request)
             body, binary = await _read_infer_body(request)
             prompts, shape = _input_prompts(body.get("inputs"), binary)
-            params = _parameters(body.get("parameters"))
+            params = parameters(body.get("parameters"))
             binary_outputs = _requested_outputs(body.get("outputs"), bool(params.get("binary_data_output", False)))
-            served = self._adapter(model, params)
+            served = self.models.served(model, params)
             texts, headers = await self._run(request, caller, served, prompts, params)
         except ClientGone:
             return client_gone()
@@ -229,7 +198,7 @@ class KServeRoutes:
         try:
             caller, model = self._model(request)
             prompts, params = _generate_body(await read_json(request))
-            served = self._adapter(model, params)
+            served = self.models.served(model, params)
             texts, headers = await self._run(request, caller, served, prompts, params)
         except ClientGone:
             return client_gone()
@@ -245,26 +214,14 @@ class KServeRoutes:
             prompts, params = _generate_body(await read_json(request))
             if len(prompts) != 1:
                 raise InvalidRequest("generate_stream takes one `text_input`")
-            served = self._adapter(model, params)
+            served = self.models.served(model, params)
             serving = self.state.serving
-            streams = await serving.submit(caller, served, prompts, sampling_params(params), serving.session(request))
+            streams = await serving.submit(caller, served, prompts, sampling(params), serving.session(request))
         except MuxError as e:
             return kserve_error(e, served or _path_model(request)[0])
         return StreamingResponse(
             self._sse(model, served, streams), media_type="text/event-stream", headers=serving.headers(streams)
         )
-
-    def _adapter(self, model: str, params: dict) -> str:
-        """What serves the request: the path's model, or on the base model the `lora_name` parameter (as Triton's
-        vLLM backend takes it); never a silent fallback to the base for a name that does not resolve."""
-        lora_name = params.get("lora_name")
-        if lora_name is None or lora_name == model:
-            return model
-        if not isinstance(lora_name, str) or not lora_name:
-            raise InvalidRequest("`lora_name` must be a non-empty string")
-        if not self.state.serving.is_base(model):
-            raise InvalidRequest(f"`lora_name` '{lora_name}' names another adapter than the model '{model}'")
-        return lora_name
 
     async def _run(
         self, request: Request, caller: Caller, model: str, prompts: list[str], params: dict
@@ -272,7 +229,7 @@ class KServeRoutes:
         """Generate every prompt as one batch: the texts in prompt order and the response headers (ClientGone if
         the client leaves)."""
         serving = self.state.serving
-        streams = await serving.submit(caller, model, prompts, sampling_params(params), serving.session(request))
+        streams = await serving.submit(caller, model, prompts, sampling(params), serving.session(request))
         return await serving.finish(request, streams, _texts(streams)), serving.headers(streams)
 
     async def _sse(self, model: str, served: str, streams) -> AsyncIterator[str]:
@@ -305,32 +262,6 @@ def _path_model(request: Request) -> tuple[str, str]:
     return (match[1], match[2]) if match else (model, VERSION)
 
 
-def _metadata(model: str) -> JSONResponse:
-    return JSONResponse(
-        {
-            "name": model,
-            "versions": [VERSION],
-            "platform": "mux",
-            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": OUTPUT, "datatype": "BYTES", "shape": [-1]}],
-        }
-    )
-
-
-def _config(model: str) -> JSONResponse:
-    return JSONResponse(
-        {
-            "name": model,
-            "platform": "mux",
-            "backend": "mux",
-            "max_batch_size": 0,  # no batch dimension: any shape, every element is a prompt
-            "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
-            "output": [{"name": OUTPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
-            "model_transaction_policy": {"decoupled": False},
-        }
-    )
-
-
 def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -355,17 +286,8 @@ def _input_prompts(inputs, binary: bytes) -> tuple[list[str], list[int]]:
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidRequest(f"expected exactly one input tensor, '{INPUT}'")
     tensor = inputs[0]
-    if tensor.get("name") != INPUT:
-        raise InvalidRequest(f"unexpected inference input '{tensor.get('name')}', the model's input is '{INPUT}'")
-    if tensor.get("datatype") != "BYTES":
-        raise InvalidRequest(f"input '{INPUT}' has datatype {tensor.get('datatype')!r}, expected 'BYTES'")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidRequest(f"input '{INPUT}' needs a `shape` of non-negative integers")
-    params = tensor.get("parameters") or {}
-    if not isinstance(params, dict) or any(k.startswith("shared_memory") for k in params):
-        raise InvalidRequest("input parameters must be an object; shared memory is not supported")
-    size = params.get("binary_data_size")
+    shape = check_input(tensor)
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
             raise InvalidRequest(f"binary_data_size {size!r} does not match the {len(binary)} bytes after the header")
@@ -376,15 +298,7 @@ def _input_prompts(inputs, binary: bytes) -> tuple[list[str], list[int]]:
         if "data" not in tensor:
             raise InvalidRequest(f"input '{INPUT}' has neither `data` nor a binary_data_size")
         elements = _flatten(tensor["data"])
-    count = math.prod(shape)
-    if len(elements) != count:
-        raise InvalidRequest(f"input '{INPUT}' has {len(elements)} elements, its shape {shape} needs {count}")
-    if not 1 <= count <= MAX_PROMPTS:
-        raise InvalidRequest(f"input '{INPUT}' must hold 1 to {MAX_PROMPTS} prompts, got {count}")
-    try:
-        return [e if isinstance(e, str) else e.decode("utf-8") for e in elements], shape
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"input '{INPUT}' holds bytes that are not UTF-8 text") from None
+    return prompts_of(elements, shape), shape
 
 
 def _flatten(data) -> list[str]:
@@ -401,14 +315,6 @@ def _flatten(data) -> list[str]:
     return out
 
 
-def _parameters(params) -> dict:
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise InvalidRequest("`parameters` must be an object")
-    return params
-
-
 def _requested_outputs(outputs, default_binary: bool) -> list[bool]:
     """For each output to return (all of them when none are named): binary or JSON."""
     if outputs is None or outputs == []:
@@ -417,11 +323,8 @@ def _requested_outputs(outputs, default_binary: bool) -> list[bool]:
         raise InvalidRequest("`outputs` must be a list of objects")
     flags = []
     for o in outputs:
-        if o.get("name") != OUTPUT:
-            raise InvalidRequest(f"unexpected inference output '{o.get('name')}', the model's output is '{OUTPUT}'")
-        params = _parameters(o.get("parameters"))
-        if params.get("classification") or any(k.startswith("shared_memory") for k in params):
-            raise InvalidRequest("classification and shared memory outputs are not supported")
+        params = parameters(o.get("parameters"))
+        check_output(o.get("name"), params)
         flags.append(bool(params.get("binary_data", default_binary)))
     return flags
 
@@ -435,4 +338,4 @@ def _generate_body(body: dict) -> tuple[list[str], dict]:
     if len(prompts) > MAX_PROMPTS:
         raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request")
     params = {k: v for k, v in body.items() if k not in (INPUT, "parameters")}
-    return prompts, {**params, **_parameters(body.get("parameters"))}
+    return prompts, {**params, **parameters(body.get("parameters"))}
