@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from mux import batch_cli, client
@@ -39,6 +40,7 @@ def engine_setup(args: argparse.Namespace):
             max_lora_rank=args.max_lora_rank,
             max_cpu_adapter_bytes=args.max_cpu_adapter_bytes,
             stream_interval=getattr(args, "stream_interval", None),
+            grpc_port=getattr(args, "grpc_port", None),
         )
         model = ModelConfig(
             model=args.model,
@@ -79,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
         freeze_heap()  # this process keeps the engine for life
         return engine
 
+    grpc = replace(policy.grpc, host=args.host)  # one address for both servers
     state = ServerState(
         make_engine,
         Path(args.adapter_dir),
@@ -89,10 +92,12 @@ def serve(args: argparse.Namespace) -> int:
         policy.stream_interval,
         Path(args.batch_dir) if args.batch_dir else None,
         policy.batch,
+        grpc,
     )
+    also = f" and gRPC on {args.host}:{grpc.port}" if grpc.port is not None else ""
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
-        f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port} "
+        f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port}{also} "
         f"(ready at /ready)",
         flush=True,
     )
@@ -147,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve KServe v2 over gRPC (Triton's GRPCInferenceService) on this port, at --host "
+        "(overrides the policy's [grpc] port; default: off)",
+    )
     s.add_argument(
         "--stream-interval",
         type=int,

@@ -135,3 +135,23 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+MAX_GRPC_MESSAGE_BYTES = (2 << 30) - 1  # gRPC's own ceiling: message lengths are 32-bit signed
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcConfig:
+    """KServe v2's gRPC service beside the HTTP server (mux/server/grpc_service.py)."""
+
+    port: int | None = None  # None: not served
+    host: str = "127.0.0.1"  # the HTTP server's address (`mux serve --host`): one bind for both
+    # a request message past this is refused (RESOURCE_EXHAUSTED) by gRPC before it reaches a handler; 4 MiB
+    # as the HTTP bodies' bound, and gRPC's own default
+    max_message_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if self.port is not None and (isinstance(self.port, bool) or not 1 <= self.port <= 65535):
+            raise ValueError(f"the gRPC port must be 1 to 65535, got {self.port}")
+        if not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
+            raise ValueError(f"grpc max_message_bytes must be 1024 to {MAX_GRPC_MESSAGE_BYTES}")

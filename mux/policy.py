@@ -1,4 +1,5 @@
-"""The server's policy file (TOML): eviction policy, tier sizes, scheduling, pinned adapters, keys and tenants."""
+"""The server's policy file (TOML): eviction policy, tier sizes, scheduling, pinned adapters, keys and tenants,
+the gRPC service."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from mux.config import LoRAConfig, SchedulerConfig
+from mux.config import GrpcConfig, LoRAConfig, SchedulerConfig
 from mux.errors import MuxError
 from mux.lora.policies import POLICIES
 from mux.server.batch_store import BatchConfig
 from mux.server.limits import TenantLimit
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.toml"
-_SECTIONS = {"eviction", "tiers", "scheduler", "streaming", "pinned", "admin", "tenants", "public", "limits", "batch"}
+_SECTIONS = {
+    *("eviction", "tiers", "scheduler", "streaming", "pinned"),
+    *("admin", "tenants", "public", "limits", "batch", "grpc"),
+}
 _TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -32,10 +36,11 @@ class Policy:
     tenant_limits: dict[str, TenantLimit] | None = None
     stream_interval: int = 1  # [streaming] interval: OpenAI streams send tokens this many at a time after the first
     batch: BatchConfig = field(default_factory=BatchConfig)  # [batch]: file and line limits, token weight
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)  # [grpc] port, max_message_bytes
 
 
 def load_policy(path: str | Path | None = None, **overrides) -> Policy:
-    """Read a policy file; keyword overrides (None = keep) win over the file, e.g. max_loras=8."""
+    """Read a policy file; keyword overrides (None = keep) win over the file, e.g. max_loras=8, grpc_port=8001."""
     path = Path(path) if path else DEFAULT_POLICY
     try:
         data = tomllib.loads(path.read_text()) if path.is_file() else {}
@@ -71,6 +76,10 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
         raise MuxError(f"policy file {path}: the stream interval must be a whole number of tokens, 1 to 1024")
     batch = data.get("batch", {})
     _only(batch, {f.name for f in fields(BatchConfig)}, "[batch]")
+    grpc = data.get("grpc", {})
+    _only(grpc, {"port", "max_message_bytes"}, "[grpc]")
+    if overrides.get("grpc_port") is not None:
+        grpc = {**grpc, "port": overrides["grpc_port"]}
     try:
         if lora_values.get("eviction_policy", "lru") not in POLICIES:
             raise ValueError(f"unknown eviction policy {lora_values['eviction_policy']!r}")
@@ -85,6 +94,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
             tenant_limits,
             interval,
             replace(BatchConfig(), **batch),
+            GrpcConfig(**grpc),
         )
     except (TypeError, ValueError) as e:  # a bad value may come from the file or from an override (a CLI flag)
         where = f"policy file {path}" + (f" with overrides {', '.join(sorted(flags))}" if flags else "")

@@ -48,6 +48,7 @@ class AdminRoutes:
             for a in s["adapters"]
         ]
         s["engine"] = engine.stats()
+        s["requests_by_protocol"] = dict(self.state.metrics.protocols.counts)  # received, as /metrics counts them
         s["rollouts"] = [rollout_state(self.state, i) for i in ids if repo.traffic(i) is not None]
         s["batches"] = self.state.batch_jobs.stats()
         return JSONResponse(s)

@@ -1,5 +1,5 @@
-"""App factory: the engine loads in the background (so /health answers at once), routes mount on top, and a
-last-resort guard answers what no route handled."""
+"""App factory: the engine loads in the background (so /health answers at once), routes mount on top, a
+last-resort guard answers what no route handled, and the lifespan runs the gRPC service beside (when asked)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Match, Route
 
+from mux.config import GrpcConfig
 from mux.engine.engine import Engine
 from mux.errors import MuxError, NotReady
 from mux.lora.repository import AdapterRepository
@@ -31,7 +32,7 @@ from mux.server.history import History
 from mux.server.kserve import KServeRoutes, kserve_error, not_found
 from mux.server.limits import Limits
 from mux.server.lorax import LoraxRoutes, lorax_error
-from mux.server.metrics import Metrics
+from mux.server.metrics import Metrics, http_protocol
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
 from mux.server.rollouts import RolloutRoutes
@@ -55,6 +56,7 @@ class ServerState:
         stream_interval: int = 1,
         batch_dir: Path | None = None,
         batch_config: BatchConfig | None = None,
+        grpc: GrpcConfig | None = None,
     ) -> None:
         self.make_engine = make_engine
         self.pinned = pinned
@@ -62,6 +64,7 @@ class ServerState:
         self.allowed_lora_dirs = (Path(adapter_dir), *allowed_lora_dirs)  # for /v1/load_lora_adapter
         self.limits = limits or Limits()
         self.stream_interval = stream_interval  # OpenAI streams: tokens per chunk after the first (vLLM's flag)
+        self.grpc = grpc or GrpcConfig()  # port None: no gRPC service
         self.serving = Serving(self)
         self.metrics = Metrics(self)
         self.history = History(self)  # for the dashboard: sampled by the app's lifespan
@@ -139,7 +142,14 @@ def create_app(state: ServerState) -> Starlette:
         threading.Thread(target=state.load, name="mux-load", daemon=True).start()
         sampler = asyncio.create_task(state.history.run())
         resumer = asyncio.create_task(resume_batches())
+        grpc_server = None
+        if state.grpc.port is not None:  # grpcio and Triton's stubs are imported only then
+            from mux.server import grpc_service
+
+            grpc_server = await grpc_service.start(state, state.grpc)  # this loop, this engine
         yield
+        if grpc_server is not None:
+            await grpc_service.stop(grpc_server)
         for task in (sampler, resumer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -195,6 +205,7 @@ class LastResort:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        self.metrics.received(http_protocol(scope["path"]))
         started = False
 
         async def watched(message) -> None:

@@ -1,4 +1,5 @@
-"""GET /metrics in Prometheus format: requests, latency and TTFT by adapter, tokens, queue, tiers, loads, evictions.
+"""GET /metrics in Prometheus format: requests, latency and TTFT by adapter, tokens, queue, tiers, loads, evictions,
+requests received by protocol.
 
 Request metrics are observed when a response ends; engine and tier figures are read at scrape time.
 """
@@ -18,6 +19,18 @@ from mux.engine.stream import RequestStream
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 MAX_ADAPTER_LABELS = 256  # per-adapter series beyond this many adapters are counted under "_other"
 OTHER = "_other"
+# requests received, by protocol: HTTP by path (openai: /v1/..., kserve: /v2..., lorax: /, /generate, ..., other:
+# health, admin, metrics, dashboard), grpc: each RPC and each request on a stream. A fixed set of labels.
+PROTOCOLS = ("openai", "kserve", "lorax", "grpc", "other")
+_LORAX_PATHS = {"/", "/generate", "/generate_stream", "/info"}
+
+
+def http_protocol(path: str) -> str:
+    if path.startswith("/v1/"):
+        return "openai"
+    if path == "/v2" or path.startswith("/v2/"):
+        return "kserve"
+    return "lorax" if path in _LORAX_PATHS else "other"
 
 
 class Metrics:
@@ -39,6 +52,8 @@ class Metrics:
             "mux_internal_errors", "Requests answered 500 by the last-resort guard (bugs)", ["route"], registry=r
         )
         r.register(_EngineCollector(state))
+        self.protocols = _Protocols()
+        r.register(self.protocols)
         self._labels: set[str] = set()
         self.recent_ttft: deque[float] = deque(maxlen=8192)  # drained by the dashboard history (history.py)
 
@@ -63,8 +78,20 @@ class Metrics:
             if s.finished_at is not None:
                 self.latency.labels(model, version).observe(s.finished_at - s.submitted_at)
 
+    def received(self, protocol: str) -> None:
+        """Count one request as it arrives (on the event loop: plain increments do)."""
+        self.protocols.counts[protocol] += 1
+
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Protocols:
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(PROTOCOLS, 0)  # every label present from the start, at 0
+
+    def collect(self):
+        yield _counter("mux_protocol_requests", "Requests received, by protocol", "protocol", self.counts)
 
 
 class _EngineCollector:

@@ -114,7 +114,7 @@ class Serving:
         """Await `work` (reading `streams` to their end) for a non-streaming response, then `done`. A client that
         disconnects first raises ClientGone at once: its generations are cancelled then, not left running to
         `max_tokens` holding KV blocks and the tenant's in-flight slots for a response nobody reads. Without a
-        request (a batch-job line), or when the awaiting task is cancelled, the generations end with it."""
+        request (a batch-job line, a gRPC call), or when the awaiting task is cancelled, the generations end with it."""
         if request is None:
             try:
                 return await work
