@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import run_server
+from conftest import free_port, run_server
 from mux import cli
 from mux.policy import load_policy
 
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN = {"bash", "python"}
 DOCUMENTED_ADDRESS = "127.0.0.1:8000"
+DOCUMENTED_GRPC_ADDRESS = "127.0.0.1:8001"  # docs/api.md's gRPC example
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _CODE = re.compile(r"`([^`\n]+)`")
@@ -177,10 +178,15 @@ def test_documented_batch_flags_are_the_clis(capsys):
 
 # ---- the runnable blocks, against a real server -------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_dir, grpc_port):
     adapters = tmp_path_factory.mktemp("docs-adapters")
     shutil.copytree(ROOT / "adapters" / "demo", adapters / "demo")
-    with run_server(smollm2_dir, adapters) as base:
+    with run_server(smollm2_dir, adapters, "--grpc-port", str(grpc_port)) as base:
         yield base
 
 
@@ -197,10 +203,11 @@ def env(server, tmp_path_factory):
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=str)
-def test_block_runs(block, server, env):
+def test_block_runs(block, server, grpc_port, env):
     if block.lang == "bash" and shutil.which("curl") is None and "curl " in block.code:
         pytest.skip("no curl on this machine")
     code = block.code.replace(DOCUMENTED_ADDRESS, server.removeprefix("http://"))
+    code = code.replace(DOCUMENTED_GRPC_ADDRESS, f"127.0.0.1:{grpc_port}")
     command = ["bash", "-euo", "pipefail", "-c", code] if block.lang == "bash" else [sys.executable, "-c", code]
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{block}:\n{out.stdout}\n{out.stderr}"
