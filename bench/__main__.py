@@ -44,6 +44,7 @@ SUITE = [  # (title, module and arguments, arguments added with --quick)
     ("C+D: HTTP streaming vs the engine; TTFT and ITL under Poisson load", ["bench.serving"], ["--quick"]),
     ("Lever: prefix cache, chat requests sharing a system prompt", ["bench.prefix_cache"], ["--quick"]),
     ("Rollouts: a 1% canary under load vs one version", ["bench.rollout"], ["--quick"]),
+    ("gRPC: workload A over gRPC streams vs HTTP SSE vs the engine", ["bench.grpc"], ["--quick"]),
     ("Lever: the step token budget against a long prompt", ["bench.long_prompt"], ["--repeat", "1"]),
     ("E: adapter scaling and cold loads", ["bench.adapter_scaling"], ["--quick"]),
     (
