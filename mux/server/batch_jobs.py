@@ -124,6 +124,7 @@ class BatchJobs:
             "output_file_id": None,
             "error_file_id": None,
             "created_at": now,
+            "_created_ns": time.time_ns(),  # the order of batches made within one second (not shown)
             "in_progress_at": None,
             "expires_at": now + window,
             "finalizing_at": None,

@@ -61,6 +61,7 @@ class BatchStore:
             "object": "file",
             "bytes": (staged / "content").stat().st_size,
             "created_at": int(time.time()),
+            "_created_ns": time.time_ns(),  # the order of records made within one second (not shown)
             "filename": filename,
             "purpose": purpose,
             "status": "processed",
@@ -102,7 +103,7 @@ class BatchStore:
     def _records(self, folder: str, pattern: str, name: str) -> list[dict]:
         """Every complete record under <dir>/<folder>, oldest first."""
         found = [_read_json(d / name) for d in (self.root / folder).glob(pattern)]
-        return sorted((r for r in found if r is not None), key=lambda r: (r["created_at"], r["id"]))
+        return sorted((r for r in found if r is not None), key=created)
 
     def batch(self, batch_id: str) -> dict:
         batch = _read_json(self.batch_dir(batch_id) / "batch.json") if _is_id(batch_id, "batch_") else None
@@ -170,6 +171,11 @@ class BatchStore:
         path = self.root / ".staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def created(record: dict) -> tuple[int, str]:
+    """A record's place in creation order: to the nanosecond where it says, else to the second."""
+    return record.get("_created_ns", record["created_at"] * 10**9), record["id"]
 
 
 def public(record: dict) -> dict:
