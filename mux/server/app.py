@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from mux.server.metrics import Metrics, http_protocol
 from mux.server.openai import OpenAIRoutes, error_response
 from mux.server.openapi import openapi_document
 from mux.server.rollouts import RolloutRoutes
-from mux.server.serving import InternalError, Serving, client_gone
+from mux.server.serving import Serving, client_gone, report_bug
 from mux.server.versions import VersionFigures
 
 log = logging.getLogger(__name__)
@@ -81,9 +80,11 @@ class ServerState:
     def base_name(self) -> str:
         return self.engine.base.name
 
-    def load(self) -> None:
+    def load(self, recover: bool = True) -> None:
+        """Build and start the engine; `recover`: first tidy what a crash left in the adapter directory (not for
+        `mux batch`, which may share the directory with a running server)."""
         try:
-            for leftover in self.repository.recover():  # an upload interrupted by a crash never lands
+            for leftover in self.repository.recover() if recover else ():  # an interrupted upload never lands
                 log.warning("removed a leftover of an interrupted upload: %s", leftover)
             engine = self.make_engine()
             for adapter_id in self.pinned:  # policy file: keep these in device slots
@@ -220,13 +221,6 @@ class LastResort:
                 await client_gone()(scope, receive, send)
         except Exception as exc:
             route = next((r.path for r in self.routes if r.matches(scope)[0] is Match.FULL), "unrouted")
-            self.metrics.internal_errors.labels(route).inc()
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
-            log.error("500 on %s %s: %s at %s", scope["method"], route, type(exc).__name__, where)
-            log.debug("the traceback of that 500", exc_info=exc)
+            bug = report_bug(self.metrics, route, exc, f"500 on {scope['method']} {route}")
             if not started:
-                error = self.errors.get(route, error_response)
-                await error(InternalError(f"internal server error ({type(exc).__name__}); it is logged"))(
-                    scope, receive, send
-                )
+                await self.errors.get(route, error_response)(bug)(scope, receive, send)

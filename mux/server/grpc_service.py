@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import traceback
-from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -52,7 +50,7 @@ from mux.server.kserve_common import (
     prompts_of,
     sampling,
 )
-from mux.server.serving import InternalError
+from mux.server.serving import InternalError, report_bug
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -229,9 +227,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         final response after them); its error as `error_message`."""
         self.state.metrics.received("grpc")
         call, streams = _Call(headers), []
-        try:
-            if self.state.engine is None:
-                raise NotReady(_LOADING, retry_after=5)
+        try:  # the engine is there: ModelStreamInfer refused the stream while the model loaded
             caller, prompts, _, params, _ = self._parse(request, call)
             if len(prompts) != 1:
                 raise InvalidRequest(f"a streamed request takes one `{INPUT}` element, got {len(prompts)}")
@@ -270,12 +266,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await serving.submit(caller, call.model, prompts, sampling(params), serving.session(call))
 
     def _internal(self, rpc: str, exc: Exception) -> InternalError:
-        """A bug: counted and logged as the HTTP guard does (the class and where, never the message)."""
-        self.state.metrics.internal_errors.labels(f"grpc {rpc}").inc()
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        log.error("INTERNAL on gRPC %s: %s at %s:%d", rpc, type(exc).__name__, Path(frame.filename).name, frame.lineno)
-        log.debug("the traceback of that INTERNAL", exc_info=exc)
-        return InternalError(f"internal server error ({type(exc).__name__}); it is logged")
+        return report_bug(self.state.metrics, f"grpc {rpc}", exc, f"INTERNAL on gRPC {rpc}")
 
 
 async def _texts(streams) -> list[str]:

@@ -8,8 +8,11 @@ plain one through `finish`, which also watches the connection. One adapter, one 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import traceback
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +23,8 @@ from mux.engine.sequence import SamplingParams
 from mux.engine.stream import RequestStream
 from mux.errors import InvalidRequest, MuxError
 from mux.server.auth import Caller
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SESSION_HEADER = "x-mux-session"
@@ -33,6 +38,16 @@ class ClientGone(Exception):
 
 class InternalError(Exception):
     """What the app's last-resort guard answers for an exception no route handled (a bug): 500 in every protocol."""
+
+
+def report_bug(metrics, route: str, exc: Exception, said: str) -> InternalError:
+    """A bug: counted in /metrics under `route`, logged as one line (`said`, the exception's class and where it was
+    raised: never its message, which may quote the request; the traceback at debug level); the error to answer."""
+    metrics.internal_errors.labels(route).inc()
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    log.error("%s: %s at %s:%d in %s", said, type(exc).__name__, Path(frame.filename).name, frame.lineno, frame.name)
+    log.debug("the traceback of that error", exc_info=exc)
+    return InternalError(f"internal server error ({type(exc).__name__}); it is logged")
 
 
 def client_gone() -> Response:
