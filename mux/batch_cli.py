@@ -74,15 +74,18 @@ def _in_process(args: argparse.Namespace, data: bytes, policy, config) -> int:
         return _failed(errors)
     work = Path(tempfile.mkdtemp(prefix=".mux-batch-", dir=args.output_file.parent))  # the runner's own store
     limits = Limits(policy.limits, policy.tenant_limits)
-    state = ServerState(lambda: None, Path(args.adapter_dir), limits=limits, batch_dir=work, batch_config=policy.batch)
+    state = ServerState(
+        lambda: Engine(config),
+        Path(args.adapter_dir),
+        policy.pinned,
+        limits=limits,
+        batch_dir=work,
+        batch_config=policy.batch,
+    )
     try:
-        try:  # not ServerState.load: it would tidy the adapter directory, which a running server may be writing
-            state.engine = Engine(config)
-            for adapter_id in policy.pinned:
-                state.engine.adapters.pin(state.repository.path(adapter_id))
-            state.engine.start()
-        except Exception as e:
-            print(f"mux batch: the model did not load: {e}", file=sys.stderr)
+        state.load(recover=False)
+        if state.engine is None:
+            print(f"mux batch: the model did not load: {state.load_error}", file=sys.stderr)
             return 1
         jobs = BatchJobs(state.batch_store, state.batch_config, line_executor(OpenAIRoutes(state)))
         return asyncio.run(_run_jobs(args, data, state.batch_store, jobs))

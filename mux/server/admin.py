@@ -50,7 +50,7 @@ class AdminRoutes:
         s["engine"] = engine.stats()
         s["requests_by_protocol"] = dict(self.state.metrics.protocols.counts)  # received, as /metrics counts them
         s["rollouts"] = [rollout_state(self.state, i) for i in ids if repo.traffic(i) is not None]
-        s["batches"] = self.state.batch_jobs.stats()
+        s["batches"] = {**self.state.batch_jobs.stats(), "live": self.state.batch_jobs.live()}
         return JSONResponse(s)
 
     async def act(self, request: Request) -> Response:

@@ -189,14 +189,14 @@ class BatchJobs:
             "lines_completed": self.lines["completed"],
             "lines_failed": self.lines["failed"],
             "tokens_per_s": sum(recent) / 10.0,
-            "live": [self._live(batch_id) for batch_id in sorted(self._tasks)],
         }
 
-    def _live(self, batch_id: str) -> dict:
-        """A running batch as the admin's stats show it (its counts as last saved: at most SAVE_EVERY_S old)."""
-        b = self.store.batch(batch_id)
+    def live(self) -> list[dict]:
+        """The running batches as the admin's stats show them, read from their records (so their counts are at
+        most SAVE_EVERY_S old): for /admin/stats, not for every /metrics scrape."""
         keep = ("id", "tenant", "status", "endpoint", "created_at", "expires_at")
-        return {**{k: b[k] for k in keep}, **b["request_counts"]}
+        batches = [self.store.batch(batch_id) for batch_id in sorted(self._tasks)]
+        return [{**{k: b[k] for k in keep}, **b["request_counts"]} for b in batches]
 
     # ---- running one batch ------------------------------------------------------------------
     async def _run(self, batch_id: str) -> None:
