@@ -17,14 +17,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-from bench.common import machine, prompts, save, write_random_adapter
+from bench.common import adapter_repository, harness, machine, prompts, save
 from bench.serving import SERVER_FLAGS, closed_loop, http_poisson
 from mux.model.loader import default_model_dir
 
@@ -118,14 +115,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import start_server
-
     model_dir = default_model_dir()
-    work = Path(tempfile.mkdtemp(prefix="mux-batch-bench-"))
-    for i in range(ADAPTERS):
-        write_random_adapter(model_dir, work / "repo" / "bench" / f"a{i}", r=8, seed=i, std=0.02)
-    proc, base = start_server(model_dir, work / "repo", *SERVER_FLAGS, "--dtype", "auto")
+    root, _ = adapter_repository(model_dir, "mux-batch-bench-", ADAPTERS)
+    proc, base = harness().start_server(model_dir, root, *SERVER_FLAGS, "--dtype", "auto")
     models = [f"bench/a{i}" for i in range(ADAPTERS)]
     texts = prompts(64)
     rounds = 2 if args.quick else 3

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,3 +228,19 @@ def write_random_adapter(
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def harness():
+    """tests/conftest.py, whose `start_server` and `free_port` the serving benches use: a real `mux serve` on a
+    loopback port, as the tests run it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import conftest
+
+    return conftest
+
+
+def adapter_repository(model_dir: Path, prefix: str, n: int = 16) -> tuple[Path, list[Path]]:
+    """A fresh adapter directory of `n` rank-8 adapters `bench/a<i>` (seed i): (the directory, their paths)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
+    paths = [write_random_adapter(model_dir, root / "bench" / f"a{i}", r=8, seed=i, std=0.02) for i in range(n)]
+    return root, paths

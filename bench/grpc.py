@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-from bench.common import machine, prompts, save, write_random_adapter
+from bench.common import adapter_repository, harness, machine, prompts, save
 from bench.serving import engine_throughput, in_process_engine, measured
 from mux.model.loader import default_model_dir
 
@@ -92,19 +89,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import free_port, start_server
-
+    servers = harness()
     model_dir = default_model_dir()
-    root = Path(tempfile.mkdtemp(prefix="mux-grpc-")) / "repo"
-    paths = [write_random_adapter(model_dir, root / "bench" / f"a{i}", r=8, seed=i, std=0.02) for i in range(16)]
+    root, paths = adapter_repository(model_dir, "mux-grpc-", ADAPTERS)
     n = 16 if args.quick else 64
     rounds = 1 if args.quick else 3
     texts = prompts(n)
     models = [f"bench/a{i % ADAPTERS}" for i in range(n)]
     engine = in_process_engine(paths, texts)
-    grpc_port = free_port()
-    proc, base = start_server(model_dir, root, *SERVER_FLAGS, "--grpc-port", str(grpc_port))
+    grpc_port = servers.free_port()
+    proc, base = servers.start_server(model_dir, root, *SERVER_FLAGS, "--grpc-port", str(grpc_port))
     address = f"127.0.0.1:{grpc_port}"
     runs = {
         "direct": lambda: engine_throughput(engine, paths, texts),

@@ -17,14 +17,13 @@ import argparse
 import asyncio
 import itertools
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import machine, prompts, save, write_random_adapter
+from bench.common import harness, machine, prompts, save, write_random_adapter
 from mux.model.loader import default_model_dir
 
 ADAPTERS = 16
@@ -76,15 +75,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import start_server
-
     model_dir = default_model_dir()
     work = Path(tempfile.mkdtemp(prefix="mux-rollout-"))
     src = work / "src"
     sources = [write_random_adapter(model_dir, src / f"a{i}", r=8, seed=i, std=0.02) for i in range(ADAPTERS)]
     canaries = [write_random_adapter(model_dir, src / f"c{i}", r=8, seed=100 + i, std=0.02) for i in range(ADAPTERS)]
-    proc, base = start_server(model_dir, work / "repo", "--kv-cache-bytes", str(1 << 30), "--dtype", "auto")
+    proc, base = harness().start_server(model_dir, work / "repo", "--kv-cache-bytes", str(1 << 30), "--dtype", "auto")
     seconds = 8.0 if args.quick else 20.0
     n = 16 if args.quick else 64
     texts = prompts(n)

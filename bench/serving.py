@@ -34,14 +34,12 @@ import os
 import random
 import re
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.common import machine, percentile, prompts, save, write_random_adapter
+from bench.common import adapter_repository, harness, machine, percentile, prompts, save
 from mux.config import SchedulerConfig
 from mux.model.loader import default_model_dir
 
@@ -304,12 +302,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import start_server
-
+    start_server = harness().start_server
     model_dir = default_model_dir()
-    root = Path(tempfile.mkdtemp(prefix="mux-serving-")) / "repo"
-    paths = [write_random_adapter(model_dir, root / "bench" / f"a{i}", r=8, seed=i, std=0.02) for i in range(16)]
+    root, paths = adapter_repository(model_dir, "mux-serving-")
     n = 16 if args.quick else 64
     texts = prompts(n)
     models = [f"bench/a{i % 16}" for i in range(n)]
