@@ -72,3 +72,18 @@ def test_enforce_eager_turns_off_graphs_and_the_cpu_decode_loop(monkeypatch, tmp
         cli.main(["serve", "--adapter-dir", str(tmp_path), *flags])
     (default, eager) = (c.model for c in configs)
     assert not default.enforce_eager and eager.enforce_eager and default.backend == "auto"
+
+
+def test_mux_batch_refuses_missing_files_and_an_unreachable_server(tmp_path, capsys):
+    from mux import cli
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}\n')
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["batch", "-i", str(tmp_path / "missing.jsonl"), "-o", str(out)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    assert cli.main(["batch", "-i", str(lines), "-o", str(tmp_path / "no-dir" / "out.jsonl")]) == 1
+    assert "no directory" in capsys.readouterr().err
+    assert cli.main(["batch", "-i", str(lines), "-o", str(out), "--url", "http://127.0.0.1:1", "--timeout", "5"]) == 1
+    assert "POST http://127.0.0.1:1/v1/files" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no work directory left
