@@ -30,6 +30,9 @@ class ModelConfig:
     # everything else fp32 (activations, LoRA, attention, KV cache); float16 on a CPU: torch's kernels throughout.
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
+    # none | int8 | int4: the decoder layers' linears held as weight-only integers (mux/model/quant.py); the
+    # adapters, the lm_head and the embeddings keep the compute dtype
+    quantization: str = "none"
     max_model_len: int | None = None
     # auto: mux's kernels where they serve, picked by measuring on the machine (CPU: the C kernels and packed
     # linears, mux/model/linear_picks.py; CUDA: the Triton ones); torch: torch's and transformers' own kernels on
@@ -46,6 +49,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"unknown quantization {self.quantization!r} (none, int8 or int4)")
         if self.backend not in ("auto", "torch"):
             raise ValueError(f"unknown backend {self.backend!r} (auto or torch)")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):

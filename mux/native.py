@@ -4,8 +4,9 @@
 - `attention.c`: decode attention over the paged KV cache (called from `mux/engine/kv_cache.py`);
 - `sampling.c`: greedy tokens and log-normalisers of a step's logits (called from `mux/engine/sampler.py`);
 - `layers.c`: a decoder layer's RMSNorms and RoPE (called from `mux/model/cpu_layers.py`);
-- `linear.c`: the linears, over weights packed in panels of 16 output features (`mux/model/cpu.py`'s packed
-  linears), and at 1-8 rows a linear with its LoRA deltas in the same call (`mux/lora/ops.py`);
+- `linear.c`: the linears, over fp32, bf16, int8 or int4 weights packed in panels of 16 output features
+  (`mux/model/cpu.py`'s packed linears), and at 1-8 rows a linear with its LoRA deltas in the same call
+  (`mux/lora/ops.py`);
 - `lora.h`: the LoRA shrink and expand both LoRA paths share;
 - `simd.h`: the vector helpers they share.
 
@@ -62,8 +63,6 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
         [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR],
     ),
 }
-SIGNATURES["mux_linear_bf16"] = SIGNATURES["mux_linear"]  # the same arguments over bf16 panels
-SIGNATURES["mux_linear_lora_bf16"] = SIGNATURES["mux_linear_lora"]
 
 
 def serves(device: torch.device | str, dtype: torch.dtype) -> bool:

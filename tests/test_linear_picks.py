@@ -29,7 +29,7 @@ def fake_times(bf16_speed: float):
     """_measure's stand-in: every kernel of a dtype at the same speed, bf16 `bf16_speed`× fp32's time."""
 
     def measure(members, kernels, failures):
-        scale = bf16_speed if cpu.KERNELS[kernels[0]] == torch.bfloat16 else 1.0
+        scale = bf16_speed if cpu.KERNELS[kernels[0]] == "bfloat16" else 1.0
         return {k: {b: scale * b * (1.0 + 0.01 * i) for b in ROW_BUCKETS} for i, k in enumerate(kernels)}
 
     return measure
@@ -39,13 +39,13 @@ def test_picks_are_measured_once_then_read_from_the_cache(model, tmp_path):
     cache = PickCache(machine_key("k1"), root=tmp_path)
     first = linear_picks.plan(model, "float32", cache)
     assert first.measured_s > 0 and first.weight_dtype == "float32"
-    assert set(first.picks) == {(m.in_features, m.out_features) for m in cpu.linears(model).values()}
+    assert set(first.picks) == {(m.in_features, m.out_features, "float") for m in cpu.linears(model).values()}
     assert all(set(t) == set(ROW_BUCKETS) and set(t.values()) <= {"c", "onednn"} for t in first.picks.values())
     again = linear_picks.plan(model, "float32", PickCache(machine_key("k1"), root=tmp_path))
     assert again.measured_s == 0 and again.picks == first.picks
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     report = first.report()
-    assert report["weight_dtype"] == "float32" and set(report["linears"]) == {f"{i}x{o}" for i, o in first.picks}
+    assert report["weight_dtype"] == "float32" and set(report["linears"]) == {f"{i}x{o}" for i, o, _ in first.picks}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other_machine", "unknown_kernel", "missing_bucket", "not_json"])
@@ -99,7 +99,7 @@ def test_auto_takes_bf16_weights_only_where_they_measure_faster(model, tmp_path,
         result = linear_picks.plan(model, "auto", PickCache(machine_key(f"k4-{bf16_speed}"), root=tmp_path))
     assert result.weight_dtype == want and result.bf16_ratio == pytest.approx(bf16_speed, rel=0.02)
     kernels = {k for t in result.picks.values() for k in t.values()}
-    assert all(cpu.KERNELS[k] == linear_picks.DTYPES[want] for k in kernels)
+    assert all(cpu.KERNELS[k] == want for k in kernels)
 
 
 def test_a_second_layout_is_kept_only_where_it_pays():

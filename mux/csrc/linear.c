@@ -1,14 +1,16 @@
-/* The CPU linear layer, y = x Wᵀ (+ bias), over weights packed once in panels of 16 output features: p [ceil(out/16),
- * in, 16], panel i holding features 16i..16i+15, each input feature's 16 weights side by side (zeros past `out`).
+/* The CPU linear layer, y = x Wᵀ (+ bias), over weights packed once in panels of 16 output features: [ceil(out/16),
+ * in, 16], panel i holding features 16i..16i+15, each input feature's 16 weights side by side (zeros past `out`), as
+ * fp32, bf16, int8 with a scale per output feature, or int4 with a scale and a minimum per output feature and group of
+ * input features (mux/model/quant.py): each weight is widened to a float in registers, the sums are floats.
  *
  * For a few rows a linear is a stream over its weights; for many it is arithmetic. A panel serves both: RB rows at a
  * time keep their 16 sums each in registers over the whole input (per input feature: two vector loads of the panel,
  * a broadcast of each row's x, two FMAs a row), so the panel streams from memory once for RB rows and from cache for
- * the next RB, and the weights are one forward stream per thread, prefetched in software: PF floats ahead when one
+ * the next RB, and the weights are one forward stream per thread, prefetched in software: PF_BYTES ahead when one
  * pass covers the rows (without it the stream ran at half the memory's speed once the rows' arithmetic was beside
  * it), else each pass over a panel fetches its share of the next panel, so the memory works during the passes
- * from cache too (1.05-1.25x at 8-256 rows, ad hoc). On this 2-core machine it read SmolLM2's linears 1.1-1.5x
- * faster than oneDNN's prepacked GEMM from 1 to 64 rows and as fast at 256 (`python -m bench.small_linear`).
+ * from cache too (1.05-1.25x at 8-256 rows, ad hoc). `python -m bench.small_linear` times it beside oneDNN's
+ * prepacked GEMM; the picks (mux/model/linear_picks.py) choose between them on each machine.
  *
  * Each output is one sum over the input features in order, on one thread: a row's result does not depend on the
  * other rows of the call or on the thread count. */
@@ -16,9 +18,9 @@
 
 #include "lora.h"
 
-#define PANEL 16 /* output features per panel: two vectors */
-#define PF 4096  /* software prefetch distance in floats (256 panel rows) for one pass over a panel */
-#define RC 64    /* rows per work item (with the panel, what one thread computes) */
+#define PANEL 16    /* output features per panel: two vectors */
+#define PF_BYTES 16384 /* software prefetch distance (256 fp32 panel rows) for one pass over a panel */
+#define RC 64       /* rows per work item (with the panel, what one thread computes) */
 #if defined(__AVX512VL__)
 #define RB 8 /* rows per pass over a panel: 2 RB sums + 3 in the 32 vector registers */
 #else
@@ -26,40 +28,114 @@
 #endif
 #define MAX_ROWS 8 /* mux_linear_lora's rows (a decode step of a few sequences) */
 
-/* 16 weights of one input feature as two vectors: floats, or bf16 (the top half of a float: a shift widens it) */
-INLINE void weights(const void *p, int64_t k, const int half, vf *w0, vf *w1)
+/* The weights' formats: a panel holds, for each input feature, its 16 output features' weights side by side as */
+enum { FP32, BF16, INT8, INT4 };
+static const int BYTES_X2[] = {8, 4, 2, 1}; /* twice the bytes of one weight of each format */
+
+/* The packed weights of one linear (mux/model/cpu.py builds it beside the tensors it points into). */
+typedef struct {
+    const void *data;   /* [ceil(out/16), in, 16] weights; INT4: 8 bytes per input feature, byte j holding output
+                           features j (low nibble) and j + 8 (high) */
+    const void *scales; /* INT8: float [ceil(out/16) * 16], w = q s; INT4: _Float16 [ceil(out/16), in / group, 2, 16]
+                           (scale d, then minimum m of each group), w = q d + m; else NULL */
+    int64_t format;
+    int64_t group; /* INT4: input features per scale (divides `in`); else `in` */
+} mux_weights;
+
+/* 8 int8 or uint8 values widened to int32 lanes, 8 fp16 ones to floats: single instructions on AVX2 / F16C (GCC's
+ * generic vector conversions of these widths go element by element) */
+#if defined(__AVX2__)
+#include <immintrin.h>
+INLINE vi widen_i8(const void *p) { return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+INLINE vi widen_u8(const void *p) { return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+#else
+INLINE vi widen_i8(const void *p)
 {
-    if (half) {
-        typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
-        typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+    typedef int8_t vc __attribute__((vector_size(W)));
+    vc c;
+    memcpy(&c, p, sizeof c);
+    return __builtin_convertvector(c, vi);
+}
+INLINE vi widen_u8(const void *p)
+{
+    typedef uint8_t vb __attribute__((vector_size(W)));
+    vb b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vi);
+}
+#endif
+#if defined(__F16C__)
+INLINE vf widen_f16(const void *p) { return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#else
+INLINE vf widen_f16(const void *p)
+{
+    typedef _Float16 vf16 __attribute__((vector_size(W * sizeof(_Float16))));
+    vf16 h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vf);
+}
+#endif
+
+/* 16 weights of input feature k of a panel as two vectors. sc: INT8 the panel's 16 scales; INT4 this group's d and
+ * m as four vectors (d0 d1 m0 m1). */
+INLINE void weights(const void *p, int64_t k, const int fmt, const vf *sc, vf *w0, vf *w1)
+{
+    typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+    typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+    if (fmt == BF16) { /* the top half of a float: a shift widens it */
         vh h0, h1;
         memcpy(&h0, (const uint16_t *)p + k * PANEL, sizeof h0);
         memcpy(&h1, (const uint16_t *)p + k * PANEL + W, sizeof h1);
         const vu u0 = __builtin_convertvector(h0, vu) << 16, u1 = __builtin_convertvector(h1, vu) << 16;
         memcpy(w0, &u0, sizeof *w0);
         memcpy(w1, &u1, sizeof *w1);
+    } else if (fmt == INT8) {
+        *w0 = __builtin_convertvector(widen_i8((const int8_t *)p + k * PANEL), vf) * sc[0];
+        *w1 = __builtin_convertvector(widen_i8((const int8_t *)p + k * PANEL + W), vf) * sc[1];
+    } else if (fmt == INT4) {
+        const vi u = widen_u8((const uint8_t *)p + k * (PANEL / 2));
+        *w0 = __builtin_convertvector(u & 15, vf) * sc[0] + sc[2];
+        *w1 = __builtin_convertvector(u >> 4, vf) * sc[1] + sc[3];
     } else {
         *w0 = load((const float *)p + k * PANEL);
         *w1 = load((const float *)p + k * PANEL + W);
     }
 }
 
-/* y[q, 0..cols) = x_q . panel (+ bias) for the M rows x_q = x + q xs, y_q = y + q ys; cols <= PANEL are stored.
- * Input feature k prefetches pf + k * step (bytes). `half`: the panel holds bf16 weights (sums in float). */
-INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const void *restrict p, int64_t in,
-                       int64_t cols, const float *bias, const char *pf, int64_t step, const int M, const int half)
+/* A panel's scales for input features from k on: INT8 its 16 scales, INT4 the d and m of k's group. */
+INLINE void group_scales(const mux_weights *w, int64_t panel, int64_t in, int64_t k, const int fmt, vf *sc)
 {
-    vf s[RB][2];
+    if (fmt == INT8) {
+        sc[0] = load((const float *)w->scales + panel * PANEL);
+        sc[1] = load((const float *)w->scales + panel * PANEL + W);
+    } else if (fmt == INT4) {
+        const _Float16 *g = (const _Float16 *)w->scales + (panel * (in / w->group) + k / w->group) * 2 * PANEL;
+        for (int v = 0; v < 4; v++) sc[v] = widen_f16(g + v * W);
+    }
+}
+
+/* y[q, 0..cols) = x_q . panel (+ bias) for the M rows x_q = x + q xs, y_q = y + q ys; cols <= PANEL are stored.
+ * Input feature k prefetches pf + k * step (bytes). M and fmt are constants in each inlined copy. */
+INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, int64_t panel,
+                       int64_t in, int64_t cols, const float *bias, const char *pf, int64_t step, const int M,
+                       const int fmt)
+{
+    const void *restrict p = (const char *)w->data + panel * in * PANEL * BYTES_X2[fmt] / 2;
+    const int64_t group = fmt == INT4 ? w->group : in;
+    vf s[RB][2], sc[4];
     for (int q = 0; q < M; q++) s[q][0] = s[q][1] = (vf){0};
-    for (int64_t k = 0; k < in; k++) {
-        __builtin_prefetch(pf + k * step, 0, 0);
-        vf w0, w1;
-        weights(p, k, half, &w0, &w1);
+    for (int64_t k0 = 0; k0 < in; k0 += group) {
+        group_scales(w, panel, in, k0, fmt, sc);
+        for (int64_t k = k0; k < k0 + group; k++) {
+            __builtin_prefetch(pf + k * step, 0, 0);
+            vf w0, w1;
+            weights(p, k, fmt, sc, &w0, &w1);
 #pragma GCC unroll 8
-        for (int q = 0; q < M; q++) {
-            const float xv = x[q * xs + k];
-            s[q][0] += xv * w0;
-            s[q][1] += xv * w1;
+            for (int q = 0; q < M; q++) {
+                const float xv = x[q * xs + k];
+                s[q][0] += xv * w0;
+                s[q][1] += xv * w1;
+            }
         }
     }
     for (int q = 0; q < M; q++) {
@@ -72,71 +148,54 @@ INLINE void panel_rows(const float *x, int64_t xs, float *y, int64_t ys, const v
     }
 }
 
-#define ROWS_CASE(n, h) case n: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, n, h); break;
+#define ROWS_CASE(n, f) case n: panel_rows(x, xs, y, ys, w, panel, in, cols, bias, pf, step, n, f); break;
 #if RB == 8
-#define ALL_ROWS(h) ROWS_CASE(8, h) ROWS_CASE(7, h) ROWS_CASE(6, h) ROWS_CASE(5, h) ROWS_CASE(4, h) \
-    ROWS_CASE(3, h) ROWS_CASE(2, h)
+#define ALL_ROWS(f) ROWS_CASE(8, f) ROWS_CASE(7, f) ROWS_CASE(6, f) ROWS_CASE(5, f) ROWS_CASE(4, f) \
+    ROWS_CASE(3, f) ROWS_CASE(2, f) default: panel_rows(x, xs, y, ys, w, panel, in, cols, bias, pf, step, 1, f);
 #else
-#define ALL_ROWS(h) ROWS_CASE(6, h) ROWS_CASE(5, h) ROWS_CASE(4, h) ROWS_CASE(3, h) ROWS_CASE(2, h)
+#define ALL_ROWS(f) ROWS_CASE(6, f) ROWS_CASE(5, f) ROWS_CASE(4, f) ROWS_CASE(3, f) ROWS_CASE(2, f) \
+    default: panel_rows(x, xs, y, ys, w, panel, in, cols, bias, pf, step, 1, f);
 #endif
 
-/* panel_rows for m <= RB rows, m and half made constants for each inlined copy */
-static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const void *p, int64_t in, int64_t cols,
-                      const float *bias, const char *pf, int64_t step, int64_t m, int half)
+/* panel_rows for m <= RB rows, m and the format made constants for each inlined copy */
+static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, int64_t panel,
+                      int64_t in, int64_t cols, const float *bias, const char *pf, int64_t step, int64_t m)
 {
-    if (half)
-        switch (m) {
-            ALL_ROWS(1)
-        default: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 1, 1);
-        }
-    else
-        switch (m) {
-            ALL_ROWS(0)
-        default: panel_rows(x, xs, y, ys, p, in, cols, bias, pf, step, 1, 0);
-        }
+    switch (w->format) {
+    case BF16: switch (m) { ALL_ROWS(BF16) } break;
+    case INT8: switch (m) { ALL_ROWS(INT8) } break;
+    case INT4: switch (m) { ALL_ROWS(INT4) } break;
+    default: switch (m) { ALL_ROWS(FP32) }
+    }
 }
 
-/* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)); `half`: bf16 panels. */
-static void panels(const float *x, int64_t xs, float *y, int64_t ys, const void *p, const float *bias, int64_t r0,
-                   int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1, int half)
+/* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)). */
+static void panels(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias,
+                   int64_t r0, int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1)
 {
-    const int64_t passes = (r1 - r0 + RB - 1) / RB, bytes = in * PANEL * (half ? 2 : 4); /* a panel's bytes */
+    const int64_t passes = (r1 - r0 + RB - 1) / RB, row = PANEL * BYTES_X2[w->format] / 2; /* bytes per feature */
     for (int64_t i = i0; i < i1; i++) {
         const int64_t j = i * PANEL, cols = out - j < PANEL ? out - j : PANEL;
-        const char *panel = (const char *)p + i * bytes;
-        for (int64_t q = 0; q < passes; q++) { /* pass q prefetches PF ahead, or the q-th share of the next panel */
+        const char *panel = (const char *)w->data + i * in * row;
+        for (int64_t q = 0; q < passes; q++) { /* pass q prefetches ahead, or the q-th share of the next panel */
             const int64_t r = r0 + q * RB;
-            const char *pf = passes == 1 ? panel + PF * (int64_t)sizeof(float) : panel + bytes + q * bytes / passes;
-            panel_any(x + r * xs, xs, y + r * ys + j, ys, panel, in, cols, bias ? bias + j : NULL, pf,
-                      PANEL * (half ? 2 : 4) / passes, r1 - r < RB ? r1 - r : RB, half);
+            const char *pf = passes == 1 ? panel + PF_BYTES : panel + in * row + q * in * row / passes;
+            panel_any(x + r * xs, xs, y + r * ys + j, ys, w, i, in, cols, bias ? bias + j : NULL, pf, row / passes,
+                      r1 - r < RB ? r1 - r : RB);
         }
     }
 }
 
-static void linear(const float *x, int64_t xs, float *y, int64_t ys, const void *restrict p, const float *bias,
-                   int64_t m, int64_t in, int64_t out, int half)
+/* x [m, in] rows of stride xs, y [m, out] rows of stride ys (unit column strides), w the packed weights, bias [out]
+ * or NULL. Work items (RC rows, one panel) are shared out over the thread team. */
+void mux_linear(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias, int64_t m,
+                int64_t in, int64_t out)
 {
     const int64_t chunks = (m + RC - 1) / RC, np = (out + PANEL - 1) / PANEL;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t c = 0; c < chunks; c++)
         for (int64_t i = 0; i < np; i++)
-            panels(x, xs, y, ys, p, bias, c * RC, (c + 1) * RC < m ? (c + 1) * RC : m, in, out, i, i + 1, half);
-}
-
-/* x [m, in] rows of stride xs, y [m, out] rows of stride ys (unit column strides), p the packed weights, bias [out] or
- * NULL. Work items (RC rows, one panel) are shared out over the thread team. */
-void mux_linear(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, const float *bias,
-                int64_t m, int64_t in, int64_t out)
-{
-    linear(x, xs, y, ys, p, bias, m, in, out, 0);
-}
-
-/* mux_linear over bf16 panels (uint16 [ceil(out/16), in, 16]): half the bytes, the same float sums of the weights'
- * float values */
-void mux_linear_bf16(const float *x, int64_t xs, float *y, int64_t ys, const uint16_t *restrict p, const float *bias,
-                     int64_t m, int64_t in, int64_t out)
-{
-    linear(x, xs, y, ys, p, bias, m, in, out, 1);
+            panels(x, xs, y, ys, w, bias, c * RC, (c + 1) * RC < m ? (c + 1) * RC : m, in, out, i, i + 1);
 }
 
 /* mux_linear followed by mux_lora_add in one call, for a decode step of m <= MAX_ROWS sequences with adapters: y =
@@ -145,9 +204,9 @@ void mux_linear_bf16(const float *x, int64_t xs, float *y, int64_t ys, const uin
  * row's shrink by groups of four ranks, each thread writes its range of panels, then (after a barrier, the shrink
  * done) adds the rows' deltas to that range while it is still in cache. The linear is mux_linear's sums; the shrink
  * and the expand are lora.c's, on the same groups of ranks and vector lanes. */
-static void linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const void *restrict p, const float *bias,
-                        int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
-                        const int64_t *row_slot, const int64_t *row_rank, int half)
+void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias,
+                     int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
+                     const int64_t *row_slot, const int64_t *row_rank)
 {
     const float *xr[MAX_ROWS];
     float h[MAX_ROWS * R]; /* row q's x_q A_slotᵀ at h[q * R] */
@@ -163,7 +222,7 @@ static void linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const 
         }
         const int64_t np = (out + PANEL - 1) / PANEL, i0 = t * np / team, i1 = (t + 1) * np / team;
         const int64_t j0 = i0 * PANEL, j1 = i1 * PANEL < out ? i1 * PANEL : out; /* this thread's outputs */
-        panels(x, xs, y, ys, p, bias, 0, m, in, out, i0, i1, half);
+        panels(x, xs, y, ys, w, bias, 0, m, in, out, i0, i1);
 #pragma omp barrier
         for (int q = 0; q < m; q++)
             if (row_slot[q] >= 0 && j0 < j1) {
@@ -171,19 +230,4 @@ static void linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const 
                 expand(&yq, b + row_slot[q] * R * out + j0, j1 - j0, out, row_rank[q], h + q * R, 1);
             }
     }
-}
-
-void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const float *restrict p, const float *bias,
-                     int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
-                     const int64_t *row_slot, const int64_t *row_rank)
-{
-    linear_lora(x, xs, y, ys, p, bias, m, in, out, a, b, R, row_slot, row_rank, 0);
-}
-
-/* mux_linear_lora over bf16 panels (the LoRA weights stay float) */
-void mux_linear_lora_bf16(const float *x, int64_t xs, float *y, int64_t ys, const uint16_t *restrict p,
-                          const float *bias, int64_t m, int64_t in, int64_t out, const float *a, const float *b,
-                          int64_t R, const int64_t *row_slot, const int64_t *row_rank)
-{
-    linear_lora(x, xs, y, ys, p, bias, m, in, out, a, b, R, row_slot, row_rank, 1);
 }

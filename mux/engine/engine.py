@@ -31,11 +31,11 @@ from mux.engine.scheduler import Scheduler, SchedulerOutput
 from mux.engine.sequence import SamplingParams, Sequence, Status
 from mux.engine.stream import Completion, RequestStream, TokenEvent
 from mux.engine.torch_thread import TorchThread
-from mux.errors import InvalidRequest, Overloaded
+from mux.errors import InvalidRequest, MuxError, Overloaded
 from mux.lora.layers import MultiLoRAModel
 from mux.lora.manager import AdapterManager, AdapterRef
-from mux.model import linear_picks
-from mux.model.cpu import can_pack, pack_linears
+from mux.model import linear_picks, quant
+from mux.model.cpu import PackedLinear, can_pack, pack_linears
 from mux.model.cpu_layers import fuse_layers, fuse_rope
 from mux.model.cuda import fuse_rms_norms
 from mux.model.loader import BaseModel, load_base_model
@@ -73,6 +73,7 @@ class Engine:
         self.tokenizer = self.base.tokenizer
         self.eos_ids = frozenset(self.base.eos_token_ids)
         mux_kernels = config.model.backend == "auto"  # else torch's and transformers' own (mux/config.py)
+        self._quantize(model, config.model)
         self.lora = MultiLoRAModel(
             model,
             config.lora.max_loras,
@@ -103,6 +104,8 @@ class Engine:
         graph_batch = 0 if eager else config.scheduler.max_num_seqs
         cpu_loop = not eager and mux_kernels and picks.choice("decode", "loop") == "loop"
         self.runner = ModelRunner(model, self.lora, self.cache, graph_batch, cpu_loop)
+        self.weights = self._weights()
+        log.info("weights: %s", self.weights)
         overlap = config.model.overlap_output
         self.overlap_output = device.type == "cuda" if overlap is None else overlap
         self._pending: list[Sequence] = []  # sequences whose last token's text waits for the next step
@@ -120,6 +123,24 @@ class Engine:
         self.finished: Counter[str] = Counter()  # finish reason -> sequences (cancelled = client went away, ...)
         self.faults: Counter[str] = Counter()  # "step" (a failed forward or sampling) | "loop" (anywhere else)
         self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
+
+    def _quantize(self, model, config) -> None:
+        """--quantization: the decoder linears as integers (mux/model/quant.py), from the GGUF file's own 4-bit
+        tensors where it has them. CPU only."""
+        if config.quantization == "none":
+            return
+        if next(model.parameters()).device.type != "cpu":
+            raise MuxError(f"--quantization {config.quantization} runs on the CPU only (CUDA: not built yet)")
+        quant.quantize_model(model, config.quantization, self.base.gguf)
+
+    def _weights(self) -> dict:
+        """The quantization and the resident bytes of the decoder layers' linears (/v1/models, /admin/stats)."""
+        nbytes = sum(
+            m.weight_bytes if isinstance(m, PackedLinear) else m.weight.nbytes
+            for n, m in self.base.model.named_modules()
+            if ".layers." in n and type(m) in (PackedLinear, torch.nn.Linear)
+        )
+        return {"quantization": self.config.model.quantization, "decoder_linear_bytes": nbytes}
 
     # ---- public API -------------------------------------------------------------------------
     def submit(
@@ -238,6 +259,7 @@ class Engine:
             "finished": dict(self.finished),
             "faults": {"step": self.faults["step"], "loop": self.faults["loop"]},
             "cpu_kernels": None if self.linear_plan is None else self.linear_plan.report(),
+            "weights": self.weights,
         }
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import shutil
 import tempfile
@@ -28,6 +30,7 @@ class BaseModel:
     name: str
     eos_token_ids: tuple[int, ...]
     max_model_len: int
+    gguf: Path | None = None  # the GGUF file the model was converted from (its quantized tensors may serve as such)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -58,9 +61,20 @@ def smollm2_gguf_path() -> Path:
 def default_model_dir() -> Path:
     """The SmolLM2 safetensors cache, converted from the GGUF file on first use (≈25 s, once)."""
     target = cache_root() / "smollm2-135m-instruct"
+    return target if (target / "model.safetensors").is_file() else converted_dir(smollm2_gguf_path(), target)
+
+
+def gguf_model_dir(gguf: Path) -> Path:
+    """The safetensors cache of a GGUF file given as --model, converted on first use; keyed by the file's path,
+    size and modification time, so a changed file converts again."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return converted_dir(gguf, cache_root() / "gguf" / f"{gguf.stem}-{key}")
+
+
+def converted_dir(gguf: Path, target: Path) -> Path:
     if (target / "model.safetensors").is_file():
         return target
-    gguf = smollm2_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -92,24 +106,39 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def load_base_model(config: ModelConfig) -> BaseModel:
-    path = Path(config.model) if config.model else default_model_dir()
+    path, gguf = Path(config.model) if config.model else default_model_dir(), None
+    if not config.model:
+        with contextlib.suppress(MuxError):
+            gguf = smollm2_gguf_path()
+    elif path.is_file() and path.suffix == ".gguf":
+        try:
+            path, gguf = gguf_model_dir(path), path
+        except (ValueError, KeyError, NotImplementedError) as e:  # transformers' GGUF reader: a type or arch it lacks
+            raise MuxError(f"{path}: this GGUF file cannot be read ({e})") from None
     if not (path / "config.json").is_file():
-        raise MuxError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise MuxError(f"{path} is not a Hugging Face model directory (no config.json) or a .gguf file")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if (quantized := getattr(hf_config, "quantization_config", None)) is not None:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
+        raise MuxError(
+            f"{path}: the model is quantized ({method}); mux does not serve pre-quantized Hugging Face checkpoints: "
+            "serve the unquantized model, with --quantization int8 or int4 to quantize it at start"
+        )
     model = AutoModelForCausalLM.from_pretrained(
         path, config=hf_config, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     )
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    name = config.served_model_name or (DEFAULT_MODEL_NAME if not config.model else path.name)
+    own_name = Path(config.model).stem if gguf else path.name
+    name = config.served_model_name or (DEFAULT_MODEL_NAME if not config.model else own_name)
     max_len = getattr(hf_config, "max_position_embeddings", 2048)
     if (window := _sliding_window(hf_config)) is not None:
         max_len = min(max_len, window)  # our attention is full: within the window the two are the same
     if config.max_model_len:
         max_len = min(max_len, config.max_model_len)
-    return BaseModel(model, tokenizer, path, name, _eos_ids(path, hf_config, tokenizer), max_len)
+    return BaseModel(model, tokenizer, path, name, _eos_ids(path, hf_config, tokenizer), max_len, gguf)
 
 
 def _sliding_window(hf_config) -> int | None:

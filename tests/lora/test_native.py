@@ -225,22 +225,23 @@ def test_slot_loads_in_c_equal_torch_copies(tiny_dir, tiny_adapters):
             assert torch.equal(c.layers[name].lora_b, py.layers[name].lora_b), name
 
 
-@pytest.mark.parametrize("kernel", ["c", "c_bf16"])
+@pytest.mark.parametrize("kernel", ["c", "c_bf16", "c_int8", "c_int4"])
 @pytest.mark.parametrize("seed", range(10))
 def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(seed, kernel):
-    """A step of <= 4 rows: each linear and its deltas in one call (`few_rows_linear_lora`) gives exactly what the
+    """A step of <= 8 rows, on each weight format: each linear and its deltas in one call (`few_rows_linear_lora`) gives exactly what the
     few-row linear then the LoRA kernel give, and PEFT's sum: rows with and without adapters, one adapter on
     several rows, ranks off the groups of four, widths off the vectors and the output blocks, a bias."""
     from torch import nn
 
     from mux.model.cpu import FEW_ROWS, PackedLinear
+    from tests.test_model_cpu import rounded
 
     rnd = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     in_f, out_f = rnd.choice([(80, 50), (576, 192), (37, 130), (16, 7)])
     rows, slots, max_rank = rnd.randint(1, FEW_ROWS), 4, 16
-    linear = nn.Linear(in_f, out_f, bias=seed % 2 == 0)
+    linear = rounded(nn.Linear(in_f, out_f, bias=seed % 2 == 0), kernel)  # int8, int4: quantized
     base = PackedLinear(linear, kernel)
     ranks = [rnd.choice([1, 3, 4, 5, 8, 13, 16]) for _ in range(slots)]
     a = torch.randn(slots, max_rank, in_f, generator=g)
@@ -256,7 +257,7 @@ def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(see
     lora_add_(two_calls, x, a, b, batch)
     fused = few_rows_linear_lora(base, x, a, b, batch.few)
     assert torch.equal(fused, two_calls)
-    weight = linear.weight.detach().to(base.weight_dtype).float()  # bf16 panels: the rounded weights, fp32 sums
+    weight = linear.weight.detach()  # bf16, int8, int4: the rounded weights, fp32 sums
     want = torch.nn.functional.linear(x, weight, linear.bias) + lora_delta_reference(x, a, b, token_slots)
     assert torch.allclose(fused, want, atol=1e-4, rtol=1e-4)
 
