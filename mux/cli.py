@@ -41,11 +41,13 @@ def engine_setup(args: argparse.Namespace):
             max_cpu_adapter_bytes=args.max_cpu_adapter_bytes,
             stream_interval=getattr(args, "stream_interval", None),
             grpc_port=getattr(args, "grpc_port", None),
+            quantization=args.quantization,
         )
         model = ModelConfig(
             model=args.model,
             served_model_name=args.served_model_name,
             dtype=args.dtype,
+            quantization=policy.quantization,
             device=args.device,
             enforce_eager=args.enforce_eager,
             backend=args.backend,
@@ -96,7 +98,8 @@ def serve(args: argparse.Namespace) -> int:
     )
     also = f" and gRPC on {args.host}:{grpc.port}" if grpc.port is not None else ""
     print(
-        f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
+        f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} "
+        f"(quantization {config.model.quantization}) with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port}{also} "
         f"(ready at /ready)",
         flush=True,
@@ -107,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _engine_flags(s: argparse.ArgumentParser) -> None:
     """The model, adapters and engine: the flags `serve` and `batch` share."""
-    s.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2)")
+    s.add_argument("--model", default=None, help="local HF model directory or .gguf file (default: embedded SmolLM2)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--adapter-dir", default=str(REPO_ADAPTERS))
     s.add_argument("--policy", default=None, help="policy file (TOML; default policies/default.toml)")
@@ -126,6 +129,13 @@ def _engine_flags(s: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (CUDA: fp16; CPU: fp32, with the linears' weights in bf16 where they measure faster), float32, "
         "float16, bfloat16 (on a CPU: the linears' weights only)",
+    )
+    s.add_argument(
+        "--quantization",
+        choices=("none", "int8", "int4"),
+        default=None,
+        help="the decoder layers' linears as weight-only int8 or int4, adapters unchanged (CPU; overrides the "
+        "policy's [model] quantization; default none)",
     )
     s.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
     s.add_argument(

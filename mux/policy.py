@@ -17,7 +17,7 @@ from mux.server.limits import TenantLimit
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.toml"
 _SECTIONS = {
     *("eviction", "tiers", "scheduler", "streaming", "pinned"),
-    *("admin", "tenants", "public", "limits", "batch", "grpc"),
+    *("admin", "tenants", "public", "limits", "batch", "grpc", "model"),
 }
 _TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -37,6 +37,7 @@ class Policy:
     stream_interval: int = 1  # [streaming] interval: OpenAI streams send tokens this many at a time after the first
     batch: BatchConfig = field(default_factory=BatchConfig)  # [batch]: file and line limits, token weight
     grpc: GrpcConfig = field(default_factory=GrpcConfig)  # [grpc] port, max_message_bytes
+    quantization: str = "none"  # [model] quantization: none | int8 | int4 (mux/model/quant.py)
 
 
 def load_policy(path: str | Path | None = None, **overrides) -> Policy:
@@ -80,6 +81,11 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
     _only(grpc, {"port", "max_message_bytes"}, "[grpc]")
     if overrides.get("grpc_port") is not None:
         grpc = {**grpc, "port": overrides["grpc_port"]}
+    model = data.get("model", {})
+    _only(model, {"quantization"}, "[model]")
+    quantization = overrides.get("quantization") or model.get("quantization", "none")
+    if quantization not in ("none", "int8", "int4"):
+        raise MuxError(f"policy file {path}: unknown quantization {quantization!r} (none, int8 or int4)")
     try:
         if lora_values.get("eviction_policy", "lru") not in POLICIES:
             raise ValueError(f"unknown eviction policy {lora_values['eviction_policy']!r}")
@@ -95,6 +101,7 @@ def load_policy(path: str | Path | None = None, **overrides) -> Policy:
             interval,
             replace(BatchConfig(), **batch),
             GrpcConfig(**grpc),
+            quantization,
         )
     except (TypeError, ValueError) as e:  # a bad value may come from the file or from an override (a CLI flag)
         where = f"policy file {path}" + (f" with overrides {', '.join(sorted(flags))}" if flags else "")

@@ -113,7 +113,7 @@ def load_base_model(config: ModelConfig) -> BaseModel:
     elif path.is_file() and path.suffix == ".gguf":
         try:
             path, gguf = gguf_model_dir(path), path
-        except (ValueError, KeyError, NotImplementedError) as e:  # transformers' GGUF reader: a type or arch it lacks
+        except Exception as e:  # transformers and gguf raise many kinds for a type or an architecture they lack
             raise MuxError(f"{path}: this GGUF file cannot be read ({e})") from None
     if not (path / "config.json").is_file():
         raise MuxError(f"{path} is not a Hugging Face model directory (no config.json) or a .gguf file")
@@ -131,8 +131,9 @@ def load_base_model(config: ModelConfig) -> BaseModel:
     )
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    own_name = Path(config.model).stem if gguf else path.name
-    name = config.served_model_name or (DEFAULT_MODEL_NAME if not config.model else own_name)
+    name = config.served_model_name or DEFAULT_MODEL_NAME
+    if config.model and not config.served_model_name:
+        name = Path(config.model).stem if gguf else path.name
     max_len = getattr(hf_config, "max_position_embeddings", 2048)
     if (window := _sliding_window(hf_config)) is not None:
         max_len = min(max_len, window)  # our attention is full: within the window the two are the same

@@ -2,12 +2,12 @@
 embedded GGUF's own 4-bit tensors read as they are.
 
 - int8: symmetric, one scale per output feature: s = max|W_row| / 127, q = round(W / s) clamped to ±127, w = q s.
-- int4: asymmetric, one fp16 scale d and minimum m per output feature and group of GROUP input features (llama.cpp's
-  Q4_1 with larger groups): d = (max - min) / 15, q = round((W - m) / d) clamped to 0..15, w = q d + m, d and m
-  rounded to fp16 first. GROUP = 64 takes 0.5625 bytes a weight (0.14× of fp32); `python -m bench.quantization`
-  measures the groups' perplexity on SmolLM2.
-- GGUF Q4_1 tensors (SmolLM2's file holds every decoder linear so) are the int4 scheme with groups of 32: they are
-  served as they are, without going through fp32. Other GGUF types are dequantized by transformers at conversion.
+- int4: asymmetric, one fp16 scale d and minimum m per output feature and group of GROUP = 32 input features
+  (llama.cpp's Q4_1): d = (max - min) / 15, q = round((W - m) / d) clamped to 0..15, w = q d + m, d and m rounded
+  to fp16 first; 0.625 bytes a weight (0.156× of fp32). Groups of 64 would take 0.14×, but on SmolLM2 they raised
+  the perplexity of `python -m bench.quantization`'s text from 27.1 to 42.9 (groups of 32: 27.1).
+- GGUF Q4_1 tensors (SmolLM2's file holds every decoder linear so) are the int4 scheme: they are served as they
+  are, without going through fp32. Other GGUF types are dequantized by transformers at conversion.
 
 The lm_head and the embeddings stay unquantized. Every kernel that serves a quantized linear computes with the
 dequantized weights (`QuantizedWeight.dequantize`): the reference PEFT is compared with.
@@ -26,8 +26,7 @@ from torch import nn
 from mux.errors import MuxError
 
 SCHEMES = ("none", "int8", "int4")
-GROUP = 64  # input features per int4 scale and minimum
-GGUF_GROUP = 32  # Q4_1's block
+GROUP = 32  # input features per int4 scale and minimum: Q4_1's block
 _GGUF_LINEARS = {  # GGUF tensor name (after blk.N.) -> the HF module under model.layers.N
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -127,7 +126,7 @@ def _gguf_q4_1(path: Path, model: nn.Module) -> dict[int, QuantizedWeight]:
             continue
         linear = model.get_submodule(f"model.layers.{parts[1]}.{_GGUF_LINEARS[parts[2]]}")
         out, n = linear.out_features, linear.in_features
-        blocks = np.asarray(tensor.data).reshape(out, n // GGUF_GROUP, 20)  # d fp16, m fp16, 16 bytes of nibbles
+        blocks = np.asarray(tensor.data).reshape(out, n // GROUP, 20)  # d fp16, m fp16, 16 bytes of nibbles
         d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])
         m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
         nib = torch.from_numpy(blocks[..., 4:].copy())  # element j: byte j's low nibble, element j + 16: its high
@@ -135,7 +134,7 @@ def _gguf_q4_1(path: Path, model: nn.Module) -> dict[int, QuantizedWeight]:
         if parts[2] in ("attn_q", "attn_k"):
             order = _unpermute(out, heads if parts[2] == "attn_q" else kv_heads)
             q, d, m = q[order], d[order], m[order]
-        found[id(linear)] = QuantizedWeight("int4", q.contiguous(), d.contiguous(), m.contiguous(), GGUF_GROUP)
+        found[id(linear)] = QuantizedWeight("int4", q.contiguous(), d.contiguous(), m.contiguous(), GROUP)
     return found
 
 

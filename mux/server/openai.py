@@ -247,6 +247,8 @@ class OpenAIRoutes:
                 "root": base,
                 "parent": None,
                 "max_model_len": self.state.engine.base.max_model_len,
+                "quantization": self.state.engine.weights["quantization"],  # and the bytes its linears take
+                "decoder_linear_bytes": self.state.engine.weights["decoder_linear_bytes"],
             }
         ]
         data += [

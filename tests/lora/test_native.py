@@ -228,9 +228,10 @@ def test_slot_loads_in_c_equal_torch_copies(tiny_dir, tiny_adapters):
 @pytest.mark.parametrize("kernel", ["c", "c_bf16", "c_int8", "c_int4"])
 @pytest.mark.parametrize("seed", range(10))
 def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(seed, kernel):
-    """A step of <= 8 rows, on each weight format: each linear and its deltas in one call (`few_rows_linear_lora`) gives exactly what the
-    few-row linear then the LoRA kernel give, and PEFT's sum: rows with and without adapters, one adapter on
-    several rows, ranks off the groups of four, widths off the vectors and the output blocks, a bias."""
+    """A step of <= 8 rows, on each weight format: each linear and its deltas in one call (`few_rows_linear_lora`)
+    gives exactly what the few-row linear then the LoRA kernel give, and PEFT's sum: rows with and without adapters,
+    one adapter on several rows, ranks off the groups of four, widths off the vectors and the output blocks, a
+    bias."""
     from torch import nn
 
     from mux.model.cpu import FEW_ROWS, PackedLinear

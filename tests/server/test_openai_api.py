@@ -49,6 +49,7 @@ def test_models_lists_base_and_adapters(client):
     assert set(models) == {"tiny", "acme/attn", "acme/all", "beta/mlp"}
     assert models["acme/attn"].model_extra["parent"] == "tiny"
     assert models["acme/attn"].model_extra["max_model_len"] == models["tiny"].model_extra["max_model_len"] == 512
+    assert models["tiny"].model_extra["quantization"] == "none" and models["tiny"].model_extra["decoder_linear_bytes"]
 
 
 def test_completion_equals_engine(client, engine, repo):
