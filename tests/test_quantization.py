@@ -77,14 +77,22 @@ def test_every_quantized_pick_gives_peft_s_logits_on_the_dequantized_weights(tin
     assert engine.blocks.hit_tokens > 0
 
 
-def test_quantization_shrinks_the_decoder_linears(tiny_dir):
+def test_quantization_shrinks_the_decoder_linears_and_adapters_are_validated_as_before(tiny_dir, tiny_adapters):
     """int8 ≤ 0.27×, int4 ≤ 0.157× of the fp32 bytes (the resident layouts the picks keep; int4 is Q4_1's 0.156×:
-    the issue's 0.15× would take groups of 64, measured far worse on SmolLM2, mux/model/quant.py)."""
-    sizes = {}
+    the issue's 0.15× would take groups of 64, measured far worse on SmolLM2, mux/model/quant.py). An adapter a
+    server refuses is refused alike, with the same message, whatever the quantization."""
+    from mux.errors import InvalidAdapter
+
+    sizes, refusals = {}, {}
     for scheme in ("none", "int8", "int4"):
         with picks.force("linear", {"none": "c", "int8": "c_int8", "int4": "c_int4"}[scheme]):
-            sizes[scheme] = make_engine(tiny_dir, model={"quantization": scheme}).weights["decoder_linear_bytes"]
+            engine = make_engine(tiny_dir, model={"quantization": scheme}, max_lora_rank=8)
+        sizes[scheme] = engine.weights["decoder_linear_bytes"]
+        with pytest.raises(InvalidAdapter) as refused:
+            engine.submit("hello", SamplingParams(max_tokens=1), tiny_adapters["r16-all"])
+        refusals[scheme] = str(refused.value)
     assert sizes["int8"] <= 0.27 * sizes["none"] and sizes["int4"] <= 0.157 * sizes["none"], sizes
+    assert len(set(refusals.values())) == 1 and "exceeds max_lora_rank 8" in refusals["none"]
 
 
 def test_the_embedded_gguf_s_q4_1_tensors_are_served_as_they_are(smollm2_dir):

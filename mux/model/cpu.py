@@ -75,8 +75,8 @@ class PackedLinear(nn.Module):
         return self._by_rows[min(rows, MAX_PICK_ROWS)]
 
     def c_kernel(self, rows: int, fused: bool = False) -> tuple | None:
-        """(the C function, its panels' address) serving `rows` rows (`fused`: mux_linear_lora's form), or None
-        where a oneDNN kernel serves them."""
+        """(the C function, the address of its weights' mux_weights) serving `rows` rows (`fused`: mux_linear_lora),
+        or None where a oneDNN or torch kernel serves them."""
         kernel = self.kernel_for(rows)
         if kernel not in C_FORMATS:
             return None
