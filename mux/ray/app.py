@@ -44,9 +44,14 @@ class RayConfig:
     def autoscaled(self) -> bool:
         return self.max_replicas is not None
 
-    def deployment_options(self) -> dict:
-        """MuxReplica's options: Ray Serve's `num_replicas` or `autoscaling_config`, and its resources."""
-        options = {"ray_actor_options": {"num_cpus": self.replica_cpus, "num_gpus": self.replica_gpus}}
+    def deployment_options(self, max_num_seqs: int) -> dict:
+        """MuxReplica's options: Ray Serve's `num_replicas` or `autoscaling_config`, its resources, and its room:
+        Ray's router sends a replica at most as many requests as its scheduler runs sequences at once (past that,
+        affinity yields to load: another replica gets the adapter too)."""
+        options = {
+            "ray_actor_options": {"num_cpus": self.replica_cpus, "num_gpus": self.replica_gpus},
+            "max_ongoing_requests": max_num_seqs,
+        }
         if not self.autoscaled:
             return options | {"num_replicas": self.replicas or 1}
         scaling = {"min_replicas": self.min_replicas or 0, "max_replicas": self.max_replicas}
@@ -71,10 +76,14 @@ class RayConfig:
 def build(args: argparse.Namespace) -> Application:
     """The application of `mux serve`'s parsed flags. The shared repository is tidied once, here: a replica that
     restarts must not remove another replica's upload in progress."""
+    from mux import cli
+
+    policy, _ = cli.engine_setup(args)
     for leftover in AdapterRepository(args.adapter_dir).recover():
         log.warning("removed a leftover of an interrupted upload: %s", leftover)
     board = MuxBoard.bind()
-    replicas = MuxReplica.options(**RayConfig.of(args).deployment_options()).bind(args, board)
+    options = RayConfig.of(args).deployment_options(policy.scheduler.max_num_seqs)
+    replicas = MuxReplica.options(**options).bind(args, board)
     return MuxIngress.bind(args, replicas, board)
 
 

@@ -10,7 +10,7 @@ from ray import serve
 STALE_S = 5.0
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class MuxBoard:
     def __init__(self) -> None:
         self.reports: dict[str, tuple[float, dict]] = {}  # replica id -> (when, its figures)

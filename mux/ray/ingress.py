@@ -8,7 +8,7 @@ import json
 import re
 
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
@@ -41,7 +41,10 @@ class MuxIngress:
         self.board = board
 
     def __serve_build_asgi_app__(self):
-        return self.asgi
+        async def app(scope, receive, send) -> None:  # a function: uvicorn tells ASGI 3 from 2 by its kind
+            await self.asgi(scope, receive, send)
+
+        return app
 
     async def asgi(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -72,7 +75,7 @@ class MuxIngress:
                     started = True
                     sse = (b"content-type", b"text/event-stream") in [(k, v[:17]) for k, v in message["headers"]]
                 await send(message)
-        except RayError:
+        except RayActorError:  # the replica died (a bug in it is a RayTaskError: 500, as on one server)
             if not started:
                 return await _gone(scope)(scope, None, send)
             if sse:

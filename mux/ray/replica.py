@@ -36,8 +36,13 @@ class MuxReplica:
         self.ready_s = time.time() - self.born
         self.first_response_s: float | None = None
         lora = self.state.engine.adapters.config
-        # Ray's router prefers the replicas whose set holds a request's adapter: as many as fit in slots + host
-        self.hold = serve.multiplexed(max_num_models_per_replica=lora.max_loras + lora.max_cpu_loras)(self._load)
+        # Ray's router prefers the replicas whose set holds a request's adapter: as many as this replica keeps
+        # without a disk read. The host tier also keeps copies of adapters in slots, so that is the larger tier,
+        # not the sum (sized as the sum, 4 adapters cycling through 2 slots + 2 host entries reloaded every time)
+        async def load(model_id: str):  # a function: Ray keeps its cache as an attribute of it
+            return await self._load(model_id)
+
+        self.hold = serve.multiplexed(max_num_models_per_replica=max(lora.max_loras, lora.max_cpu_loras))(load)
         self.stopped = threading.Event()
         threading.Thread(target=self._report_forever, name="mux-report", daemon=True).start()
 
