@@ -14,6 +14,7 @@ from pathlib import Path
 from mux import batch_cli, client
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+RAY_FLAGS = ("replicas", "ray_address", "min_replicas", "max_replicas", "target_ongoing_requests")  # any: on Ray
 
 
 def _is_loopback(host: str) -> bool:
@@ -100,9 +101,11 @@ def serve(args: argparse.Namespace) -> int:
 
     from mux.server.app import create_app
 
-    if args.replicas is not None or args.ray_address is not None or args.max_replicas is not None:
-        from mux.ray.app import serve_on_ray  # the `ray` extra
-
+    if any(getattr(args, flag) is not None for flag in RAY_FLAGS):
+        try:
+            from mux.ray.app import serve_on_ray
+        except ImportError as e:
+            raise Refused(f"Ray Serve is not installed ({e}): pip install 'lora-mux[ray]'") from None
         return serve_on_ray(args)
     state = server_state(args)
     grpc = state.grpc

@@ -79,10 +79,13 @@ def build(args: argparse.Namespace) -> Application:
     from mux import cli
 
     policy, _ = cli.engine_setup(args)
+    try:
+        options = RayConfig.of(args).deployment_options(policy.scheduler.max_num_seqs)
+    except ValueError as e:
+        raise cli.Refused(str(e)) from None
     for leftover in AdapterRepository(args.adapter_dir).recover():
         log.warning("removed a leftover of an interrupted upload: %s", leftover)
     board = MuxBoard.bind()
-    options = RayConfig.of(args).deployment_options(policy.scheduler.max_num_seqs)
     replicas = MuxReplica.options(**options).bind(args, board)
     return MuxIngress.bind(args, replicas, board)
 
@@ -103,9 +106,10 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     """`mux serve --replicas N` (or --ray-address, --max-replicas): run the application until interrupted."""
     import ray
 
+    application = build(args)  # bad flags are refused before Ray starts
     ray.init(address=args.ray_address, logging_level=args.log_level.upper())
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build(args), name="mux", route_prefix="/")
+    serve.run(application, name="mux", route_prefix="/")
     print(f"mux: serving on Ray Serve at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
         while True:

@@ -19,7 +19,8 @@ REPLICA_HEADER = "x-mux-replica"
 REPORT_EVERY_S = 0.5
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+# a replica killed outright is noticed at its next health check, so checks are frequent (Ray's default: 10 s)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=2)
 class MuxReplica:
     def __init__(self, args, board) -> None:
         from mux import cli
@@ -36,6 +37,7 @@ class MuxReplica:
         self.ready_s = time.time() - self.born
         self.first_response_s: float | None = None
         lora = self.state.engine.adapters.config
+
         # Ray's router prefers the replicas whose set holds a request's adapter: as many as this replica keeps
         # without a disk read. The host tier also keeps copies of adapters in slots, so that is the larger tier,
         # not the sum (sized as the sum, 4 adapters cycling through 2 slots + 2 host entries reloaded every time)

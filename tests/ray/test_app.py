@@ -184,18 +184,24 @@ def test_keys_and_tenants_hold_at_the_ingress(base):
 def test_a_killed_replica_fails_only_its_requests_and_comes_back(base):
     held = {}
     for name in ("r4-attn", "r8-mlp", "r16-all", "r8-qv"):
-        held.setdefault(served(complete(base, f"acme/{name}"))[0], name)
+        held.setdefault(served(complete(base, f"acme/{name}"))[0], f"acme/{name}")
     assert len(held) == 2, held
-    figures = stats(base)["replicas"]
     victim, survivor = sorted(held)
-    long = {"max_tokens": 4000, "ignore_eos": True}
+    pid = stats(base)["replicas"][victim]["pid"]
+    long = {"max_tokens": 480, "ignore_eos": True}
+    body = {"model": held[victim], "prompt": PROMPT, **GREEDY, **long, "stream": True}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        doomed = pool.submit(complete, base, f"acme/{held[victim]}", **long)
-        until(lambda: stats(base)["replicas"][victim]["queue"]["running"] == 1, "the long request runs", 30)
-        os.kill(figures[victim]["pid"], signal.SIGKILL)
-        others = [pool.submit(complete, base, f"acme/{held[survivor]}") for _ in range(4)]
+        doomed = pool.submit(complete, base, held[victim], **long)
+        time.sleep(0.2)  # it reaches the replica first; the stream's first token says both run
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth("acme"), timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert stream.status_code == 200 and next(lines).startswith("data: ")
+            os.kill(pid, signal.SIGKILL)
+            others = [pool.submit(complete, base, held[survivor]) for _ in range(4)]
+            rest = [line for line in lines if line]
         r = doomed.result()
-        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.status_code == 503 and r.headers["retry-after"] and stream.headers["x-mux-replica"] == victim, r.text
+        assert '"code": 503' in rest[-1]  # a stream that had begun ends with an error event
         assert all(served(f.result())[0] == survivor for f in others)
-    until(lambda: len(stats(base)["replicas"]) == 2 and victim not in stats(base)["replicas"], "a new replica", 90)
-    assert complete(base, f"acme/{held[victim]}").status_code == 200
+    until(lambda: set(stats(base)["replicas"]) - {victim, survivor}, "Ray starts a new replica", 90)
+    assert complete(base, held[victim]).status_code == 200
