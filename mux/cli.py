@@ -62,17 +62,24 @@ def engine_setup(args: argparse.Namespace):
     return policy, config
 
 
+def checked_auth(args: argparse.Namespace, policy):
+    """The policy's keys; with none, a bind beyond loopback is refused unless --insecure."""
+    from mux.server.auth import Auth
+
+    auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
+    if not auth.enabled and not _is_loopback(args.host) and not args.insecure:
+        raise Refused(f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly")
+    return auth
+
+
 def server_state(args: argparse.Namespace):
     """The ServerState of `mux serve`'s flags (raises Refused); on Ray, each replica builds its own from them."""
     from mux.engine.engine import Engine, freeze_heap
     from mux.server.app import ServerState
-    from mux.server.auth import Auth
     from mux.server.limits import Limits
 
     policy, config = engine_setup(args)
-    auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
-    if not auth.enabled and not _is_loopback(args.host) and not args.insecure:
-        raise Refused(f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly")
+    auth = checked_auth(args, policy)
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
     limits = Limits(policy.limits, policy.tenant_limits)
 

@@ -73,12 +73,13 @@ class RayConfig:
         )
 
 
-def build(args: argparse.Namespace) -> Application:
-    """The application of `mux serve`'s parsed flags. The shared repository is tidied once, here: a replica that
-    restarts must not remove another replica's upload in progress."""
+def build(args: argparse.Namespace, affinity: bool = True) -> Application:
+    """The application of `mux serve`'s parsed flags (`affinity` off: routing by load alone, for comparison). The
+    shared repository is tidied once, here: a replica that restarts must not remove another's upload in progress."""
     from mux import cli
 
     policy, _ = cli.engine_setup(args)
+    cli.checked_auth(args, policy)  # `--host`: Ray's proxy binds there (`mux serve`; a config's http_options)
     try:
         options = RayConfig.of(args).deployment_options(policy.scheduler.max_num_seqs)
     except ValueError as e:
@@ -87,7 +88,7 @@ def build(args: argparse.Namespace) -> Application:
         log.warning("removed a leftover of an interrupted upload: %s", leftover)
     board = MuxBoard.bind()
     replicas = MuxReplica.options(**options).bind(args, board)
-    return MuxIngress.bind(args, replicas, board)
+    return MuxIngress.bind(args, replicas, board, affinity)
 
 
 def app(options: dict[str, str]) -> Application:

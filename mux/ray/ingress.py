@@ -15,7 +15,6 @@ from starlette.responses import JSONResponse
 from mux.errors import MuxError, NotReady
 from mux.lora.repository import AdapterRepository
 from mux.ray.replica import REPLICA_HEADER
-from mux.server.auth import Auth
 from mux.server.kserve import kserve_error
 from mux.server.lorax import lorax_error
 from mux.server.openai import BodyTooLarge, error_response
@@ -30,15 +29,15 @@ MAX_BODY = 1 << 30  # uploads pass through whole; the replica's own limits apply
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
 class MuxIngress:
-    def __init__(self, args, replicas, board) -> None:
+    def __init__(self, args, replicas, board, affinity: bool = True) -> None:
         from mux import cli
 
-        policy, _ = cli.engine_setup(args)
-        self.auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
+        self.auth = cli.checked_auth(args, cli.engine_setup(args)[0])
         self.repository = AdapterRepository(args.adapter_dir)
         self.base_name = args.served_model_name
         self.replicas = replicas.options(method_name="handle", stream=True)
         self.board = board
+        self.affinity_routing = affinity  # off: Ray's load-only routing (bench/ray_affinity.py compares the two)
 
     def __serve_build_asgi_app__(self):
         async def app(scope, receive, send) -> None:  # a function: uvicorn tells ASGI 3 from 2 by its kind
@@ -66,7 +65,7 @@ class MuxIngress:
         began, the stream is cut (an SSE stream ends with an error event first)."""
         wire = {k: scope[k] for k in _SCOPE if k in scope} | {k: tuple(scope[k]) for k in _SCOPE_TOO if scope.get(k)}
         wire["headers"] = [tuple(h) for h in scope["headers"]]
-        model_id = self.affinity(scope, body)
+        model_id = self.affinity(scope, body) if self.affinity_routing else ""
         stream = self.replicas.options(multiplexed_model_id=model_id).remote(wire, body)
         started, sse = False, False
         try:

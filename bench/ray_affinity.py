@@ -1,0 +1,145 @@
+"""Adapter-affinity routing vs routing by load alone, on Ray Serve (mux/ray/): two replicas of 4 device slots and
+4 host-tier adapters each, 8 rank-8 adapters under Zipf traffic (α=1), the same trace through both in one run.
+Per mode: device hit rate, disk and host loads per request, tokens/s, replicas' cold start; JSON + markdown in
+bench/results/. `python -m bench.ray_affinity [--requests 160 --concurrency 8 --new-tokens 16]`."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import random
+import time
+from pathlib import Path
+
+import httpx
+
+import mux
+from bench.common import adapter_repository, harness, machine, prompts, save
+
+
+def trace(n: int, population: int, seed: int) -> list[int]:
+    weights = [1 / (i + 1) for i in range(population)]  # Zipf, α=1
+    return random.Random(seed).choices(range(population), weights=weights, k=n)
+
+
+def counters(base: str) -> dict:
+    """Per-request figures summed over the replicas: device/host hits, disk misses, host→device loads."""
+    s = httpx.get(f"{base}/admin/stats", timeout=30).json()
+    c = s["totals"]["counters"]
+    return {
+        "device": c["hits"]["device"],
+        "host": c["hits"]["host"],
+        "disk": c["misses"],
+        "host_to_device": c["loads"]["host_to_device"],
+        "cold_start_s": [r["cold_start_s"] for r in s["replicas"].values()],
+    }
+
+
+def run_mode(args, base: str, repo: Path, affinity: bool, ids: list[int], texts: list[str]) -> dict:
+    from ray import serve
+
+    from mux import cli
+    from mux.model.loader import default_model_dir
+    from mux.ray import build
+
+    model_dir = default_model_dir()
+    flags = ["--model", str(model_dir), "--adapter-dir", str(repo), "--max-loras", "4", "--dtype", "float32"]
+    flags += ["--replicas", "2", "--replica-cpus", "1", "--log-level", "warning", "--policy", str(args.policy)]
+    serve.run(build(cli.parser().parse_args(["serve", *flags]), affinity=affinity), name="mux", route_prefix="/")
+    body = {"max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True}
+
+    def one(i: int) -> int:
+        r = httpx.post(f"{base}/v1/completions", json={"model": f"bench/a{ids[i]}", "prompt": texts[i], **body})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(one, range(args.warmup)))  # every replica past its first loads
+            time.sleep(1.0)  # one report period and the router's view of each replica's adapters
+            before = counters(base)
+            t = time.perf_counter()
+            tokens = sum(pool.map(one, range(args.warmup, len(ids))))
+            elapsed = time.perf_counter() - t
+        time.sleep(1.0)
+        after = counters(base)
+    finally:
+        serve.delete("mux")
+    n = len(ids) - args.warmup
+    got = {k: after[k] - before[k] for k in ("device", "host", "disk", "host_to_device")}
+    acquired = got["device"] + got["host_to_device"]  # each request: its adapter in a slot, or copied into one
+    return {
+        "routing": "affinity" if affinity else "load only",
+        "requests": n,
+        "device_hit_rate": got["device"] / acquired if acquired else float("nan"),
+        "disk_loads_per_request": got["disk"] / n,
+        "host_to_device_loads_per_request": got["host_to_device"] / n,
+        "tokens_per_s": tokens / elapsed,
+        "seconds": elapsed,
+        "cold_start_s": after["cold_start_s"],
+    }
+
+
+def table(results: list[dict], info: dict, args) -> str:
+    lines = [
+        "# Ray Serve: adapter-affinity routing vs routing by load alone",
+        "",
+        f"{info['cpu']} ({info['cores']} cores; flags {', '.join(info['cpu_flags']) or 'none of note'}), "
+        f"torch {info['torch']}, SmolLM2-135M fp32; 2 replicas × 1 CPU on one machine, 4 slots + 4 host-tier "
+        f"adapters each; 8 rank-8 adapters, Zipf α=1; {args.requests} requests ({args.warmup} warm-up), "
+        f"{args.concurrency} at once, {args.new_tokens} new tokens each.",
+        "",
+        "| routing | device hit rate | disk loads / request | host→device loads / request | tok/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['routing']} | {r['device_hit_rate']:.2f} | {r['disk_loads_per_request']:.3f} | "
+            f"{r['host_to_device_loads_per_request']:.3f} | {r['tokens_per_s']:.1f} |"
+        )
+    a, b = results
+    lines += [
+        "",
+        f"Affinity / load only: device hit rate {a['device_hit_rate'] / max(b['device_hit_rate'], 1e-9):.2f}×, "
+        f"throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}×.",
+        "",
+        "Replica cold start (process start → ready, → first response), seconds: "
+        + "; ".join(f"{r['routing']}: {r['cold_start_s']}" for r in results),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--warmup", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import ray
+    from ray import serve
+
+    from mux.model.loader import default_model_dir
+
+    repo, _ = adapter_repository(default_model_dir(), "mux-ray-bench-", n=8)
+    args.policy = repo.parent / "policy.toml"
+    args.policy.write_text("[tiers]\nmax_cpu_loras = 4\n")
+    ids, texts = trace(args.requests, 8, args.seed), prompts(args.requests, seed=args.seed)
+    source = str(Path(mux.__file__).resolve().parent.parent)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": source}})
+    port = harness().free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        results = [run_mode(args, base, repo, affinity, ids, texts) for affinity in (True, False)]
+    finally:
+        ray.shutdown()
+    info = machine()
+    text = table(results, info, args)
+    print(text)
+    print(save("ray-affinity", {"machine": info, "args": vars(args) | {"policy": None}, "results": results}, text))
+
+
+if __name__ == "__main__":
+    main()
