@@ -49,7 +49,9 @@ def run_mode(args, base: str, repo: Path, affinity: bool, ids: list[int], texts:
     body = {"max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True}
 
     def one(i: int) -> int:
-        r = httpx.post(f"{base}/v1/completions", json={"model": f"bench/a{ids[i]}", "prompt": texts[i], **body})
+        r = httpx.post(
+            f"{base}/v1/completions", json={"model": f"bench/a{ids[i]}", "prompt": texts[i], **body}, timeout=300
+        )
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 
@@ -78,6 +80,32 @@ def run_mode(args, base: str, repo: Path, affinity: bool, ids: list[int], texts:
         "seconds": elapsed,
         "cold_start_s": after["cold_start_s"],
     }
+
+
+def from_zero(base: str, repo: Path, policy: Path) -> dict:
+    """Scale to zero and back: with `--min-replicas 0` no replica runs until a request comes; that request's time
+    to its first token is the cold start a caller sees (Ray's scale-up decision, process, model load, adapter)."""
+    from ray import serve
+
+    from mux import cli
+    from mux.model.loader import default_model_dir
+    from mux.ray import build
+
+    flags = ["--model", str(default_model_dir()), "--adapter-dir", str(repo), "--policy", str(policy)]
+    flags += ["--dtype", "float32", "--min-replicas", "0", "--max-replicas", "1", "--log-level", "warning"]
+    serve.run(build(cli.parser().parse_args(["serve", *flags])), name="mux", route_prefix="/")
+    body = {"model": "bench/a0", "prompt": "Hello", "max_tokens": 4, "stream": True}
+    try:
+        t = time.perf_counter()
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as r:
+            r.raise_for_status()
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+            first_token = time.perf_counter() - t
+        time.sleep(1.0)
+        replica = next(iter(httpx.get(f"{base}/admin/stats", timeout=30).json()["replicas"].values()))
+    finally:
+        serve.delete("mux")
+    return {"request_to_first_token_s": first_token, "replica_cold_start_s": replica["cold_start_s"]}
 
 
 def table(results: list[dict], info: dict, args) -> str:
@@ -133,12 +161,19 @@ def main() -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         results = [run_mode(args, base, repo, affinity, ids, texts) for affinity in (True, False)]
+        cold = from_zero(base, repo, args.policy)
     finally:
         ray.shutdown()
     info = machine()
     text = table(results, info, args)
+    text += (
+        f"\n\nFrom zero replicas (`--min-replicas 0 --max-replicas 1`): the first request's first token came "
+        f"{cold['request_to_first_token_s']:.1f} s after it was sent; the replica's own cold start (process start "
+        f"→ ready, → first response), seconds: {cold['replica_cold_start_s']}."
+    )
     print(text)
-    print(save("ray-affinity", {"machine": info, "args": vars(args) | {"policy": None}, "results": results}, text))
+    data = {"machine": info, "args": vars(args) | {"policy": None}, "results": results, "from_zero": cold}
+    print(save("ray-affinity", data, text))
 
 
 if __name__ == "__main__":

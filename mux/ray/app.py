@@ -91,16 +91,23 @@ def build(args: argparse.Namespace, affinity: bool = True) -> Application:
     return MuxIngress.bind(args, replicas, board, affinity)
 
 
-def app(options: dict[str, str]) -> Application:
-    """`serve run mux.ray:app model=/models/x adapter_dir=/shared/adapters replicas=2 ...`: each key is a
-    `mux serve` flag (underscores or dashes); `true` turns a switch on."""
+def app(options: dict) -> Application:
+    """`serve run mux.ray:app model=/models/x adapter_dir=/shared/adapters replicas=2 ...` (or a config file's
+    `args`): each key is a `mux serve` flag, underscores or dashes; `true`/`false` turn a switch on or off."""
     from mux import cli
 
+    return build(cli.parser().parse_args(serve_argv(options)))
+
+
+def serve_argv(options: dict) -> list[str]:
     argv = ["serve"]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
-        argv += [flag] if str(value).lower() == "true" else [flag, str(value)]
-    return build(cli.parser().parse_args(argv))
+        if str(value).lower() == "false":
+            argv += [f"--no-{flag[2:]}"] if flag == "--enable-prefix-caching" else []
+        else:
+            argv += [flag] if str(value).lower() == "true" else [flag, str(value)]
+    return argv
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import pytest
 from mux import cli
 
 pytest.importorskip("ray.serve", reason="the `ray` extra is not installed: pip install -e '.[ray]'")
-from mux.ray.app import RayConfig
+from mux.ray.app import RayConfig, serve_argv
 
 
 def test_a_fixed_count_or_autoscaling_with_scale_to_zero():
@@ -31,3 +31,19 @@ def test_a_fixed_count_or_autoscaling_with_scale_to_zero():
 def test_bad_combinations_are_refused_before_ray_starts(flags, said, tmp_path, capsys):
     assert cli.main(["serve", "--adapter-dir", str(tmp_path), *flags]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_serve_run_options_are_mux_serve_flags():
+    options = {"adapter_dir": "/shared/a", "replicas": 2, "enforce-eager": True, "enable_prefix_caching": "false"}
+    argv = serve_argv(options)
+    assert argv == [
+        "serve",
+        "--adapter-dir",
+        "/shared/a",
+        "--replicas",
+        "2",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+    ]
+    args = cli.parser().parse_args(argv)
+    assert args.replicas == 2 and args.enforce_eager and not args.enable_prefix_caching
