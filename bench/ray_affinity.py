@@ -115,7 +115,8 @@ def table(results: list[dict], info: dict, args) -> str:
         f"{info['cpu']} ({info['cores']} cores; flags {', '.join(info['cpu_flags']) or 'none of note'}), "
         f"torch {info['torch']}, SmolLM2-135M fp32; 2 replicas × 1 CPU on one machine, 4 slots + 4 host-tier "
         f"adapters each; 8 rank-8 adapters, Zipf α=1; {args.requests} requests ({args.warmup} warm-up), "
-        f"{args.concurrency} at once, {args.new_tokens} new tokens each.",
+        f"{args.concurrency} at once, {args.new_tokens} new tokens each; a replica's room {args.room} requests "
+        "(past it, Ray's router sends an adapter's requests to another replica too).",
         "",
         "| routing | device hit rate | disk loads / request | host→device loads / request | tok/s |",
         "|---|---|---|---|---|",
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    # a replica's room (its scheduler's max_num_seqs, Ray's max_ongoing_requests): past it, affinity yields to load
+    ap.add_argument("--room", type=int, default=4)
     args = ap.parse_args()
     import ray
     from ray import serve
@@ -152,7 +155,7 @@ def main() -> None:
 
     repo, _ = adapter_repository(default_model_dir(), "mux-ray-bench-", n=8)
     args.policy = repo.parent / "policy.toml"
-    args.policy.write_text("[tiers]\nmax_cpu_loras = 4\n")
+    args.policy.write_text(f"[tiers]\nmax_cpu_loras = 4\n[scheduler]\nmax_num_seqs = {args.room}\n")
     ids, texts = trace(args.requests, 8, args.seed), prompts(args.requests, seed=args.seed)
     source = str(Path(mux.__file__).resolve().parent.parent)
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": source}})

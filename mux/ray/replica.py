@@ -79,7 +79,7 @@ class MuxReplica:
             "pid": os.getpid(),
             **adapters,
             "queue": {k: queue[k] for k in ("running", "waiting")},
-            "engine": {k: queue[k] for k in ("steps", "generated_tokens", "tokens_per_s")},
+            "engine": {k: queue[k] for k in ("steps", "generated_tokens", "tokens_per_s", "finished")},
             "cold_start_s": {"ready": round(self.ready_s, 3), "first_response": self.first_response_s},
         }
 

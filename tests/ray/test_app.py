@@ -181,6 +181,15 @@ def test_keys_and_tenants_hold_at_the_ingress(base):
     assert r.status_code == 404
 
 
+def test_a_client_leaving_mid_stream_ends_its_generation_in_the_replica(base):
+    body = {"model": "acme/r4-attn", "prompt": PROMPT, **GREEDY, "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth("acme"), timeout=60) as stream:
+        assert next(stream.iter_lines()).startswith("data: ")
+        replica = stream.headers["x-mux-replica"]
+    # the engine stops it (its KV blocks and pin freed) instead of running on to max_tokens for nobody
+    until(lambda: stats(base)["replicas"][replica]["engine"]["finished"].get("cancelled"), "it is cancelled", 10)
+
+
 def test_a_killed_replica_fails_only_its_requests_and_comes_back(base):
     held = {}
     for name in ("r4-attn", "r8-mlp", "r16-all", "r8-qv"):
