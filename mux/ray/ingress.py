@@ -92,7 +92,7 @@ class MuxIngress:
             headers = dict(scope["headers"])
             caller = self.auth.identify((headers.get(b"authorization") or b"").decode() or None)
             adapter_id = self.auth.adapter_id(caller, model)
-            self.auth.check(caller, adapter_id.partition("@")[0])  # not for this caller: load it nowhere (the 404 comes)
+            self.auth.check(caller, adapter_id.partition("@")[0])  # not theirs: load it nowhere; the replica says 404
             session = (headers.get(b"x-mux-session") or b"").decode() or None
             where = self.repository.identify(self.repository.choose(adapter_id, session))
             return f"{where['id']}@{where['version']}"
