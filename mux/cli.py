@@ -14,6 +14,7 @@ from pathlib import Path
 from mux import batch_cli, client
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+RAY_FLAGS = ("replicas", "ray_address", "min_replicas", "max_replicas", "target_ongoing_requests")  # any: on Ray
 
 
 def _is_loopback(host: str) -> bool:
@@ -63,18 +64,24 @@ def engine_setup(args: argparse.Namespace):
     return policy, config
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from mux.engine.engine import Engine, freeze_heap
-    from mux.server.app import ServerState, create_app
+def checked_auth(args: argparse.Namespace, policy):
+    """The policy's keys; with none, a bind beyond loopback is refused unless --insecure."""
     from mux.server.auth import Auth
-    from mux.server.limits import Limits
 
-    policy, config = engine_setup(args)
     auth = Auth(policy.admin_keys, policy.tenant_keys or {}, policy.public)
     if not auth.enabled and not _is_loopback(args.host) and not args.insecure:
         raise Refused(f"refusing to bind {args.host}: no API keys are configured; use --insecure to serve openly")
+    return auth
+
+
+def server_state(args: argparse.Namespace):
+    """The ServerState of `mux serve`'s flags (raises Refused); on Ray, each replica builds its own from them."""
+    from mux.engine.engine import Engine, freeze_heap
+    from mux.server.app import ServerState
+    from mux.server.limits import Limits
+
+    policy, config = engine_setup(args)
+    auth = checked_auth(args, policy)
     allowed = tuple(Path(p) for p in args.allowed_lora_dir)
     limits = Limits(policy.limits, policy.tenant_limits)
 
@@ -84,7 +91,7 @@ def serve(args: argparse.Namespace) -> int:
         return engine
 
     grpc = replace(policy.grpc, host=args.host)  # one address for both servers
-    state = ServerState(
+    return ServerState(
         make_engine,
         Path(args.adapter_dir),
         policy.pinned,
@@ -96,6 +103,21 @@ def serve(args: argparse.Namespace) -> int:
         policy.batch,
         grpc,
     )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mux.server.app import create_app
+
+    if any(getattr(args, flag) is not None for flag in RAY_FLAGS):
+        try:
+            from mux.ray.app import serve_on_ray
+        except ImportError as e:
+            raise Refused(f"Ray Serve is not installed ({e}): pip install 'lora-mux[ray]'") from None
+        return serve_on_ray(args)
+    state = server_state(args)
+    grpc = state.grpc
     also = f" and gRPC on {args.host}:{grpc.port}" if grpc.port is not None else ""
     print(
         f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} "
@@ -152,7 +174,21 @@ def _engine_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--log-level", default="info")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ray_flags(s: argparse.ArgumentParser) -> None:
+    """`mux serve` on Ray Serve (mux/ray/, the `ray` extra): any of these flags selects it."""
+    r = s.add_argument_group("Ray Serve (pip install 'lora-mux[ray]')")
+    r.add_argument("--replicas", type=int, default=None, help="engine replicas behind one ingress (Ray Serve)")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (0: scale to zero)")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound: turns autoscaling on")
+    r.add_argument(
+        "--target-ongoing-requests", type=float, default=None, help="autoscaling: requests in flight per replica"
+    )
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves for each replica (1: one each)")
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mux", description="one base model, many LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="start the HTTP server")
@@ -182,13 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         help="directory /v1/load_lora_adapter may read from (repeatable; the adapter dir always is)",
     )
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
+    _ray_flags(s)
     b = sub.add_parser("batch", help="run a batch file (OpenAI's Batch API format) in-process, with no server")
     _engine_flags(b)
     batch_cli.add_flags(b)
     h = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for the policy file")
     h.add_argument("key")
     client.add_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command in client.COMMANDS:
         return client.run(args)
     if args.command == "hash-key":

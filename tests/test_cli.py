@@ -87,3 +87,13 @@ def test_mux_batch_refuses_missing_files_and_an_unreachable_server(tmp_path, cap
     assert cli.main(["batch", "-i", str(lines), "-o", str(out), "--url", "http://127.0.0.1:1", "--timeout", "5"]) == 1
     assert "POST http://127.0.0.1:1/v1/files" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no work directory left
+
+
+def test_ray_flags_without_the_ray_extra_are_refused(monkeypatch, tmp_path, capsys):
+    from mux import cli
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "ray" or m.startswith("mux.ray")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    assert cli.main(["serve", "--adapter-dir", str(tmp_path), "--replicas", "2"]) == 2
+    assert "pip install 'lora-mux[ray]'" in capsys.readouterr().err
