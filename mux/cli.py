@@ -120,8 +120,7 @@ def serve(args: argparse.Namespace) -> int:
     grpc = state.grpc
     also = f" and gRPC on {args.host}:{grpc.port}" if grpc.port is not None else ""
     print(
-        f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} "
-        f"(quantization {config.model.quantization}) with "
+        f"mux: serving {args.model or 'SmolLM2-135M-Instruct (embedded)'} with "
         f"{len(state.repository.ids())} adapters from {args.adapter_dir} on http://{args.host}:{args.port}{also} "
         f"(ready at /ready)",
         flush=True,

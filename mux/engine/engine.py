@@ -105,7 +105,7 @@ class Engine:
         cpu_loop = not eager and mux_kernels and picks.choice("decode", "loop") == "loop"
         self.runner = ModelRunner(model, self.lora, self.cache, graph_batch, cpu_loop)
         self.weights = self._weights()
-        log.info("weights: %s", self.weights)
+        log.info("weights: %s", self.weights)  # the start-up log's quantization and decoder linears' bytes
         overlap = config.model.overlap_output
         self.overlap_output = device.type == "cuda" if overlap is None else overlap
         self._pending: list[Sequence] = []  # sequences whose last token's text waits for the next step
