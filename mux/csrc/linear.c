@@ -169,11 +169,63 @@ static void panel_any(const float *x, int64_t xs, float *y, int64_t ys, const mu
     }
 }
 
-/* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)). */
+/* panel_rows for one row over P consecutive panels from `panel` (each of PANEL columns, `out` bounding the last):
+ * 2P independent sums where one panel has 2, which wait on the FMA's latency. Each output's sum is panel_rows' (the
+ * same terms in the same order), so a row's result does not depend on how many rows its call had. */
+INLINE void row_panels(const float *x, float *y, const mux_weights *w, int64_t panel, int64_t in, int64_t out,
+                       const float *bias, const int P, const int fmt)
+{
+    const int64_t row = PANEL * BYTES_X2[fmt] / 2, group = fmt == INT4 ? w->group : in;
+    const char *p = (const char *)w->data + panel * in * row;
+    vf s[P][2], sc[P][4];
+    for (int q = 0; q < P; q++) s[q][0] = s[q][1] = (vf){0};
+    for (int64_t k0 = 0; k0 < in; k0 += group) {
+        for (int q = 0; q < P; q++) group_scales(w, panel + q, in, k0, fmt, sc[q]);
+        for (int64_t k = k0; k < k0 + group; k++) {
+            const float xv = x[k];
+#pragma GCC unroll 4
+            for (int q = 0; q < P; q++) {
+                __builtin_prefetch(p + q * in * row + k * row + PF_BYTES, 0, 0);
+                vf w0, w1;
+                weights(p + q * in * row, k, fmt, sc[q], &w0, &w1);
+                s[q][0] += xv * w0;
+                s[q][1] += xv * w1;
+            }
+        }
+    }
+    for (int q = 0; q < P; q++) {
+        const int64_t j = (panel + q) * PANEL, cols = out - j < PANEL ? out - j : PANEL;
+        float o[PANEL];
+        store(o, s[q][0]);
+        store(o + W, s[q][1]);
+        if (bias)
+            for (int64_t c = 0; c < cols; c++) o[c] += bias[j + c];
+        memcpy(y + j, o, (size_t)cols * sizeof(float));
+    }
+}
+
+#define ROW_PANELS 4 /* panels a one-row pass covers */
+
+static void row_panels_any(const float *x, float *y, const mux_weights *w, int64_t panel, int64_t in, int64_t out,
+                           const float *bias)
+{
+    switch (w->format) {
+    case BF16: row_panels(x, y, w, panel, in, out, bias, ROW_PANELS, BF16); break;
+    case INT8: row_panels(x, y, w, panel, in, out, bias, ROW_PANELS, INT8); break;
+    case INT4: row_panels(x, y, w, panel, in, out, bias, ROW_PANELS, INT4); break;
+    default: row_panels(x, y, w, panel, in, out, bias, ROW_PANELS, FP32);
+    }
+}
+
+/* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)). One row goes ROW_PANELS panels
+ * a pass: its 2 sums of one panel wait on the FMA's latency (0.6-0.9x the time of one panel a pass at SmolLM2's
+ * shapes, ad hoc A/B on a busy machine). */
 static void panels(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias,
                    int64_t r0, int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1)
 {
     const int64_t passes = (r1 - r0 + RB - 1) / RB, row = PANEL * BYTES_X2[w->format] / 2; /* bytes per feature */
+    if (r1 - r0 == 1)
+        for (; i0 + ROW_PANELS <= i1; i0 += ROW_PANELS) row_panels_any(x + r0 * xs, y + r0 * ys, w, i0, in, out, bias);
     for (int64_t i = i0; i < i1; i++) {
         const int64_t j = i * PANEL, cols = out - j < PANEL ? out - j : PANEL;
         const char *panel = (const char *)w->data + i * in * row;
@@ -187,15 +239,19 @@ static void panels(const float *x, int64_t xs, float *y, int64_t ys, const mux_w
 }
 
 /* x [m, in] rows of stride xs, y [m, out] rows of stride ys (unit column strides), w the packed weights, bias [out]
- * or NULL. Work items (RC rows, one panel) are shared out over the thread team. */
+ * or NULL. Work items (RC rows, one panel; one row: ROW_PANELS panels where there are enough to share) are shared
+ * out over the thread team. */
 void mux_linear(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias, int64_t m,
                 int64_t in, int64_t out)
 {
     const int64_t chunks = (m + RC - 1) / RC, np = (out + PANEL - 1) / PANEL;
+    const int64_t span = m == 1 && np >= 4 * ROW_PANELS * omp_get_max_threads() ? ROW_PANELS : 1;
+    const int64_t items = (np + span - 1) / span;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t c = 0; c < chunks; c++)
-        for (int64_t i = 0; i < np; i++)
-            panels(x, xs, y, ys, w, bias, c * RC, (c + 1) * RC < m ? (c + 1) * RC : m, in, out, i, i + 1);
+        for (int64_t i = 0; i < items; i++)
+            panels(x, xs, y, ys, w, bias, c * RC, (c + 1) * RC < m ? (c + 1) * RC : m, in, out, i * span,
+                   (i + 1) * span < np ? (i + 1) * span : np);
 }
 
 /* mux_linear followed by mux_lora_add in one call, for a decode step of m <= MAX_ROWS sequences with adapters: y =
