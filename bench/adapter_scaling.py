@@ -288,6 +288,7 @@ def main() -> None:
     ap.add_argument("--host-tier", choices=("cold", "warm"), default="cold", help="see the module docstring")
     ap.add_argument("--slots", type=int, default=SLOTS, help="max_loras: distinct adapters in one step")
     ap.add_argument("--ranks", default="8", help="adapter ranks, cycled over the adapters, e.g. 4,8,16,32,64")
+    ap.add_argument("--max-lora-bytes", type=int, default=None, help="the device pool (default: the server's)")
     ap.add_argument(
         "--compare",
         choices=sorted(LEVERS),
@@ -320,7 +321,12 @@ def main() -> None:
     }
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir)),
-        lora=LoRAConfig(max_loras=slots, max_lora_rank=max(ranks), **({} if warm else {"max_cpu_loras": HOST_COUNT})),
+        lora=LoRAConfig(
+            max_loras=slots,
+            max_lora_rank=max(ranks),
+            max_lora_bytes=args.max_lora_bytes,
+            **({} if warm else {"max_cpu_loras": HOST_COUNT}),
+        ),
         cache=CacheConfig(kv_cache_bytes=1 << 30, prefix_caching=False),
     )
     engine = Engine(config)
