@@ -114,7 +114,7 @@ def _engine_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--policy", default=None, help="policy file (TOML; default policies/default.toml)")
     s.add_argument("--max-loras", type=int, default=None, help="distinct adapters in one step (overrides the policy)")
     s.add_argument("--max-lora-rank", type=int, default=None, help="the largest adapter rank accepted (default 64)")
-    s.add_argument("--max-lora-bytes", type=int, default=None, help="device adapter pool bytes (default: 16 x rank 16)")
+    s.add_argument("--max-lora-bytes", type=int, default=None, help="device pool bytes (default: max-loras x rank 16)")
     s.add_argument("--max-cpu-adapter-bytes", type=int, default=None, help="host tier byte bound")
     s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     s.add_argument(
