@@ -36,6 +36,7 @@ from mux.engine.engine import Engine, freeze_heap
 from mux.engine.sequence import SamplingParams
 from mux.lora import adapter
 from mux.lora.adapter import load_adapter
+from mux.lora.layers import pages_for
 from mux.lora.policies import POLICIES, make_policy
 from mux.model.loader import default_model_dir
 from mux.runtime import picks
@@ -184,12 +185,14 @@ def simulate_hit_rates(ids: list[int], sizes: dict[int, int]) -> dict:
     return out
 
 
-def cold_loads(engine, paths: list[Path], slots: int) -> dict:
+def cold_loads(engine, paths: list[Path]) -> dict:
     """Per adapter: disk→host and host→device through the manager, next to a raw read and raw copies (each module
     in turn, and the adapter's whole buffer at once); disk→host also with its header planned anew (the reader's
     kept plans cleared first: the first adapter of a config); host→device also with torch's batched copy."""
     rows = []
-    lora = engine.lora
+    lora, manager = engine.lora, engine.adapters
+    for key in list(manager.resident()):  # every page free: the raw copies below fill some of them
+        manager.evict(key)
     for path in paths:
         t = time.perf_counter()
         weights = load_adapter(path, lora.shapes, engine.config.lora.max_lora_rank, lora.dtype)
@@ -202,11 +205,12 @@ def cold_loads(engine, paths: list[Path], slots: int) -> dict:
         raw = safetensors_load((path / "adapter_model.safetensors").read_bytes())  # the library's own read
         raw_read = time.perf_counter() - t
         t = time.perf_counter()
-        lora.load(slots - 1, weights)
+        pages = tuple(range(pages_for(weights.rank)))
+        lora.load(0, pages, weights)
         host_to_device = time.perf_counter() - t
         native, lora.native = lora.native, False
         t = time.perf_counter()
-        lora.load(slots - 1, weights)
+        lora.load(0, pages, weights)
         host_to_device_torch = time.perf_counter() - t
         lora.native = native
         whole = torch.empty_like(weights.buffer)
@@ -232,7 +236,6 @@ def cold_loads(engine, paths: list[Path], slots: int) -> dict:
             }
         )
         del raw
-    lora.clear(slots - 1)
     med = {k: percentile([r[k] for r in rows], 0.5) for k in rows[0]}
     med["host_to_device_vs_memcpy"] = med["host_to_device_s"] / med["memcpy_s"]
     med["disk_to_host_vs_raw_read"] = med["disk_to_host_s"] / med["raw_read_s"]
@@ -283,7 +286,9 @@ def main() -> None:
     ap.add_argument("--dists", default="zipf,uniform")
     ap.add_argument("--repeats", type=int, default=1, help="runs per population, interleaved; the median is reported")
     ap.add_argument("--host-tier", choices=("cold", "warm"), default="cold", help="see the module docstring")
-    ap.add_argument("--slots", type=int, default=SLOTS, help="device slots (a lever: on CPU a slot costs only RAM)")
+    ap.add_argument("--slots", type=int, default=SLOTS, help="max_loras: distinct adapters in one step")
+    ap.add_argument("--ranks", default="8", help="adapter ranks, cycled over the adapters, e.g. 4,8,16,32,64")
+    ap.add_argument("--max-lora-bytes", type=int, default=None, help="the device pool (default: the server's)")
     ap.add_argument(
         "--compare",
         choices=sorted(LEVERS),
@@ -306,14 +311,22 @@ def main() -> None:
     # the earlier traffic of a warm host tier: the same distribution, other draws
     earlier = {d: {p: trace(args.requests, p, d, seed=1) for p in pops} for d in traces} if warm else {}
     needed = sorted({i for t in (traces, earlier) for by_pop in t.values() for ids in by_pop.values() for i in ids})
-    print(f"writing {len(needed)} fp16 rank-8 adapters ...", flush=True)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    print(f"writing {len(needed)} fp16 adapters of ranks {args.ranks} ...", flush=True)
     paths = {
-        i: write_random_adapter(model_dir, root / f"a{i:04d}", r=8, seed=i, std=0.02, dtype=torch.float16)
+        i: write_random_adapter(
+            model_dir, root / f"a{i:04d}", r=ranks[i % len(ranks)], seed=i, std=0.02, dtype=torch.float16
+        )
         for i in needed
     }
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir)),
-        lora=LoRAConfig(max_loras=slots, max_lora_rank=8, **({} if warm else {"max_cpu_loras": HOST_COUNT})),
+        lora=LoRAConfig(
+            max_loras=slots,
+            max_lora_rank=max(ranks),
+            max_lora_bytes=args.max_lora_bytes,
+            **({} if warm else {"max_cpu_loras": HOST_COUNT}),
+        ),
         cache=CacheConfig(kv_cache_bytes=1 << 30, prefix_caching=False),
     )
     engine = Engine(config)
@@ -377,7 +390,7 @@ def main() -> None:
         runs = compare(engines, texts, zipf_paths, earlier_paths, args)
         results["compare"] = {"lever": args.compare, "runs": runs}
     # on the engine's torch thread (the loop has stopped): one OpenMP team, as for the engine's own loads
-    results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]], slots)
+    results["cold_load"] = engine.torch.call(cold_loads, engine, [paths[i] for i in needed[:16]])
     print("cold load (median):", json.dumps(results["cold_load"]), flush=True)
     zipf = {r["population"]: r["tokens_per_s_runs"] for r in results["traffic"].get("zipf", [])}
     if 8 in zipf and 1000 in zipf:  # per round (the two runs closest in time), then the median round

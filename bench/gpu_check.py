@@ -1,8 +1,8 @@
 """GPU check (issue 6): the CUDA path against the CPU reference, then S-LoRA-style scaling on a 7B-shaped model.
 
-1. ops: `lora_add_` in its layouts (wave, gathered, and per-token: the Triton kernel on CUDA) on the device,
-   fp32 and fp16, vs the per-token reference on the CPU; paged decode attention (Triton on CUDA) vs SDPA over
-   each sequence's gathered blocks on the CPU, for GQA (SmolLM2's 9/3 heads) and plain (7B's) shapes.
+1. ops: `lora_add_` in its layouts (blocks of decodes, of a prefill, per-token: the Triton kernel on CUDA)
+   on the device, fp32 and fp16, vs the per-token reference on the CPU; paged decode attention (Triton on
+   CUDA) vs SDPA over each sequence's gathered blocks on the CPU, for GQA (SmolLM2's 9/3 heads) and plain (7B's) shapes.
 2. engine: a tiny random Llama with four PEFT adapters (ranks 4/8/16, one with rsLoRA) in one batch on the
    device (decode steps replaying CUDA graphs): greedy tokens equal PEFT's on the CPU; the manager keeps host
    copies in pinned memory and has its own copy stream for the loader thread's loads (a host-tier hit is
@@ -44,7 +44,7 @@ from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, Sched
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.stream import Completion
-from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference, per_token_batch
+from mux.lora.ops import build_lora_batch, lora_add_, lora_delta_reference, per_token_batch, stacked_pool
 from mux.model.loader import BaseModel
 
 
@@ -52,7 +52,7 @@ def check_ops(device: str, features: tuple[int, int] = (1100, 520)) -> dict:
     """Max |error| of the kernel on `device` vs the CPU reference, per layout and dtype; features (in, out), by
     default not multiples of the kernels' blocks."""
     out = {}
-    cases = {"wave": [0, 1, 2, 3] * 8 + [5, -1], "gathered": [1] * 300 + [0, 7], "per_token": [3, -1, 0, 7] * 70}
+    cases = {"blocks": [0, 1, 2, 3] * 8 + [5, -1], "gathered": [1] * 300 + [0, 7], "per_token": [3, -1, 0, 7] * 70}
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
         for layout, token_slots in cases.items():
             g = torch.Generator().manual_seed(0)
@@ -64,16 +64,17 @@ def check_ops(device: str, features: tuple[int, int] = (1100, 520)) -> dict:
                 batch = per_token_batch(torch.tensor(token_slots, device=device), 16)
             else:
                 batch = build_lora_batch(group_rows(token_slots), 16, device, dtype)
-                assert (batch.wave is not None) == (layout == "wave"), layout
-            xd, ad, bd = (t.to(device, dtype) for t in (x, a, b))
+            pool_a, pool_b, table = stacked_pool(a, b, shuffle=0)  # rank rows scattered, as pages lie
+            xd, ad, bd = (t.to(device, dtype) for t in (x, pool_a, pool_b))
+            table = table.to(device)
             kind = str(dtype).removeprefix("torch.")
             y = torch.zeros(len(token_slots), features[1], dtype=dtype, device=device)
-            lora_add_(y, xd, ad, bd, batch)
+            lora_add_(y, xd, ad, bd, table, batch)
             out[f"{layout}_{kind}"] = _error(y, ref, tol)
             if layout == "per_token" and triton_ops.serves(device):  # both Triton paths, whichever the pick is
                 for path, fused in (("two_kernels", False), ("one_kernel", True)):
                     y.zero_()
-                    triton_ops.lora_add(y, xd, ad, bd, batch.token_slots, 16, fused)
+                    triton_ops.lora_add(y, xd, ad, bd, table, batch.token_slots, 16, fused)
                     out[f"per_token_{path}_{kind}"] = _error(y, ref, tol)
     if triton_ops.serves(device):
         out.update(check_paged_attention(device))

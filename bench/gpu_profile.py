@@ -105,8 +105,9 @@ def kernel_times(device: str, graphs) -> dict:
     rows, width, rank, slots = 256, 4096, 8, 1000
     x = torch.randn(rows, width, device=device, dtype=torch.float16, generator=g)
     w = torch.randn(width, width, device=device, dtype=torch.float16, generator=g)
-    a = torch.randn(slots, rank, width, device=device, dtype=torch.float16, generator=g)
-    b = torch.randn(slots, rank, width, device=device, dtype=torch.float16, generator=g)
+    a = torch.randn(slots * rank, width, device=device, dtype=torch.float16, generator=g)  # the pools
+    b = torch.randn(slots * rank, width, device=device, dtype=torch.float16, generator=g)
+    table = torch.randperm(slots * rank, device=device).view(slots, rank)  # rank rows scattered, as pages lie
     y = torch.zeros(rows, width, device=device, dtype=torch.float16)
     out = {"base_linear_4096": ms(lambda: x @ w.T)}
     norm = LlamaRMSNorm(width, eps=1e-5).to(device, torch.float16)  # 65 a 7B decode step: transformers' vs fused
@@ -121,12 +122,12 @@ def kernel_times(device: str, graphs) -> dict:
     out["rope_triton_32x128"] = ms(lambda: triton_ops.rope_(qk[0], qk[1], cos[0], sin[0], 128))
     for name, idx in (("5_slots", torch.arange(rows) % 5), ("256_slots", torch.arange(rows) * 3 % slots)):
         idx = idx.to(device)
-        out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, idx, rank))  # the pick
+        out[f"lora_triton_{name}"] = ms(lambda idx=idx: triton_ops.lora_add(y, x, a, b, table, idx, rank))  # the pick
         for label, fused in (("two_kernels", False), ("one_kernel", True)):  # what the pick chose between
             out[f"lora_triton_{label}_{name}"] = ms(
-                lambda idx=idx, f=fused: triton_ops.lora_add(y, x, a, b, idx, rank, f)
+                lambda idx=idx, f=fused: triton_ops.lora_add(y, x, a, b, table, idx, rank, f)
             )
-        out[f"lora_torch_gather_{name}"] = ms(lambda idx=idx: _per_token_add_(y, x, a, b, idx, rank))
+        out[f"lora_torch_gather_{name}"] = ms(lambda idx=idx: _per_token_add_(y, x, a, b, table, idx, rank))
     bs, heads, head_dim, ctx = 16, 32, 128, 96
     nb = ctx // bs
     k = torch.randn((rows * nb + 1) * bs, heads, head_dim, device=device, dtype=torch.float16, generator=g)

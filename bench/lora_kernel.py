@@ -1,9 +1,9 @@
 """The LoRA kernel lever, measured: the C kernel (mux/csrc/lora.c, the CPU default) vs torch's layouts:
-gathered blocks, a wave (weights read in place), a segment GEMM, and runs of one slot served in place.
+gathered blocks, a segment GEMM, and runs of one slot served as segments.
 
 Per scenario it times one decoder layer's seven SmolLM2-shaped LoRA layers (q,k,v,o,gate,up,down; rank 8)
-for each kernel layout, cycling over 30 layers' slot stacks so the weights come from memory as in a real
-step, and reports what `build_lora_batch`'s cost model picks. The segment GEMM is `torch._grouped_mm` (rows
+for each kernel layout, cycling over 30 layers' pools (each slot's rank rows scattered over the pool, as pages
+lie) so the weights come from memory as in a real step. The segment GEMM is `torch._grouped_mm` (rows
 sorted by slot, one GEMM per slot inside one call). Run: python -m bench.lora_kernel
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
 from functools import partial
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from bench.common import best_time, group_rows, machine, save
 from mux import native
 from mux.engine.torch_thread import TorchThread
-from mux.lora.ops import LoRABatch, build_lora_batch, lora_add_, native_rows
+from mux.lora.ops import LoRABatch, build_lora_batch, lora_add_, native_rows, stacked_pool
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
 LAYERS, SLOTS, RANK = 30, 32, 8
@@ -42,12 +41,12 @@ def zipf_slots(n: int, slots: int, seed: int = 0) -> list[int]:
 
 
 def blocked_step(xs, ys, stacks, batch) -> None:
-    for (i, o), (a, b) in _layers(stacks):
-        lora_add_(ys[o], xs[i], a, b, batch)
+    for (i, o), (_, _, pool) in _layers(stacks):
+        lora_add_(ys[o], xs[i], *pool, batch)
 
 
 def segment_step(xs, ys, stacks, order, offs) -> None:
-    for (i, o), (a, b) in _layers(stacks):
+    for (i, o), (a, b, _) in _layers(stacks):
         x = xs[i].index_select(0, order)  # rows sorted by slot
         h = torch._grouped_mm(x, a.transpose(1, 2), offs=offs)  # [T, r]
         ys[o].index_add_(0, order, torch._grouped_mm(h, b, offs=offs))
@@ -55,21 +54,12 @@ def segment_step(xs, ys, stacks, order, offs) -> None:
 
 def run() -> dict:
     torch.manual_seed(0)
-    stacks = [
-        [(torch.randn(SLOTS, RANK, i) * 0.02, torch.randn(SLOTS, RANK, o) * 0.02) for i, o in SHAPES]
-        for _ in range(LAYERS)
-    ]
+    stacks = [[_slots(SLOTS, RANK, i, o) for i, o in SHAPES] for _ in range(LAYERS)]
     SCENARIOS["decode 48 tokens, 32 adapters (Zipf)"] = sorted(zipf_slots(48, SLOTS))
     results = {}
     for name, token_slots in SCENARIOS.items():
         groups = group_rows(token_slots)
-        chosen = build_lora_batch(groups, RANK, "cpu", segment_rows=None)
-        forced = {
-            layout: build_lora_batch(groups, RANK, "cpu", layout=layout, segment_rows=None)
-            for layout in ("gathered", "wave")
-        }
-        if forced["wave"].dense is not None:  # the same wave with x gathered and y scattered: the views' baseline
-            forced["wave, x/y copied"] = replace(forced["wave"], dense=None)
+        forced = {"gathered": build_lora_batch(groups, RANK, "cpu", segment_rows=None)}
         forced["runs in place + picked"] = build_lora_batch(groups, RANK, "cpu")
         if native.library() is not None:
             forced["native (C)"] = build_lora_batch(groups, RANK, "cpu", use_native=True)
@@ -80,7 +70,7 @@ def run() -> dict:
         kernels = {layout: partial(blocked_step, xs, ys, stacks, batch) for layout, batch in forced.items()}
         kernels["segment (grouped_mm)"] = partial(segment_step, xs, ys, stacks, order, offs)
         times = {label: best_time(fn) / LAYERS * 1e6 for label, fn in kernels.items()}
-        results[name] = {"us_per_decoder_layer": times, "picked": "wave" if chosen.wave else "gathered"}
+        results[name] = {"us_per_decoder_layer": times}
         print(name, json.dumps(results[name]), flush=True)
     return results
 
@@ -91,17 +81,14 @@ def rank_rows() -> dict:
     (C, but runs of >= 8 rows above rank 8 in torch's layouts)."""
     out = {}
     for rank in (8, 16, 32):
-        stacks = [
-            [(torch.randn(16, rank, i) * 0.02, torch.randn(16, rank, o) * 0.02) for i, o in SHAPES]
-            for _ in range(LAYERS)
-        ]
+        stacks = [[_slots(16, rank, i, o) for i, o in SHAPES] for _ in range(LAYERS)]
         for step, per in (("prefill 16 x 30 tokens", 30), ("decode 16 x 4 tokens", 4)):
             token_slots = [s for s in range(16) for _ in range(per)]
             groups = group_rows(token_slots)
             every_row = native_rows(groups, dict.fromkeys(groups, rank))
             batches = {
                 "torch": build_lora_batch(groups, rank, "cpu"),
-                "C, every row": LoRABatch((), None, None, None, None, None, 0, rank, every_row),
+                "C, every row": LoRABatch((), None, None, None, None, 0, rank, every_row),
                 "dispatch": build_lora_batch(groups, rank, "cpu", use_native=True),
             }
             xs = {i: torch.randn(len(token_slots), i) for i in {s[0] for s in SHAPES}}
@@ -110,6 +97,12 @@ def rank_rows() -> dict:
             out[f"rank {rank}, {step}"] = {label: best_time(fn, 3) * 1e3 for label, fn in fns.items()}
             print(f"rank {rank}, {step}", json.dumps(out[f"rank {rank}, {step}"]), flush=True)
     return out
+
+
+def _slots(slots: int, rank: int, i: int, o: int) -> tuple:
+    """(a [S, R, in], b [S, R, out], their pool and table with the rank rows scattered)"""
+    a, b = torch.randn(slots, rank, i) * 0.02, torch.randn(slots, rank, o) * 0.02
+    return a, b, stacked_pool(a, b, shuffle=0)
 
 
 def _layers(stacks):
@@ -125,26 +118,23 @@ def main() -> None:
         "",
         f"Machine: {json.dumps(machine())}",
         "",
-        "µs per decoder layer (7 LoRA layers); the cost model's pick in the last column.",
+        "µs per decoder layer (7 LoRA layers).",
         "",
-        "Rows sorted by slot as the runner sorts them. Wave: x and y through views when the rows have no pads;",
-        "'wave, x/y copied' is the same wave with x gathered and y scattered (-: the wave has pads, so it copies).",
+        "Rows sorted by slot as the runner sorts them. Gathered: blocks of one slot, A and B gathered from the pool.",
         "Runs in place + picked: the torch kernel, runs of >= 8 rows of one slot as two matmuls on views where the",
         "cost model takes them, the other rows in the layout it picks. Native (C): `mux/csrc/lora.c`, every row at its",
         "slot's rank, each used slot's weights read in place (the CPU float32 default; -: no C compiler).",
         "",
-        "| step | gathered | wave | wave, x/y copied | segment (grouped_mm) | runs in place + picked | picked "
-        "(no runs) | native (C) | torch's best / native |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| step | gathered | segment (grouped_mm) | runs in place + picked | native (C) | torch's best / native |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         t = r["us_per_decoder_layer"]
-        copied = f"{t['wave, x/y copied']:.0f}" if "wave, x/y copied" in t else "-"
         c = t.get("native (C)")
         best_torch = min(v for k, v in t.items() if k != "native (C)")
         lines.append(
-            f"| {name} | {t['gathered']:.0f} | {t['wave']:.0f} | {copied} | {t['segment (grouped_mm)']:.0f} | "
-            f"{t['runs in place + picked']:.0f} | {r['picked']} | {'-' if c is None else f'{c:.0f}'} | "
+            f"| {name} | {t['gathered']:.0f} | {t['segment (grouped_mm)']:.0f} | "
+            f"{t['runs in place + picked']:.0f} | {'-' if c is None else f'{c:.0f}'} | "
             f"{'-' if c is None else f'{best_torch / c:.2f}x'} |"
         )
     if ranks:

@@ -23,6 +23,7 @@ from mux.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from mux.engine.engine import Engine
 from mux.engine.sequence import SamplingParams
 from mux.engine.torch_thread import TorchThread
+from mux.lora.layers import PAGE_RANKS, pages_for, targetable_linears
 from mux.model.cpu import available_kernels
 from mux.model.loader import default_model_dir
 from mux.runtime import picks
@@ -115,6 +116,11 @@ def run(thread: TorchThread) -> None:
         for r in sorted(set(mixed_ranks))
         if r != args.rank
     }
+    # with mixed ranks every set of adapters stays resident in the pool: no loads timed
+    ranks = [args.rank] * len(paths) + [*(mixed_ranks * args.adapters)[: len(mixed_paths)]]
+    ranks += [r for r, rp in rank_paths.items() for _ in rp]
+    rank_bytes = sum((m.in_features + m.out_features) * 4 for m in targetable_linears(base).values())
+    pool_bytes = sum(pages_for(r) for r in ranks) * PAGE_RANKS * rank_bytes if mixed_paths else None
     tokens = n * new
     runs = {"hf_generate_base": lambda: hf_generate(base, tok, texts, new)}
     hf_generate(base, tok, texts[:4], 4)  # warm-up
@@ -142,9 +148,9 @@ def run(thread: TorchThread) -> None:
                 EngineConfig(
                     model=ModelConfig(model=str(model_dir), backend=backend, dtype=dtype),
                     lora=LoRAConfig(
-                        # with mixed ranks every set of adapters stays resident: no slot loads timed
-                        max_loras=args.adapters * (2 + len(rank_paths)) if mixed_paths else max(16, args.adapters),
+                        max_loras=max(16, args.adapters),
                         max_lora_rank=max(16, args.rank, *mixed_ranks),
+                        max_lora_bytes=pool_bytes,
                     ),
                     cache=CacheConfig(kv_cache_bytes=512 << 20, prefix_caching=False),  # 64 × 94 tokens: 277 MB
                 ),

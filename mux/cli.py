@@ -39,6 +39,7 @@ def engine_setup(args: argparse.Namespace):
             args.policy,
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
+            max_lora_bytes=args.max_lora_bytes,
             max_cpu_adapter_bytes=args.max_cpu_adapter_bytes,
             stream_interval=getattr(args, "stream_interval", None),
             grpc_port=getattr(args, "grpc_port", None),
@@ -135,8 +136,9 @@ def _engine_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--adapter-dir", default=str(REPO_ADAPTERS))
     s.add_argument("--policy", default=None, help="policy file (TOML; default policies/default.toml)")
-    s.add_argument("--max-loras", type=int, default=None, help="device slots (overrides the policy)")
-    s.add_argument("--max-lora-rank", type=int, default=None)
+    s.add_argument("--max-loras", type=int, default=None, help="distinct adapters in one step (overrides the policy)")
+    s.add_argument("--max-lora-rank", type=int, default=None, help="the largest adapter rank accepted (default 64)")
+    s.add_argument("--max-lora-bytes", type=int, default=None, help="device pool bytes (default: max-loras x rank 16)")
     s.add_argument("--max-cpu-adapter-bytes", type=int, default=None, help="host tier byte bound")
     s.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     s.add_argument(

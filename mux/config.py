@@ -57,13 +57,16 @@ class ModelConfig:
             raise ValueError(f"unknown device {self.device!r} (auto, cpu, cuda or cuda:N)")
 
 
-MAX_LORA_RANK = 4096  # far above the ranks adapters use (≤ a few hundred); slots are sized to max_lora_rank
+MAX_LORA_RANK = 4096  # far above the ranks adapters use (≤ a few hundred); the C kernel keeps rank-sized rows
 
 
 @dataclass(frozen=True, slots=True)
 class LoRAConfig:
-    max_loras: int = 16  # device slots: distinct adapters in one forward pass
-    max_lora_rank: int = 16
+    max_loras: int = 16  # distinct adapters in one forward pass
+    max_lora_rank: int = 64  # the largest rank accepted
+    # the device pool's bytes, each adapter taking pages of its own rank; None: max_loras adapters of rank 16
+    # (the bytes 16 slots of rank 16 took before the pool: mux/lora/layers.py)
+    max_lora_bytes: int | None = None
     max_cpu_loras: int = 1024  # host tier, count bound
     max_cpu_adapter_bytes: int = 2 << 30  # host tier, byte bound
     eviction_policy: str = "lru"  # lru | lfu | cost (mux/lora/policies/)
@@ -82,6 +85,8 @@ class LoRAConfig:
             max_cpu_loras=self.max_cpu_loras,
             max_cpu_adapter_bytes=self.max_cpu_adapter_bytes,
         )
+        if self.max_lora_bytes is not None:
+            _positive(max_lora_bytes=self.max_lora_bytes)
         if self.inline_load_bytes < 0:
             raise ValueError(f"inline_load_bytes must be >= 0, got {self.inline_load_bytes}")
         if self.max_lora_rank > MAX_LORA_RANK:  # the C kernel keeps a rank-sized row on each thread's stack

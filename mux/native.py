@@ -48,7 +48,10 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 STALE_S = 30 * 86400  # a built library unused this long is deleted by the next build
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
-    "mux_lora_add": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64]),
+    "mux_lora_add": (
+        None,
+        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],
+    ),
     "mux_decode_attention": (
         ctypes.c_int,
         [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _PTR],
@@ -60,7 +63,7 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in the C sources
     "mux_linear": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64]),
     "mux_linear_lora": (
         None,
-        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR],
+        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
     ),
 }
 

@@ -19,7 +19,7 @@ _SECTIONS = {
     *("eviction", "tiers", "scheduler", "streaming", "pinned"),
     *("admin", "tenants", "public", "limits", "batch", "grpc", "model"),
 }
-_TIERS = {"max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_adapter_bytes"}
+_TIERS = {"max_loras", "max_lora_rank", "max_lora_bytes", "max_cpu_loras", "max_cpu_adapter_bytes"}
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

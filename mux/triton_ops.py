@@ -85,9 +85,11 @@ def _self_check(device: torch.device) -> float:
     live = (slots >= 0).float()[:, None]
     want = torch.einsum("ti,tri,tro->to", x, a[slots.clamp(min=0)], b[slots.clamp(min=0)]) * live  # [6, 48]
     error = 0.0
+    table = torch.arange(12, device=device).view(3, 4)  # slot s's rank k at pool row 4s + k
     for fused in (False, True):
         y = torch.zeros(6, 48, device=device)
-        lora_add(y, x.to(device), a.to(device), b.to(device), slots.to(device), 4, fused)
+        pools = a.to(device).view(12, 80), b.to(device).view(12, 48)
+        lora_add(y, x.to(device), *pools, table, slots.to(device), 4, fused)
         error = max(error, (y.cpu() - want).abs().max().item())
     q, k, v = (
         torch.randn(2, 4, 16, generator=g),
@@ -131,9 +133,10 @@ if triton is not None:
         key=["in_features", "rank", "many"], reset_to_zero=["h"],
     )  # fmt: skip
     @triton.jit
-    def _lora_shrink(x, x_row, a, a_slot, a_rank, slots, h, rank, in_features, many, R: tl.constexpr,
+    def _lora_shrink(x, x_row, a, a_row, table, t_row, slots, h, rank, in_features, many, R: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        """h[t, :rank] += x[t, ks] · A[slot[t], :rank, ks]ᵀ over this program's share ks of the input features."""
+        """h[t, :rank] += x[t, ks] · A[slot[t], :rank, ks]ᵀ over this program's share ks of the input features
+        (rank k of a slot is the pool's row table[slot, k], as in the C kernel)."""
         t, split = tl.program_id(0), tl.program_id(1)
         slot = tl.load(slots + t)
         # a row with no adapter (slot -1) reads and adds nothing: its bounds are zero. (Bounds, not `mask & valid`:
@@ -142,12 +145,13 @@ if triton is not None:
         ranks = tl.where(slot >= 0, rank, 0)  # (a new name: Triton may pass `rank` as a constant, 1)
         slot = tl.maximum(slot, 0)
         r = tl.arange(0, R)
+        rows = tl.load(table + slot * t_row + r, mask=r < ranks, other=0)  # [R] pool rows of the slot's ranks
         acc = tl.zeros((R,), dtype=tl.float32)
         for k0 in range(split * BLOCK_K, limit, SPLIT_K * BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x + t * x_row + k, mask=k < limit, other=0.0).to(tl.float32)
             mask = (r[:, None] < ranks) & (k[None, :] < limit)
-            av = tl.load(a + slot * a_slot + r[:, None] * a_rank + k[None, :], mask=mask, other=0.0)
+            av = tl.load(a + rows[:, None] * a_row + k[None, :], mask=mask, other=0.0)
             acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
         tl.atomic_add(h + t * R + r, acc, mask=r < ranks)
 
@@ -156,7 +160,7 @@ if triton is not None:
         key=["out_features", "rank", "many"], restore_value=["y"],
     )  # fmt: skip
     @triton.jit
-    def _lora_expand(h, b, b_slot, b_rank, slots, y, y_row, rank, out_features, many, R: tl.constexpr,
+    def _lora_expand(h, b, b_row, table, t_row, slots, y, y_row, rank, out_features, many, R: tl.constexpr,
                      BLOCK_N: tl.constexpr):  # fmt: skip
         """y[t, ns] += h[t, :rank] · B[slot[t], :rank, ns] for this program's block ns of output features."""
         t, nb = tl.program_id(0), tl.program_id(1)
@@ -166,8 +170,9 @@ if triton is not None:
         r = tl.arange(0, R)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         hv = tl.load(h + t * R + r, mask=r < rank, other=0.0)
+        rows = tl.load(table + slot * t_row + r, mask=r < rank, other=0)  # [R]
         mask = (r[:, None] < rank) & (n[None, :] < limit)
-        bv = tl.load(b + slot * b_slot + r[:, None] * b_rank + n[None, :], mask=mask, other=0.0)
+        bv = tl.load(b + rows[:, None] * b_row + n[None, :], mask=mask, other=0.0)
         delta = tl.sum(hv[:, None] * bv.to(tl.float32), axis=0)
         out = n < limit
         yv = tl.load(y + t * y_row + n, mask=out, other=0.0)
@@ -183,7 +188,7 @@ if triton is not None:
         key=["in_features", "out_features", "rank", "many"], restore_value=["y"],
     )  # fmt: skip
     @triton.jit
-    def _lora_fused(x, x_row, a, a_slot, a_rank, b, b_slot, b_rank, slots, y, y_row, rank, in_features,
+    def _lora_fused(x, x_row, a, a_row, b, b_row, table, t_row, slots, y, y_row, rank, in_features,
                     out_features, many, R: tl.constexpr, N_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_N: tl.constexpr):  # fmt: skip
         """y[t, ns] += (x[t] · A[slot[t], :rank]ᵀ) · B[slot[t], :rank, ns] for this program's share ns."""
@@ -194,12 +199,13 @@ if triton is not None:
         ranks = tl.where(slot >= 0, rank, 0)
         slot = tl.maximum(slot, 0)
         r = tl.arange(0, R)
+        rows = tl.load(table + slot * t_row + r, mask=r < ranks, other=0)  # [R] pool rows of the slot's ranks
         h = tl.zeros((R,), dtype=tl.float32)
         for k0 in range(0, k_limit, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x + t * x_row + k, mask=k < k_limit, other=0.0).to(tl.float32)
             mask = (r[:, None] < ranks) & (k[None, :] < k_limit)
-            av = tl.load(a + slot * a_slot + r[:, None] * a_rank + k[None, :], mask=mask, other=0.0)
+            av = tl.load(a + rows[:, None] * a_row + k[None, :], mask=mask, other=0.0)
             h += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
         share = tl.cdiv(tl.cdiv(out_features, N_SPLIT), BLOCK_N) * BLOCK_N
         end = tl.minimum(split * share + share, n_limit)
@@ -207,7 +213,7 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             out = n < end
             mask = (r[:, None] < ranks) & out[None, :]
-            bv = tl.load(b + slot * b_slot + r[:, None] * b_rank + n[None, :], mask=mask, other=0.0)
+            bv = tl.load(b + rows[:, None] * b_row + n[None, :], mask=mask, other=0.0)
             delta = tl.sum(h[:, None] * bv.to(tl.float32), axis=0)
             yv = tl.load(y + t * y_row + n, mask=out, other=0.0)
             tl.store(y + t * y_row + n, (yv.to(tl.float32) + delta).to(yv.dtype), mask=out)
@@ -285,38 +291,39 @@ if triton is not None:
 
 
 def lora_add(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int,
-    fused: bool | None = None,
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, slots: torch.Tensor,
+    rank: int, fused: bool | None = None,
 ):  # fmt: skip
     """y [T, out] += (x A_slot[:rank]ᵀ) B_slot[:rank] per row; slots [T] int64 (-1: no adapter, row untouched);
-    x [T, in], a [S, R, in], b [S, R, out], rows contiguous. Accumulates in float32. fused: one kernel
+    x [T, in], the pools a [P, in], b [P, out] and their table [S, R] (mux/lora/ops.py), rows contiguous.
+    Accumulates in float32. fused: one kernel
     (`_lora_fused`) or two (`_lora_shrink`, `_lora_expand`); None: whichever was faster for this shape, timed
     at its first call outside a CUDA graph capture (before one, the two kernels)."""
     rows, in_features = x.shape
-    out_features = b.shape[2]
+    out_features = b.shape[1]
     r = max(8, triton.next_power_of_2(rank))  # lanes past `rank` are masked
     many = int(rows > 32)  # the tuning key: a few rows or a batch
     if fused is None:
-        fused = _fused_is_faster(y, x, a, b, slots, rank, (in_features, out_features, rank, many))
+        fused = _fused_is_faster(y, x, a, b, table, slots, rank, (in_features, out_features, rank, many))
     if fused:
         _lora_fused[lambda meta: (rows, meta["N_SPLIT"])](
-            x, x.stride(0), a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank,
+            x, x.stride(0), a, a.stride(0), b, b.stride(0), table, table.stride(0), slots, y, y.stride(0), rank,
             in_features, out_features, many, R=r,
         )  # fmt: skip
         return
     h = torch.zeros(rows, r, dtype=torch.float32, device=x.device)  # [T, r]
     _lora_shrink[lambda meta: (rows, meta["SPLIT_K"])](
-        x, x.stride(0), a, a.stride(0), a.stride(1), slots, h, rank, in_features, many, R=r
+        x, x.stride(0), a, a.stride(0), table, table.stride(0), slots, h, rank, in_features, many, R=r
     )
     _lora_expand[lambda meta: (rows, triton.cdiv(out_features, meta["BLOCK_N"]))](
-        h, b, b.stride(0), b.stride(1), slots, y, y.stride(0), rank, out_features, many, R=r
+        h, b, b.stride(0), table, table.stride(0), slots, y, y.stride(0), rank, out_features, many, R=r
     )
 
 
 FUSED_TIMES: dict[tuple, tuple[float, float]] = {}  # (in, out, rank, many) -> ms of the two kernels, of the one
 
 
-def _fused_is_faster(y, x, a, b, slots, rank: int, key: tuple) -> bool:
+def _fused_is_faster(y, x, a, b, table, slots, rank: int, key: tuple) -> bool:
     """Time both paths on these tensors once per shape (each tuned first; y restored after), remember the times.
     Inside a capture (no timing possible), or off CUDA (Triton's interpreter, in the tests), an untimed shape
     takes the two kernels."""
@@ -327,7 +334,7 @@ def _fused_is_faster(y, x, a, b, slots, rank: int, key: tuple) -> bool:
 
         saved = y.clone()
         times = FUSED_TIMES[key] = tuple(
-            do_bench(functools.partial(lora_add, y, x, a, b, slots, rank, fused), warmup=5, rep=20)
+            do_bench(functools.partial(lora_add, y, x, a, b, table, slots, rank, fused), warmup=5, rep=20)
             for fused in (False, True)
         )  # do_bench's first call tunes that path's block shapes
         y.copy_(saved)

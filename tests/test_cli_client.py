@@ -172,7 +172,7 @@ def test_stats_table_and_json(server):
     assert httpx.post(f"{server}/v1/completions", json=body, headers=beta, timeout=60).status_code == 200
     table = ok(mux(server, "admin", "stats"))
     assert [line.split()[0] for line in table.splitlines()[:4]] == ["TIER", "device", "host", "disk"]
-    assert "2 slots of" in table  # --max-loras 2
+    assert "2 a step" in table  # --max-loras 2
     assert "engine: " in table and "hits: device" in table and "load p50/p95 ms:" in table
     top = table[table.index("ADAPTER") :].splitlines()
     assert top[0].split()[:3] == ["ADAPTER", "VERSION", "TIER"] and any(r.startswith("beta/mlp ") for r in top[1:])

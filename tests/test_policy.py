@@ -12,16 +12,18 @@ def test_default_policy_file_loads():
     p = load_policy()
     assert DEFAULT_POLICY.is_file()
     assert p.lora.eviction_policy == "lru" and p.lora.max_loras == 16 and p.pinned == ()
+    assert p.lora.max_lora_rank == 64 and p.lora.max_lora_bytes is None  # the pool: derived from the model
 
 
 def test_values_and_overrides(tmp_path):
     f = tmp_path / "p.toml"
     f.write_text(
-        '[eviction]\npolicy = "cost"\n[tiers]\nmax_loras = 4\nmax_cpu_adapter_bytes = 1000\n'
+        '[eviction]\npolicy = "cost"\n[tiers]\nmax_loras = 4\nmax_lora_bytes = 9000\nmax_cpu_adapter_bytes = 1000\n'
         '[scheduler]\nmax_num_seqs = 8\n[pinned]\nadapters = ["acme/a"]\n'
     )
-    p = load_policy(f, max_loras=None, max_cpu_adapter_bytes=5000)
+    p = load_policy(f, max_loras=None, max_cpu_adapter_bytes=5000, max_lora_bytes=7000)
     assert (p.lora.eviction_policy, p.lora.max_loras, p.lora.max_cpu_adapter_bytes) == ("cost", 4, 5000)
+    assert p.lora.max_lora_bytes == 7000
     assert p.scheduler.max_num_seqs == 8 and p.pinned == ("acme/a",)
 
 
@@ -31,6 +33,7 @@ def test_values_and_overrides(tmp_path):
         ('[eviction]\npolicy = "fifo"\n', "unknown eviction policy"),
         ("[tiers]\nmax_slots = 3\n", "max_slots"),
         ("[tiers]\nmax_loras = 0\n", "max_loras"),
+        ("[tiers]\nmax_lora_bytes = 0\n", "max_lora_bytes must be ≥ 1"),
         ("[tiers]\nmax_lora_rank = 5000\n", "max_lora_rank must be ≤ 4096"),
         ('[admin]\nkeys = ["plain-secret"]\n', "hashed"),
         ('[tenants."a b"]\nkeys = []\n', "tenants"),

@@ -16,6 +16,7 @@ import torch
 
 from mux import triton_ops
 from mux.engine.kv_cache import AttentionMetadata, KVCache, decode_mask, mux_attention
+from mux.lora.ops import stacked_pool
 
 
 def test_not_served_off_cuda():
@@ -72,7 +73,7 @@ def test_lora_add_every_config_equals_the_reference(rank):
         y = base.clone().to(DEVICE)
         with triton_ops.pinned({shrink: cs, expand: ce}):
             triton_ops.lora_add(
-                y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, a, b, slots)), rank
+                y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, *stacked_pool(a, b, 0), slots)), rank
             )  # fmt: skip
         assert torch.allclose(y.cpu(), want, atol=1e-4), (cs, ce)
 
@@ -97,7 +98,8 @@ def test_the_one_kernel_lora_add_equals_the_reference_in_every_config(rank):
             y = base.clone().to(DEVICE)
             with triton_ops.pinned({kernel: config}):
                 triton_ops.lora_add(
-                    y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, a, b, slots)), rank, fused=True
+                    y[:, 5 : 5 + out_features], *(t.to(DEVICE) for t in (x, *stacked_pool(a, b, 1), slots)), rank,
+                    fused=True,
                 )  # fmt: skip
             assert torch.allclose(y.cpu(), want, atol=1e-3), (rows, in_features, out_features, config)
 
@@ -108,7 +110,7 @@ def test_off_cuda_an_unpinned_lora_add_takes_the_two_kernels_untimed():
     x, a, b = torch.randn(2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 8)
     y = torch.zeros(2, 8)
     with triton_ops.pinned({k: k.configs[0] for k in (triton_ops._lora_shrink, triton_ops._lora_expand)}):
-        triton_ops.lora_add(y, x, a, b, torch.tensor([0, 0]), 8)
+        triton_ops.lora_add(y, x, *stacked_pool(a, b), torch.tensor([0, 0]), 8)
     assert torch.allclose(y, lora_reference(x, a, b, torch.tensor([0, 0]), 8), atol=1e-4)
     assert not triton_ops.FUSED_TIMES
 

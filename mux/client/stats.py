@@ -53,8 +53,8 @@ def render_stats(stats: dict, top: int = 10) -> str:
     tier_rows = [
         [
             "device",
-            f"{dev['used']} slots ({dev['pinned']} pinned)",
-            f"{dev['capacity']} slots of {size(dev['bytes_per_slot'])}",
+            f"{dev['used']} adapters ({dev['pinned']} pinned), {size(dev['used_bytes'])}",
+            f"{dev['capacity']} a step, {size(dev['capacity_bytes'])}",
         ],
         [
             "host",

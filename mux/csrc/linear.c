@@ -256,17 +256,23 @@ void mux_linear(const float *x, int64_t xs, float *y, int64_t ys, const mux_weig
 
 /* mux_linear followed by mux_lora_add in one call, for a decode step of m <= MAX_ROWS sequences with adapters: y =
  * x Wᵀ (+ bias), then each row q with an adapter (row_slot[q] >= 0) adds (x_q A_slotᵀ) B_slot at rank row_rank[q];
- * a [S, R, in] and b [S, R, out] contiguous. One parallel region instead of two calls: the team shares out each
- * row's shrink by groups of four ranks, each thread writes its range of panels, then (after a barrier, the shrink
- * done) adds the rows' deltas to that range while it is still in cache. The linear is mux_linear's sums; the shrink
- * and the expand are lora.c's, on the same groups of ranks and vector lanes. */
+ * the pools a [P, in] and b [P, out] and their table [S, R] as in mux_lora_add. One parallel region instead of two
+ * calls: the team shares out each row's shrink by groups of four ranks, each thread writes its range of panels,
+ * then (after a barrier, the shrink done) adds the rows' deltas to that range while it is still in cache. The linear
+ * is mux_linear's sums; the shrink and the expand are lora.c's, on the same groups of ranks and vector lanes. */
 void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias,
-                     int64_t m, int64_t in, int64_t out, const float *a, const float *b, int64_t R,
-                     const int64_t *row_slot, const int64_t *row_rank)
+                     int64_t m, int64_t in, int64_t out, const float *a, const float *b, const int64_t *table,
+                     int64_t R, const int64_t *row_slot, const int64_t *row_rank)
 {
-    const float *xr[MAX_ROWS];
+    const float *xr[MAX_ROWS], *A[MAX_ROWS][R], *B[MAX_ROWS][R]; /* row q's rank-k rows of its slot's A and B */
     float h[MAX_ROWS * R]; /* row q's x_q A_slotᵀ at h[q * R] */
-    for (int q = 0; q < m; q++) xr[q] = x + q * xs;
+    for (int q = 0; q < m; q++) {
+        xr[q] = x + q * xs;
+        for (int64_t k = 0; row_slot[q] >= 0 && k < row_rank[q]; k++) {
+            const int64_t at = table[row_slot[q] * R + k];
+            A[q][k] = a + at * in, B[q][k] = b + at * out;
+        }
+    }
 #pragma omp parallel
     {
         const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
@@ -274,7 +280,7 @@ void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const mux
             const int64_t r = row_rank[q], share = ((r + 3) / 4 + team - 1) / team * 4;
             const int64_t k0 = t * share, k1 = k0 + share < r ? k0 + share : r;
             if (row_slot[q] >= 0 && k0 < k1)
-                shrink(xr + q, a + (row_slot[q] * R + k0) * in, in, k1 - k0, h + q * R + k0, 1);
+                shrink(xr + q, A[q] + k0, in, k1 - k0, h + q * R + k0, 1);
         }
         const int64_t np = (out + PANEL - 1) / PANEL, i0 = t * np / team, i1 = (t + 1) * np / team;
         const int64_t j0 = i0 * PANEL, j1 = i1 * PANEL < out ? i1 * PANEL : out; /* this thread's outputs */
@@ -283,7 +289,7 @@ void mux_linear_lora(const float *x, int64_t xs, float *y, int64_t ys, const mux
         for (int q = 0; q < m; q++)
             if (row_slot[q] >= 0 && j0 < j1) {
                 float *yq = y + q * ys + j0;
-                expand(&yq, b + row_slot[q] * R * out + j0, j1 - j0, out, row_rank[q], h + q * R, 1);
+                expand(&yq, B[q], j0, j1 - j0, row_rank[q], h + q * R, 1);
             }
     }
 }

@@ -212,10 +212,10 @@ class _Call:
     linear: object  # the C kernel (args: its arguments), or PackedLinear.into (args: x, y, rows) where oneDNN serves
     args: tuple
     fused: object | None  # the C linear + LoRA call taking args + lora + the rows' slots and ranks (None: none)
-    lora: tuple | None  # the slot stacks' addresses and rank (None: the linear is not wrapped)
+    lora: tuple | None  # the pools' and page table's addresses, the table's width (None: not wrapped)
     lora_add: tuple  # mux_lora_add's arguments before the work items
     index: int  # the wrapped linear's index (-1: not wrapped)
-    tensors: tuple  # lora_add_'s tensors (y, x, a, b)
+    tensors: tuple  # lora_add_'s tensors (y, x, a, b, table)
 
 
 def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> _Call:
@@ -230,8 +230,8 @@ def _linear_args(lin: _Linear, x: torch.Tensor, y: torch.Tensor, rows: int) -> _
         linear, args = c[0], (x.data_ptr(), k, y.data_ptr(), n, c[1], bias, rows, k, n)
     if lin.lora is None:
         return _Call(linear, args, None, None, (), -1, ())
-    a, b = lin.lora.lora_a, lin.lora.lora_b  # [S, R, in], [S, R, out] contiguous
-    lora = (a.data_ptr(), b.data_ptr(), a.shape[1])
+    a, b, table = lin.lora.lora_a, lin.lora.lora_b, lin.lora.ctx.table  # pools [P, in], [P, out]; table [S, R]
+    lora = (a.data_ptr(), b.data_ptr(), table.data_ptr(), table.shape[1])
     lora_add = (x.data_ptr(), k, y.data_ptr(), n, *lora, k, n)
     fused_fn = fused[0] if fused and rows <= FEW_ROWS else None
-    return _Call(linear, args, fused_fn, lora, lora_add, lin.lora.index, (y, x, a, b))
+    return _Call(linear, args, fused_fn, lora, lora_add, lin.lora.index, (y, x, a, b, table))

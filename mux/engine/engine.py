@@ -78,6 +78,7 @@ class Engine:
             model,
             config.lora.max_loras,
             config.lora.max_lora_rank,
+            config.lora.max_lora_bytes,
             use_native=mux_kernels and picks.choice("lora_kernel", "c") == "c",
             fused_few_rows=picks.choice("lora_fused", "fused") == "fused",
         )

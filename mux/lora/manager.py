@@ -1,7 +1,10 @@
 """Adapter memory manager: device slots ↔ host RAM ↔ disk, eviction by policy, pins, async loading, stats.
 
-- Device tier: the fixed pool of `max_loras` slots inside the MultiLoRA layers. An adapter a sequence uses
-  (running, or waiting with its slot reserved) is pinned and never evicted or overwritten.
+- Device tier: the page pool inside the MultiLoRA layers, bounded in bytes (`max_lora_bytes`): an adapter takes
+  the pages its own rank needs and a slot (its row of the page table). An adapter a sequence uses (running, or
+  waiting with its pages reserved) is pinned and never evicted or overwritten; at most `max_loras` are pinned
+  at once, so one step never carries more distinct adapters. Eviction frees pages until the new adapter fits;
+  pages are all one size, so any adapter that fits the free bytes loads (no fragmentation).
 - Host tier: validated adapter tensors in RAM (pinned on CUDA, copied on a side stream), bounded in bytes
   and count (a cachetools cache whose `popitem` asks the policy for the victim). Evicting from the device
   keeps (or puts back) a host copy.
@@ -27,7 +30,7 @@ import torch
 from mux.config import LoRAConfig
 from mux.errors import AdapterNotFound, InvalidAdapter
 from mux.lora.adapter import LoRAWeights, adapter_key, load_adapter
-from mux.lora.layers import MultiLoRAModel
+from mux.lora.layers import MultiLoRAModel, pages_for
 from mux.lora.policies import EvictionPolicy, make_policy
 from mux.runtime.cpu import serial_torch_here
 
@@ -47,10 +50,11 @@ class AdapterRef:
 @dataclass(slots=True)
 class DeviceEntry:
     slot: int
+    pages: tuple[int, ...]
     ref: AdapterRef
     state: str = LOADING
-    refs: int = 0  # pins: sequences that hold this slot (+1 while permanently pinned)
-    modules: dict[str, int] = field(default_factory=dict)  # module -> rank, to copy the slot back to host
+    refs: int = 0  # pins: sequences that hold this adapter (+1 while permanently pinned)
+    modules: dict[str, int] = field(default_factory=dict)  # module -> rank, to copy the pages back to host
     load_s: float | None = None  # from the start of its load (disk read or host copy) to ready
 
 
@@ -108,7 +112,8 @@ class AdapterManager:
             self._host_evicted,
         )
         self.entries: dict[str, DeviceEntry] = {}
-        self.free_slots = list(range(config.max_loras - 1, -1, -1))
+        self.free_slots = list(range(lora.num_pages - 1, -1, -1))  # rows of the page table
+        self.free_pages = list(range(lora.num_pages - 1, -1, -1))
         self.permanent: set[str] = set()
         self.failures: dict[str, str] = {}  # key -> why its load failed (engine fails the waiting sequences)
         self.queued: Counter[str] = Counter()  # key -> live sequences of it, slot or not (submit to finish)
@@ -143,21 +148,27 @@ class AdapterManager:
         """Validate the adapter at `path` (reading it into the host tier unless it is already there)."""
         serial_torch_here()  # a request thread: never a second OpenMP team beside the engine's
         path = Path(path)
-        if (ref := self.cached(path)) is not None:
-            return ref
-        weights = self._read_disk(path)
-        return AdapterRef(weights.key, path, weights.rank, weights.nbytes)
+        if (ref := self.cached(path)) is None:
+            weights = self._read_disk(path)
+            ref = AdapterRef(weights.key, path, weights.rank, weights.nbytes)
+        if pages_for(ref.rank) > self.lora.num_pages:
+            need, pool = pages_for(ref.rank) * self.lora.page_bytes, self.lora.num_pages * self.lora.page_bytes
+            raise InvalidAdapter(f"rank {ref.rank} needs {need} bytes of device memory; max_lora_bytes holds {pool}")
+        return ref
 
     # ---- engine thread ----------------------------------------------------------------------
     def acquire(self, ref: AdapterRef) -> int | None:
-        """Pin `ref` into a device slot, starting its load if needed. None: every slot is pinned, try later."""
+        """Pin `ref` into device pages, starting its load if needed; -> its slot. None: max_loras adapters are
+        pinned, or the unpinned ones do not free enough pages: try later."""
         with self._lock:
             entry = self.entries.get(ref.key)
+            if (entry is None or not entry.refs) and self.num_pinned >= self.config.max_loras:
+                return None
             if entry is None:
-                slot = self._free_slot()
-                if slot is None:
+                pages = self._free_pages(pages_for(ref.rank))
+                if pages is None:
                     return None
-                entry = self.entries[ref.key] = DeviceEntry(slot, ref)
+                entry = self.entries[ref.key] = DeviceEntry(self.free_slots.pop(), pages, ref)
                 self._start_load(entry)
             elif entry.state == READY:
                 self.counters["hits"]["device"] += 1
@@ -194,19 +205,19 @@ class AdapterManager:
         return sum(1 for e in self.entries.values() if e.refs)
 
     def resident(self) -> dict[str, int]:
-        """key -> slot of every adapter in a device slot (loaded or loading)."""
+        """key -> slot of every adapter on the device (loaded or loading)."""
         return {k: e.slot for k, e in self.entries.items()}
 
     # ---- operator actions -------------------------------------------------------------------
     def pin(self, path: str | Path) -> AdapterRef:
-        """Keep an adapter in a device slot until unpinned (policy file or admin call)."""
+        """Keep an adapter on the device until unpinned (policy file or admin call)."""
         ref = self.prepare(path)
         with self._lock:
             self._refuse_retired(ref.key)
             if ref.key in self.permanent:
                 return ref
             if self.acquire(ref) is None:
-                raise InvalidAdapter("every device slot is pinned; unpin another adapter first")
+                raise InvalidAdapter("the device pool is pinned full; unpin another adapter first")
             self.permanent.add(ref.key)
         return ref
 
@@ -219,13 +230,12 @@ class AdapterManager:
             return True
 
     def evict(self, key: str) -> bool:
-        """Move an unpinned adapter out of its device slot (to the host tier). False if it is pinned or absent."""
+        """Move an unpinned adapter off the device (to the host tier). False if it is pinned or absent."""
         with self._lock:
             entry = self.entries.get(key)
             if entry is None or entry.refs or entry.state != READY:
                 return False
             self._evict_device(key)
-            self.free_slots.append(entry.slot)
             return True
 
     def forget(self, path: Path) -> None:
@@ -235,7 +245,7 @@ class AdapterManager:
             for key in [k for k in self.host if _under(k, path)]:
                 del self.host[key]
             for key in [k for k, e in self.entries.items() if _under(k, path) and not e.refs]:
-                self.free_slots.append(self.entries.pop(key).slot)
+                self._free(self.entries.pop(key))
 
     def hold(self, key: str) -> None:
         """A sequence of this adapter was submitted: `in_use` says so until `unhold`, slot or not yet.
@@ -276,21 +286,28 @@ class AdapterManager:
         if self.retired and any(_under(key, path) for path in self.retired):
             raise AdapterNotFound("the adapter was deleted")
 
-    def _free_slot(self) -> int | None:
-        if self.free_slots:
-            return self.free_slots.pop()
-        idle = [k for k, e in self.entries.items() if e.refs == 0 and e.state == READY]
-        victim = self.device_policy.victim(idle)
-        if victim is None:
+    def _free_pages(self, need: int) -> tuple[int, ...] | None:
+        """`need` pages, evicting unpinned adapters (the policy's victims) until they are free; None (nothing
+        evicted) when even evicting every unpinned adapter would not free them."""
+        idle = {k: len(e.pages) for k, e in self.entries.items() if e.refs == 0 and e.state == READY}
+        if len(self.free_pages) + sum(idle.values()) < need:
             return None
-        return self._evict_device(victim)
+        while len(self.free_pages) < need:
+            victim = self.device_policy.victim(idle)
+            del idle[victim]
+            self._evict_device(victim)
+        return tuple(self.free_pages.pop() for _ in range(need))
 
-    def _evict_device(self, key: str) -> int:
+    def _free(self, entry: DeviceEntry) -> None:
+        self.free_pages.extend(entry.pages)
+        self.free_slots.append(entry.slot)
+
+    def _evict_device(self, key: str) -> None:
         entry = self.entries.pop(key)
-        if key not in self.host:  # the host copy was dropped meanwhile: copy the slot back
+        if key not in self.host:  # the host copy was dropped meanwhile: copy the pages back
             self.host.offer(key, self._read_slot(entry))
+        self._free(entry)
         self.counters["evictions"]["device_to_host"] += 1
-        return entry.slot
 
     def _read_slot(self, entry: DeviceEntry) -> LoRAWeights:
         layout, at = [], 0
@@ -301,9 +318,9 @@ class AdapterManager:
             at += r * (i + o)
         buffer = torch.empty(at, dtype=self.lora.dtype, pin_memory=self._stream is not None)
         for name, r, i, o, a, b in layout:
-            layer = self.lora.layers[name]
-            buffer[a : a + r * i].view(r, i).copy_(layer.lora_a[entry.slot, :r])
-            buffer[b : b + r * o].view(r, o).copy_(layer.lora_b[entry.slot, :r])
+            layer, rows = self.lora.layers[name], self.lora.rows(entry.slot, r)
+            buffer[a : a + r * i].view(r, i).copy_(layer.lora_a[rows])
+            buffer[b : b + r * o].view(r, o).copy_(layer.lora_b[rows])
         targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in entry.modules}))
         ref = entry.ref
         return LoRAWeights(ref.path, ref.key, ref.rank, targets, buffer, tuple(layout))
@@ -354,7 +371,7 @@ class AdapterManager:
                 if weights.key != key:
                     raise InvalidAdapter(f"adapter {entry.ref.path} changed on disk while queued")
             t = time.perf_counter()
-            self._copy_to_slot(entry.slot, weights, inline)
+            self._copy_to_device(entry, weights, inline)
             self.latency["host_to_device"].append(time.perf_counter() - t)
             with self._lock:
                 self.counters["loads"]["host_to_device"] += 1
@@ -362,20 +379,20 @@ class AdapterManager:
                 entry.state = READY
                 entry.load_s = time.perf_counter() - start
                 self._loaded.notify_all()
-        except Exception as e:  # the waiting sequences fail with this message; the slot is freed
+        except Exception as e:  # the waiting sequences fail with this message; the pages are freed
             with self._lock:
                 self.failures[key] = f"adapter load failed: {e}"
                 if self.entries.get(key) is entry:
                     del self.entries[key]
-                    self.free_slots.append(entry.slot)
+                    self._free(entry)
                 self._loaded.notify_all()
 
-    def _copy_to_slot(self, slot: int, weights: LoRAWeights, inline: bool) -> None:
+    def _copy_to_device(self, entry: DeviceEntry, weights: LoRAWeights, inline: bool) -> None:
         if self._stream is None or inline:  # inline: the engine's own stream orders it before the next step
-            self.lora.load(slot, weights)
+            self.lora.load(entry.slot, entry.pages, weights)
             return
         with torch.cuda.stream(self._stream):  # overlaps the engine's forward on the default stream
-            self.lora.load(slot, weights)
+            self.lora.load(entry.slot, entry.pages, weights)
         self._stream.synchronize()
 
     def _read_disk(self, path: Path) -> LoRAWeights:
@@ -399,7 +416,10 @@ class AdapterManager:
                         "capacity": self.config.max_loras,
                         "used": len(self.entries),
                         "pinned": sum(1 for e in self.entries.values() if e.refs),
-                        "bytes_per_slot": self.lora.nbytes_per_slot,
+                        "capacity_bytes": self.lora.num_pages * self.lora.page_bytes,
+                        "used_bytes": (self.lora.num_pages - len(self.free_pages)) * self.lora.page_bytes,
+                        "free_bytes": len(self.free_pages) * self.lora.page_bytes,
+                        "page_bytes": self.lora.page_bytes,
                     },
                     "host": {
                         "capacity_bytes": self.host.maxsize,
@@ -427,6 +447,8 @@ class AdapterManager:
             "path": str(u.path),
             "tier": tier,
             "slot": entry.slot if entry else None,
+            "rank": entry.ref.rank if entry else None,
+            "device_bytes": len(entry.pages) * self.lora.page_bytes if entry else 0,
             "load_s": entry.load_s if entry else None,
             "pinned": key in self.permanent,
             "in_flight": (entry.refs - (key in self.permanent)) if entry else 0,

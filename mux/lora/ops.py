@@ -1,36 +1,30 @@
 """The multi-LoRA kernel and the per-step metadata it reads.
 
+Every kernel reads the adapters from one pool of rank rows per layer, a [P+1, in] and b [P+1, out], through the
+page table [S, R] (mux/lora/layers.py): rank k of slot s is row table[s, k], and ranks past a slot's own rank
+point at the pool's last row, which is zeros. So each slot is read at its own rank wherever its pages lie.
+
 On CUDA, decode steps use the per-token layout (`per_token_batch`): every row names its slot and the Triton
-kernel (`mux/triton_ops.py`) reads that slot's weights in place; its shapes depend on the row count alone, so a
+kernel (`mux/triton_ops.py`) reads that slot's rows in place; its shapes depend on the row count alone, so a
 captured decode graph replays it for any mix of adapters. Without Triton the same layout gathers each row's
 A and B in torch. On CPU float32 the C kernel (`mux/csrc/lora.c`, built by `mux/native.py`) serves the rows,
 each at its slot's own rank: it was faster than the layouts below in every rank-8 scenario of
 `python -m bench.lora_kernel`; in a step of at most FEW_ROWS rows each linear and its deltas are one C call
 (`few_rows_linear_lora`, `python -m bench.small_linear`). Runs of >= 8 rows above rank 8 (prefill chunks of
 larger adapters) keep the layouts below, where MKL beat it (same bench, the rank rows). Elsewhere (CUDA
-prefills, other dtypes, no C compiler) `lora_add_` adds each token's
-`(x A_slot) B_slot` to the base output with two batched matmuls. Token rows are gathered into equal-size blocks,
-one slot per block, in one of two layouts chosen per step by a cost model:
+prefills, other dtypes, no C compiler) `lora_add_` adds each token's `(x A_slot) B_slot` to the base output with
+two batched matmuls: token rows are gathered into equal-size blocks (a size from `_BLOCK_SIZES`, picked by a
+cost model), one slot per block, and each block's A and B gathered from the pool.
 
-- gathered: blocks of a size from `_BLOCK_SIZES`; each block's A and B are gathered (copied) from the slot
-  stacks. Best when a few slots carry many tokens (long prefills) or the slots in use are scattered.
-- wave: one block per slot over the range of slots in use, as large as the busiest slot; A and B are read in
-  place (a slice of the stacks, no copy). Best for decode steps over many adapters with a few tokens each,
-  where copying the weights costs more than the matmuls.
-
-Before either, long runs of consecutive rows of one slot (a prefill chunk, or many decodes of one adapter) can
-be served in place: two matmuls on views of x, y and the slot's weights at the slot's own rank, with no gather,
-copy, padding or scatter, but two ops per run. The cost model takes the runs in place when that is cheaper
-than blocking their rows (a mixed serving step, one adapter's batch), not when many slots have equal runs (a
-wave reads them all in one call). The runner sorts rows by slot, so one slot's chunks form one run.
+Before that, long runs of consecutive rows of one slot (a prefill chunk, or many decodes of one adapter) can
+be served as segments: two matmuls on views of x and y and the slot's rows at its own rank, with no padding
+or scatter, but two ops per run. The cost model takes the runs as segments when that is cheaper than blocking
+their rows. The runner sorts rows by slot, so one slot's chunks form one run.
 
 When the padded positions are exactly consecutive rows (rows sorted by slot, no pads), x and y are read and
 written through views instead. Pad positions repeat a real row and are zeroed after the first matmul, so the
-result is added back with one `index_add_` over the padded rows. A wave also reads slots in its range that no
-token uses this step, possibly while the loader overwrites them: their rows are pads, and slot weights are
-always finite (adapters with non-finite values are refused at load), so they add exactly zero. Tokens with no
-adapter are never touched, so a base-only batch pays nothing. `lora_delta_reference` is the per-token loop the
-kernel is tested against.
+result is added back with one `index_add_` over the padded rows. Tokens with no adapter are never touched, so a
+base-only batch pays nothing. `lora_delta_reference` is the per-token loop the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -44,8 +38,7 @@ from mux.model.cpu import FEW_ROWS, PackedLinear
 
 _BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Costs in padded token rows (≈4 µs per decoder layer each), read off `python -m bench.lora_kernel` on this machine:
-_GATHER_COST = 4  # copying one block's A and B out of the slot stacks
-_READ_COST = 1  # reading one slot's A and B in place (a wave block, used or not)
+_GATHER_COST = 4  # copying one block's A and B out of the pool
 _BLOCKS_COST = 56  # the blocked kernel's fixed ops (gather x, two bmm, mask, scatter y)
 _SEGMENT_COST = 32  # one run served in place (two matmul calls), on top of its rows
 _SEGMENT_ROWS = 8  # shorter runs always go into blocks
@@ -106,8 +99,7 @@ class LoRABatch:
     gather: torch.Tensor | None  # [N*blk] int64 token row of each padded position (pads repeat a real row)
     dense: tuple[int, int] | None  # (first, end) when the padded positions are exactly rows first..end-1
     mask: torch.Tensor | None  # [N, blk, 1] 1 at real positions, 0 at pads (None: no pads)
-    block_slot: torch.Tensor | None  # [N] int64 slot of each block (gathered layout)
-    wave: tuple[int, int] | None  # (lo, hi): block i is slot lo + i, weights read in place (wave layout)
+    block_slot: torch.Tensor | None  # [N] int64 slot of each block
     block_size: int
     rank: int  # largest rank among the blocks' slots (trailing rank columns are zero padding)
     native: NativeRows | None = None  # rows the C kernel serves (the segments and blocks serve the others)
@@ -123,17 +115,12 @@ class LoRABatch:
 def per_token_batch(token_slots: torch.Tensor, rank: int, layers: frozenset[int] | None = None) -> LoRABatch:
     """The per-token layout: every row reads its own slot's weights (the Triton kernel on CUDA, else a gather).
     Its shapes depend on the row count alone, so a captured CUDA graph replays it for any slots."""
-    return LoRABatch((), None, None, None, None, None, 0, rank, token_slots=token_slots, layers=layers)
+    return LoRABatch((), None, None, None, None, 0, rank, token_slots=token_slots, layers=layers)
 
 
 def gathered_cost(counts: list[int], blk: int) -> int:
     blocks = sum(-(-n // blk) for n in counts)
     return blocks * blk + _GATHER_COST * blocks
-
-
-def wave_cost(counts: dict[int, int]) -> int:
-    width = max(counts) - min(counts) + 1
-    return width * max(counts.values()) + _READ_COST * width
 
 
 def choose_block_size(counts: list[int]) -> int:
@@ -145,7 +132,7 @@ def build_lora_batch(
     rank: int,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
-    layout: str | None = None,
+    force_runs: bool = False,
     slot_ranks: list[int] | None = None,
     segment_rows: int | None = _SEGMENT_ROWS,
     use_native: bool = False,
@@ -154,13 +141,11 @@ def build_lora_batch(
     """groups: slot -> token rows using it, ascending (base-only rows are left out). None when no row uses an
     adapter. rank: the largest rank among the groups' slots; slot_ranks[slot]: each slot's own (default: rank).
 
-    layout: "wave" or "gathered" to force one for the blocks, and every run of at least `segment_rows` rows in
-    place (benchmarks, tests); None lets the cost model choose both. segment_rows=None: every row in blocks.
+    force_runs: every run of at least `segment_rows` rows as a segment (benchmarks, tests); else the cost model
+    picks the runs. segment_rows=None: every row in blocks.
     rows: the step's row count, given to fuse each linear with its deltas when it is at most FEW_ROWS (with
     use_native; the C kernel still serves a linear that cannot take the fused call).
     """
-    if layout not in (None, "wave", "gathered"):
-        raise ValueError(f"unknown LoRA layout {layout!r} (wave, gathered or None)")
     groups = {slot: rows for slot, rows in groups.items() if rows}
     if not groups:
         return None
@@ -177,33 +162,28 @@ def build_lora_batch(
         native_part = native_rows(rest, ranks) if rest else None
         if not runs:
             few = row_slots(groups, ranks, rows) if rows is not None and rows <= FEW_ROWS else None
-            return LoRABatch((), None, None, None, None, None, 0, rank, native_part, few=few)
+            return LoRABatch((), None, None, None, None, 0, rank, native_part, few=few)
         long: dict[int, list[int]] = {}
         for slot, lo, hi in runs:
             long.setdefault(slot, []).extend(range(lo, hi))
         long_rank = max(ranks[slot] for slot in long)
-        torch_part = build_lora_batch(long, long_rank, device, dtype, layout, slot_ranks, segment_rows)
+        torch_part = build_lora_batch(long, long_rank, device, dtype, force_runs, slot_ranks, segment_rows)
         return replace(torch_part, native=native_part)  # torch's layouts for the long runs, C for the rest
     segments: list[tuple[int, int, int, int]] = []
     if segment_rows is not None:
         runs = [(slot, lo, hi) for slot, rows in groups.items() for lo, hi in _runs(rows) if hi - lo >= segment_rows]
-        if layout is None:  # the cost model picks which runs (the longest ones first) to serve in place
+        if not force_runs:  # the cost model picks which runs (the longest ones first) to serve in place
             runs = _runs_in_place(groups, runs)
         for slot, lo, hi in runs:
             segments.append((slot, lo, hi, rank if slot_ranks is None else slot_ranks[slot]))
         groups = _without(groups, runs)
         if not groups:
-            return LoRABatch(tuple(segments), None, None, None, None, None, 0, 0)
+            return LoRABatch(tuple(segments), None, None, None, None, 0, 0)
         if slot_ranks is not None:
             rank = max(slot_ranks[slot] for slot in groups)
     counts = {slot: len(rows) for slot, rows in groups.items()}
     blk = choose_block_size(list(counts.values()))
-    wave = None
-    if layout == "wave" or (layout is None and wave_cost(counts) < gathered_cost(list(counts.values()), blk)):
-        wave, blk = (min(groups), max(groups) + 1), max(counts.values())
-        chunks = [(slot, groups.get(slot, [])) for slot in range(*wave)]
-    else:
-        chunks = [(slot, rows[i : i + blk]) for slot, rows in groups.items() for i in range(0, len(rows), blk)]
+    chunks = [(slot, rows[i : i + blk]) for slot, rows in groups.items() for i in range(0, len(rows), blk)]
     pad_row = next(iter(groups.values()))[0]
     gather: list[int] = []
     real: list[float] = []
@@ -211,19 +191,18 @@ def build_lora_batch(
         gather += rows + [pad_row] * (blk - len(rows))
         real += [1.0] * len(rows) + [0.0] * (blk - len(rows))
     mask = None if all(real) else torch.tensor(real, dtype=dtype, device=device).view(len(chunks), blk, 1)
-    block_slot = None if wave else torch.tensor([s for s, _ in chunks], dtype=torch.int64, device=device)
+    block_slot = torch.tensor([s for s, _ in chunks], dtype=torch.int64, device=device)
     gather_t = torch.tensor(gather, dtype=torch.int64, device=device)
     dense = (gather[0], gather[-1] + 1) if gather == list(range(gather[0], gather[0] + len(gather))) else None
-    return LoRABatch(tuple(segments), gather_t, dense, mask, block_slot, wave, blk, rank)
+    return LoRABatch(tuple(segments), gather_t, dense, mask, block_slot, blk, rank)
 
 
 def blocks_cost(counts: dict[int, int]) -> int:
     """The cheaper blocked layout for these rows per slot, in padded rows (0: no rows)."""
     if not counts:
         return 0
-    return _BLOCKS_COST + min(
-        wave_cost(counts), gathered_cost(list(counts.values()), choose_block_size(list(counts.values())))
-    )
+    sizes = list(counts.values())
+    return _BLOCKS_COST + gathered_cost(sizes, choose_block_size(sizes))
 
 
 def _runs_in_place(groups: dict[int, list[int]], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -269,21 +248,22 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> None:
-    """y [T, out] += (x A_slot) B_slot for the rows in the batch; x [T, in]; a [S, R, in]; b [S, R, out].
-
-    Rank-major slots keep each slot's first r rows contiguous, so trimming the rank padding reads fast.
-    """
+def lora_add_(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, batch: LoRABatch
+) -> None:
+    """y [T, out] += (x A_slot) B_slot for the rows in the batch; x [T, in]; the pools a [P, in], b [P, out];
+    table [S, R] int64: the pool row of each slot's rank k."""
     if batch.token_slots is not None:
         if triton_ops.serves(y.device):
-            triton_ops.lora_add(y, x, a, b, batch.token_slots, batch.rank)
+            triton_ops.lora_add(y, x, a, b, table, batch.token_slots, batch.rank)
         else:
-            _per_token_add_(y, x, a, b, batch.token_slots, batch.rank)
+            _per_token_add_(y, x, a, b, table, batch.token_slots, batch.rank)
         return
     for slot, lo, hi, rank in batch.segments:
-        y[lo:hi].addmm_(x[lo:hi] @ a[slot, :rank].T, b[slot, :rank])  # [n, in] @ [in, r] @ [r, out]
+        rows = table[slot, :rank]  # [r]
+        y[lo:hi].addmm_(x[lo:hi] @ a.index_select(0, rows).T, b.index_select(0, rows))  # [n, in] @ [in, r] @ [r, out]
     if batch.native is not None:
-        _native_lora_add(y, x, a, b, batch.native)
+        _native_lora_add(y, x, a, b, table, batch.native)
     if batch.gather is None:
         return
     r, blk = batch.rank, batch.block_size
@@ -292,12 +272,7 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         xs = x[first:end].view(-1, blk, x.shape[1])  # [N, blk, in]
     else:
         xs = x.index_select(0, batch.gather).view(-1, blk, x.shape[1])  # [N, blk, in]
-    if batch.wave is not None:
-        lo, hi = batch.wave
-        a_blk, b_blk = a[lo:hi, :r], b[lo:hi, :r]  # [N, r, in], [N, r, out]: views, no copy
-    else:
-        a_blk = a[:, :r].index_select(0, batch.block_slot)  # [N, r, in]
-        b_blk = b[:, :r].index_select(0, batch.block_slot)  # [N, r, out]
+    a_blk, b_blk = _gather_slots(a, b, table[:, :r].index_select(0, batch.block_slot))  # [N, r, in], [N, r, out]
     h = torch.bmm(xs, a_blk.transpose(1, 2))  # [N, blk, r]
     if batch.mask is not None:
         h.mul_(batch.mask)
@@ -307,17 +282,23 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         y.index_add_(0, batch.gather, torch.bmm(h, b_blk).view(-1, b.shape[-1]))
 
 
-def _per_token_add_(y, x, a, b, slots: torch.Tensor, rank: int) -> None:
-    """The per-token layout in torch: each row's A and B gathered out of the slot stacks (rows with slot -1
-    add zero)."""
+def _gather_slots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [N, r] pool rows -> A [N, r, in], B [N, r, out] copied out of the pools."""
+    flat = rows.reshape(-1)
+    return a.index_select(0, flat).view(*rows.shape, -1), b.index_select(0, flat).view(*rows.shape, -1)
+
+
+def _per_token_add_(y, x, a, b, table, slots: torch.Tensor, rank: int) -> None:
+    """The per-token layout in torch: each row's A and B gathered out of the pools (rows with slot -1 add
+    zero)."""
     live = (slots >= 0).to(x.dtype)[:, None, None]  # [T, 1, 1]
-    slot = slots.clamp(min=0)
-    h = torch.bmm(x[:, None, :], a[:, :rank].index_select(0, slot).transpose(1, 2)).mul_(live)  # [T, 1, r]
-    y.view(-1, 1, b.shape[-1]).baddbmm_(h, b[:, :rank].index_select(0, slot))
+    a_t, b_t = _gather_slots(a, b, table[:, :rank].index_select(0, slots.clamp(min=0)))  # [T, r, in], [T, r, out]
+    h = torch.bmm(x[:, None, :], a_t.transpose(1, 2)).mul_(live)  # [T, 1, r]
+    y.view(-1, 1, b.shape[-1]).baddbmm_(h, b_t)
 
 
 def few_rows_linear_lora(
-    base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: RowSlots
+    base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, rows: RowSlots
 ) -> torch.Tensor | None:
     """base(x) plus each row's (x A_slot) B_slot in one C call (`mux_linear_lora`, bitwise the two calls it
     replaces: one Python round and one parallel region fewer per linear), when `base` is a packed linear whose pick
@@ -333,26 +314,39 @@ def few_rows_linear_lora(
     bias = None if base.bias is None else base.bias.data_ptr()
     fn(
         x.data_ptr(), k, y.data_ptr(), n, panels, bias, rows.rows, k, n,
-        a.data_ptr(), b.data_ptr(), a.shape[1], *rows.pointers,
+        a.data_ptr(), b.data_ptr(), table.data_ptr(), table.shape[1], *rows.pointers,
     )  # fmt: skip
     return y
 
 
-def _native_lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: NativeRows) -> None:
+def _native_lora_add(y, x, a, b, table: torch.Tensor, rows: NativeRows) -> None:
     if x.stride(1) != 1:
         x = x.contiguous()
     assert y.stride(1) == 1 and a.is_contiguous() and b.is_contiguous() and x.dtype == y.dtype == torch.float32
-    _, max_rank, in_f = a.shape
     native.library().mux_lora_add(
-        x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(), b.data_ptr(),
-        max_rank, in_f, b.shape[2], *rows.pointers, rows.items,
+        x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(), b.data_ptr(), table.data_ptr(),
+        table.shape[1], a.shape[1], b.shape[1], *rows.pointers, rows.items,
     )  # fmt: skip
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: list[int]) -> torch.Tensor:
-    """x [T, in]; slots[t] = slot of token t or -1. Returns the full delta [T, out], one token at a time."""
+    """x [T, in]; a [S, R, in], b [S, R, out] one slot's weights each; slots[t] = slot of token t or -1. Returns
+    the full delta [T, out], one token at a time."""
     out = x.new_zeros(x.shape[0], b.shape[-1])
     for t, slot in enumerate(slots):
         if slot >= 0:
             out[t] = (a[slot] @ x[t]) @ b[slot]
     return out
+
+
+def stacked_pool(a: torch.Tensor, b: torch.Tensor, shuffle: int | None = None):
+    """Slot stacks a [S, R, in], b [S, R, out] as pools with their table [S, R], for the benchmarks and tests
+    that build slots directly: slot s's rank k at row s·R + k, or (shuffle: a seed) at a random row, as the
+    pages of a long-running pool lie. -> (a [S·R, in], b [S·R, out], table)."""
+    slots, rank = a.shape[:2]
+    order = torch.arange(slots * rank)
+    if shuffle is not None:
+        order = torch.randperm(slots * rank, generator=torch.Generator().manual_seed(shuffle))
+    pool_a, pool_b = (t.reshape(slots * rank, -1).clone() for t in (a, b))
+    pool_a[order], pool_b[order] = a.reshape(slots * rank, -1), b.reshape(slots * rank, -1)
+    return pool_a, pool_b, order.view(slots, rank).to(a.device)

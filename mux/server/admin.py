@@ -43,7 +43,20 @@ class AdminRoutes:
         s["adapters"] = [
             {
                 **repo.identify(a["path"]),
-                **{k: a[k] for k in ("tier", "pinned", "in_flight", "uses", "last_used", "slot", "load_s")},
+                **{
+                    k: a[k]
+                    for k in (
+                        "tier",
+                        "pinned",
+                        "in_flight",
+                        "uses",
+                        "last_used",
+                        "slot",
+                        "rank",
+                        "device_bytes",
+                        "load_s",
+                    )
+                },
             }
             for a in s["adapters"]
         ]

@@ -137,8 +137,15 @@ def test_slot_reuse_leaves_no_trace(tiny_dir, tiny_adapters):
     reused = engine.generate([PROMPTS[0]], GREEDY, [x])[0]
     assert reused.token_ids == fresh.token_ids
     check_against_peft(tiny_dir, x, reused, seen[reused.request_id])
-    layer = next(iter(engine.lora.layers.values()))  # x (rank 4, attention) leaves y's rank-16 columns zero
-    assert not layer.lora_a[0, 4:, :].any() and not layer.lora_b[0, 4:, :].any()
+    lora, slot = engine.lora, engine.adapters.resident()[reused_key(engine)]
+    layer = next(iter(lora.layers.values()))  # x (rank 4, attention) reads zeros past its rank, not y's pages
+    assert (lora.ctx.table[slot, 4:] == lora.zero_row).all()
+    assert not layer.lora_a[lora.zero_row].any() and not layer.lora_b[lora.zero_row].any()
+
+
+def reused_key(engine) -> str:
+    (key,) = engine.adapters.resident()
+    return key
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

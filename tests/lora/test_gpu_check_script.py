@@ -9,7 +9,7 @@ from mux.engine.stream import Completion
 
 def test_gpu_check_ops_pass_on_cpu():
     results = check_ops("cpu")
-    layouts = ("wave", "gathered", "per_token")
+    layouts = ("blocks", "gathered", "per_token")
     assert set(results) == {f"{layout}_{dtype}" for layout in layouts for dtype in ("float32", "float16")}
     assert all(r["ok"] for r in results.values()), results
 

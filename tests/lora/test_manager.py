@@ -1,4 +1,5 @@
-"""Adapter memory manager: a stateful property test over more adapters than slots, and async loading."""
+"""Adapter memory manager: a stateful property test over more adapters of mixed ranks than the pool holds, and
+async loading."""
 
 from __future__ import annotations
 
@@ -13,16 +14,26 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from transformers import AutoModelForCausalLM
 
 from mux.config import MAX_LORA_RANK, LoRAConfig
+from mux.errors import InvalidAdapter
 from mux.lora.adapter import load_adapter
-from mux.lora.layers import MultiLoRAModel
+from mux.lora.layers import MultiLoRAModel, pages_for
 from mux.lora.manager import AdapterManager
 
-SLOTS = 3
+SLOTS = 3  # max_loras: adapters pinned at once
+PAGES = 10  # the pool: two rank-16 adapters and a rank-8 one, or ten of rank <= 4
 
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_dir):
-    return MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), SLOTS, 16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    probe = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), 1, 16)
+    return MultiLoRAModel(model, SLOTS, 16, PAGES * probe.page_bytes + probe.page_bytes - 1)
+
+
+def slot_weights(lora_model, slot, module, r):
+    """(A, B) of `module` as the pool holds them for `slot`'s ranks [:r]."""
+    layer, rows = lora_model.layers[module], lora_model.rows(slot, r)
+    return layer.lora_a[rows], layer.lora_b[rows]
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +76,12 @@ def test_random_use_keeps_invariants(lora_model, tiny_adapters, reference_weight
         @rule(i=st.integers(0, len(names) - 1))
         def acquire(self, i):
             name = names[i]
-            slot = self.m.acquire(self.ref(name))
-            if slot is None:  # only when every slot is pinned
-                assert self.m.num_pinned == SLOTS
+            ref = self.ref(name)
+            pinned = {k: e for k, e in self.m.entries.items() if e.refs}
+            slot = self.m.acquire(ref)
+            if slot is None:  # only when max_loras are pinned, or the unpinned do not free enough pages
+                held = sum(len(e.pages) for e in pinned.values())
+                assert self.m.num_pinned == SLOTS or (ref.key not in pinned and PAGES - held < pages_for(ref.rank))
                 return
             if name in self.pinned_slot:
                 assert self.pinned_slot[name] == slot
@@ -94,9 +108,13 @@ def test_random_use_keeps_invariants(lora_model, tiny_adapters, reference_weight
         @rule(i=st.integers(0, len(names) - 1))
         def pin_permanently(self, i):
             name = names[i]
-            if name in self.permanent or (self.m.num_pinned == SLOTS and self.ref(name).key not in self.m.resident()):
+            if name in self.permanent:
                 return
-            self.m.pin(tiny_adapters[name])
+            try:
+                self.m.pin(tiny_adapters[name])
+            except InvalidAdapter:  # the pool is pinned full
+                assert self.ref(name).key not in self.m.resident() or not self.m.entries[self.ref(name).key].refs
+                return
             self.permanent.add(name)
             self.pinned_slot.setdefault(name, self.m.resident()[self.ref(name).key])
 
@@ -111,23 +129,24 @@ def test_random_use_keeps_invariants(lora_model, tiny_adapters, reference_weight
 
         @invariant()
         def consistent(self):
-            resident = self.m.resident()
-            assert len(set(resident.values())) == len(resident) <= SLOTS  # no slot holds two adapters
-            assert all(0 <= s < SLOTS for s in resident.values())
+            resident, entries = self.m.resident(), self.m.entries
+            assert self.m.num_pinned <= SLOTS
+            pages = [p for e in entries.values() for p in e.pages]
+            assert sorted(pages + self.m.free_pages) == list(range(PAGES))  # no page shared, none leaked
+            assert sorted([*resident.values(), *self.m.free_slots]) == list(range(PAGES))
+            assert all(len(e.pages) == pages_for(e.ref.rank) for e in entries.values())
             for name, slot in self.pinned_slot.items():  # pinned: never evicted, never moved
                 assert resident[self.refs[name].key] == slot
-            for name, ref in self.refs.items():  # what a slot holds is exactly its adapter
+            for name, ref in self.refs.items():  # what the pages hold is exactly its adapter
                 if ref.key in resident:
-                    slot = resident[ref.key]
                     for module, (a, b) in list(reference_weights[name].modules.items())[:2]:
-                        layer = lora_model.layers[module]
-                        assert torch.equal(layer.lora_a[slot, : a.shape[0]], a)
-                        assert torch.equal(layer.lora_b[slot, : b.shape[0]], b)
+                        got_a, got_b = slot_weights(lora_model, resident[ref.key], module, a.shape[0])
+                        assert torch.equal(got_a, a) and torch.equal(got_b, b)
             host = self.m.host
             assert host.currsize == sum(w.nbytes for w in host.values()) <= host.maxsize and len(host) <= 3
             stats = self.m.stats()
             assert stats["tiers"]["device"]["used"] == len(resident)
-            assert len(self.m.free_slots) + len(resident) == SLOTS
+            assert stats["tiers"]["device"]["free_bytes"] == len(self.m.free_pages) * lora_model.page_bytes
             c = stats["counters"]  # every slot fill is either still resident or was evicted
             assert c["loads"]["host_to_device"] == len(resident) + c["evictions"]["device_to_host"]
             assert c["loads"]["disk_to_host"] == c["misses"]
@@ -146,7 +165,7 @@ def test_random_use_keeps_invariants(lora_model, tiny_adapters, reference_weight
 
 def test_disk_loads_run_on_the_loader_thread_and_become_ready(lora_model, tiny_adapters, monkeypatch):
     m = make_manager(lora_model, host_bytes=1, async_loading=True)  # no host copy: every load reads the disk
-    refs = [m.prepare(p) for p in list(tiny_adapters.values())[:SLOTS]]
+    refs = [m.prepare(tiny_adapters[n]) for n in ("r4-attn", "r8-mlp", "r16-all")]
     gate = threading.Event()
     read_disk = m._read_disk
     monkeypatch.setattr(m, "_read_disk", lambda path: gate.wait(10) and read_disk(path))
@@ -168,9 +187,8 @@ def test_host_tier_hit_is_ready_when_acquired(lora_model, tiny_adapters, referen
     slot = m.acquire(ref)
     assert m.is_ready(ref.key) and m.stats()["counters"]["hits"]["host"] == 1
     for module, (a, b) in reference_weights[name].modules.items():
-        r = a.shape[0]
-        assert torch.equal(lora_model.layers[module].lora_a[slot, :r], a)
-        assert torch.equal(lora_model.layers[module].lora_b[slot, :r], b)
+        got_a, got_b = slot_weights(lora_model, slot, module, a.shape[0])
+        assert torch.equal(got_a, a) and torch.equal(got_b, b)
 
 
 def test_host_tier_hits_of_any_demo_size_are_copied_inline_by_default():
@@ -182,8 +200,8 @@ def test_host_tier_hit_over_the_inline_limit_goes_to_the_loader(lora_model, tiny
     m = make_manager(lora_model, host_bytes=1 << 30, async_loading=True, inline_bytes=inline_bytes)
     ref = m.prepare(next(iter(tiny_adapters.values())))  # in the host tier
     gate = threading.Event()
-    copy = m._copy_to_slot
-    monkeypatch.setattr(m, "_copy_to_slot", lambda slot, w, inline: gate.wait(10) and copy(slot, w, inline))
+    copy = m._copy_to_device
+    monkeypatch.setattr(m, "_copy_to_device", lambda entry, w, inline: gate.wait(10) and copy(entry, w, inline))
     m.acquire(ref)
     assert not m.is_ready(ref.key)  # the loader thread holds the copy
     gate.set()
@@ -212,7 +230,7 @@ def test_failed_load_is_reported_and_frees_the_slot(lora_model, tiny_adapters, t
     ref = m.prepare(path)
     (path / "adapter_model.safetensors").write_bytes(b"garbage")
     assert m.acquire(ref) is not None
-    assert ref.key not in m.resident() and ref.key in m.failures and len(m.free_slots) == SLOTS
+    assert ref.key not in m.resident() and ref.key in m.failures and len(m.free_pages) == PAGES
 
 
 def test_bookkeeping_of_cold_keys_stays_bounded(lora_model, tiny_adapters, tmp_path):

@@ -12,7 +12,14 @@ import torch
 
 from bench.common import group_rows
 from mux import native
-from mux.lora.ops import build_lora_batch, few_rows_linear_lora, lora_add_, lora_delta_reference, native_rows
+from mux.lora.ops import (
+    build_lora_batch,
+    few_rows_linear_lora,
+    lora_add_,
+    lora_delta_reference,
+    native_rows,
+    stacked_pool,
+)
 from mux.runtime.picks import ROW_BUCKETS
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -81,7 +88,7 @@ def test_equals_reference(seed):
     y = wide[:, :out_f]  # row stride out_f + 3
     before, tail = y.clone(), wide[:, out_f:].clone()
     if batch is not None:
-        lora_add_(y, x, a, b, batch)
+        lora_add_(y, x, *stacked_pool(a, b, shuffle=7), batch)
     ref = lora_delta_reference(x, a, b, token_slots)
     assert torch.allclose(y - before, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(wide[:, out_f:], tail)  # the columns past the view are untouched
@@ -93,7 +100,9 @@ def test_non_contiguous_input_rows():
     a, b = torch.randn(2, 4, 24, generator=g), torch.randn(2, 4, 9, generator=g)
     token_slots = [i % 3 - 1 for i in range(10)]
     y = torch.zeros(10, 9)
-    lora_add_(y, x, a, b, build_lora_batch(group_rows(token_slots), 4, "cpu", use_native=True))
+    lora_add_(
+        y, x, *stacked_pool(a, b, shuffle=7), build_lora_batch(group_rows(token_slots), 4, "cpu", use_native=True)
+    )
     assert torch.allclose(y, lora_delta_reference(x, a, b, token_slots), atol=1e-5)
 
 
@@ -201,25 +210,27 @@ def test_long_runs_above_rank_8_go_in_place():
     assert only_runs.native is None and only_runs.segments == ((0, 0, 9, 16),)
     x, a, b = torch.randn(9, 12), torch.randn(1, 16, 12), torch.randn(1, 16, 5)
     y = torch.zeros(9, 5)
-    lora_add_(y, x, a, b, only_runs)
+    lora_add_(y, x, *stacked_pool(a, b, shuffle=7), only_runs)
     assert torch.allclose(y, lora_delta_reference(x, a, b, [0] * 9), atol=1e-4)
 
 
 def test_slot_loads_in_c_equal_torch_copies(tiny_dir, tiny_adapters):
-    """The C slot copy (CPU float32) fills every slot exactly as torch's batched copies do, over adapters of
-    different ranks and targets loaded one after another into the same slots (stale rows zeroed)."""
+    """The C page copy (CPU float32) fills the pool exactly as torch's batched copies do, over adapters of
+    different ranks and targets loaded one after another into the same interleaved pages (stale rows zeroed)."""
     from transformers import AutoModelForCausalLM
 
     from mux.lora.adapter import load_adapter
-    from mux.lora.layers import MultiLoRAModel
+    from mux.lora.layers import MultiLoRAModel, pages_for
 
     c = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), 2, 16, use_native=True)
     py = MultiLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_dir), 2, 16, use_native=False)
-    assert c.native and not py.native
+    assert c.native and not py.native and c.num_pages == 8
     for i, path in enumerate(list(tiny_adapters.values()) * 2):
         weights = load_adapter(path, c.shapes, 16)
-        c.load(i % 2, weights)
-        py.load(i % 2, weights)
+        pages = ((0, 2, 4, 6), (7, 5, 3, 1))[i % 2][: pages_for(weights.rank)]
+        c.load(i % 2, pages, weights)
+        py.load(i % 2, pages, weights)
+        assert torch.equal(c.ctx.table, py.ctx.table)
         for name in c.layers:
             assert torch.equal(c.layers[name].lora_a, py.layers[name].lora_a), name
             assert torch.equal(c.layers[name].lora_b, py.layers[name].lora_b), name
@@ -255,8 +266,8 @@ def test_the_fused_few_row_linear_is_bitwise_the_linear_then_the_lora_kernel(see
     batch = build_lora_batch(group_rows(token_slots), max(ranks), "cpu", slot_ranks=ranks, use_native=True, rows=rows)
     assert batch.few is not None and batch.few.rows == rows
     two_calls = base(x)
-    lora_add_(two_calls, x, a, b, batch)
-    fused = few_rows_linear_lora(base, x, a, b, batch.few)
+    lora_add_(two_calls, x, *stacked_pool(a, b, shuffle=7), batch)
+    fused = few_rows_linear_lora(base, x, *stacked_pool(a, b, shuffle=7), batch.few)
     assert torch.equal(fused, two_calls)
     weight = linear.weight.detach()  # bf16, int8, int4: the rounded weights, fp32 sums
     want = torch.nn.functional.linear(x, weight, linear.bias) + lora_delta_reference(x, a, b, token_slots)
@@ -274,7 +285,7 @@ def test_the_fused_call_is_declined_where_its_kernel_cannot_serve():
     base = PackedLinear(linear, "c")
     a, b = torch.randn(2, 4, 64), torch.randn(2, 4, 32)
     few = build_lora_batch({0: [0], 1: [1]}, 4, "cpu", use_native=True, rows=2).few
-    assert few_rows_linear_lora(base, torch.randn(2, 64), a, b, few) is not None
+    assert few_rows_linear_lora(base, torch.randn(2, 64), *stacked_pool(a, b, shuffle=7), few) is not None
     for module, x in (
         (PackedLinear(linear, "onednn"), torch.randn(2, 64)),
         (PackedLinear(linear, {b: "c" if b > 2 else "onednn" for b in ROW_BUCKETS}), torch.randn(2, 64)),
@@ -283,7 +294,7 @@ def test_the_fused_call_is_declined_where_its_kernel_cannot_serve():
         (base, torch.randn(3, 64)),
         (base, torch.randn(64, 2).T),
     ):
-        assert few_rows_linear_lora(module, x, a, b, few) is None
+        assert few_rows_linear_lora(module, x, *stacked_pool(a, b, shuffle=7), few) is None
     rows = FEW_ROWS + 1
     assert build_lora_batch({0: list(range(rows))}, 4, "cpu", use_native=True, rows=rows).few is None
     assert build_lora_batch({0: [0]}, 4, "cpu", use_native=True).few is None  # no row count given

@@ -1,4 +1,5 @@
-"""The blocked multi-LoRA kernel against the per-token reference and against W + s·B@A."""
+"""The blocked multi-LoRA kernel against the per-token reference and against W + s·B@A, its slots' rank rows
+scattered over the pool as pages are."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import pytest
 import torch
 
 from bench.common import group_rows
-from mux.lora.ops import build_lora_batch, choose_block_size, lora_add_, lora_delta_reference, per_token_batch
+from mux.lora.ops import (
+    build_lora_batch,
+    choose_block_size,
+    lora_add_,
+    lora_delta_reference,
+    per_token_batch,
+    stacked_pool,
+)
 
 
 def random_case(seed: int, tokens: int, slots: int, rank: int, in_f: int = 24, out_f: int = 40):
@@ -31,24 +39,26 @@ def runs_case(seed: int, tokens: int, slots: int, rank: int):
     return x, a, b, token_slots[:tokens]
 
 
-def blocked_full(x, a, b, token_slots, rank, layout=None, segment_rows=8, slot_ranks=None):
+def blocked_full(x, a, b, token_slots, rank, force_runs=False, segment_rows=8, slot_ranks=None):
     out = x.new_zeros(x.shape[0], b.shape[-1])
     groups = group_rows(token_slots)
-    batch = build_lora_batch(groups, rank, "cpu", layout=layout, segment_rows=segment_rows, slot_ranks=slot_ranks)
+    batch = build_lora_batch(
+        groups, rank, "cpu", force_runs=force_runs, segment_rows=segment_rows, slot_ranks=slot_ranks
+    )
     if batch is not None:
-        lora_add_(out, x, a, b, batch)
+        lora_add_(out, x, *stacked_pool(a, b, shuffle=0), batch)
     return out
 
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
-@pytest.mark.parametrize("layout", [None, "wave", "gathered"])
 @pytest.mark.parametrize("case", [random_case, runs_case])
-def test_blocked_equals_reference(seed, tokens, layout, case):
+def test_blocked_equals_reference(seed, tokens, case):
     x, a, b, slots = case(seed, tokens, slots=5, rank=8)
     ref = lora_delta_reference(x, a, b, slots)
     for segment_rows in (None, 8, 1):  # blocks only; long runs in place; every run in place
-        assert torch.allclose(blocked_full(x, a, b, slots, 8, layout, segment_rows), ref, atol=1e-4)
+        for force_runs in (False, True):
+            assert torch.allclose(blocked_full(x, a, b, slots, 8, force_runs, segment_rows), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -57,7 +67,7 @@ def test_per_token_layout_equals_reference(seed, tokens):
     """The layout CUDA graphs replay (torch's gather here; the Triton kernel on CUDA is checked by gpu_check)."""
     x, a, b, slots = random_case(seed, tokens, slots=5, rank=8)
     out = x.new_zeros(tokens, b.shape[-1])
-    lora_add_(out, x, a, b, per_token_batch(torch.tensor(slots), 8))
+    lora_add_(out, x, *stacked_pool(a, b, shuffle=seed), per_token_batch(torch.tensor(slots), 8))
     assert torch.allclose(out, lora_delta_reference(x, a, b, slots), atol=1e-4)
 
 
@@ -70,33 +80,31 @@ def test_runs_in_place_are_served_at_their_own_rank():
         b[slot, r:] = 0
     x = torch.randn(30, a.shape[-1])
     token_slots = [0, 2, -1, 0] + [1] * 20 + [0] * 6  # rows 4..23 of slot 1 form the only long run
-    batch = build_lora_batch(group_rows(token_slots), 16, "cpu", layout="gathered", slot_ranks=ranks)
+    batch = build_lora_batch(group_rows(token_slots), 16, "cpu", force_runs=True, slot_ranks=ranks)
     assert batch.segments == ((1, 4, 24, 16),) and batch.rank == 8  # blocks: slots 0 and 2 only
     out = x.new_zeros(30, b.shape[-1])
-    lora_add_(out, x, a, b, batch)
+    lora_add_(out, x, *stacked_pool(a, b, shuffle=1), batch)
     assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
-    only_runs = build_lora_batch({0: list(range(10))}, 4, "cpu", layout="wave", slot_ranks=ranks)
+    only_runs = build_lora_batch({0: list(range(10))}, 4, "cpu", force_runs=True, slot_ranks=ranks)
     assert only_runs.gather is None and only_runs.segments == ((0, 0, 10, 4),)
 
 
 @pytest.mark.parametrize(
-    ("token_slots", "wave"),
+    "token_slots",
     [
-        ([0, 1, 2, 3] * 4, True),  # decode over many adapters, even counts: weights read in place
-        (sorted([0, 1, 2, 3] * 4), True),  # the same sorted by slot (as the runner does): x and y through views
-        ([4, -1, 2, 4, 2, 3, 4], True),  # uneven counts and an unused slot inside the range: pads are masked
-        ([1] * 300 + [0, 2], False),  # one long prefill: gathered blocks
-        ([0, 7], False),  # two far-apart slots: a wave would read the six between for nothing
+        [0, 1, 2, 3] * 4,  # decode over many adapters, even counts
+        sorted([0, 1, 2, 3] * 4),  # the same sorted by slot (as the runner does): x and y through views
+        [4, -1, 2, 4, 2, 3, 4],  # uneven counts: pads are masked
+        [1] * 300 + [0, 2],  # one long prefill
     ],
 )
-def test_both_layouts_equal_reference(token_slots, wave):
+def test_blocks_equal_reference(token_slots):
     x, a, b, _ = random_case(1, len(token_slots), slots=8, rank=8)
     batch = build_lora_batch(group_rows(token_slots), 8, "cpu", segment_rows=None)
-    assert (batch.wave is not None) == wave
     if len(token_slots) == 16:  # the even decode: views exactly when the rows are sorted by slot
         assert (batch.dense is not None) == (token_slots == sorted(token_slots))
     out = x.new_zeros(x.shape[0], b.shape[-1])
-    lora_add_(out, x, a, b, batch)
+    lora_add_(out, x, *stacked_pool(a, b, shuffle=2), batch)
     assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
 
 
@@ -122,11 +130,6 @@ def test_matches_dense_w_plus_scaled_ba():
     assert torch.allclose(y, x @ (w + scale * lora_b @ lora_a).t(), atol=1e-3)
 
 
-def test_unknown_layout_is_refused():
-    with pytest.raises(ValueError, match="unknown LoRA layout 'waves'"):
-        build_lora_batch({0: [0]}, 8, "cpu", layout="waves")
-
-
 def test_no_adapter_rows_means_no_batch():
     assert build_lora_batch({}, 8, "cpu") is None
     assert build_lora_batch({3: []}, 8, "cpu") is None
@@ -142,7 +145,7 @@ def test_block_size_choice():
     ("token_slots", "in_place"),
     [
         ([0] * 64, [(0, 64)]),  # 64 decodes of one adapter: two matmuls instead of gather, bmm, bmm, scatter
-        ([s for s in range(32) for _ in range(30)], []),  # equal runs on 32 slots: one wave reads them all
+        ([s for s in range(32) for _ in range(30)], []),  # equal runs on 32 slots: blocks of 32 serve them
         (sorted(s % 16 for s in range(1920)), []),  # 16 long prefills: the same
         (  # a serving step: decodes over many adapters, then prefill chunks: the chunks go in place
             sorted([*range(14), 0, 0, 1, 2]) + [s for s in (0, 9, 20) for _ in range(30)],
@@ -156,5 +159,5 @@ def test_cost_model_picks_runs_in_place(token_slots, in_place):
     batch = build_lora_batch(group_rows(token_slots), 8, "cpu")
     assert sorted((lo, hi) for _, lo, hi, _ in batch.segments) == in_place
     out = x.new_zeros(x.shape[0], b.shape[-1])
-    lora_add_(out, x, a, b, batch)
+    lora_add_(out, x, *stacked_pool(a, b, shuffle=3), batch)
     assert torch.allclose(out, lora_delta_reference(x, a, b, token_slots), atol=1e-4)
