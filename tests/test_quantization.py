@@ -95,20 +95,21 @@ def test_quantization_shrinks_the_decoder_linears_and_adapters_are_validated_as_
     assert len(set(refusals.values())) == 1 and "exceeds max_lora_rank 8" in refusals["none"]
 
 
-def test_the_embedded_gguf_s_q4_1_tensors_are_served_as_they_are(smollm2_dir):
+def test_the_embedded_gguf_s_q4_1_tensors_are_served_as_they_are(smollm2_dir, monkeypatch):
     """Every decoder linear of SmolLM2's file is Q4_1: read as int4, it dequantizes to exactly the weights
-    transformers converted from the same file."""
+    transformers converted from the same file, and quantize_model takes it instead of quantizing anything."""
     from mux.model.loader import smollm2_gguf_path
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    want = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear}
-    quant.quantize_model(model, "int4", smollm2_gguf_path())
+    found = quant._gguf_q4_1(smollm2_gguf_path(), model)
     linears = quant.check(model, "int4")
-    assert len(linears) == 7 * model.config.num_hidden_layers
+    assert set(found) == {id(m) for m in linears} and len(linears) == 7 * model.config.num_hidden_layers
+    for linear in linears:  # one at a time, no copies: the suite's heap is kept, never trimmed
+        qw = found.pop(id(linear))
+        assert qw.group == quant.GROUP and torch.equal(qw.dequantize(), linear.weight)
+    monkeypatch.setattr(quant, "quantize", lambda *a, **k: pytest.fail("quantized instead of read from the file"))
+    quant.quantize_model(model, "int4", smollm2_gguf_path())
     assert all(m.mux_quantized.group == quant.GROUP for m in linears)
-    names = {id(m): n for n, m in model.named_modules()}
-    for linear in linears:
-        assert torch.equal(linear.mux_quantized.dequantize(), want[names[id(linear)]]), names[id(linear)]
 
 
 def test_bad_quantization_settings_are_refused_before_anything_loads(tmp_path, tiny_dir):

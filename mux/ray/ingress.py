@@ -1,16 +1,18 @@
 """The front door: every route of the single server (mux/server/) answers here, forwarded as ASGI messages to an
 engine replica chosen by Ray's router, with the request's adapter version as its `multiplexed_model_id`.
-`GET /admin/stats` is answered here from every replica's report."""
+`GET /admin/stats` and `GET /metrics` are answered here from every replica's report: totals and each replica's
+figures; every replica's samples with a `replica` label."""
 
 from __future__ import annotations
 
 import json
 import re
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 
 from mux.errors import MuxError, NotReady
 from mux.lora.repository import AdapterRepository
@@ -54,7 +56,7 @@ class MuxIngress:
             return
         except BodyTooLarge as e:
             return await error_response(e)(scope, receive, send)
-        if scope["path"] == "/admin/stats" and scope["method"] == "GET":
+        if scope["path"] in ("/admin/stats", "/metrics") and scope["method"] == "GET":
             response = await self.stats(scope)
             response.headers[REPLICA_HEADER] = "ingress"
             return await response(scope, receive, send)
@@ -106,7 +108,34 @@ class MuxIngress:
         except MuxError as e:
             return error_response(e)
         replicas = await self.board.snapshot.remote()
+        texts = {r: f.pop("metrics", "") for r, f in replicas.items()}
+        if scope["path"] == "/metrics":
+            return PlainTextResponse(merged_metrics(texts), media_type=CONTENT_TYPE_LATEST)
         return JSONResponse({"totals": totals(replicas.values()), "replicas": replicas})
+
+
+def merged_metrics(texts: dict[str, str]) -> str:
+    """The replicas' Prometheus texts as one: each family's HELP and TYPE once, then every replica's samples of
+    it, each with a `replica` label (Prometheus sums across it as across any label)."""
+    families: dict[str, list[str]] = {}  # family -> its HELP/TYPE lines, then the samples
+    for replica, text in sorted(texts.items()):
+        family = None
+        for line in text.splitlines():
+            if line.startswith("# "):
+                family = line.split()[2]
+                lines = families.setdefault(family, [])
+                if line not in lines:
+                    lines.append(line)
+            elif line and family is not None:
+                name, sep, rest = line.partition("{")
+                label = f'replica="{replica}"'
+                if sep:
+                    sample = f"{name}{{{label}{'' if rest.startswith('}') else ','}{rest}"
+                else:
+                    name, _, value = line.partition(" ")
+                    sample = f"{name}{{{label}}} {value}"
+                families[family].append(sample)
+    return "".join(line + "\n" for lines in families.values() for line in lines)
 
 
 def totals(replicas) -> dict:

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+from prometheus_client import generate_latest
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
@@ -81,6 +82,7 @@ class MuxReplica:
             "queue": {k: queue[k] for k in ("running", "waiting")},
             "engine": {k: queue[k] for k in ("steps", "generated_tokens", "tokens_per_s", "finished")},
             "cold_start_s": {"ready": round(self.ready_s, 3), "first_response": self.first_response_s},
+            "metrics": generate_latest(self.state.metrics.registry).decode(),  # the ingress's /metrics merges these
         }
 
     def _report_forever(self) -> None:

@@ -143,6 +143,17 @@ def test_stats_add_up_the_replicas(base):
     assert all(f["cold_start_s"]["ready"] > 0 and f["pid"] for f in s["replicas"].values())
 
 
+def test_metrics_at_the_ingress_hold_every_replica_s_samples(base):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{base}/metrics", headers=auth("admin"), timeout=30)
+    assert r.status_code == 200 and r.headers["x-mux-replica"] == "ingress"
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}  # parses: one HELP/TYPE per family
+    tokens = families["mux_generated_tokens"].samples
+    assert len({s.labels["replica"] for s in tokens}) == 2 and all(s.value > 0 for s in tokens)
+    assert httpx.get(f"{base}/metrics", timeout=30).status_code == 401  # admin only, as on one server
+
+
 def upload(base: str, who: str, name: str, src: Path) -> httpx.Response:
     files = {f: (f, (src / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")}
     return httpx.post(f"{base}/v1/adapters", files={"name": (None, name), **files}, headers=auth(who), timeout=60)

@@ -86,6 +86,9 @@ def test_stats_after_traffic_over_more_adapters_than_the_pool_holds(server):
     pages): qv evicts attn, pub evicts all (least recent), attn comes back."""
     admin = client(server, "admin")
     used = ["acme/attn", "acme/all", "beta/mlp", "beta/qv", "demo/pub", "acme/attn"]
+    for adapter in set(used):  # from an empty pool, whatever the module's earlier tests loaded
+        call(server, f"/admin/adapters/{adapter}/evict", KEYS["admin"], "POST")
+    before = call(server, "/admin/stats", KEYS["admin"])[1]["counters"]["evictions"]["device_to_host"]
     for model in used:
         admin.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0)
     status, stats = call(server, "/admin/stats", KEYS["admin"])
@@ -94,7 +97,7 @@ def test_stats_after_traffic_over_more_adapters_than_the_pool_holds(server):
     assert device["capacity"] == 2 and device["used_bytes"] + device["free_bytes"] == device["capacity_bytes"]
     assert device["capacity_bytes"] == 8 * device["page_bytes"]
     assert stats["tiers"]["disk"]["count"] == 5 and stats["tiers"]["host"]["used_bytes"] > 0
-    assert stats["counters"]["evictions"]["device_to_host"] == 2
+    assert stats["counters"]["evictions"]["device_to_host"] - before == 2
     assert {"running", "waiting", "tokens_per_s"} <= set(stats["engine"])
     by_id = {a["id"]: a for a in stats["adapters"]}
     assert set(by_id) >= set(used)
