@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from mux.server.auth import hash_key
 
 
@@ -43,6 +45,17 @@ def test_unknown_device_or_dtype_is_reported(capsys):
     for device in ("tpu", "cuda:abc", "cuda0"):
         assert f"unknown device '{device}'" in refused(capsys, "serve", "--device", device)
     assert "unknown dtype 'int4'" in refused(capsys, "serve", "--dtype", "int4", "--enforce-eager")
+
+
+def test_an_unknown_quantization_is_refused_from_the_flag_or_the_policy(capsys, tmp_path):
+    from mux import cli
+
+    with pytest.raises(SystemExit) as exit_:  # argparse's choices
+        cli.main(["serve", "--quantization", "int3"])
+    assert exit_.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    policy = tmp_path / "p.toml"
+    policy.write_text('[model]\nquantization = "fp4"\n')
+    assert "unknown quantization 'fp4'" in refused(capsys, "serve", "--policy", str(policy))
 
 
 def test_the_package_version_is_pyprojects():

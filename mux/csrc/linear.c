@@ -218,8 +218,8 @@ static void row_panels_any(const float *x, float *y, const mux_weights *w, int64
 }
 
 /* Rows r0..r1 of y over panels i0..i1 (output features 16 i0 .. min(16 i1, out)). One row goes ROW_PANELS panels
- * a pass: its 2 sums of one panel wait on the FMA's latency (0.6-0.9x the time of one panel a pass at SmolLM2's
- * shapes, ad hoc A/B on a busy machine). */
+ * a pass: one panel's 2 sums would wait on the FMA's latency. (Not yet timed side by side with one panel a pass:
+ * `python -m bench.small_linear` times the kernels, not the two layouts of the loop.) */
 static void panels(const float *x, int64_t xs, float *y, int64_t ys, const mux_weights *w, const float *bias,
                    int64_t r0, int64_t r1, int64_t in, int64_t out, int64_t i0, int64_t i1)
 {

@@ -130,7 +130,7 @@ def _forced_plan(forced, groups: dict, available: tuple[str, ...]) -> LinearPlan
     fmt = KERNELS[table[ROW_BUCKETS[-1]]]
     picks = {}
     for shape in groups:
-        own = shape[2] if shape[2] != "float" else ("float32" if fmt == "int8" or fmt == "int4" else fmt)
+        own = shape[2] if shape[2] != "float" else ("float32" if fmt in ("int8", "int4") else fmt)
         if own == fmt:
             picks[shape] = dict(table)
         else:
